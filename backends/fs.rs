@@ -1,0 +1,785 @@
+//! The filesystem backend (`fs:///abs/dir`, `file:///abs/dir`): rows as JSON files, blobs as sidecar
+//! files, everything written to a temp file in the cache's own `tmp/` and renamed into place, so a reader
+//! sees a whole file or none.
+//!
+//! Layout under the root:
+//! ```text
+//! rows/<encoded task type>/<fingerprint>.json   one row: {"v":1,"task_type","fingerprint","created_at_ms","output"}
+//! blobs/<name>.bin                               one published blob; ref "fsfolder://blobs/<name>.bin"
+//! tmp/row-<uuid>.tmp, tmp/blob-<uuid>.tmp        writes in flight (or left by a crash: the janitor's)
+//! ```
+//! The task-type directory name is a lossless `%XX` encoding of the task type (so prefix deletes can work on
+//! names and no two task types share a directory); names that would be too long become `~<sha256>` and the
+//! row files carry the exact task type. Durable writes are: write (looping on short writes), `fsync` the
+//! file, `rename`, `fsync` the directory. [`FsOptions::durable`] = false skips the fsyncs for scratch caches.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::blob::{BlobDigest, cascade_delete};
+use crate::error::{Error, Result};
+use crate::store::{
+    BlobEntry, BlobMeta, BlobState, ByteStream, Capabilities, MAX_READ_CHUNK, OutputCache, Row,
+    RowEntry, Stats,
+};
+use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in, sanitize_name, sha256_hex};
+
+/// Prefix of every ref this backend hands out (the TypeScript file backend's form).
+pub const REF_PREFIX: &str = "fsfolder://blobs/";
+const REF_SUFFIX: &str = ".bin";
+const ROW_FORMAT_VERSION: u64 = 1;
+/// Longest encoded task-type directory name before it is replaced by a hash.
+const MAX_DIR_NAME: usize = 180;
+/// Writes smaller than this are gathered before they go to the writer thread.
+const WRITE_BATCH: usize = 1 << 20;
+/// Batches queued for the writer thread: bounds memory to about `(QUEUE + 1) * WRITE_BATCH`.
+const WRITE_QUEUE: usize = 4;
+
+/// Options for [`FsCache`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct FsOptions {
+    /// fsync files and directories on every write (default true). Off, a power loss can lose recent
+    /// writes (never tear them: renames stay atomic).
+    pub durable: bool,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        FsOptions { durable: true }
+    }
+}
+
+impl FsOptions {
+    /// Set [`FsOptions::durable`].
+    pub fn durable(mut self, durable: bool) -> Self {
+        self.durable = durable;
+        self
+    }
+}
+
+/// A cache in a directory.
+#[derive(Clone, Debug)]
+pub struct FsCache {
+    root: PathBuf,
+    durable: bool,
+}
+
+impl std::fmt::Display for FsCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "fs({})", self.root.display())
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(Error::stream(format!("blocking task failed: {e}"))))
+}
+
+fn is_not_found(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound
+}
+
+/// fsync a directory so a rename or create inside it survives a crash. Some filesystems refuse to fsync
+/// a directory; that is tolerated (there is nothing more the process can do).
+fn sync_dir(path: &Path) -> io::Result<()> {
+    match File::open(path).and_then(|d| d.sync_all()) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::InvalidInput
+                    | io::ErrorKind::Unsupported
+                    | io::ErrorKind::PermissionDenied
+            ) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// Removes a temp file when dropped, unless disarmed after a successful rename.
+struct TempFile {
+    path: Option<PathBuf>,
+}
+
+impl TempFile {
+    fn disarm(&mut self) {
+        self.path = None;
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(path) = self.path.take() {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+fn encode_task_type(task_type: &str) -> String {
+    let mut out = String::with_capacity(task_type.len());
+    for b in task_type.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    if out.len() > MAX_DIR_NAME {
+        format!("~{}", sha256_hex(task_type.as_bytes()))
+    } else {
+        out
+    }
+}
+
+/// The task type a directory name encodes, or `None` for a hashed (`~…`) or foreign name.
+fn decode_task_type(dir_name: &str) -> Option<String> {
+    let bytes = dir_name.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = dir_name.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' => {
+                out.push(b);
+                i += 1;
+            }
+            _ => return None,
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn from_millis(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// A row file as read back.
+struct RowFile {
+    key: RowKey,
+    output: Value,
+    created_at: SystemTime,
+    size: u64,
+}
+
+fn corrupt(task_type: &str, fingerprint: &str, reason: impl Into<String>) -> Error {
+    Error::CorruptRow {
+        task_type: task_type.into(),
+        fingerprint: fingerprint.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Parse a row file's bytes. `expect` is the (task type, fingerprint) it was looked up by, if any.
+fn parse_row(bytes: &[u8], hint_task: &str, hint_fp: &str) -> Result<RowFile> {
+    let bad = |reason: String| corrupt(hint_task, hint_fp, reason);
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let field = |name: &str| value.get(name).ok_or_else(|| bad(format!("missing {name:?}")));
+    if field("v")?.as_u64() != Some(ROW_FORMAT_VERSION) {
+        return Err(bad(format!("unknown row format {}", field("v")?)));
+    }
+    let task_type = field("task_type")?
+        .as_str()
+        .ok_or_else(|| bad("task_type is not a string".into()))?;
+    let fingerprint = field("fingerprint")?
+        .as_str()
+        .ok_or_else(|| bad("fingerprint is not a string".into()))?;
+    let key = RowKey::from_parts(task_type, fingerprint).map_err(|e| bad(e.to_string()))?;
+    let created = field("created_at_ms")?
+        .as_u64()
+        .ok_or_else(|| bad("created_at_ms is not a number".into()))?;
+    Ok(RowFile {
+        key,
+        output: field("output")?.clone(),
+        created_at: from_millis(created),
+        size: bytes.len() as u64,
+    })
+}
+
+impl FsCache {
+    /// Open (creating if needed) a cache rooted at `root`.
+    pub fn open(root: impl Into<PathBuf>, options: FsOptions) -> Result<Self> {
+        let root = root.into();
+        for dir in [root.clone(), root.join("rows"), root.join("blobs"), root.join("tmp")] {
+            fs::create_dir_all(&dir).map_err(|e| Error::io("create cache directory", &dir, e))?;
+        }
+        // Fail now, with the path, rather than on the first write.
+        let probe = root.join("tmp").join(format!("probe-{}.tmp", Uuid::new_v4().simple()));
+        File::create(&probe)
+            .and_then(|_| fs::remove_file(&probe))
+            .map_err(|e| Error::io("write into cache directory", root.join("tmp"), e))?;
+        Ok(FsCache {
+            root,
+            durable: options.durable,
+        })
+    }
+
+    /// The cache's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn rows_dir(&self) -> PathBuf {
+        self.root.join("rows")
+    }
+
+    fn row_path(&self, key: &RowKey) -> PathBuf {
+        self.rows_dir()
+            .join(encode_task_type(key.task_type()))
+            .join(format!("{}.json", key.fingerprint()))
+    }
+
+    fn blob_path(&self, reference: &str) -> Option<PathBuf> {
+        let name = parse_ref_name(reference, REF_PREFIX, REF_SUFFIX)?;
+        Some(self.root.join("blobs").join(format!("{name}{REF_SUFFIX}")))
+    }
+
+    fn temp_path(&self, kind: &str) -> PathBuf {
+        self.root
+            .join("tmp")
+            .join(format!("{kind}-{}.tmp", Uuid::new_v4().simple()))
+    }
+
+    /// Write `bytes` to `dest` atomically (temp file, fsync, rename, fsync dir).
+    fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> Result<()> {
+        let tmp = self.temp_path("row");
+        let mut guard = TempFile {
+            path: Some(tmp.clone()),
+        };
+        let mut file = File::create(&tmp).map_err(|e| Error::io("create temp file", &tmp, e))?;
+        // write_all loops on short writes.
+        file.write_all(bytes)
+            .map_err(|e| Error::io("write temp file", &tmp, e))?;
+        if self.durable {
+            file.sync_all()
+                .map_err(|e| Error::io("fsync temp file", &tmp, e))?;
+        }
+        drop(file);
+        let dir = dest.parent().expect("row paths have a parent");
+        let mut created_dir = false;
+        for attempt in 0..3 {
+            match fs::rename(&tmp, dest) {
+                Ok(()) => break,
+                // The task-type directory is new, or a concurrent prefix delete just removed it.
+                Err(e) if is_not_found(&e) && attempt < 2 => {
+                    fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
+                    created_dir = true;
+                }
+                Err(e) => return Err(Error::io("rename into place", dest, e)),
+            }
+        }
+        guard.disarm();
+        if self.durable {
+            sync_dir(dir).map_err(|e| Error::io("fsync directory", dir, e))?;
+            if created_dir {
+                let rows = self.rows_dir();
+                sync_dir(&rows).map_err(|e| Error::io("fsync directory", &rows, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn read_row(&self, path: &Path, task: &str, fp: &str) -> Result<Option<RowFile>> {
+        match fs::read(path) {
+            Ok(bytes) => parse_row(&bytes, task, fp).map(Some),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(Error::io("read row", path, e)),
+        }
+    }
+
+    /// Every task-type directory with the task type it holds (decoded, or read from a row for hashed names).
+    fn task_dirs(&self) -> Result<Vec<(PathBuf, Option<String>)>> {
+        let rows = self.rows_dir();
+        let mut out = Vec::new();
+        for entry in read_dir(&rows)? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            let task = match decode_task_type(&name) {
+                Some(t) => Some(t),
+                None => self.row_files(&path)?.into_iter().find_map(|p| {
+                    fs::read(&p)
+                        .ok()
+                        .and_then(|b| parse_row(&b, "?", "?").ok())
+                        .map(|r| r.key.task_type().to_owned())
+                }),
+            };
+            out.push((path, task));
+        }
+        Ok(out)
+    }
+
+    fn row_files(&self, dir: &Path) -> Result<Vec<PathBuf>> {
+        Ok(read_dir(dir)?
+            .into_iter()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect())
+    }
+
+    /// Remove rows for which `pick` holds, returning the outputs of those removed (for the blob cascade).
+    fn remove_rows(&self, pick: impl Fn(&RowFile) -> bool) -> Result<Vec<Value>> {
+        let mut outputs = Vec::new();
+        for (dir, _) in self.task_dirs()? {
+            for path in self.row_files(&dir)? {
+                let Ok(Some(row)) = self.read_row(&path, "?", "?") else {
+                    continue; // vanished meanwhile, or corrupt: left for the janitor to report
+                };
+                if pick(&row) {
+                    remove_if_exists(&path)?;
+                    outputs.push(row.output);
+                }
+            }
+            let _ = fs::remove_dir(&dir); // only succeeds when empty
+        }
+        Ok(outputs)
+    }
+
+    async fn cascade(&self, outputs: Vec<Value>) -> Result<u64> {
+        for output in &outputs {
+            cascade_delete(self, output).await?;
+        }
+        Ok(outputs.len() as u64)
+    }
+}
+
+fn read_dir(dir: &Path) -> Result<Vec<fs::DirEntry>> {
+    match fs::read_dir(dir) {
+        Ok(entries) => entries
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|e| Error::io("list directory", dir, e)),
+        Err(e) if is_not_found(&e) => Ok(Vec::new()),
+        Err(e) => Err(Error::io("list directory", dir, e)),
+    }
+}
+
+fn remove_if_exists(path: &Path) -> Result<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if is_not_found(&e) => Ok(false),
+        Err(e) => Err(Error::io("remove", path, e)),
+    }
+}
+
+fn modified(meta: &fs::Metadata) -> SystemTime {
+    meta.modified().unwrap_or(UNIX_EPOCH)
+}
+
+/// `<sanitized task type>_<hash of raw task type + fingerprint>[_<port>]_<uuid>`: readable, and unique per
+/// write whatever the sanitising merged.
+fn blob_name(meta: &BlobMeta) -> String {
+    let key_hash = sha256_hex(format!("{}\0{}", meta.task_type, meta.fingerprint).as_bytes());
+    let mut name = format!("{}_{}", sanitize_name(&meta.task_type, 40), &key_hash[..16]);
+    if let Some(port) = &meta.port {
+        name.push('_');
+        name.push_str(&sanitize_name(port, 32));
+    }
+    name.push('_');
+    name.push_str(&Uuid::new_v4().simple().to_string());
+    name
+}
+
+/// Fill `buf` from `file` (a single read may return less than asked).
+fn read_chunk(file: &mut File, len: usize) -> io::Result<Bytes> {
+    let mut buf = BytesMut::zeroed(len);
+    let mut filled = 0;
+    while filled < len {
+        match file.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(filled);
+    Ok(buf.freeze())
+}
+
+#[async_trait]
+impl OutputCache for FsCache {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::ALL
+    }
+
+    async fn save_row(&self, key: &RowKey, output: &Value) -> Result<()> {
+        let record = json!({
+            "v": ROW_FORMAT_VERSION,
+            "task_type": key.task_type(),
+            "fingerprint": key.fingerprint(),
+            "created_at_ms": millis(SystemTime::now()),
+            "output": output,
+        });
+        let bytes = serde_json::to_vec(&record).map_err(|e| Error::InvalidInput {
+            what: format!("output for {key}"),
+            reason: e.to_string(),
+        })?;
+        let this = self.clone();
+        let dest = self.row_path(key);
+        blocking(move || this.write_atomic(&dest, &bytes)).await
+    }
+
+    async fn get_row(&self, key: &RowKey) -> Result<Option<Row>> {
+        let this = self.clone();
+        let key = key.clone();
+        blocking(move || {
+            let path = this.row_path(&key);
+            let Some(row) = this.read_row(&path, key.task_type(), key.fingerprint())? else {
+                return Ok(None);
+            };
+            if row.key != key {
+                return Err(corrupt(
+                    key.task_type(),
+                    key.fingerprint(),
+                    format!("file holds the row for {}", row.key),
+                ));
+            }
+            Ok(Some(Row {
+                output: row.output,
+                created_at: row.created_at,
+            }))
+        })
+        .await
+    }
+
+    async fn delete_row(&self, key: &RowKey) -> Result<bool> {
+        let this = self.clone();
+        let key = key.clone();
+        let removed = blocking(move || {
+            let path = this.row_path(&key);
+            let output = match this.read_row(&path, key.task_type(), key.fingerprint()) {
+                Ok(row) => row.map(|r| r.output),
+                Err(Error::CorruptRow { .. }) => None,
+                Err(e) => return Err(e),
+            };
+            Ok(remove_if_exists(&path)?.then_some(output))
+        })
+        .await?;
+        match removed {
+            Some(output) => {
+                if let Some(output) = output {
+                    cascade_delete(self, &output).await?;
+                }
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn delete_prefix(&self, task_type_prefix: &str) -> Result<u64> {
+        let this = self.clone();
+        let prefix = task_type_prefix.to_owned();
+        let outputs =
+            blocking(move || this.remove_rows(|r| r.key.task_type().starts_with(&prefix))).await?;
+        self.cascade(outputs).await
+    }
+
+    async fn clear_older_than(&self, cutoff: SystemTime) -> Result<u64> {
+        let this = self.clone();
+        let outputs = blocking(move || this.remove_rows(|r| r.created_at < cutoff)).await?;
+        self.cascade(outputs).await
+    }
+
+    async fn stats(&self) -> Result<Stats> {
+        let this = self.clone();
+        blocking(move || {
+            let mut stats = Stats::default();
+            for (dir, _) in this.task_dirs()? {
+                for path in this.row_files(&dir)? {
+                    if let Ok(meta) = fs::metadata(&path) {
+                        stats.rows += 1;
+                        stats.row_bytes += meta.len();
+                    }
+                }
+            }
+            for entry in this.list_blob_files()? {
+                match entry.state {
+                    BlobState::Published => {
+                        stats.blobs += 1;
+                        stats.blob_bytes += entry.size;
+                    }
+                    BlobState::Temp => stats.temps += 1,
+                }
+            }
+            Ok(stats)
+        })
+        .await
+    }
+
+    async fn list_rows(&self) -> Result<Vec<RowEntry>> {
+        let this = self.clone();
+        blocking(move || {
+            let mut out = Vec::new();
+            for (dir, task) in this.task_dirs()? {
+                let task = task.unwrap_or_else(|| "?".into());
+                for path in this.row_files(&dir)? {
+                    let fp = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+                    let Some(row) = this.read_row(&path, &task, fp.as_deref().unwrap_or("?"))? else {
+                        continue;
+                    };
+                    out.push(RowEntry {
+                        refs: refs_in(&row.output).into_iter().map(|r| r.reference).collect(),
+                        key: row.key,
+                        created_at: row.created_at,
+                        size: row.size,
+                    });
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn list_blobs(&self) -> Result<Vec<BlobEntry>> {
+        let this = self.clone();
+        blocking(move || this.list_blob_files()).await
+    }
+
+    async fn remove_temp(&self, id: &str) -> Result<bool> {
+        // Same strictness as refs: one segment, no traversal.
+        let ok = !id.is_empty()
+            && id.len() <= 200
+            && !id.starts_with('.')
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+        if !ok {
+            return Ok(false);
+        }
+        let path = self.root.join("tmp").join(id);
+        blocking(move || remove_if_exists(&path)).await
+    }
+
+    async fn write_blob(&self, meta: &BlobMeta, mut data: ByteStream) -> Result<CacheRef> {
+        let name = blob_name(meta);
+        let reference = format!("{REF_PREFIX}{name}{REF_SUFFIX}");
+        let dest = self.root.join("blobs").join(format!("{name}{REF_SUFFIX}"));
+        let tmp = self.temp_path("blob");
+
+        let tmp_for_create = tmp.clone();
+        let file = blocking(move || {
+            File::create_new(&tmp_for_create)
+                .map_err(|e| Error::io("create temp file", &tmp_for_create, e))
+        })
+        .await?;
+        // From here on, any way out of this function (error, stream failure, the future being dropped)
+        // removes the temp file unless it was renamed into place.
+        let mut guard = TempFile {
+            path: Some(tmp.clone()),
+        };
+
+        // Hash on this task while a blocking thread writes: the two overlap, so a durable write runs at
+        // disk speed rather than disk + SHA-256 speed.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let tmp_for_writer = tmp.clone();
+        let writer = tokio::task::spawn_blocking(move || -> Result<File> {
+            let mut file = file;
+            while let Some(chunk) = rx.blocking_recv() {
+                file.write_all(&chunk)
+                    .map_err(|e| Error::io("write temp file", &tmp_for_writer, e))?;
+            }
+            Ok(file)
+        });
+
+        let mut digest = BlobDigest::new();
+        let mut batch = BytesMut::new();
+        let mut stream_error = None;
+        while let Some(chunk) = data.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    stream_error = Some(e);
+                    break;
+                }
+            };
+            digest.update(&chunk);
+            let to_send = if chunk.len() >= WRITE_BATCH / 4 && batch.is_empty() {
+                Some(chunk)
+            } else {
+                batch.extend_from_slice(&chunk);
+                (batch.len() >= WRITE_BATCH).then(|| batch.split().freeze())
+            };
+            if let Some(bytes) = to_send {
+                if tx.send(bytes).await.is_err() {
+                    break; // the writer failed; its error is collected below
+                }
+            }
+        }
+        if stream_error.is_none() && !batch.is_empty() {
+            let _ = tx.send(batch.freeze()).await;
+        }
+        drop(tx);
+        let file = writer
+            .await
+            .map_err(|e| Error::stream(format!("writer thread failed: {e}")))?;
+        if let Some(e) = stream_error {
+            return Err(match e {
+                e @ Error::Stream { .. } => e,
+                other => Error::stream(other),
+            });
+        }
+        let file = file?;
+
+        let durable = self.durable;
+        let tmp_for_publish = tmp.clone();
+        let dest_for_publish = dest.clone();
+        blocking(move || {
+            if durable {
+                file.sync_all()
+                    .map_err(|e| Error::io("fsync temp file", &tmp_for_publish, e))?;
+            }
+            drop(file);
+            fs::rename(&tmp_for_publish, &dest_for_publish)
+                .map_err(|e| Error::io("rename into place", &dest_for_publish, e))?;
+            if durable {
+                let dir = dest_for_publish.parent().expect("blob paths have a parent");
+                sync_dir(dir).map_err(|e| Error::io("fsync directory", dir, e))?;
+            }
+            Ok(())
+        })
+        .await?;
+        guard.disarm();
+        Ok(digest.into_ref(reference, meta))
+    }
+
+    async fn read_blob(&self, reference: &str) -> Result<Option<Bytes>> {
+        let Some(path) = self.blob_path(reference) else {
+            return Ok(None);
+        };
+        blocking(move || match fs::read(&path) {
+            Ok(bytes) => Ok(Some(Bytes::from(bytes))),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(Error::io("read blob", &path, e)),
+        })
+        .await
+    }
+
+    async fn open_blob(&self, reference: &str) -> Result<Option<ByteStream>> {
+        let Some(path) = self.blob_path(reference) else {
+            return Ok(None);
+        };
+        let path_for_open = path.clone();
+        let file = blocking(move || match File::open(&path_for_open) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(Error::io("open blob", &path_for_open, e)),
+        })
+        .await?;
+        let Some(file) = file else {
+            return Ok(None);
+        };
+        // The file moves into each blocking read and back out; dropping the stream drops the handle.
+        let stream = futures::stream::try_unfold(Some(file), move |file| {
+            let path = path.clone();
+            async move {
+                let Some(mut file) = file else {
+                    return Ok(None);
+                };
+                let (file, chunk) = blocking(move || {
+                    let chunk = read_chunk(&mut file, MAX_READ_CHUNK)
+                        .map_err(|e| Error::io("read blob", &path, e))?;
+                    Ok((file, chunk))
+                })
+                .await?;
+                Ok(if chunk.is_empty() {
+                    None
+                } else {
+                    let next = (chunk.len() == MAX_READ_CHUNK).then_some(file);
+                    Some((chunk, next))
+                })
+            }
+        });
+        Ok(Some(stream.boxed()))
+    }
+
+    async fn delete_blob(&self, reference: &str) -> Result<()> {
+        let Some(path) = self.blob_path(reference) else {
+            return Ok(());
+        };
+        blocking(move || remove_if_exists(&path).map(|_| ())).await
+    }
+}
+
+impl FsCache {
+    fn list_blob_files(&self) -> Result<Vec<BlobEntry>> {
+        let mut out = Vec::new();
+        for (dir, state) in [("blobs", BlobState::Published), ("tmp", BlobState::Temp)] {
+            for entry in read_dir(&self.root.join(dir))? {
+                let Ok(meta) = entry.metadata() else { continue };
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let id = match state {
+                    BlobState::Published => format!("{REF_PREFIX}{name}"),
+                    BlobState::Temp => name,
+                };
+                if state == BlobState::Published && parse_ref_name(&id, REF_PREFIX, REF_SUFFIX).is_none() {
+                    continue; // not ours
+                }
+                out.push(BlobEntry {
+                    id,
+                    state,
+                    size: meta.len(),
+                    modified: modified(&meta),
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_type_encoding_is_lossless_and_prefix_preserving() {
+        for t in ["a", "session1", "session1-", "a/b", "a%2Fb", "é.x", "..", "a b"] {
+            let enc = encode_task_type(t);
+            assert_eq!(decode_task_type(&enc).as_deref(), Some(t), "{t}");
+            assert!(!enc.contains('/') && !enc.contains('.'), "{enc}");
+        }
+        assert_ne!(encode_task_type("a/b"), encode_task_type("a%2Fb"));
+        assert!(encode_task_type("ab").starts_with(&encode_task_type("a")));
+    }
+
+    #[test]
+    fn long_task_types_hash_and_do_not_decode() {
+        let long = "x".repeat(500);
+        let enc = encode_task_type(&long);
+        assert!(enc.starts_with('~') && enc.len() == 65);
+        assert_eq!(decode_task_type(&enc), None);
+    }
+
+    #[test]
+    fn blob_names_are_unique_and_match_the_ref_pattern() {
+        let meta = BlobMeta {
+            task_type: "../../etc/passwd".into(),
+            fingerprint: "f".repeat(64),
+            port: Some("out/../x".into()),
+            mime: None,
+        };
+        let (a, b) = (blob_name(&meta), blob_name(&meta));
+        assert_ne!(a, b);
+        for name in [a, b] {
+            let r = format!("{REF_PREFIX}{name}{REF_SUFFIX}");
+            assert_eq!(parse_ref_name(&r, REF_PREFIX, REF_SUFFIX), Some(name.as_str()));
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! The in-memory backend (`memory://`): every capability, nothing durable. For tests, for the engine's own
+//! tests, and as the reference behaviour the conformance suite is checked against.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::blob::{BlobDigest, cascade_delete, chunked};
+use crate::error::Result;
+use crate::store::{
+    BlobEntry, BlobMeta, BlobState, ByteStream, Capabilities, OutputCache, Row, RowEntry, Stats,
+};
+use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in};
+
+const REF_PREFIX: &str = "memory://blobs/";
+
+#[derive(Debug)]
+struct StoredRow {
+    output: Value,
+    created_at: SystemTime,
+    size: u64,
+}
+
+#[derive(Debug)]
+struct StoredBlob {
+    bytes: Bytes,
+    modified: SystemTime,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    rows: BTreeMap<RowKey, StoredRow>,
+    blobs: HashMap<String, StoredBlob>,
+    /// In-flight writes: name → (bytes so far, last write).
+    temps: HashMap<String, (u64, SystemTime)>,
+}
+
+/// An in-memory cache. Cloning shares the same storage.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryCache {
+    state: Arc<Mutex<State>>,
+}
+
+impl MemoryCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave State half-updated (every update is one insert or
+        // remove), so a poisoned lock is still consistent.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remove_rows(&self, pick: impl Fn(&RowKey, &StoredRow) -> bool) -> Vec<Value> {
+        let mut state = self.lock();
+        let doomed: Vec<RowKey> = state
+            .rows
+            .iter()
+            .filter(|(k, r)| pick(k, r))
+            .map(|(k, _)| k.clone())
+            .collect();
+        doomed
+            .iter()
+            .filter_map(|k| state.rows.remove(k).map(|r| r.output))
+            .collect()
+    }
+
+    async fn cascade(&self, outputs: Vec<Value>) -> Result<u64> {
+        for output in &outputs {
+            cascade_delete(self, output).await?;
+        }
+        Ok(outputs.len() as u64)
+    }
+}
+
+impl std::fmt::Display for MemoryCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("memory")
+    }
+}
+
+/// Removes an in-flight write's temp entry however the write ends (success, error or drop).
+struct TempGuard {
+    cache: MemoryCache,
+    name: String,
+}
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        self.cache.lock().temps.remove(&self.name);
+    }
+}
+
+#[async_trait]
+impl OutputCache for MemoryCache {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::ALL
+    }
+
+    async fn save_row(&self, key: &RowKey, output: &Value) -> Result<()> {
+        let size = serde_json::to_vec(output).map_or(0, |v| v.len() as u64);
+        let row = StoredRow {
+            output: output.clone(),
+            created_at: SystemTime::now(),
+            size,
+        };
+        self.lock().rows.insert(key.clone(), row);
+        Ok(())
+    }
+
+    async fn get_row(&self, key: &RowKey) -> Result<Option<Row>> {
+        Ok(self.lock().rows.get(key).map(|r| Row {
+            output: r.output.clone(),
+            created_at: r.created_at,
+        }))
+    }
+
+    async fn delete_row(&self, key: &RowKey) -> Result<bool> {
+        let removed = self.lock().rows.remove(key);
+        match removed {
+            Some(row) => self.cascade(vec![row.output]).await.map(|_| true),
+            None => Ok(false),
+        }
+    }
+
+    async fn delete_prefix(&self, task_type_prefix: &str) -> Result<u64> {
+        let outputs = self.remove_rows(|k, _| k.task_type().starts_with(task_type_prefix));
+        self.cascade(outputs).await
+    }
+
+    async fn clear_older_than(&self, cutoff: SystemTime) -> Result<u64> {
+        let outputs = self.remove_rows(|_, r| r.created_at < cutoff);
+        self.cascade(outputs).await
+    }
+
+    async fn stats(&self) -> Result<Stats> {
+        let state = self.lock();
+        Ok(Stats {
+            rows: state.rows.len() as u64,
+            row_bytes: state.rows.values().map(|r| r.size).sum(),
+            blobs: state.blobs.len() as u64,
+            blob_bytes: state.blobs.values().map(|b| b.bytes.len() as u64).sum(),
+            temps: state.temps.len() as u64,
+        })
+    }
+
+    async fn list_rows(&self) -> Result<Vec<RowEntry>> {
+        Ok(self
+            .lock()
+            .rows
+            .iter()
+            .map(|(key, r)| RowEntry {
+                key: key.clone(),
+                created_at: r.created_at,
+                size: r.size,
+                refs: refs_in(&r.output).into_iter().map(|r| r.reference).collect(),
+            })
+            .collect())
+    }
+
+    async fn list_blobs(&self) -> Result<Vec<BlobEntry>> {
+        let state = self.lock();
+        let published = state.blobs.iter().map(|(name, b)| BlobEntry {
+            id: format!("{REF_PREFIX}{name}"),
+            state: BlobState::Published,
+            size: b.bytes.len() as u64,
+            modified: b.modified,
+        });
+        let temps = state.temps.iter().map(|(name, (size, modified))| BlobEntry {
+            id: name.clone(),
+            state: BlobState::Temp,
+            size: *size,
+            modified: *modified,
+        });
+        Ok(published.chain(temps).collect())
+    }
+
+    async fn remove_temp(&self, id: &str) -> Result<bool> {
+        // A memory temp belongs to a live future in this process; the future's guard removes it. Dropping
+        // the entry here only hides it, which is what "remove" can mean for a write nobody can crash.
+        Ok(self.lock().temps.remove(id).is_some())
+    }
+
+    async fn write_blob(&self, meta: &BlobMeta, mut data: ByteStream) -> Result<CacheRef> {
+        let name = Uuid::new_v4().simple().to_string();
+        self.lock()
+            .temps
+            .insert(name.clone(), (0, SystemTime::now()));
+        let _guard = TempGuard {
+            cache: self.clone(),
+            name: name.clone(),
+        };
+        let mut digest = BlobDigest::new();
+        let mut buf = BytesMut::new();
+        while let Some(chunk) = data.next().await {
+            let chunk = chunk?;
+            digest.update(&chunk);
+            buf.extend_from_slice(&chunk);
+            if let Some(t) = self.lock().temps.get_mut(&name) {
+                *t = (buf.len() as u64, SystemTime::now());
+            }
+        }
+        let blob = StoredBlob {
+            bytes: buf.freeze(),
+            modified: SystemTime::now(),
+        };
+        self.lock().blobs.insert(name.clone(), blob);
+        Ok(digest.into_ref(format!("{REF_PREFIX}{name}"), meta))
+    }
+
+    async fn read_blob(&self, reference: &str) -> Result<Option<Bytes>> {
+        let Some(name) = parse_ref_name(reference, REF_PREFIX, "") else {
+            return Ok(None);
+        };
+        Ok(self.lock().blobs.get(name).map(|b| b.bytes.clone()))
+    }
+
+    async fn open_blob(&self, reference: &str) -> Result<Option<ByteStream>> {
+        Ok(self.read_blob(reference).await?.map(chunked))
+    }
+
+    async fn delete_blob(&self, reference: &str) -> Result<()> {
+        if let Some(name) = parse_ref_name(reference, REF_PREFIX, "") {
+            self.lock().blobs.remove(name);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,6 @@
+//! The storage backends, one module each, behind Cargo features where they pull in dependencies.
+//! Each implements [`crate::OutputCache`] and passes the conformance suite.
+
+#[cfg(feature = "fs")]
+pub mod fs;
+pub mod memory;

@@ -1,0 +1,318 @@
+//! The conformance suite: every invariant of the design (rows, streaming, atomic publish, ref safety,
+//! cascades, orphan cleanup, concurrent writers, truthful capabilities) as a named case that any backend or
+//! wrapper can run. Backend authors call it from their own tests through [`conformance_tests!`]
+//! (one `#[tokio::test]` per case); operators run it against a live endpoint with `outcache conformance`.
+//!
+//! ```ignore
+//! // tests/conformance_mybackend.rs (needs the `conformance` feature and tokio as dev-dependencies)
+//! outcache::conformance_tests!(|| async {
+//!     outcache::conformance::Fixture::new(std::sync::Arc::new(MyBackend::connect().await))
+//! });
+//! ```
+//!
+//! Each case gets a fresh, empty backend from the factory and may write anything into it. A case that needs
+//! a capability the backend does not claim checks that the method returns [`crate::Error::Unsupported`]
+//! instead, so capabilities are proven truthful both ways.
+
+pub mod cases;
+pub mod support;
+
+use std::any::Any;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+
+use crate::config::Location;
+use crate::error::Result;
+use crate::store::OutputCache;
+
+pub use support::FailingRows;
+
+/// Why a case failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure(pub String);
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<crate::Error> for Failure {
+    fn from(e: crate::Error) -> Self {
+        Failure(format!("unexpected error: {e}"))
+    }
+}
+
+/// The outcome of one case.
+pub type CaseResult = std::result::Result<(), Failure>;
+
+/// A backend under test, plus whatever must stay alive while it is used (a temp dir) and is cleaned up
+/// when the fixture is dropped.
+pub struct Fixture {
+    cache: Arc<dyn OutputCache>,
+    _guard: Option<Box<dyn Any + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Fixture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fixture").field("cache", &self.cache).finish()
+    }
+}
+
+impl Fixture {
+    /// A fixture for a backend that needs no cleanup.
+    pub fn new(cache: Arc<dyn OutputCache>) -> Self {
+        Fixture {
+            cache,
+            _guard: None,
+        }
+    }
+
+    /// A fixture that keeps `guard` alive as long as the backend and drops it afterwards (e.g. a
+    /// `tempfile::TempDir` that removes the backend's directory).
+    pub fn with_guard(cache: Arc<dyn OutputCache>, guard: impl Any + Send + Sync) -> Self {
+        Fixture {
+            cache,
+            _guard: Some(Box::new(guard)),
+        }
+    }
+
+    /// The backend under test.
+    pub fn cache(&self) -> Arc<dyn OutputCache> {
+        self.cache.clone()
+    }
+}
+
+/// Ready-made fixtures for the built-in backends.
+pub mod fixtures {
+    use super::*;
+
+    /// A fresh in-memory backend.
+    pub fn memory() -> Fixture {
+        Fixture::new(Arc::new(crate::backends::memory::MemoryCache::new()))
+    }
+
+    /// A fresh fs backend in a temp directory that is removed afterwards.
+    #[cfg(feature = "fs")]
+    pub fn fs_temp() -> Fixture {
+        let dir = tempfile::Builder::new()
+            .prefix("outcache-conformance-")
+            .tempdir()
+            .expect("create a temp dir for the fs backend");
+        let cache = crate::backends::fs::FsCache::open(dir.path(), Default::default())
+            .expect("open the fs backend in a temp dir");
+        Fixture::with_guard(Arc::new(cache), dir)
+    }
+}
+
+/// One named case of the suite.
+#[derive(Clone, Copy)]
+pub struct Case {
+    /// The case's name (also its function name in [`cases`]).
+    pub name: &'static str,
+    run: fn(Arc<dyn OutputCache>) -> BoxFuture<'static, CaseResult>,
+}
+
+impl std::fmt::Debug for Case {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+impl Case {
+    /// Run the case against `cache`.
+    pub fn run(&self, cache: Arc<dyn OutputCache>) -> BoxFuture<'static, CaseResult> {
+        (self.run)(cache)
+    }
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_registry {
+    (; $($case:ident),* $(,)?) => {
+        vec![$($crate::conformance::Case::__new(stringify!($case), |c| Box::pin($crate::conformance::cases::$case(c)))),*]
+    };
+}
+
+impl Case {
+    #[doc(hidden)]
+    pub fn __new(
+        name: &'static str,
+        run: fn(Arc<dyn OutputCache>) -> BoxFuture<'static, CaseResult>,
+    ) -> Self {
+        Case { name, run }
+    }
+}
+
+/// Every case of the suite, in a stable order.
+pub fn all_cases() -> Vec<Case> {
+    crate::__conformance_each_case!(__conformance_registry, )
+}
+
+/// Expand `$m!{ args ; case, case, … }` with the list of all cases: the one place that list is kept.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_each_case {
+    ($m:ident, $($args:tt)*) => {
+        $crate::$m! { $($args)* ;
+            row_round_trip,
+            row_miss_is_none,
+            row_overwrite_last_writer_wins,
+            row_delete_removes_only_that_row,
+            row_keys_are_distinct,
+            row_output_json_is_preserved,
+            row_created_at_is_recent,
+            stream_empty_blob,
+            stream_one_byte,
+            stream_multi_chunk,
+            stream_large_blob_bounded_memory,
+            stream_records_size_mime_port_sha256,
+            stream_read_chunks_are_bounded,
+            stream_names_are_unique,
+            failed_stream_publishes_nothing,
+            dropped_write_publishes_nothing,
+            in_flight_write_is_not_published,
+            unknown_ref_is_none,
+            foreign_refs_never_resolve,
+            malformed_refs_never_resolve,
+            malformed_refs_never_delete,
+            ref_delete_is_idempotent,
+            ref_delete_touches_only_its_blob,
+            dropped_read_stream_releases_blob,
+            delete_row_cascades_to_blobs,
+            delete_prefix_cascades_to_blobs,
+            delete_prefix_respects_boundaries,
+            clear_older_than_cascades_and_spares_newer,
+            row_commit_failure_removes_blob,
+            janitor_sees_unreferenced_blob,
+            janitor_sweep_keeps_referenced_blobs,
+            concurrent_writers_same_key,
+            concurrent_writers_different_keys,
+            concurrent_cleanup_spares_other_writers,
+            capabilities_are_truthful,
+            stats_count_rows_and_blobs,
+            engine_small_output_goes_inline,
+            engine_large_output_becomes_verified_ref,
+            engine_resolve_hydrates_branded_refs_only,
+        }
+    };
+}
+
+/// Expand to one `#[tokio::test]` per conformance case, each calling `$factory().await` for a fresh
+/// [`Fixture`]. The calling crate needs `tokio` (with `macros` and `rt-multi-thread`) as a dev-dependency.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($factory:expr) => {
+        $crate::__conformance_each_case!(__conformance_test_fns, $factory);
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_test_fns {
+    ($factory:expr ; $($case:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                let fixture: $crate::conformance::Fixture = ($factory)().await;
+                let result = $crate::conformance::cases::$case(fixture.cache()).await;
+                drop(fixture);
+                if let Err(failure) = result {
+                    panic!("conformance case {} failed: {}", stringify!($case), failure);
+                }
+            }
+        )*
+    };
+}
+
+/// One case's outcome in a suite run.
+#[derive(Debug, Clone)]
+pub struct CaseOutcome {
+    /// The case.
+    pub name: &'static str,
+    /// Pass or the failure.
+    pub result: CaseResult,
+    /// How long it took.
+    pub elapsed: Duration,
+}
+
+/// Longest a single case may run before it counts as failed (hung).
+pub const CASE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Run every case against isolated children of `location` (see [`isolated_fixture`]), calling `report`
+/// after each one. A panicking or hung case is a failure, not a crash of the run.
+pub async fn run_suite(
+    location: &Location,
+    mut report: impl FnMut(&CaseOutcome),
+) -> Result<Vec<CaseOutcome>> {
+    let run_tag = format!("outcache-conformance-{}", uuid::Uuid::new_v4().simple());
+    let mut outcomes = Vec::new();
+    for case in all_cases() {
+        let started = Instant::now();
+        let fixture = isolated_fixture(location, &run_tag, case.name)?;
+        let future = std::panic::AssertUnwindSafe(case.run(fixture.cache())).catch_unwind();
+        let result = match tokio::time::timeout(CASE_TIMEOUT, future).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(panic)) => Err(Failure(format!("panicked: {}", panic_message(&panic)))),
+            Err(_) => Err(Failure(format!("timed out after {CASE_TIMEOUT:?}"))),
+        };
+        drop(fixture);
+        let outcome = CaseOutcome {
+            name: case.name,
+            result,
+            elapsed: started.elapsed(),
+        };
+        report(&outcome);
+        outcomes.push(outcome);
+    }
+    remove_run_dir(location, &run_tag);
+    Ok(outcomes)
+}
+
+fn panic_message(panic: &Box<dyn Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic".into())
+}
+
+/// Removes a directory tree when dropped.
+struct RemoveDir(std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A fresh backend for `case` inside `location` that never sees existing entries: a new memory cache,
+/// or for fs a new directory `<root>/<run_tag>/<case>` removed when the fixture is dropped.
+pub fn isolated_fixture(location: &Location, run_tag: &str, case: &str) -> Result<Fixture> {
+    match location {
+        Location::Memory => Ok(fixtures::memory()),
+        #[cfg(feature = "fs")]
+        Location::Fs { root, durable } => {
+            let dir = root.join(run_tag).join(case);
+            let child = Location::Fs {
+                root: dir.clone(),
+                durable: *durable,
+            };
+            let cache = child.open()?;
+            Ok(Fixture::with_guard(cache, RemoveDir(dir)))
+        }
+    }
+}
+
+fn remove_run_dir(location: &Location, run_tag: &str) {
+    match location {
+        Location::Memory => {}
+        #[cfg(feature = "fs")]
+        Location::Fs { root, .. } => {
+            let _ = std::fs::remove_dir_all(root.join(run_tag));
+        }
+    }
+}

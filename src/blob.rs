@@ -1,0 +1,120 @@
+//! Pieces every blob-storing backend shares: the running digest that turns a streamed write into a
+//! [`CacheRef`] with `size` and `sha256`, splitting bytes into bounded read chunks, and the cascade that
+//! deletes the blobs a removed row referenced.
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::store::{BlobMeta, ByteStream, MAX_READ_CHUNK, OutputCache};
+use crate::wire::{CacheRef, hex, refs_in};
+
+/// Size and SHA-256 of a blob, computed while its chunks stream past.
+#[derive(Clone, Debug, Default)]
+pub struct BlobDigest {
+    hasher: Sha256,
+    size: u64,
+}
+
+impl BlobDigest {
+    /// A digest of nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Account for the next chunk.
+    pub fn update(&mut self, chunk: &[u8]) {
+        self.hasher.update(chunk);
+        self.size += chunk.len() as u64;
+    }
+
+    /// Bytes seen so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The lowercase hex SHA-256 of everything seen.
+    pub fn sha256_hex(self) -> String {
+        hex(&self.hasher.finalize())
+    }
+
+    /// The CacheRef for a blob published as `reference` with these bytes and `meta`'s mime and port.
+    pub fn into_ref(self, reference: String, meta: &BlobMeta) -> CacheRef {
+        let size = self.size;
+        let mut r = CacheRef::new(reference);
+        r.size = Some(size);
+        r.sha256 = Some(self.sha256_hex());
+        r.mime = meta.mime.clone();
+        r.port = meta.port.clone();
+        r
+    }
+}
+
+/// A stream over `bytes` in chunks of at most [`MAX_READ_CHUNK`] (zero-copy slices).
+pub fn chunked(bytes: Bytes) -> ByteStream {
+    let chunks: Vec<Result<Bytes>> = (0..bytes.len())
+        .step_by(MAX_READ_CHUNK)
+        .map(|start| Ok(bytes.slice(start..(start + MAX_READ_CHUNK).min(bytes.len()))))
+        .collect();
+    futures::stream::iter(chunks).boxed()
+}
+
+/// Collect a whole stream into one buffer, failing with the stream's own error.
+pub async fn collect(mut stream: ByteStream) -> Result<Bytes> {
+    let mut first: Option<Bytes> = None;
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        match (&first, buf.is_empty()) {
+            (None, true) => first = Some(chunk),
+            _ => {
+                if let Some(f) = first.take() {
+                    buf.extend_from_slice(&f);
+                }
+                buf.extend_from_slice(&chunk);
+            }
+        }
+    }
+    Ok(if buf.is_empty() {
+        first.unwrap_or_default()
+    } else {
+        buf.into()
+    })
+}
+
+/// A stream over everything `reader` yields, in chunks of up to `chunk` bytes. Read errors become
+/// [`Error::Stream`].
+pub fn reader_stream<R>(reader: R, chunk: usize) -> ByteStream
+where
+    R: tokio::io::AsyncRead + Send + Unpin + 'static,
+{
+    use tokio::io::AsyncReadExt;
+    let chunk = chunk.max(1);
+    futures::stream::try_unfold(reader, move |mut reader| async move {
+        let mut buf = bytes::BytesMut::with_capacity(chunk);
+        while buf.len() < chunk {
+            if reader.read_buf(&mut buf).await.map_err(Error::stream)? == 0 {
+                break;
+            }
+        }
+        Ok((!buf.is_empty()).then(|| (buf.freeze(), reader)))
+    })
+    .boxed()
+}
+
+/// Delete the blobs that a removed row's `output` referenced. Refs of other backends never resolve, so
+/// deleting them does nothing; a backend without ref delete keeps its blobs (the janitor finds them).
+pub async fn cascade_delete(backend: &dyn OutputCache, output: &Value) -> Result<()> {
+    if !backend.capabilities().ref_delete {
+        return Ok(());
+    }
+    for r in refs_in(output) {
+        match backend.delete_blob(&r.reference).await {
+            Ok(()) | Err(Error::Unsupported { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,197 @@
+//! Naming a backend: cache URLs (`fs:///abs/dir`, `file:///abs/dir`, `memory://`), the `OUTCACHE_URL`
+//! variable and the embedded default on local disk. One parser, so the library and the CLI agree.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use url::Url;
+
+#[cfg(feature = "fs")]
+use crate::backends::fs::{FsCache, FsOptions};
+use crate::backends::memory::MemoryCache;
+use crate::error::{Error, Result};
+use crate::store::OutputCache;
+
+/// The environment variable that names the cache when no URL is given.
+pub const URL_ENV: &str = "OUTCACHE_URL";
+
+/// The URL schemes this build understands.
+pub fn supported_schemes() -> &'static [&'static str] {
+    &[
+        "memory",
+        #[cfg(feature = "fs")]
+        "fs",
+        #[cfg(feature = "fs")]
+        "file",
+    ]
+}
+
+/// The embedded default: the fs backend under `$XDG_CACHE_HOME/outcache`, else `~/.cache/outcache`.
+pub fn default_url() -> Result<String> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .ok_or_else(|| Error::InvalidUrl {
+            url: String::new(),
+            reason: "no URL given, OUTCACHE_URL unset, and neither XDG_CACHE_HOME nor HOME is set"
+                .into(),
+        })?;
+    let dir = base.join("outcache");
+    Url::from_directory_path(&dir)
+        .map(|u| u.as_str().trim_end_matches('/').replacen("file://", "fs://", 1))
+        .map_err(|()| Error::InvalidUrl {
+            url: dir.display().to_string(),
+            reason: "the default cache directory is not an absolute path".into(),
+        })
+}
+
+/// The URL to use: `explicit` if given, else `OUTCACHE_URL`, else [`default_url`].
+pub fn effective_url(explicit: Option<&str>) -> Result<String> {
+    match explicit {
+        Some(url) => Ok(url.to_owned()),
+        None => match std::env::var(URL_ENV) {
+            Ok(url) if !url.trim().is_empty() => Ok(url),
+            _ => default_url(),
+        },
+    }
+}
+
+/// A parsed cache URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Location {
+    /// `memory://`: a fresh in-process cache.
+    Memory,
+    /// `fs:///abs/dir` or `file:///abs/dir`.
+    Fs {
+        /// The root directory (absolute).
+        root: PathBuf,
+        /// `?durable=false` turns fsync off.
+        durable: bool,
+    },
+}
+
+fn invalid(url: &str, reason: impl Into<String>) -> Error {
+    Error::InvalidUrl {
+        url: url.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn parse_bool(url: &str, key: &str, value: &str) -> Result<bool> {
+    match value {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(invalid(url, format!("{key} must be true or false, not {value:?}"))),
+    }
+}
+
+impl Location {
+    /// Parse a cache URL. Unknown schemes, relative paths and unknown options are errors.
+    pub fn parse(text: &str) -> Result<Self> {
+        let url = Url::parse(text.trim()).map_err(|e| invalid(text, e.to_string()))?;
+        match url.scheme() {
+            "memory" => {
+                if url.query().is_some() {
+                    return Err(invalid(text, "memory:// takes no options"));
+                }
+                Ok(Location::Memory)
+            }
+            #[cfg(feature = "fs")]
+            "fs" | "file" => {
+                if url.host_str().is_some_and(|h| !h.is_empty() && h != "localhost") {
+                    return Err(invalid(
+                        text,
+                        format!(
+                            "{}:// needs an absolute path with three slashes, e.g. {}:///var/cache/outcache",
+                            url.scheme(),
+                            url.scheme()
+                        ),
+                    ));
+                }
+                let mut durable = true;
+                for (key, value) in url.query_pairs() {
+                    match key.as_ref() {
+                        "durable" => durable = parse_bool(text, "durable", &value)?,
+                        other => return Err(invalid(text, format!("unknown option {other:?} (known: durable)"))),
+                    }
+                }
+                // `url` only turns `file:` URLs into paths; the path part is still percent-encoded.
+                let root = Url::parse(&format!("file://{}", url.path()))
+                    .ok()
+                    .filter(|_| !url.cannot_be_a_base())
+                    .ok_or_else(|| invalid(text, "not an absolute local path"))?
+                    .to_file_path()
+                    .map_err(|()| invalid(text, "not an absolute local path"))?;
+                if !root.is_absolute() || root.components().any(|c| c.as_os_str() == "..") {
+                    return Err(invalid(text, "the path must be absolute and free of '..'"));
+                }
+                Ok(Location::Fs { root, durable })
+            }
+            other => Err(invalid(
+                text,
+                format!(
+                    "unknown scheme {other:?} (supported: {})",
+                    supported_schemes().join(", ")
+                ),
+            )),
+        }
+    }
+
+    /// Open the backend at this location.
+    pub fn open(&self) -> Result<Arc<dyn OutputCache>> {
+        Ok(match self {
+            Location::Memory => Arc::new(MemoryCache::new()),
+            #[cfg(feature = "fs")]
+            Location::Fs { root, durable } => {
+                Arc::new(FsCache::open(root, FsOptions::default().durable(*durable))?)
+            }
+        })
+    }
+}
+
+/// Open the backend named by `url`.
+pub fn open_backend(url: &str) -> Result<Arc<dyn OutputCache>> {
+    Location::parse(url)?.open()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_supported_forms() {
+        assert_eq!(Location::parse("memory://").unwrap(), Location::Memory);
+        assert_eq!(
+            Location::parse("fs:///tmp/x").unwrap(),
+            Location::Fs {
+                root: "/tmp/x".into(),
+                durable: true
+            }
+        );
+        assert_eq!(
+            Location::parse("file:///tmp/a%20b?durable=false").unwrap(),
+            Location::Fs {
+                root: "/tmp/a b".into(),
+                durable: false
+            }
+        );
+    }
+
+    #[test]
+    fn refuses_bad_urls_with_a_reason() {
+        for bad in [
+            "fs://relative/dir",
+            "fs:relative",
+            "ftp://x",
+            "fs:///tmp/x?speed=fast",
+            "fs:///tmp/x?durable=maybe",
+            "not a url",
+            "",
+        ] {
+            let err = Location::parse(bad).unwrap_err();
+            assert!(matches!(err, Error::InvalidUrl { .. }), "{bad}: {err}");
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! # outcache
+//!
+//! A storage engine for the **outputs of cacheable tasks**: pipeline steps, build actions, AI
+//! generations. A task's output is a JSON value stored as a *row* keyed by the task type and the
+//! fingerprint of its inputs; large binary outputs are *streamed* into a sidecar *blob* and the row holds a
+//! branded [`CacheRef`] instead of the bytes.
+//!
+//! ## API layout
+//! - [`Cache`] — the engine applications use: `put` / `get` rows, `put_stream` binary outputs,
+//!   `open_stream` / `read` blobs (verified against their SHA-256), `resolve` refs inside a value.
+//! - [`OutputCache`] — the object-safe storage trait every backend implements, with optional blob
+//!   capabilities advertised in [`Capabilities`].
+//! - [`backends`] — `memory` (always) and `fs` (feature `fs`, default).
+//! - [`wire`] — the stable formats: canonical fingerprints, [`CacheRef`], the inline binary envelope.
+//! - [`config`] — cache URLs (`fs:///abs/dir`, `memory://`) and the embedded default.
+//! - [`janitor`] — finding and removing orphan blobs and dead temp files.
+//! - `conformance` (feature `conformance`) — the suite every backend passes, for backend authors.
+//!
+//! ## Example
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> outcache::Result<()> {
+//! use outcache::{Cache, BlobOptions};
+//! use serde_json::json;
+//!
+//! let dir = tempfile::tempdir().unwrap();
+//! let cache = Cache::open(&format!("fs://{}", dir.path().display()))?;
+//! let inputs = json!({"prompt": "a cat", "size": 512});
+//! cache.put("image/describe", &inputs, &json!({"text": "a cat"})).await?;
+//! assert_eq!(cache.get("image/describe", &json!({"size": 512, "prompt": "a cat"})).await?,
+//!            Some(json!({"text": "a cat"})));
+//!
+//! // A binary output: streamed into a blob (or inline when small).
+//! let bytes = bytes::Bytes::from(vec![7u8; 100_000]);
+//! let chunks = futures::stream::iter([Ok(bytes.clone())]);
+//! let stored = cache.put_stream("image/render", &inputs, Box::pin(chunks), BlobOptions::default()).await?;
+//! let r = outcache::CacheRef::from_value(&stored).expect("100 kB is above the 64 KiB threshold");
+//! assert_eq!(cache.read(&r).await?, Some(bytes));
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+
+pub mod blob;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod janitor;
+pub mod store;
+pub mod wire;
+
+#[path = "../backends/mod.rs"]
+pub mod backends;
+
+#[cfg(feature = "conformance")]
+#[path = "../conformance/mod.rs"]
+pub mod conformance;
+
+pub use engine::{BlobOptions, Cache, CacheOptions};
+pub use error::{Error, Result};
+pub use store::{
+    BlobEntry, BlobMeta, BlobState, ByteStream, Capabilities, OutputCache, Row, RowEntry, Stats,
+};
+pub use wire::{CacheRef, InlineBinary, RowKey, fingerprint};

@@ -1,0 +1,212 @@
+//! The storage trait every backend implements, [`OutputCache`], with the data types that cross it.
+//! Required methods are the row store and what the janitor needs; blob methods are optional capabilities
+//! whose defaults return [`Error::Unsupported`], advertised up front in [`Capabilities`].
+
+use std::fmt::{Debug, Display};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::wire::{CacheRef, RowKey};
+
+/// A stream of byte chunks: what a producer hands to [`OutputCache::write_blob`] and what
+/// [`OutputCache::open_blob`] yields. A producer's own failure is [`Error::Stream`].
+pub type ByteStream = BoxStream<'static, Result<Bytes>>;
+
+/// Largest chunk a streaming read yields.
+pub const MAX_READ_CHUNK: usize = 1 << 20;
+
+/// What a backend can do beyond the row store. Truthful both ways: a `true` flag means the method works, a
+/// `false` flag means it returns [`Error::Unsupported`] (the conformance suite checks both).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// [`OutputCache::write_blob`]: stream bytes into a sidecar blob.
+    pub stream_write: bool,
+    /// [`OutputCache::read_blob`]: read a whole blob by ref.
+    pub ref_read: bool,
+    /// [`OutputCache::open_blob`]: stream a blob by ref.
+    pub stream_ref_read: bool,
+    /// [`OutputCache::delete_blob`]: delete a blob by ref.
+    pub ref_delete: bool,
+}
+
+impl Capabilities {
+    /// Every capability.
+    pub const ALL: Capabilities = Capabilities {
+        stream_write: true,
+        ref_read: true,
+        stream_ref_read: true,
+        ref_delete: true,
+    };
+    /// The row store only.
+    pub const ROWS_ONLY: Capabilities = Capabilities {
+        stream_write: false,
+        ref_read: false,
+        stream_ref_read: false,
+        ref_delete: false,
+    };
+}
+
+/// A stored row: the task's output JSON and when it was written.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    /// The output value as stored (refs are not hydrated here; see [`crate::Cache::get`]).
+    pub output: Value,
+    /// When the row was committed.
+    pub created_at: SystemTime,
+}
+
+/// What a streaming write should record about its blob, and what makes its name readable.
+#[derive(Clone, Debug, Default)]
+pub struct BlobMeta {
+    /// The task type the blob belongs to (used in readable blob names; never trusted for uniqueness).
+    pub task_type: String,
+    /// The row's input fingerprint (also only for readable names).
+    pub fingerprint: String,
+    /// The output port.
+    pub port: Option<String>,
+    /// The media type to record in the ref.
+    pub mime: Option<String>,
+}
+
+impl BlobMeta {
+    /// Metadata for a blob written for `key`.
+    pub fn for_key(key: &RowKey) -> Self {
+        BlobMeta {
+            task_type: key.task_type().to_owned(),
+            fingerprint: key.fingerprint().to_owned(),
+            port: None,
+            mime: None,
+        }
+    }
+}
+
+/// One row as the janitor sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowEntry {
+    /// The row's key.
+    pub key: RowKey,
+    /// When it was committed.
+    pub created_at: SystemTime,
+    /// Its stored size in bytes.
+    pub size: u64,
+    /// The branded ref strings its output holds.
+    pub refs: Vec<String>,
+}
+
+/// Whether a stored blob object is published or still being written (or left by a crashed writer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlobState {
+    /// A whole, published blob: readable by its ref.
+    Published,
+    /// A temporary object: a write in flight, or the remains of one that died.
+    Temp,
+}
+
+/// One blob or temp object as the janitor sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlobEntry {
+    /// For a published blob, its ref string; for a temp, a backend-specific name for
+    /// [`OutputCache::remove_temp`].
+    pub id: String,
+    /// Published or temp.
+    pub state: BlobState,
+    /// Bytes stored so far.
+    pub size: u64,
+    /// Last modification (for a temp, the last write; the janitor's grace period counts from here).
+    pub modified: SystemTime,
+}
+
+/// Counts and sizes for `outcache stats` and the janitor.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Number of rows.
+    pub rows: u64,
+    /// Bytes stored in rows.
+    pub row_bytes: u64,
+    /// Number of published blobs.
+    pub blobs: u64,
+    /// Bytes in published blobs.
+    pub blob_bytes: u64,
+    /// Number of temp objects (in-flight or abandoned writes).
+    pub temps: u64,
+}
+
+/// The storage trait: a row store keyed by [`RowKey`], plus optional blob capabilities.
+///
+/// Object safe: use it as `Arc<dyn OutputCache>`. Misses are `Ok(None)`. Every blob method takes the ref
+/// *string*; a ref that does not match the backend's own strict pattern (another backend's, a traversal
+/// attempt, garbage) never resolves: reads give `Ok(None)`, deletes do nothing and return `Ok(())`.
+///
+/// Wrappers must forward every method, including the optional ones (check with
+/// `#[deny(clippy::missing_trait_methods)]` on the impl), or they silently lose the inner backend's abilities.
+#[async_trait]
+pub trait OutputCache: Debug + Display + Send + Sync + 'static {
+    /// What this backend supports beyond rows.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Store `output` under `key`, atomically replacing any earlier row (last writer wins). The blobs a
+    /// replaced row referenced are left for the janitor's orphan sweep: another reader may still hold
+    /// the old row.
+    async fn save_row(&self, key: &RowKey, output: &Value) -> Result<()>;
+
+    /// The row under `key`, or `None`.
+    async fn get_row(&self, key: &RowKey) -> Result<Option<Row>>;
+
+    /// Delete the row under `key` and the blobs its output references. Returns whether a row existed.
+    async fn delete_row(&self, key: &RowKey) -> Result<bool>;
+
+    /// Delete every row whose task type starts with `task_type_prefix` (all rows for `""`), with their
+    /// blobs. Returns the number of rows deleted.
+    async fn delete_prefix(&self, task_type_prefix: &str) -> Result<u64>;
+
+    /// Delete every row committed before `cutoff`, with their blobs. Returns the number of rows deleted.
+    async fn clear_older_than(&self, cutoff: SystemTime) -> Result<u64>;
+
+    /// Counts and sizes.
+    async fn stats(&self) -> Result<Stats>;
+
+    /// Every row with the refs it holds (for the janitor).
+    async fn list_rows(&self) -> Result<Vec<RowEntry>>;
+
+    /// Every published blob and temp object (for the janitor).
+    async fn list_blobs(&self) -> Result<Vec<BlobEntry>>;
+
+    /// Remove a temp object named by a [`BlobEntry::id`] with state [`BlobState::Temp`]. The janitor calls it
+    /// only for temps older than its grace period. Unknown names do nothing. Returns whether one was removed.
+    async fn remove_temp(&self, id: &str) -> Result<bool>;
+
+    /// Stream `data` into a new blob and return its ref (with `size`, `sha256` and the `mime`/`port` of
+    /// `meta`). Pulls chunks one at a time (memory bounded whatever the size); publishes atomically; on a
+    /// stream error or if the future is dropped, publishes nothing and leaves no temp object behind. Every
+    /// call gets a fresh unique name.
+    async fn write_blob(&self, meta: &BlobMeta, data: ByteStream) -> Result<CacheRef> {
+        let _ = (meta, data);
+        Err(Error::unsupported("write_blob", self))
+    }
+
+    /// The whole blob behind `reference`, or `None` (unknown, foreign, deleted or malformed).
+    async fn read_blob(&self, reference: &str) -> Result<Option<Bytes>> {
+        let _ = reference;
+        Err(Error::unsupported("read_blob", self))
+    }
+
+    /// A stream over the blob behind `reference` in chunks of at most [`MAX_READ_CHUNK`] bytes, or `None`.
+    /// Dropping the stream releases its handle.
+    async fn open_blob(&self, reference: &str) -> Result<Option<ByteStream>> {
+        let _ = reference;
+        Err(Error::unsupported("open_blob", self))
+    }
+
+    /// Delete the blob behind `reference`. Idempotent and best effort; a ref that is not this backend's
+    /// does nothing.
+    async fn delete_blob(&self, reference: &str) -> Result<()> {
+        let _ = reference;
+        Err(Error::unsupported("delete_blob", self))
+    }
+}
