@@ -791,7 +791,9 @@ fn spawn_readers(
             let (engine, keys, stop) = (engine.clone(), keys.clone(), stop.clone());
             tokio::spawn(async move {
                 let mut hits = 0;
-                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                loop {
+                    // One last full pass after the writers are done, so every reader checks real rows.
+                    let last_pass = stop.load(std::sync::atomic::Ordering::SeqCst);
                     for (task, inputs) in &keys {
                         let Some(value) = engine.get(task, inputs).await? else { continue };
                         hits += 1;
@@ -804,6 +806,9 @@ fn spawn_readers(
                                 "a torn or foreign row: {value}"
                             );
                         }
+                    }
+                    if last_pass {
+                        break;
                     }
                     tokio::task::yield_now().await;
                 }

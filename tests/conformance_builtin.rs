@@ -1,0 +1,23 @@
+//! The whole conformance suite against every built-in backend, one `#[tokio::test]` per case, each on a
+//! fresh backend (the fs ones in their own temp directory, removed afterwards).
+
+mod memory {
+    outcache::conformance_tests!(|| async { outcache::conformance::fixtures::memory() });
+}
+
+mod fs {
+    outcache::conformance_tests!(|| async { outcache::conformance::fixtures::fs_temp() });
+}
+
+mod fs_not_durable {
+    use std::sync::Arc;
+
+    use outcache::backends::fs::{FsCache, FsOptions};
+    use outcache::conformance::Fixture;
+
+    outcache::conformance_tests!(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = FsCache::open(dir.path(), FsOptions::default().durable(false)).unwrap();
+        Fixture::with_guard(Arc::new(cache), dir)
+    });
+}

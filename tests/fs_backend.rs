@@ -1,0 +1,154 @@
+//! What only the filesystem backend can show: files on disk. Stale temps are listed and swept after the
+//! grace period, traversal refs never reach outside the root, garbled rows and damaged blobs give typed
+//! errors instead of wrong data, and an unusable root is refused with its path.
+
+use std::fs;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use outcache::backends::fs::{FsCache, FsOptions};
+use outcache::janitor::{find_orphans, sweep_orphans};
+use outcache::{BlobOptions, BlobState, Cache, CacheRef, Error, OutputCache, RowKey};
+use serde_json::json;
+
+fn open(dir: &std::path::Path) -> Arc<FsCache> {
+    Arc::new(FsCache::open(dir, FsOptions::default()).unwrap())
+}
+
+fn bytes_stream(data: Vec<u8>) -> outcache::ByteStream {
+    futures::stream::iter([Ok(bytes::Bytes::from(data))]).boxed()
+}
+
+async fn put_blob(cache: &Cache, len: usize) -> (CacheRef, Vec<u8>) {
+    let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+    let stored = cache
+        .put_stream("fs/test", &json!({"len": len}), bytes_stream(data.clone()), BlobOptions::default())
+        .await
+        .unwrap();
+    (CacheRef::from_value(&stored).expect("above the threshold"), data)
+}
+
+fn blob_file(root: &std::path::Path, r: &CacheRef) -> std::path::PathBuf {
+    root.join("blobs").join(r.reference.strip_prefix("fsfolder://blobs/").unwrap())
+}
+
+#[tokio::test]
+async fn stale_temps_are_listed_and_swept_only_after_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path());
+    let stale = dir.path().join("tmp/blob-deadbeef.tmp");
+    let fresh = dir.path().join("tmp/blob-inflight.tmp");
+    fs::write(&stale, b"left by a crashed writer").unwrap();
+    fs::write(&fresh, b"being written now").unwrap();
+    let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
+    fs::File::options().write(true).open(&stale).unwrap().set_modified(two_hours_ago).unwrap();
+
+    let listed = cache.list_blobs().await.unwrap();
+    let temps: Vec<&str> = listed.iter().filter(|e| e.state == BlobState::Temp).map(|e| e.id.as_str()).collect();
+    assert_eq!(temps.len(), 2, "{listed:?}");
+
+    let found = find_orphans(cache.as_ref(), Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(found.temps.len(), 1);
+    assert_eq!(found.temps[0].id, "blob-deadbeef.tmp");
+    sweep_orphans(cache.as_ref(), Duration::from_secs(3600), false).await.unwrap();
+    assert!(!stale.exists(), "the stale temp survived");
+    assert!(fresh.exists(), "an in-flight temp was removed");
+}
+
+#[tokio::test]
+async fn traversal_refs_never_reach_outside_the_root() {
+    let parent = tempfile::tempdir().unwrap();
+    let root = parent.path().join("cache");
+    let cache = open(&root);
+    let secret = parent.path().join("secret.bin");
+    fs::write(&secret, b"not the cache's").unwrap();
+    fs::write(root.join("tmp/inside.bin"), b"temp, not a blob").unwrap();
+    let attempts = [
+        "fsfolder://blobs/../../secret.bin",
+        "fsfolder://blobs/../tmp/inside.bin",
+        "fsfolder://blobs/..%2F..%2Fsecret.bin",
+        "fsfolder://blobs/..\\..\\secret.bin",
+    ];
+    let abs = format!("fsfolder://blobs/{}", secret.display());
+    for r in attempts.iter().copied().chain([abs.as_str()]) {
+        assert_eq!(cache.read_blob(r).await.unwrap(), None, "{r}");
+        assert!(cache.open_blob(r).await.unwrap().is_none(), "{r}");
+        cache.delete_blob(r).await.unwrap();
+    }
+    assert_eq!(fs::read(&secret).unwrap(), b"not the cache's");
+    assert!(root.join("tmp/inside.bin").exists());
+    assert!(!cache.remove_temp("../../secret.bin").await.unwrap());
+    assert!(secret.exists());
+}
+
+#[tokio::test]
+async fn a_garbled_row_is_a_typed_error_and_is_left_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path());
+    let key = RowKey::new("fs/rows", &json!({"n": 1})).unwrap();
+    cache.save_row(&key, &json!({"ok": true})).await.unwrap();
+    let row_file = fs::read_dir(dir.path().join("rows/fs%2Frows")).unwrap().next().unwrap().unwrap().path();
+    fs::write(&row_file, b"{\"v\":1,\"task_type\":\"fs/ro").unwrap();
+    match cache.get_row(&key).await {
+        Err(Error::CorruptRow { task_type, fingerprint, .. }) => {
+            assert_eq!((task_type.as_str(), fingerprint.as_str()), ("fs/rows", key.fingerprint()));
+        }
+        other => panic!("expected CorruptRow, got {other:?}"),
+    }
+    assert!(row_file.exists(), "a corrupt row must not be deleted on read");
+    assert!(matches!(cache.list_rows().await, Err(Error::CorruptRow { .. })), "the janitor must stop, not guess");
+}
+
+#[tokio::test]
+async fn a_flipped_byte_or_a_truncated_blob_fails_verification() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::new(open(dir.path()));
+    let (r, data) = put_blob(&cache, 300_000).await;
+    let path = blob_file(dir.path(), &r);
+
+    let mut damaged = data.clone();
+    damaged[150_000] ^= 0x01;
+    fs::write(&path, &damaged).unwrap();
+    assert!(matches!(cache.read(&r).await, Err(Error::Integrity { .. })));
+    let mut stream = cache.open_stream(&r).await.unwrap().unwrap();
+    let mut last = None;
+    while let Some(item) = stream.next().await {
+        last = Some(item);
+    }
+    assert!(matches!(last, Some(Err(Error::Integrity { .. }))), "the stream must end in an error");
+
+    fs::write(&path, &data[..1000]).unwrap();
+    match cache.read(&r).await {
+        Err(Error::Integrity { expected, actual, .. }) => {
+            assert_eq!((expected.as_str(), actual.as_str()), ("size:300000", "size:1000"));
+        }
+        other => panic!("expected an Integrity error, got {other:?}"),
+    }
+    fs::write(&path, [&data[..], b"extra"].concat()).unwrap();
+    assert!(matches!(cache.read(&r).await, Err(Error::Integrity { .. })));
+}
+
+#[tokio::test]
+async fn writes_leave_no_temp_files_and_use_the_fs_ref_form() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::new(open(dir.path()));
+    for n in 0..20 {
+        cache.put("fs/many", &json!({"n": n}), &json!(n)).await.unwrap();
+    }
+    let (r, _) = put_blob(&cache, 100_000).await;
+    assert!(r.reference.starts_with("fsfolder://blobs/fs_test_"), "{}", r.reference);
+    assert!(r.reference.ends_with(".bin"));
+    assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+}
+
+#[test]
+fn an_unusable_root_is_refused_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    fs::write(&file, b"x").unwrap();
+    match FsCache::open(file.join("cache"), FsOptions::default()) {
+        Err(e @ Error::Io { .. }) => assert!(e.to_string().contains("a-file"), "{e}"),
+        other => panic!("expected an Io error, got {other:?}"),
+    }
+}

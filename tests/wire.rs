@@ -1,0 +1,193 @@
+//! The wire formats are the product's contract: golden vectors pin the fingerprint (RFC 8785) so it never
+//! drifts between releases, and the CacheRef / envelope / ref-syntax rules are checked case by case.
+//! Expected fingerprints were computed outside this crate (Python hashlib over the RFC's canonical text).
+
+use outcache::wire::{canonical_json, check_ref_syntax, fingerprint, parse_ref_name, refs_in};
+use outcache::{CacheRef, Error, InlineBinary, RowKey};
+use serde_json::{Value, json};
+
+fn parse(text: &str) -> Value {
+    serde_json::from_str(text).expect("test vector is valid JSON")
+}
+
+/// (input, canonical form, sha256 of the canonical form)
+const GOLDEN: &[(&str, &str, &str)] = &[
+    // RFC 8785 §3.2.2: number forms, string escapes, literals.
+    (
+        r#"{"numbers":[333333333.33333329,1E30,4.50,2e-3,0.000000000000000000000000001],"string":"\u20ac$\u000F\u000aA'\u0042\u0022\u005c\\\"\/","literals":[null,true,false]}"#,
+        r#"{"literals":[null,true,false],"numbers":[333333333.3333333,1e+30,4.5,0.002,1e-27],"string":"€$\u000f\nA'B\"\\\\\"/"}"#,
+        "2d5e01a318d0f0879ab568c4be289c8b1f64ef8921a53c6277d5e069978baacb",
+    ),
+    // RFC 8785 §3.2.3: keys sorted by UTF-16 code units (the emoji's surrogates sort before U+FB33).
+    (
+        r#"{"\u20ac":"Euro Sign","\r":"Carriage Return","\ufb33":"Hebrew Letter Dalet With Dagesh","1":"One","\ud83d\ude00":"Emoji: Grinning Face","\u0080":"Control\u0080","\u00f6":"Latin Small Letter O With Diaeresis"}"#,
+        "{\"\\r\":\"Carriage Return\",\"1\":\"One\",\"\u{80}\":\"Control\u{80}\",\"\u{f6}\":\"Latin Small Letter O With Diaeresis\",\"\u{20ac}\":\"Euro Sign\",\"\u{1f600}\":\"Emoji: Grinning Face\",\"\u{fb33}\":\"Hebrew Letter Dalet With Dagesh\"}",
+        "fa0419490a23b737c2fb22bdd9ed93557c8a8a86a444bf23a9cae7c2547c279a",
+    ),
+    // Nested objects are sorted at every depth (the TypeScript original sorted only the top level).
+    (
+        r#"{ "z": "last", "a": { "c": [ { "e": null, "d": true } ], "b": 1.0 } }"#,
+        r#"{"a":{"b":1,"c":[{"d":true,"e":null}]},"z":"last"}"#,
+        "9c0fb66875527f9582856221a4e28168e5ab19564465b647579a37c90f1df71d",
+    ),
+    ("{ }", "{}", "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"),
+    ("1.0", "1", "6b86b273ff34fce19d6b804eff5a3f5747ada4eaa22f1d49c01e52ddb7875b4b"),
+];
+
+#[test]
+fn fingerprint_matches_golden_vectors() {
+    for (input, canonical, sha) in GOLDEN {
+        let value = parse(input);
+        assert_eq!(canonical_json(&value).unwrap(), *canonical, "canonical form of {input}");
+        assert_eq!(fingerprint(&value).unwrap(), *sha, "fingerprint of {input}");
+    }
+}
+
+#[test]
+fn fingerprint_ignores_key_order_at_every_depth_and_number_spelling() {
+    let a = parse(r#"{"x":{"p":1,"q":[{"m":2.0,"n":"s"}]},"y":1e2}"#);
+    let b = parse(r#"{"y":100,"x":{"q":[{"n":"s","m":2}],"p":1.00}}"#);
+    assert_eq!(fingerprint(&a).unwrap(), fingerprint(&b).unwrap());
+    assert_eq!(RowKey::new("t", &a).unwrap(), RowKey::new("t", &b).unwrap());
+}
+
+#[test]
+fn fingerprint_distinguishes_real_differences() {
+    let pairs = [
+        (json!({"a": 1}), json!({"a": 2})),
+        (json!({"a": 1}), json!({"a": "1"})),
+        (json!([1, 2]), json!([2, 1])),
+        (json!({"a": null}), json!({})),
+        (json!({"a": {"b": 1}}), json!({"a.b": 1})),
+    ];
+    for (x, y) in pairs {
+        assert_ne!(fingerprint(&x).unwrap(), fingerprint(&y).unwrap(), "{x} vs {y}");
+    }
+}
+
+#[test]
+fn row_keys_refuse_bad_parts() {
+    assert!(matches!(RowKey::new("", &json!({})), Err(Error::InvalidInput { .. })));
+    assert!(matches!(RowKey::new("a\nb", &json!({})), Err(Error::InvalidInput { .. })));
+    assert!(RowKey::new(&"x".repeat(1025), &json!({})).is_err());
+    assert!(RowKey::from_parts("t", "../../etc/passwd").is_err());
+    assert!(RowKey::from_parts("t", &"A".repeat(64)).is_err(), "uppercase hex is not canonical");
+    assert!(RowKey::from_parts("t", &"a".repeat(64)).is_ok());
+}
+
+#[test]
+fn cache_ref_requires_the_brand_and_a_string_ref() {
+    assert!(CacheRef::is_ref(&json!({"kind": "task-graph/CacheRef", "$ref": "fsfolder://blobs/a.bin"})));
+    for not_a_ref in [
+        json!({"$ref": "#/definitions/x"}),
+        json!({"kind": "task-graph/cacheref", "$ref": "x://y"}),
+        json!({"kind": "task-graph/CacheRef", "$ref": 5}),
+        json!({"kind": "task-graph/CacheRef"}),
+        json!(["task-graph/CacheRef"]),
+        json!("fsfolder://blobs/a.bin"),
+    ] {
+        assert!(!CacheRef::is_ref(&not_a_ref), "{not_a_ref}");
+        assert_eq!(CacheRef::from_value(&not_a_ref), None);
+    }
+}
+
+#[test]
+fn cache_ref_preserves_unknown_and_mistyped_fields() {
+    let wire = json!({
+        "kind": "task-graph/CacheRef", "$ref": "fsfolder://blobs/a.bin", "size": 12, "mime": "image/png",
+        "port": "out", "sha256": "ab", "future": {"x": [1]}, "size2": "y"
+    });
+    let r = CacheRef::from_value(&wire).unwrap();
+    assert_eq!((r.size, r.mime.as_deref(), r.port.as_deref()), (Some(12), Some("image/png"), Some("out")));
+    assert_eq!(r.to_value(), wire);
+    let odd = json!({"kind": "task-graph/CacheRef", "$ref": "x://y", "size": "twelve"});
+    let r = CacheRef::from_value(&odd).unwrap();
+    assert_eq!(r.size, None);
+    assert_eq!(r.to_value(), odd, "a mistyped size is kept as it was, not dropped");
+}
+
+#[test]
+fn refs_in_finds_branded_refs_at_any_depth_only() {
+    let value = json!({
+        "a": {"kind": "task-graph/CacheRef", "$ref": "m://blobs/1"},
+        "b": [{"deep": {"kind": "task-graph/CacheRef", "$ref": "m://blobs/2"}}],
+        "schema": {"$ref": "#/x"},
+    });
+    let found: Vec<String> = refs_in(&value).into_iter().map(|r| r.reference).collect();
+    assert_eq!(found, ["m://blobs/1", "m://blobs/2"]);
+}
+
+#[test]
+fn envelope_round_trips_bytes_and_mime() {
+    for bytes in [&b""[..], b"\x00", b"hello \xff\xfe binary"] {
+        let env = InlineBinary::encode(bytes, Some("application/x-test"));
+        assert_eq!(env["__binaryPortWire"], 1);
+        assert_eq!(env["size"], bytes.len());
+        let back = InlineBinary::decode(&env).unwrap().unwrap();
+        assert_eq!(&back.bytes[..], bytes);
+        assert_eq!(back.mime.as_deref(), Some("application/x-test"));
+    }
+    let wire = json!({"__binaryPortWire": 1, "base64": "aGk=", "size": 2});
+    assert_eq!(&InlineBinary::decode(&wire).unwrap().unwrap().bytes[..], b"hi");
+}
+
+#[test]
+fn envelope_codec_passes_other_values_through_and_rejects_garbage() {
+    for other in [json!({"kind": "task-graph/CacheRef", "$ref": "x://y"}), json!({"base64": "aGk="}), json!(3)] {
+        assert_eq!(InlineBinary::decode(&other).unwrap(), None, "{other}");
+    }
+    for garbage in [
+        json!({"__binaryPortWire": 1, "base64": "not base64!"}),
+        json!({"__binaryPortWire": 1, "base64": 7}),
+        json!({"__binaryPortWire": 1, "base64": "aGk=", "size": 3}),
+    ] {
+        assert!(matches!(InlineBinary::decode(&garbage), Err(Error::InvalidInput { .. })), "{garbage}");
+    }
+}
+
+#[test]
+fn ref_names_accept_exactly_one_clean_segment() {
+    let p = "fsfolder://blobs/";
+    assert_eq!(parse_ref_name("fsfolder://blobs/a_b-1.bin", p, ".bin"), Some("a_b-1"));
+    for bad in [
+        "fsfolder://blobs/.bin",
+        "fsfolder://blobs/../x.bin",
+        "fsfolder://blobs/a/b.bin",
+        "fsfolder://blobs/a\\b.bin",
+        "fsfolder://blobs/a\0.bin",
+        "fsfolder://blobs/a.b.bin",
+        "fsfolder://blobs//etc/passwd.bin",
+        "fsfolder://blobs/a.bin/",
+        "FSFOLDER://blobs/a.bin",
+        "/abs/a.bin",
+        "memory://blobs/a.bin",
+    ] {
+        assert_eq!(parse_ref_name(bad, p, ".bin"), None, "{bad:?}");
+    }
+    let long = format!("fsfolder://blobs/{}.bin", "a".repeat(201));
+    assert_eq!(parse_ref_name(&long, p, ".bin"), None);
+}
+
+#[test]
+fn ref_syntax_rejects_traversal_and_garbage_handed_in() {
+    assert!(check_ref_syntax("fsfolder://blobs/a.bin").is_ok());
+    assert!(check_ref_syntax("s3://bucket/prefix/blobs/x").is_ok());
+    for bad in [
+        "fsfolder://blobs/../../etc/passwd",
+        "fsfolder://blobs/./x",
+        "fsfolder://blobs//x",
+        "fsfolder:///etc/passwd",
+        "fsfolder://blobs/a b",
+        "fsfolder://blobs/a\\b",
+        "FS://x",
+        "/etc/passwd",
+        "plain",
+    ] {
+        assert!(check_ref_syntax(bad).is_err(), "{bad:?}");
+        assert!(matches!(CacheRef::parse_arg(bad), Err(Error::InvalidRef { .. })), "{bad:?}");
+    }
+    assert!(matches!(CacheRef::parse_arg(r##"{"$ref":"#/x"}"##), Err(Error::InvalidRef { .. })));
+    assert!(matches!(CacheRef::parse_arg("{not json"), Err(Error::InvalidRef { .. })));
+    let r = CacheRef::parse_arg(r#" {"kind":"task-graph/CacheRef","$ref":"fsfolder://blobs/a.bin","size":1} "#).unwrap();
+    assert_eq!((r.reference.as_str(), r.size), ("fsfolder://blobs/a.bin", Some(1)));
+}
