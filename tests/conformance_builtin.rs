@@ -1,6 +1,8 @@
 //! The whole conformance suite against every built-in backend, one `#[tokio::test]` per case, each on a
 //! fresh backend (the fs ones in their own temp directory, removed afterwards).
 
+mod common;
+
 mod memory {
     outcache::conformance_tests!(|| async { outcache::conformance::fixtures::memory() });
 }
@@ -19,5 +21,13 @@ mod fs_not_durable {
         let dir = tempfile::tempdir().unwrap();
         let cache = FsCache::open(dir.path(), FsOptions::default().durable(false)).unwrap();
         Fixture::with_guard(Arc::new(cache), dir)
+    });
+}
+
+/// A backend with only the row store: every blob case must see `Unsupported`, and the engine must fall
+/// back to inline envelopes.
+mod rows_only {
+    outcache::conformance_tests!(|| async {
+        outcache::conformance::Fixture::new(std::sync::Arc::new(super::common::RowsOnly::default()))
     });
 }

@@ -1,0 +1,186 @@
+//! Test-only wrappers over the real memory backend: one that offers only the row store (to exercise
+//! capability gating and the engine's inline fallback), and deliberately broken ones that prove the
+//! conformance suite catches the bugs it names.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use outcache::backends::memory::MemoryCache;
+use outcache::{
+    BlobEntry, BlobMeta, ByteStream, CacheRef, Capabilities, OutputCache, Result, Row, RowEntry, Stats,
+    RowKey,
+};
+use serde_json::Value;
+
+/// The memory backend with every blob capability withheld: the trait's default bodies answer
+/// `Unsupported`.
+#[derive(Debug, Default)]
+pub struct RowsOnly(MemoryCache);
+
+impl std::fmt::Display for RowsOnly {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("rows-only(memory)")
+    }
+}
+
+#[async_trait]
+impl OutputCache for RowsOnly {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::ROWS_ONLY
+    }
+    async fn save_row(&self, key: &RowKey, output: &Value) -> Result<()> {
+        self.0.save_row(key, output).await
+    }
+    async fn get_row(&self, key: &RowKey) -> Result<Option<Row>> {
+        self.0.get_row(key).await
+    }
+    async fn delete_row(&self, key: &RowKey) -> Result<bool> {
+        self.0.delete_row(key).await
+    }
+    async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
+        self.0.delete_prefix(prefix).await
+    }
+    async fn clear_older_than(&self, cutoff: SystemTime) -> Result<u64> {
+        self.0.clear_older_than(cutoff).await
+    }
+    async fn stats(&self) -> Result<Stats> {
+        self.0.stats().await
+    }
+    async fn list_rows(&self) -> Result<Vec<RowEntry>> {
+        self.0.list_rows().await
+    }
+    async fn list_blobs(&self) -> Result<Vec<BlobEntry>> {
+        self.0.list_blobs().await
+    }
+    async fn remove_temp(&self, id: &str) -> Result<bool> {
+        self.0.remove_temp(id).await
+    }
+}
+
+/// One deliberate bug.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bug {
+    /// Claims no blob capabilities but serves them anyway.
+    LiesAboutCapabilities,
+    /// Saves a row only if none exists (first writer wins).
+    FirstWriterWins,
+    /// Ignores the prefix and deletes every row.
+    PrefixDeletesAll,
+    /// Normalises `./` and `../` out of refs before resolving them.
+    ResolvesDotSegments,
+    /// Publishes what it received so far when the producer's stream fails.
+    PublishesPartialBlobs,
+    /// Loses the last chunk of every stream.
+    DropsLastChunk,
+    /// Keeps every chunk it was handed until the write ends (no bounded memory).
+    HoardsChunks,
+}
+
+/// The memory backend with one [`Bug`].
+#[derive(Debug)]
+pub struct Broken {
+    inner: Arc<MemoryCache>,
+    bug: Bug,
+}
+
+impl Broken {
+    pub fn new(bug: Bug) -> Self {
+        Broken { inner: Arc::new(MemoryCache::new()), bug }
+    }
+
+    fn fix_ref(&self, reference: &str) -> String {
+        if self.bug == Bug::ResolvesDotSegments {
+            reference.replace("../", "").replace("./", "")
+        } else {
+            reference.to_owned()
+        }
+    }
+}
+
+impl std::fmt::Display for Broken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "broken({:?})", self.bug)
+    }
+}
+
+#[async_trait]
+impl OutputCache for Broken {
+    fn capabilities(&self) -> Capabilities {
+        match self.bug {
+            Bug::LiesAboutCapabilities => Capabilities::ROWS_ONLY,
+            _ => Capabilities::ALL,
+        }
+    }
+    async fn save_row(&self, key: &RowKey, output: &Value) -> Result<()> {
+        if self.bug == Bug::FirstWriterWins && self.inner.get_row(key).await?.is_some() {
+            return Ok(());
+        }
+        self.inner.save_row(key, output).await
+    }
+    async fn get_row(&self, key: &RowKey) -> Result<Option<Row>> {
+        self.inner.get_row(key).await
+    }
+    async fn delete_row(&self, key: &RowKey) -> Result<bool> {
+        self.inner.delete_row(key).await
+    }
+    async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
+        let prefix = if self.bug == Bug::PrefixDeletesAll { "" } else { prefix };
+        self.inner.delete_prefix(prefix).await
+    }
+    async fn clear_older_than(&self, cutoff: SystemTime) -> Result<u64> {
+        self.inner.clear_older_than(cutoff).await
+    }
+    async fn stats(&self) -> Result<Stats> {
+        self.inner.stats().await
+    }
+    async fn list_rows(&self) -> Result<Vec<RowEntry>> {
+        self.inner.list_rows().await
+    }
+    async fn list_blobs(&self) -> Result<Vec<BlobEntry>> {
+        self.inner.list_blobs().await
+    }
+    async fn remove_temp(&self, id: &str) -> Result<bool> {
+        self.inner.remove_temp(id).await
+    }
+    async fn write_blob(&self, meta: &BlobMeta, mut data: ByteStream) -> Result<CacheRef> {
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut failure = None;
+        while let Some(chunk) = data.next().await {
+            match chunk {
+                Ok(c) => chunks.push(c),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        match (self.bug, failure) {
+            (Bug::PublishesPartialBlobs, Some(e)) => {
+                let partial = futures::stream::iter(chunks.into_iter().map(Ok)).boxed();
+                self.inner.write_blob(meta, partial).await?;
+                Err(e)
+            }
+            (_, Some(e)) => Err(e),
+            (bug, None) => {
+                if bug == Bug::DropsLastChunk {
+                    chunks.pop();
+                }
+                self.inner.write_blob(meta, futures::stream::iter(chunks.into_iter().map(Ok)).boxed()).await
+            }
+        }
+    }
+    async fn read_blob(&self, reference: &str) -> Result<Option<Bytes>> {
+        self.inner.read_blob(&self.fix_ref(reference)).await
+    }
+    async fn open_blob(&self, reference: &str) -> Result<Option<ByteStream>> {
+        self.inner.open_blob(&self.fix_ref(reference)).await
+    }
+    async fn delete_blob(&self, reference: &str) -> Result<()> {
+        self.inner.delete_blob(&self.fix_ref(reference)).await
+    }
+}
