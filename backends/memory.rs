@@ -161,7 +161,10 @@ impl OutputCache for MemoryCache {
                 key: key.clone(),
                 created_at: r.created_at,
                 size: r.size,
-                refs: refs_in(&r.output).into_iter().map(|r| r.reference).collect(),
+                refs: refs_in(&r.output)
+                    .into_iter()
+                    .map(|r| r.reference)
+                    .collect(),
             })
             .collect())
     }
@@ -174,12 +177,15 @@ impl OutputCache for MemoryCache {
             size: b.bytes.len() as u64,
             modified: b.modified,
         });
-        let temps = state.temps.iter().map(|(name, (size, modified))| BlobEntry {
-            id: name.clone(),
-            state: BlobState::Temp,
-            size: *size,
-            modified: *modified,
-        });
+        let temps = state
+            .temps
+            .iter()
+            .map(|(name, (size, modified))| BlobEntry {
+                id: name.clone(),
+                state: BlobState::Temp,
+                size: *size,
+                modified: *modified,
+            });
         Ok(published.chain(temps).collect())
     }
 

@@ -10,9 +10,7 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::support::{
-    FailingRows, LiveBytes, failing_stream, pattern, stalling_stream, stream_of,
-};
+use super::support::{FailingRows, LiveBytes, failing_stream, pattern, stalling_stream, stream_of};
 use super::{CaseResult, Failure};
 use crate::engine::{BlobOptions, Cache, CacheOptions};
 use crate::error::Error;
@@ -39,7 +37,12 @@ enum Cap {
     RefDelete,
 }
 
-const BLOB_CAPS: &[Cap] = &[Cap::StreamWrite, Cap::RefRead, Cap::StreamRefRead, Cap::RefDelete];
+const BLOB_CAPS: &[Cap] = &[
+    Cap::StreamWrite,
+    Cap::RefRead,
+    Cap::StreamRefRead,
+    Cap::RefDelete,
+];
 
 fn has(cache: &Backend, cap: Cap) -> bool {
     let caps = cache.capabilities();
@@ -56,7 +59,10 @@ async fn call(cache: &Backend, cap: Cap) -> crate::Result<()> {
     match cap {
         Cap::StreamWrite => {
             let r = cache
-                .write_blob(&meta("conformance/caps"), stream_of(Bytes::from_static(b"x"), 1))
+                .write_blob(
+                    &meta("conformance/caps"),
+                    stream_of(Bytes::from_static(b"x"), 1),
+                )
                 .await?;
             if cache.capabilities().ref_delete {
                 cache.delete_blob(&r.reference).await?;
@@ -98,7 +104,10 @@ macro_rules! gate {
 }
 
 fn key(task: &str, i: u64) -> Result<RowKey, Failure> {
-    Ok(RowKey::new(task, &json!({ "i": i, "case": "conformance" }))?)
+    Ok(RowKey::new(
+        task,
+        &json!({ "i": i, "case": "conformance" }),
+    )?)
 }
 
 fn meta(task: &str) -> BlobMeta {
@@ -171,7 +180,10 @@ async fn no_temps_soon(cache: &Backend) -> CaseResult {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Err(Failure(format!("{} temp object(s) left behind", temps(cache).await?)))
+    Err(Failure(format!(
+        "{} temp object(s) left behind",
+        temps(cache).await?
+    )))
 }
 
 fn engine(cache: &Backend, threshold: u64) -> Cache {
@@ -189,17 +201,30 @@ pub async fn row_round_trip(cache: Backend) -> CaseResult {
     let output = json!({"answer": 42, "text": "hello"});
     cache.save_row(&k, &output).await?;
     let row = cache.get_row(&k).await?;
-    ensure!(row.as_ref().map(|r| &r.output) == Some(&output), "got {row:?}");
+    ensure!(
+        row.as_ref().map(|r| &r.output) == Some(&output),
+        "got {row:?}"
+    );
     Ok(())
 }
 
 /// Invariant 1: a miss is `Ok(None)`, before and after other rows exist.
 pub async fn row_miss_is_none(cache: Backend) -> CaseResult {
     let missing = key("conformance/row", 404)?;
-    ensure!(cache.get_row(&missing).await?.is_none(), "miss on an empty cache was not None");
-    cache.save_row(&key("conformance/row", 1)?, &json!(1)).await?;
-    cache.save_row(&key("conformance/other", 404)?, &json!(2)).await?;
-    ensure!(cache.get_row(&missing).await?.is_none(), "miss beside other rows was not None");
+    ensure!(
+        cache.get_row(&missing).await?.is_none(),
+        "miss on an empty cache was not None"
+    );
+    cache
+        .save_row(&key("conformance/row", 1)?, &json!(1))
+        .await?;
+    cache
+        .save_row(&key("conformance/other", 404)?, &json!(2))
+        .await?;
+    ensure!(
+        cache.get_row(&missing).await?.is_none(),
+        "miss beside other rows was not None"
+    );
     Ok(())
 }
 
@@ -211,7 +236,12 @@ pub async fn row_overwrite_last_writer_wins(cache: Backend) -> CaseResult {
     }
     let row = cache.get_row(&k).await?.map(|r| r.output);
     ensure!(row == Some(json!({"v": 4})), "got {row:?}");
-    let copies = cache.list_rows().await?.into_iter().filter(|r| r.key == k).count();
+    let copies = cache
+        .list_rows()
+        .await?
+        .into_iter()
+        .filter(|r| r.key == k)
+        .count();
     ensure!(copies == 1, "listing shows {copies} rows for one key");
     Ok(())
 }
@@ -221,17 +251,42 @@ pub async fn row_delete_removes_only_that_row(cache: Backend) -> CaseResult {
     let (a, b) = (key("conformance/row", 1)?, key("conformance/row", 2)?);
     cache.save_row(&a, &json!("a")).await?;
     cache.save_row(&b, &json!("b")).await?;
-    ensure!(cache.delete_row(&a).await?, "delete_row of an existing row returned false");
-    ensure!(cache.get_row(&a).await?.is_none(), "deleted row still readable");
-    ensure!(cache.get_row(&b).await?.is_some(), "deleting a removed another row");
-    ensure!(!cache.delete_row(&a).await?, "second delete_row returned true");
+    ensure!(
+        cache.delete_row(&a).await?,
+        "delete_row of an existing row returned false"
+    );
+    ensure!(
+        cache.get_row(&a).await?.is_none(),
+        "deleted row still readable"
+    );
+    ensure!(
+        cache.get_row(&b).await?.is_some(),
+        "deleting a removed another row"
+    );
+    ensure!(
+        !cache.delete_row(&a).await?,
+        "second delete_row returned true"
+    );
     Ok(())
 }
 
 fn tricky_task_types() -> Vec<String> {
     let mut types: Vec<String> = [
-        "build", "build-", "build_", "session1", "session1-", "a/b", "a_b", "a%2Fb", "a.b", "..",
-        ".", "a b", "ünïcödé/タスク", "UPPER", "upper",
+        "build",
+        "build-",
+        "build_",
+        "session1",
+        "session1-",
+        "a/b",
+        "a_b",
+        "a%2Fb",
+        "a.b",
+        "..",
+        ".",
+        "a b",
+        "ünïcödé/タスク",
+        "UPPER",
+        "upper",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -247,13 +302,24 @@ pub async fn row_keys_are_distinct(cache: Backend) -> CaseResult {
     let inputs = json!({"same": "inputs"});
     let types = tricky_task_types();
     for t in &types {
-        cache.save_row(&RowKey::new(t, &inputs)?, &json!({ "task": t })).await?;
+        cache
+            .save_row(&RowKey::new(t, &inputs)?, &json!({ "task": t }))
+            .await?;
     }
     for t in &types {
-        let got = cache.get_row(&RowKey::new(t, &inputs)?).await?.map(|r| r.output);
-        ensure!(got == Some(json!({ "task": t })), "task type {t:?} read back {got:?}");
+        let got = cache
+            .get_row(&RowKey::new(t, &inputs)?)
+            .await?
+            .map(|r| r.output);
+        ensure!(
+            got == Some(json!({ "task": t })),
+            "task type {t:?} read back {got:?}"
+        );
     }
-    let (one, two) = (RowKey::new("t", &json!({"a": 1}))?, RowKey::new("t", &json!({"a": 2}))?);
+    let (one, two) = (
+        RowKey::new("t", &json!({"a": 1}))?,
+        RowKey::new("t", &json!({"a": 2}))?,
+    );
     cache.save_row(&one, &json!(1)).await?;
     cache.save_row(&two, &json!(2)).await?;
     let got = cache.get_row(&one).await?.map(|r| r.output);
@@ -275,7 +341,10 @@ pub async fn row_output_json_is_preserved(cache: Backend) -> CaseResult {
     let k = key("conformance/json", 1)?;
     cache.save_row(&k, &output).await?;
     let got = cache.get_row(&k).await?.map(|r| r.output);
-    ensure!(got.as_ref() == Some(&output), "stored {output}\nread back {got:?}");
+    ensure!(
+        got.as_ref() == Some(&output),
+        "stored {output}\nread back {got:?}"
+    );
     Ok(())
 }
 
@@ -285,7 +354,10 @@ pub async fn row_created_at_is_recent(cache: Backend) -> CaseResult {
     let before = SystemTime::now() - Duration::from_secs(60);
     cache.save_row(&k, &json!(1)).await?;
     let after = SystemTime::now() + Duration::from_secs(60);
-    let row = cache.get_row(&k).await?.ok_or(Failure("row missing".into()))?;
+    let row = cache
+        .get_row(&k)
+        .await?
+        .ok_or(Failure("row missing".into()))?;
     ensure!(
         row.created_at > before && row.created_at < after,
         "created_at {:?} is not near now",
@@ -302,7 +374,11 @@ pub async fn stream_empty_blob(cache: Backend) -> CaseResult {
     let data = Bytes::new();
     let r = write(&cache, &data, 1).await?;
     ensure!(r.size == Some(0), "size {:?}", r.size);
-    ensure!(r.sha256.as_deref() == Some(sha256_hex(b"").as_str()), "sha256 {:?}", r.sha256);
+    ensure!(
+        r.sha256.as_deref() == Some(sha256_hex(b"").as_str()),
+        "sha256 {:?}",
+        r.sha256
+    );
     check_blob(&cache, &r, &data).await
 }
 
@@ -321,7 +397,10 @@ pub async fn stream_multi_chunk(cache: Backend) -> CaseResult {
     let data = pattern(3 * 1024 * 1024 + 7, 11);
     let r = write(&cache, &data, 65_537).await?;
     ensure!(r.size == Some(data.len() as u64), "size {:?}", r.size);
-    ensure!(r.sha256.as_deref() == Some(sha256_hex(&data).as_str()), "sha256 mismatch");
+    ensure!(
+        r.sha256.as_deref() == Some(sha256_hex(&data).as_str()),
+        "sha256 mismatch"
+    );
     check_blob(&cache, &r, &data).await
 }
 
@@ -336,13 +415,20 @@ pub async fn stream_large_blob_bounded_memory(cache: Backend) -> CaseResult {
     let r = cache.write_blob(&meta("conformance/large"), stream).await?;
     let size = (COUNT * CHUNK) as u64;
     ensure!(r.size == Some(size), "size {:?}, expected {size}", r.size);
-    ensure!(r.sha256.as_deref() == Some(expected_sha.as_str()), "sha256 {:?}", r.sha256);
+    ensure!(
+        r.sha256.as_deref() == Some(expected_sha.as_str()),
+        "sha256 {:?}",
+        r.sha256
+    );
     ensure!(
         live.peak() <= 24 << 20,
         "{} MiB of the producer's chunks were alive at once",
         live.peak() >> 20
     );
-    let mut stream = cache.open_blob(&r.reference).await?.ok_or(Failure("blob missing".into()))?;
+    let mut stream = cache
+        .open_blob(&r.reference)
+        .await?
+        .ok_or(Failure("blob missing".into()))?;
     let (mut hasher, mut read) = (Sha256::new(), 0u64);
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;
@@ -351,7 +437,10 @@ pub async fn stream_large_blob_bounded_memory(cache: Backend) -> CaseResult {
     }
     drop(stream);
     ensure!(read == size, "read back {read} bytes");
-    ensure!(crate::wire::hex(&hasher.finalize()) == expected_sha, "read back other bytes");
+    ensure!(
+        crate::wire::hex(&hasher.finalize()) == expected_sha,
+        "read back other bytes"
+    );
     cache.delete_blob(&r.reference).await?;
     Ok(())
 }
@@ -369,10 +458,20 @@ pub async fn stream_records_size_mime_port_sha256(cache: Backend) -> CaseResult 
     ensure!(r.size == Some(100_000), "size {:?}", r.size);
     ensure!(r.mime.as_deref() == Some("image/png"), "mime {:?}", r.mime);
     ensure!(r.port.as_deref() == Some("thumbnail"), "port {:?}", r.port);
-    ensure!(r.sha256.as_deref() == Some(sha256_hex(&data).as_str()), "sha256 {:?}", r.sha256);
+    ensure!(
+        r.sha256.as_deref() == Some(sha256_hex(&data).as_str()),
+        "sha256 {:?}",
+        r.sha256
+    );
     let wire = r.to_value();
-    ensure!(CacheRef::is_ref(&wire), "to_value is not a branded ref: {wire}");
-    ensure!(CacheRef::from_value(&wire).as_ref() == Some(&r), "ref changed in a JSON round trip");
+    ensure!(
+        CacheRef::is_ref(&wire),
+        "to_value is not a branded ref: {wire}"
+    );
+    ensure!(
+        CacheRef::from_value(&wire).as_ref() == Some(&r),
+        "ref changed in a JSON round trip"
+    );
     check_blob(&cache, &r, &data).await
 }
 
@@ -381,11 +480,18 @@ pub async fn stream_read_chunks_are_bounded(cache: Backend) -> CaseResult {
     gate!(cache, BLOB_CAPS);
     let data = pattern(5 * MAX_READ_CHUNK / 2, 5);
     let r = write(&cache, &data, 3 * MAX_READ_CHUNK).await?;
-    let mut stream = cache.open_blob(&r.reference).await?.ok_or(Failure("blob missing".into()))?;
+    let mut stream = cache
+        .open_blob(&r.reference)
+        .await?
+        .ok_or(Failure("blob missing".into()))?;
     let mut got = Vec::new();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;
-        ensure!(chunk.len() <= MAX_READ_CHUNK, "a chunk of {} bytes", chunk.len());
+        ensure!(
+            chunk.len() <= MAX_READ_CHUNK,
+            "a chunk of {} bytes",
+            chunk.len()
+        );
         got.extend_from_slice(&chunk);
     }
     ensure!(got == data, "streamed bytes differ");
@@ -399,7 +505,10 @@ pub async fn stream_names_are_unique(cache: Backend) -> CaseResult {
     let ra = write(&cache, &a, 100).await?;
     let rb = write(&cache, &b, 100).await?;
     let rc = write(&cache, &a, 100).await?;
-    ensure!(ra.reference != rb.reference && ra.reference != rc.reference, "names repeat: {ra:?} {rb:?} {rc:?}");
+    ensure!(
+        ra.reference != rb.reference && ra.reference != rc.reference,
+        "names repeat: {ra:?} {rb:?} {rc:?}"
+    );
     check_blob(&cache, &ra, &a).await?;
     check_blob(&cache, &rb, &b).await?;
     check_blob(&cache, &rc, &a).await
@@ -414,14 +523,21 @@ pub async fn failed_stream_publishes_nothing(cache: Backend) -> CaseResult {
     let data = pattern(3 << 20, 9);
     for fail_at in [0, 1, 100_000, 3 << 20] {
         let result = cache
-            .write_blob(&meta("conformance/fail"), failing_stream(data.clone(), 65_536, fail_at))
+            .write_blob(
+                &meta("conformance/fail"),
+                failing_stream(data.clone(), 65_536, fail_at),
+            )
             .await;
         match result {
             Err(e @ Error::Stream { .. }) => ensure!(
                 e.to_string().contains("injected producer failure"),
                 "the error lost its cause: {e}"
             ),
-            other => return Err(Failure(format!("failing at {fail_at}: expected a Stream error, got {other:?}"))),
+            other => {
+                return Err(Failure(format!(
+                    "failing at {fail_at}: expected a Stream error, got {other:?}"
+                )));
+            }
         }
         let blobs = published(&cache).await?;
         ensure!(blobs.is_empty(), "failing at {fail_at} published {blobs:?}");
@@ -434,10 +550,7 @@ pub async fn failed_stream_publishes_nothing(cache: Backend) -> CaseResult {
 pub async fn dropped_write_publishes_nothing(cache: Backend) -> CaseResult {
     gate!(cache, &[Cap::StreamWrite]);
     let m = meta("conformance/drop");
-    let write = cache.write_blob(
-        &m,
-        stalling_stream(pattern(2 << 20, 4), 256 * 1024),
-    );
+    let write = cache.write_blob(&m, stalling_stream(pattern(2 << 20, 4), 256 * 1024));
     let result = tokio::time::timeout(Duration::from_millis(300), write).await;
     ensure!(result.is_err(), "a stalled stream finished: {result:?}");
     let blobs = published(&cache).await?;
@@ -452,18 +565,27 @@ pub async fn in_flight_write_is_not_published(cache: Backend) -> CaseResult {
         let cache = cache.clone();
         tokio::spawn(async move {
             cache
-                .write_blob(&meta("conformance/inflight"), stalling_stream(pattern(1 << 20, 8), 65_536))
+                .write_blob(
+                    &meta("conformance/inflight"),
+                    stalling_stream(pattern(1 << 20, 8), 65_536),
+                )
                 .await
         })
     };
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(30)).await;
         let blobs = published(&cache).await?;
-        ensure!(blobs.is_empty(), "a partial write is visible as published: {blobs:?}");
+        ensure!(
+            blobs.is_empty(),
+            "a partial write is visible as published: {blobs:?}"
+        );
     }
     writer.abort();
     let _ = writer.await;
-    ensure!(published(&cache).await?.is_empty(), "an aborted write was published");
+    ensure!(
+        published(&cache).await?.is_empty(),
+        "an aborted write was published"
+    );
     no_temps_soon(&cache).await
 }
 
@@ -484,9 +606,16 @@ pub async fn unknown_ref_is_none(cache: Backend) -> CaseResult {
     gate!(cache, BLOB_CAPS);
     let data = pattern(1000, 1);
     let r = write(&cache, &data, 100).await?;
-    let unknown = mutate_last_hex_digit(&r.reference).ok_or(Failure(format!("cannot mutate {}", r.reference)))?;
-    ensure!(cache.read_blob(&unknown).await?.is_none(), "{unknown} resolved");
-    ensure!(cache.open_blob(&unknown).await?.is_none(), "{unknown} opened");
+    let unknown = mutate_last_hex_digit(&r.reference)
+        .ok_or(Failure(format!("cannot mutate {}", r.reference)))?;
+    ensure!(
+        cache.read_blob(&unknown).await?.is_none(),
+        "{unknown} resolved"
+    );
+    ensure!(
+        cache.open_blob(&unknown).await?.is_none(),
+        "{unknown} opened"
+    );
     cache.delete_blob(&unknown).await?;
     check_blob(&cache, &r, &data).await
 }
@@ -496,12 +625,18 @@ pub async fn foreign_refs_never_resolve(cache: Backend) -> CaseResult {
     gate!(cache, BLOB_CAPS);
     let data = pattern(1000, 1);
     let r = write(&cache, &data, 100).await?;
-    let rest = r.reference.split_once("://").map(|(_, rest)| rest.to_owned()).unwrap_or_default();
-    let mut foreign: Vec<String> = ["other", "s3", "sqlite", "memory", "fsfolder", "file", "http"]
-        .iter()
-        .map(|scheme| format!("{scheme}://{rest}"))
-        .filter(|f| *f != r.reference)
-        .collect();
+    let rest = r
+        .reference
+        .split_once("://")
+        .map(|(_, rest)| rest.to_owned())
+        .unwrap_or_default();
+    let mut foreign: Vec<String> = [
+        "other", "s3", "sqlite", "memory", "fsfolder", "file", "http",
+    ]
+    .iter()
+    .map(|scheme| format!("{scheme}://{rest}"))
+    .filter(|f| *f != r.reference)
+    .collect();
     foreign.extend([
         "fsfolder://blobs/never-written_0000.bin".to_owned(),
         "memory://blobs/00000000000000000000000000000000".to_owned(),
@@ -509,8 +644,14 @@ pub async fn foreign_refs_never_resolve(cache: Backend) -> CaseResult {
         "sqlite://blobs/1".to_owned(),
     ]);
     for f in &foreign {
-        ensure!(cache.read_blob(f).await?.is_none(), "foreign ref {f:?} resolved");
-        ensure!(cache.open_blob(f).await?.is_none(), "foreign ref {f:?} opened");
+        ensure!(
+            cache.read_blob(f).await?.is_none(),
+            "foreign ref {f:?} resolved"
+        );
+        ensure!(
+            cache.open_blob(f).await?.is_none(),
+            "foreign ref {f:?} opened"
+        );
     }
     check_blob(&cache, &r, &data).await
 }
@@ -566,8 +707,14 @@ pub async fn malformed_refs_never_resolve(cache: Backend) -> CaseResult {
     let data = pattern(1000, 1);
     let r = write(&cache, &data, 100).await?;
     for bad in malformed_refs(&r.reference) {
-        ensure!(cache.read_blob(&bad).await?.is_none(), "malformed ref {bad:?} resolved");
-        ensure!(cache.open_blob(&bad).await?.is_none(), "malformed ref {bad:?} opened");
+        ensure!(
+            cache.read_blob(&bad).await?.is_none(),
+            "malformed ref {bad:?} resolved"
+        );
+        ensure!(
+            cache.open_blob(&bad).await?.is_none(),
+            "malformed ref {bad:?} opened"
+        );
     }
     Ok(())
 }
@@ -582,7 +729,10 @@ pub async fn malformed_refs_never_delete(cache: Backend) -> CaseResult {
         cache.delete_blob(&bad).await?;
     }
     let after = published(&cache).await?.len();
-    ensure!(before == after, "{before} blobs before, {after} after deleting malformed refs");
+    ensure!(
+        before == after,
+        "{before} blobs before, {after} after deleting malformed refs"
+    );
     check_blob(&cache, &r, &data).await
 }
 
@@ -592,8 +742,14 @@ pub async fn ref_delete_is_idempotent(cache: Backend) -> CaseResult {
     let r = write(&cache, &pattern(5000, 1), 1000).await?;
     cache.delete_blob(&r.reference).await?;
     cache.delete_blob(&r.reference).await?;
-    ensure!(cache.read_blob(&r.reference).await?.is_none(), "deleted blob still reads");
-    ensure!(cache.open_blob(&r.reference).await?.is_none(), "deleted blob still opens");
+    ensure!(
+        cache.read_blob(&r.reference).await?.is_none(),
+        "deleted blob still reads"
+    );
+    ensure!(
+        cache.open_blob(&r.reference).await?.is_none(),
+        "deleted blob still opens"
+    );
     Ok(())
 }
 
@@ -608,7 +764,10 @@ pub async fn ref_delete_touches_only_its_blob(cache: Backend) -> CaseResult {
     cache.delete_blob(&refs[1].reference).await?;
     check_blob(&cache, &refs[0], &datas[0]).await?;
     check_blob(&cache, &refs[2], &datas[2]).await?;
-    ensure!(cache.read_blob(&refs[1].reference).await?.is_none(), "deleted blob still reads");
+    ensure!(
+        cache.read_blob(&refs[1].reference).await?.is_none(),
+        "deleted blob still reads"
+    );
     Ok(())
 }
 
@@ -617,13 +776,19 @@ pub async fn dropped_read_stream_releases_blob(cache: Backend) -> CaseResult {
     gate!(cache, BLOB_CAPS);
     let data = pattern(3 * MAX_READ_CHUNK, 2);
     let r = write(&cache, &data, MAX_READ_CHUNK).await?;
-    let mut stream = cache.open_blob(&r.reference).await?.ok_or(Failure("blob missing".into()))?;
+    let mut stream = cache
+        .open_blob(&r.reference)
+        .await?
+        .ok_or(Failure("blob missing".into()))?;
     let first = stream.next().await.transpose()?;
     ensure!(first.is_some_and(|c| !c.is_empty()), "first chunk empty");
     drop(stream);
     check_blob(&cache, &r, &data).await?;
     cache.delete_blob(&r.reference).await?;
-    ensure!(cache.read_blob(&r.reference).await?.is_none(), "blob survived delete after a dropped read");
+    ensure!(
+        cache.read_blob(&r.reference).await?.is_none(),
+        "blob survived delete after a dropped read"
+    );
     Ok(())
 }
 
@@ -644,9 +809,18 @@ pub async fn delete_row_cascades_to_blobs(cache: Backend) -> CaseResult {
     let (k, r) = row_with_blob(&cache, "conformance/cascade", 1).await?;
     let (k2, r2) = row_with_blob(&cache, "conformance/cascade", 2).await?;
     ensure!(cache.delete_row(&k).await?, "delete_row returned false");
-    ensure!(cache.read_blob(&r.reference).await?.is_none(), "the deleted row's blob survived");
-    ensure!(cache.read_blob(&r2.reference).await?.is_some(), "another row's blob was deleted");
-    ensure!(cache.get_row(&k2).await?.is_some(), "another row was deleted");
+    ensure!(
+        cache.read_blob(&r.reference).await?.is_none(),
+        "the deleted row's blob survived"
+    );
+    ensure!(
+        cache.read_blob(&r2.reference).await?.is_some(),
+        "another row's blob was deleted"
+    );
+    ensure!(
+        cache.get_row(&k2).await?.is_some(),
+        "another row was deleted"
+    );
     Ok(())
 }
 
@@ -659,17 +833,35 @@ pub async fn delete_prefix_cascades_to_blobs(cache: Backend) -> CaseResult {
     let n = cache.delete_prefix("img/").await?;
     ensure!(n == 2, "delete_prefix(img/) removed {n} rows, expected 2");
     for r in [&a, &b] {
-        ensure!(cache.read_blob(&r.reference).await?.is_none(), "blob {} survived", r.reference);
+        ensure!(
+            cache.read_blob(&r.reference).await?.is_none(),
+            "blob {} survived",
+            r.reference
+        );
     }
-    ensure!(cache.get_row(&kc).await?.is_some(), "a row outside the prefix was deleted");
-    ensure!(cache.read_blob(&c.reference).await?.is_some(), "a blob outside the prefix was deleted");
+    ensure!(
+        cache.get_row(&kc).await?.is_some(),
+        "a row outside the prefix was deleted"
+    );
+    ensure!(
+        cache.read_blob(&c.reference).await?.is_some(),
+        "a blob outside the prefix was deleted"
+    );
     Ok(())
 }
 
 /// Invariant 6: prefixes are plain string prefixes of the task type (no sanitising merges, no
 /// directory semantics), and `""` matches everything.
 pub async fn delete_prefix_respects_boundaries(cache: Backend) -> CaseResult {
-    let types = ["build", "build-x", "buildx", "build/y", "session1", "session1-", "other"];
+    let types = [
+        "build",
+        "build-x",
+        "buildx",
+        "build/y",
+        "session1",
+        "session1-",
+        "other",
+    ];
     for t in types {
         cache.save_row(&key(t, 1)?, &json!(t)).await?;
     }
@@ -683,15 +875,27 @@ pub async fn delete_prefix_respects_boundaries(cache: Backend) -> CaseResult {
         names.sort();
         Ok::<_, Failure>(names)
     };
-    ensure!(cache.delete_prefix("build-").await? == 1, "build- matched other than build-x");
-    ensure!(cache.delete_prefix("session1-").await? == 1, "session1- matched other than session1-");
+    ensure!(
+        cache.delete_prefix("build-").await? == 1,
+        "build- matched other than build-x"
+    );
+    ensure!(
+        cache.delete_prefix("session1-").await? == 1,
+        "session1- matched other than session1-"
+    );
     let left = remaining(cache.clone()).await?;
     ensure!(
         left == ["build", "build/y", "buildx", "other", "session1"],
         "left after two prefix deletes: {left:?}"
     );
-    ensure!(cache.delete_prefix("build").await? == 3, "build did not match its three");
-    ensure!(cache.delete_prefix("").await? == 2, "\"\" did not match the last two");
+    ensure!(
+        cache.delete_prefix("build").await? == 3,
+        "build did not match its three"
+    );
+    ensure!(
+        cache.delete_prefix("").await? == 2,
+        "\"\" did not match the last two"
+    );
     let left = remaining(cache.clone()).await?;
     ensure!(left.is_empty(), "left after deleting everything: {left:?}");
     Ok(())
@@ -707,10 +911,22 @@ pub async fn clear_older_than_cascades_and_spares_newer(cache: Backend) -> CaseR
     let (new_key, new_ref) = row_with_blob(&cache, "conformance/age", 2).await?;
     let n = cache.clear_older_than(cutoff).await?;
     ensure!(n == 1, "clear_older_than removed {n} rows, expected 1");
-    ensure!(cache.get_row(&old_key).await?.is_none(), "the old row survived");
-    ensure!(cache.read_blob(&old_ref.reference).await?.is_none(), "the old row's blob survived");
-    ensure!(cache.get_row(&new_key).await?.is_some(), "the new row was removed");
-    ensure!(cache.read_blob(&new_ref.reference).await?.is_some(), "the new row's blob was removed");
+    ensure!(
+        cache.get_row(&old_key).await?.is_none(),
+        "the old row survived"
+    );
+    ensure!(
+        cache.read_blob(&old_ref.reference).await?.is_none(),
+        "the old row's blob survived"
+    );
+    ensure!(
+        cache.get_row(&new_key).await?.is_some(),
+        "the new row was removed"
+    );
+    ensure!(
+        cache.read_blob(&new_ref.reference).await?.is_some(),
+        "the new row's blob was removed"
+    );
     Ok(())
 }
 
@@ -723,17 +939,32 @@ pub async fn row_commit_failure_removes_blob(cache: Backend) -> CaseResult {
     let failing: Backend = Arc::new(FailingRows::new(cache.clone(), true));
     let engine = engine(&failing, 1024);
     let result = engine
-        .put_stream("conformance/orphan", &json!({"n": 1}), stream_of(pattern(200_000, 1), 8192), BlobOptions::default())
+        .put_stream(
+            "conformance/orphan",
+            &json!({"n": 1}),
+            stream_of(pattern(200_000, 1), 8192),
+            BlobOptions::default(),
+        )
         .await;
     match result {
         Err(Error::Backend { ref context, .. }) if context.contains("save row") => {}
-        other => return Err(Failure(format!("expected the injected commit error, got {other:?}"))),
+        other => {
+            return Err(Failure(format!(
+                "expected the injected commit error, got {other:?}"
+            )));
+        }
     }
     let blobs = published(&cache).await?;
-    ensure!(blobs.is_empty(), "the orphaned blob is still there: {blobs:?}");
+    ensure!(
+        blobs.is_empty(),
+        "the orphaned blob is still there: {blobs:?}"
+    );
     no_temps_soon(&cache).await?;
     ensure!(
-        engine.get("conformance/orphan", &json!({"n": 1})).await?.is_none(),
+        engine
+            .get("conformance/orphan", &json!({"n": 1}))
+            .await?
+            .is_none(),
         "a row exists after its commit failed"
     );
     Ok(())
@@ -752,9 +983,16 @@ pub async fn janitor_sees_unreferenced_blob(cache: Backend) -> CaseResult {
     );
     let sweep = find_orphans(cache.as_ref(), Duration::ZERO).await?;
     let found: Vec<&str> = sweep.blobs.iter().map(|b| b.id.as_str()).collect();
-    ensure!(found == [orphan.reference.as_str()], "orphans found: {found:?}");
+    ensure!(
+        found == [orphan.reference.as_str()],
+        "orphans found: {found:?}"
+    );
     let sweep = find_orphans(cache.as_ref(), Duration::from_secs(3600)).await?;
-    ensure!(sweep.blobs.is_empty(), "a fresh blob was not spared by the grace period: {:?}", sweep.blobs);
+    ensure!(
+        sweep.blobs.is_empty(),
+        "a fresh blob was not spared by the grace period: {:?}",
+        sweep.blobs
+    );
     Ok(())
 }
 
@@ -764,13 +1002,29 @@ pub async fn janitor_sweep_keeps_referenced_blobs(cache: Backend) -> CaseResult 
     let (k, kept) = row_with_blob(&cache, "conformance/janitor", 1).await?;
     let orphan = write(&cache, &pattern(4000, 2), 1000).await?;
     let dry = sweep_orphans(cache.as_ref(), Duration::ZERO, true).await?;
-    ensure!(dry.blobs.len() == 1 && dry.dry_run, "dry run found {:?}", dry.blobs);
-    ensure!(cache.read_blob(&orphan.reference).await?.is_some(), "a dry run deleted the orphan");
+    ensure!(
+        dry.blobs.len() == 1 && dry.dry_run,
+        "dry run found {:?}",
+        dry.blobs
+    );
+    ensure!(
+        cache.read_blob(&orphan.reference).await?.is_some(),
+        "a dry run deleted the orphan"
+    );
     let real = sweep_orphans(cache.as_ref(), Duration::ZERO, false).await?;
     ensure!(real.blobs.len() == 1, "sweep removed {:?}", real.blobs);
-    ensure!(cache.read_blob(&orphan.reference).await?.is_none(), "the orphan survived the sweep");
-    ensure!(cache.read_blob(&kept.reference).await?.is_some(), "the sweep removed a referenced blob");
-    ensure!(cache.get_row(&k).await?.is_some(), "the sweep removed a row");
+    ensure!(
+        cache.read_blob(&orphan.reference).await?.is_none(),
+        "the orphan survived the sweep"
+    );
+    ensure!(
+        cache.read_blob(&kept.reference).await?.is_some(),
+        "the sweep removed a referenced blob"
+    );
+    ensure!(
+        cache.get_row(&k).await?.is_some(),
+        "the sweep removed a row"
+    );
     Ok(())
 }
 
@@ -795,11 +1049,17 @@ fn spawn_readers(
                     // One last full pass after the writers are done, so every reader checks real rows.
                     let last_pass = stop.load(std::sync::atomic::Ordering::SeqCst);
                     for (task, inputs) in &keys {
-                        let Some(value) = engine.get(task, inputs).await? else { continue };
+                        let Some(value) = engine.get(task, inputs).await? else {
+                            continue;
+                        };
                         hits += 1;
                         if let Some(r) = CacheRef::from_value(&value) {
                             let bytes = engine.read(&r).await?;
-                            ensure!(bytes.is_some(), "a committed row's ref {} does not resolve", r.reference);
+                            ensure!(
+                                bytes.is_some(),
+                                "a committed row's ref {} does not resolve",
+                                r.reference
+                            );
                         } else {
                             ensure!(
                                 InlineBinary::decode(&value)?.is_some(),
@@ -818,10 +1078,15 @@ fn spawn_readers(
         .collect()
 }
 
-async fn join_all<T>(handles: Vec<tokio::task::JoinHandle<Result<T, Failure>>>) -> Result<Vec<T>, Failure> {
+async fn join_all<T>(
+    handles: Vec<tokio::task::JoinHandle<Result<T, Failure>>>,
+) -> Result<Vec<T>, Failure> {
     let mut out = Vec::new();
     for h in handles {
-        out.push(h.await.map_err(|e| Failure(format!("task panicked: {e}")))??);
+        out.push(
+            h.await
+                .map_err(|e| Failure(format!("task panicked: {e}")))??,
+        );
     }
     Ok(out)
 }
@@ -836,7 +1101,10 @@ async fn run_writers(
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let keys: Vec<(String, Value)> = {
         let mut seen = HashSet::new();
-        (0..WRITERS).map(&key_of).filter(|k| seen.insert(k.clone())).collect()
+        (0..WRITERS)
+            .map(&key_of)
+            .filter(|k| seen.insert(k.clone()))
+            .collect()
     };
     let readers = spawn_readers(&engine(cache, 1024), keys, stop.clone());
     let writers: Vec<_> = (0..WRITERS)
@@ -848,11 +1116,17 @@ async fn run_writers(
                 for i in 0..WRITES_EACH {
                     let data = pattern(64 * 1024 + (w * 977 + i * 131) as usize, w * 100 + i);
                     let result = engine
-                        .put_stream(&task, &inputs, stream_of(data.clone(), 16 * 1024), BlobOptions::default())
+                        .put_stream(
+                            &task,
+                            &inputs,
+                            stream_of(data.clone(), 16 * 1024),
+                            BlobOptions::default(),
+                        )
                         .await;
                     match result {
                         Ok(output) => done.push((task.clone(), inputs.clone(), output, data)),
-                        Err(Error::Backend { ref context, .. }) if context.contains("save row") => {}
+                        Err(Error::Backend { ref context, .. }) if context.contains("save row") => {
+                        }
                         Err(e) => return Err(Failure::from(e)),
                     }
                 }
@@ -876,7 +1150,10 @@ async fn check_written(cache: &Backend, written: &[(String, Value, Value, Bytes)
             Some(r) => engine.read(&r).await?,
             None => InlineBinary::decode(output)?.map(|b| b.bytes),
         };
-        ensure!(bytes.as_ref() == Some(data), "output {output} does not read back its bytes");
+        ensure!(
+            bytes.as_ref() == Some(data),
+            "output {output} does not read back its bytes"
+        );
     }
     Ok(())
 }
@@ -890,11 +1167,20 @@ pub async fn concurrent_writers_same_key(cache: Backend) -> CaseResult {
         |_| cache.clone(),
     )
     .await?;
-    ensure!(written.len() as u64 == WRITERS * WRITES_EACH, "only {} writes succeeded", written.len());
+    ensure!(
+        written.len() as u64 == WRITERS * WRITES_EACH,
+        "only {} writes succeeded",
+        written.len()
+    );
     check_written(&cache, &written).await?;
-    let last = cache.get_row(&RowKey::new("conformance/race", &json!({"key": "same"}))?).await?;
+    let last = cache
+        .get_row(&RowKey::new("conformance/race", &json!({"key": "same"}))?)
+        .await?;
     let last = last.ok_or(Failure("no row after the race".into()))?.output;
-    ensure!(written.iter().any(|(_, _, o, _)| *o == last), "the final row is no writer's output: {last}");
+    ensure!(
+        written.iter().any(|(_, _, o, _)| *o == last),
+        "the final row is no writer's output: {last}"
+    );
     Ok(())
 }
 
@@ -906,15 +1192,32 @@ pub async fn concurrent_writers_different_keys(cache: Backend) -> CaseResult {
         |_| cache.clone(),
     )
     .await?;
-    ensure!(written.len() as u64 == WRITERS * WRITES_EACH, "only {} writes succeeded", written.len());
+    ensure!(
+        written.len() as u64 == WRITERS * WRITES_EACH,
+        "only {} writes succeeded",
+        written.len()
+    );
     check_written(&cache, &written).await?;
     let engine = engine(&cache, 1024);
     for w in 0..WRITERS {
         let inputs = json!({ "key": w });
-        let last = written.iter().rev().find(|(_, i, _, _)| *i == inputs).map(|(_, _, o, _)| o.clone());
-        let row = cache.get_row(&RowKey::new("conformance/race", &inputs)?).await?.map(|r| r.output);
-        ensure!(row == last, "key {w} holds {row:?}, its writer last wrote {last:?}");
-        ensure!(engine.get("conformance/race", &inputs).await?.is_some(), "key {w} misses");
+        let last = written
+            .iter()
+            .rev()
+            .find(|(_, i, _, _)| *i == inputs)
+            .map(|(_, _, o, _)| o.clone());
+        let row = cache
+            .get_row(&RowKey::new("conformance/race", &inputs)?)
+            .await?
+            .map(|r| r.output);
+        ensure!(
+            row == last,
+            "key {w} holds {row:?}, its writer last wrote {last:?}"
+        );
+        ensure!(
+            engine.get("conformance/race", &inputs).await?.is_some(),
+            "key {w} misses"
+        );
     }
     Ok(())
 }
@@ -926,10 +1229,20 @@ pub async fn concurrent_cleanup_spares_other_writers(cache: Backend) -> CaseResu
     let written = run_writers(
         &cache,
         |w| ("conformance/race".into(), json!({ "key": w % 4 })),
-        |w| if w % 2 == 0 { failing.clone() } else { cache.clone() },
+        |w| {
+            if w % 2 == 0 {
+                failing.clone()
+            } else {
+                cache.clone()
+            }
+        },
     )
     .await?;
-    ensure!(written.len() as u64 == WRITERS / 2 * WRITES_EACH, "{} writes succeeded", written.len());
+    ensure!(
+        written.len() as u64 == WRITERS / 2 * WRITES_EACH,
+        "{} writes succeeded",
+        written.len()
+    );
     check_written(&cache, &written).await?;
     if has(&cache, Cap::StreamWrite) {
         let refs: HashSet<String> = written
@@ -937,7 +1250,12 @@ pub async fn concurrent_cleanup_spares_other_writers(cache: Backend) -> CaseResu
             .filter_map(|(_, _, o, _)| CacheRef::from_value(o).map(|r| r.reference))
             .collect();
         let blobs: HashSet<String> = published(&cache).await?.into_iter().collect();
-        ensure!(blobs == refs, "blobs left {} differ from successful refs {}", blobs.len(), refs.len());
+        ensure!(
+            blobs == refs,
+            "blobs left {} differ from successful refs {}",
+            blobs.len(),
+            refs.len()
+        );
     }
     Ok(())
 }
@@ -951,7 +1269,9 @@ pub async fn capabilities_are_truthful(cache: Backend) -> CaseResult {
         match (has(&cache, *cap), result) {
             (true, Ok(())) | (false, Err(Error::Unsupported { .. })) => {}
             (claimed, other) => {
-                return Err(Failure(format!("{cap:?} claimed={claimed} but the call returned {other:?}")));
+                return Err(Failure(format!(
+                    "{cap:?} claimed={claimed} but the call returned {other:?}"
+                )));
             }
         }
     }
@@ -961,9 +1281,16 @@ pub async fn capabilities_are_truthful(cache: Backend) -> CaseResult {
 /// Stats count rows and blobs and their bytes.
 pub async fn stats_count_rows_and_blobs(cache: Backend) -> CaseResult {
     let empty = cache.stats().await?;
-    ensure!(empty.rows == 0 && empty.blobs == 0, "a fresh cache has {empty:?}");
-    cache.save_row(&key("conformance/stats", 1)?, &json!("one")).await?;
-    cache.save_row(&key("conformance/stats", 2)?, &json!("two")).await?;
+    ensure!(
+        empty.rows == 0 && empty.blobs == 0,
+        "a fresh cache has {empty:?}"
+    );
+    cache
+        .save_row(&key("conformance/stats", 1)?, &json!("one"))
+        .await?;
+    cache
+        .save_row(&key("conformance/stats", 2)?, &json!("two"))
+        .await?;
     let mut expected_blobs = 0;
     if has(&cache, Cap::StreamWrite) {
         write(&cache, &pattern(12_345, 1), 1000).await?;
@@ -972,7 +1299,10 @@ pub async fn stats_count_rows_and_blobs(cache: Backend) -> CaseResult {
     let stats = cache.stats().await?;
     ensure!(stats.rows == 2 && stats.row_bytes > 0, "rows: {stats:?}");
     ensure!(stats.blobs == expected_blobs, "blobs: {stats:?}");
-    ensure!(stats.blob_bytes == 12_345 * expected_blobs, "blob bytes: {stats:?}");
+    ensure!(
+        stats.blob_bytes == 12_345 * expected_blobs,
+        "blob bytes: {stats:?}"
+    );
     Ok(())
 }
 
@@ -983,13 +1313,30 @@ pub async fn engine_small_output_goes_inline(cache: Backend) -> CaseResult {
     let engine = Cache::new(cache.clone());
     let data = pattern(1024, 5);
     let inputs = json!({"small": true});
-    let blob = BlobOptions { mime: Some("text/plain".into()), port: None };
-    let stored = engine.put_stream("conformance/engine", &inputs, stream_of(data.clone(), 100), blob).await?;
-    let decoded = InlineBinary::decode(&stored)?.ok_or(Failure(format!("not an envelope: {stored}")))?;
-    ensure!(decoded.bytes == data && decoded.mime.as_deref() == Some("text/plain"), "envelope differs");
+    let blob = BlobOptions {
+        mime: Some("text/plain".into()),
+        port: None,
+    };
+    let stored = engine
+        .put_stream(
+            "conformance/engine",
+            &inputs,
+            stream_of(data.clone(), 100),
+            blob,
+        )
+        .await?;
+    let decoded =
+        InlineBinary::decode(&stored)?.ok_or(Failure(format!("not an envelope: {stored}")))?;
+    ensure!(
+        decoded.bytes == data && decoded.mime.as_deref() == Some("text/plain"),
+        "envelope differs"
+    );
     let got = engine.get("conformance/engine", &inputs).await?;
     ensure!(got.as_ref() == Some(&stored), "get returned {got:?}");
-    ensure!(published(&cache).await?.is_empty(), "a small output created a blob");
+    ensure!(
+        published(&cache).await?.is_empty(),
+        "a small output created a blob"
+    );
     Ok(())
 }
 
@@ -1000,28 +1347,65 @@ pub async fn engine_large_output_becomes_verified_ref(cache: Backend) -> CaseRes
     let data = pattern(200_000, 6);
     let inputs = json!({"large": true});
     let stored = engine
-        .put_stream("conformance/engine", &inputs, stream_of(data.clone(), 8192), BlobOptions::default())
+        .put_stream(
+            "conformance/engine",
+            &inputs,
+            stream_of(data.clone(), 8192),
+            BlobOptions::default(),
+        )
         .await?;
     if !has(&cache, Cap::StreamWrite) {
-        let inline = InlineBinary::decode(&stored)?.ok_or(Failure(format!("not inline: {stored}")))?;
+        let inline =
+            InlineBinary::decode(&stored)?.ok_or(Failure(format!("not inline: {stored}")))?;
         ensure!(inline.bytes == data, "inline bytes differ");
-        let tight = Cache::with_options(cache.clone(), CacheOptions::default().inline_limit(100_000));
+        let tight =
+            Cache::with_options(cache.clone(), CacheOptions::default().inline_limit(100_000));
         let err = tight
-            .put_stream("conformance/engine", &inputs, stream_of(data, 8192), BlobOptions::default())
+            .put_stream(
+                "conformance/engine",
+                &inputs,
+                stream_of(data, 8192),
+                BlobOptions::default(),
+            )
             .await;
-        ensure!(matches!(err, Err(Error::TooLarge { .. })), "over the inline limit: {err:?}");
+        ensure!(
+            matches!(err, Err(Error::TooLarge { .. })),
+            "over the inline limit: {err:?}"
+        );
         return Ok(());
     }
     let r = CacheRef::from_value(&stored).ok_or(Failure(format!("not a ref: {stored}")))?;
-    ensure!(r.size == Some(200_000) && r.sha256.as_deref() == Some(sha256_hex(&data).as_str()), "ref {r:?}");
+    ensure!(
+        r.size == Some(200_000) && r.sha256.as_deref() == Some(sha256_hex(&data).as_str()),
+        "ref {r:?}"
+    );
     let got = engine.get("conformance/engine", &inputs).await?;
-    ensure!(got.as_ref() == Some(&stored), "get above the threshold returned {got:?}");
-    ensure!(engine.read(&r).await?.as_ref() == Some(&data), "read differs");
-    let streamed = engine.open_stream(&r).await?.ok_or(Failure("open_stream missed".into()))?;
-    ensure!(crate::blob::collect(streamed).await? == data, "open_stream differs");
-    let hydrating = Cache::with_options(cache.clone(), CacheOptions::default().reference_threshold(1 << 20));
-    let hydrated = hydrating.get("conformance/engine", &inputs).await?.unwrap_or_default();
-    let inline = InlineBinary::decode(&hydrated)?.ok_or(Failure(format!("not hydrated: {hydrated}")))?;
+    ensure!(
+        got.as_ref() == Some(&stored),
+        "get above the threshold returned {got:?}"
+    );
+    ensure!(
+        engine.read(&r).await?.as_ref() == Some(&data),
+        "read differs"
+    );
+    let streamed = engine
+        .open_stream(&r)
+        .await?
+        .ok_or(Failure("open_stream missed".into()))?;
+    ensure!(
+        crate::blob::collect(streamed).await? == data,
+        "open_stream differs"
+    );
+    let hydrating = Cache::with_options(
+        cache.clone(),
+        CacheOptions::default().reference_threshold(1 << 20),
+    );
+    let hydrated = hydrating
+        .get("conformance/engine", &inputs)
+        .await?
+        .unwrap_or_default();
+    let inline =
+        InlineBinary::decode(&hydrated)?.ok_or(Failure(format!("not hydrated: {hydrated}")))?;
     ensure!(inline.bytes == data, "hydrated bytes differ");
     Ok(())
 }
@@ -1037,11 +1421,24 @@ pub async fn engine_resolve_hydrates_branded_refs_only(cache: Backend) -> CaseRe
     let value = json!({"a": ra.to_value(), "list": [1, rb.to_value()], "schema": schema});
     let resolved = engine.resolve(&value).await?;
     let decode = |v: &Value| InlineBinary::decode(v).ok().flatten().map(|i| i.bytes);
-    ensure!(decode(&resolved["a"]) == Some(a), "a not hydrated: {}", resolved["a"]);
-    ensure!(decode(&resolved["list"][1]) == Some(b), "list[1] not hydrated");
-    ensure!(resolved["schema"] == schema && resolved["list"][0] == 1, "plain data changed: {resolved}");
+    ensure!(
+        decode(&resolved["a"]) == Some(a),
+        "a not hydrated: {}",
+        resolved["a"]
+    );
+    ensure!(
+        decode(&resolved["list"][1]) == Some(b),
+        "list[1] not hydrated"
+    );
+    ensure!(
+        resolved["schema"] == schema && resolved["list"][0] == 1,
+        "plain data changed: {resolved}"
+    );
     cache.delete_blob(&rb.reference).await?;
     let dangling = engine.resolve(&value).await;
-    ensure!(matches!(dangling, Err(Error::DanglingRef { ref reference }) if *reference == rb.reference), "got {dangling:?}");
+    ensure!(
+        matches!(dangling, Err(Error::DanglingRef { ref reference }) if *reference == rb.reference),
+        "got {dangling:?}"
+    );
     Ok(())
 }

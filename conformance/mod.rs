@@ -3,7 +3,7 @@
 //! wrapper can run. Backend authors call it from their own tests through [`conformance_tests!`]
 //! (one `#[tokio::test]` per case); operators run it against a live endpoint with `outcache conformance`.
 //!
-//! ```ignore
+//! ```text
 //! // tests/conformance_mybackend.rs (needs the `conformance` feature and tokio as dev-dependencies)
 //! outcache::conformance_tests!(|| async {
 //!     outcache::conformance::Fixture::new(std::sync::Arc::new(MyBackend::connect().await))
@@ -58,7 +58,9 @@ pub struct Fixture {
 
 impl std::fmt::Debug for Fixture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Fixture").field("cache", &self.cache).finish()
+        f.debug_struct("Fixture")
+            .field("cache", &self.cache)
+            .finish()
     }
 }
 
@@ -149,7 +151,7 @@ impl Case {
 
 /// Every case of the suite, in a stable order.
 pub fn all_cases() -> Vec<Case> {
-    crate::__conformance_each_case!(__conformance_registry, )
+    crate::__conformance_each_case!(__conformance_registry,)
 }
 
 /// Expand `$m!{ args ; case, case, … }` with the list of all cases: the one place that list is kept.

@@ -76,7 +76,8 @@ impl AsRef<[u8]> for Counted {
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.live.fetch_sub(self.bytes.len() as u64, Ordering::SeqCst);
+        self.live
+            .fetch_sub(self.bytes.len() as u64, Ordering::SeqCst);
     }
 }
 
@@ -101,7 +102,8 @@ impl LiveBytes {
             .map(move |i| {
                 let off = (i * 7919) % chunk_len;
                 let bytes = base.slice(off..off + chunk_len);
-                let now = this.live.fetch_add(chunk_len as u64, Ordering::SeqCst) + chunk_len as u64;
+                let now =
+                    this.live.fetch_add(chunk_len as u64, Ordering::SeqCst) + chunk_len as u64;
                 this.peak.fetch_max(now, Ordering::SeqCst);
                 Ok(Bytes::from_owner(Counted {
                     bytes,

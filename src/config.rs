@@ -39,7 +39,11 @@ pub fn default_url() -> Result<String> {
         })?;
     let dir = base.join("outcache");
     Url::from_directory_path(&dir)
-        .map(|u| u.as_str().trim_end_matches('/').replacen("file://", "fs://", 1))
+        .map(|u| {
+            u.as_str()
+                .trim_end_matches('/')
+                .replacen("file://", "fs://", 1)
+        })
         .map_err(|()| Error::InvalidUrl {
             url: dir.display().to_string(),
             reason: "the default cache directory is not an absolute path".into(),
@@ -83,7 +87,10 @@ fn parse_bool(url: &str, key: &str, value: &str) -> Result<bool> {
     match value {
         "true" | "1" | "yes" => Ok(true),
         "false" | "0" | "no" => Ok(false),
-        _ => Err(invalid(url, format!("{key} must be true or false, not {value:?}"))),
+        _ => Err(invalid(
+            url,
+            format!("{key} must be true or false, not {value:?}"),
+        )),
     }
 }
 
@@ -100,7 +107,10 @@ impl Location {
             }
             #[cfg(feature = "fs")]
             "fs" | "file" => {
-                if url.host_str().is_some_and(|h| !h.is_empty() && h != "localhost") {
+                if url
+                    .host_str()
+                    .is_some_and(|h| !h.is_empty() && h != "localhost")
+                {
                     return Err(invalid(
                         text,
                         format!(
@@ -114,7 +124,12 @@ impl Location {
                 for (key, value) in url.query_pairs() {
                     match key.as_ref() {
                         "durable" => durable = parse_bool(text, "durable", &value)?,
-                        other => return Err(invalid(text, format!("unknown option {other:?} (known: durable)"))),
+                        other => {
+                            return Err(invalid(
+                                text,
+                                format!("unknown option {other:?} (known: durable)"),
+                            ));
+                        }
                     }
                 }
                 // `url` only turns `file:` URLs into paths; the path part is still percent-encoded.

@@ -117,7 +117,11 @@ impl Cache {
     /// The output stored for `task_type` run on `inputs`, with refs smaller than the reference threshold
     /// hydrated into inline envelopes. `None` on a miss. A small ref whose blob is gone stays a ref.
     pub async fn get(&self, task_type: &str, inputs: &Value) -> Result<Option<Value>> {
-        let Some(row) = self.backend.get_row(&RowKey::new(task_type, inputs)?).await? else {
+        let Some(row) = self
+            .backend
+            .get_row(&RowKey::new(task_type, inputs)?)
+            .await?
+        else {
             return Ok(None);
         };
         let threshold = self.options.reference_threshold;
@@ -324,7 +328,10 @@ fn check_digest(cache_ref: &CacheRef, digest: BlobDigest) -> Result<()> {
     if let Some(expected) = &cache_ref.sha256 {
         let actual = digest.sha256_hex();
         if !actual.eq_ignore_ascii_case(expected) {
-            return Err(integrity(format!("sha256:{expected}"), format!("sha256:{actual}")));
+            return Err(integrity(
+                format!("sha256:{expected}"),
+                format!("sha256:{actual}"),
+            ));
         }
     }
     Ok(())
@@ -363,7 +370,9 @@ impl Stream for Verifying {
                 if let Some(size) = this.cache_ref.size {
                     if digest.size() > size {
                         let digest = this.digest.take().expect("checked above");
-                        return Poll::Ready(Some(check_digest(&this.cache_ref, digest).map(|_| chunk)));
+                        return Poll::Ready(Some(
+                            check_digest(&this.cache_ref, digest).map(|_| chunk),
+                        ));
                     }
                 }
                 Poll::Ready(Some(Ok(chunk)))

@@ -19,7 +19,11 @@ use outcache::{BlobOptions, Cache, CacheRef, Error};
 const READ_CHUNK: usize = 1 << 20;
 
 #[derive(Parser, Debug)]
-#[command(name = "outcache", version, about = "A storage engine for the outputs of cacheable tasks")]
+#[command(
+    name = "outcache",
+    version,
+    about = "A storage engine for the outputs of cacheable tasks"
+)]
 struct Cli {
     /// The cache: fs:///abs/dir, file:///abs/dir or memory://. Default: $OUTCACHE_URL, else the fs
     /// backend under $XDG_CACHE_HOME/outcache (or ~/.cache/outcache).
@@ -40,7 +44,12 @@ enum Command {
         #[arg(long, value_name = "JSON")]
         inputs: String,
         /// The output as JSON.
-        #[arg(long, value_name = "JSON", conflicts_with = "output_file", required_unless_present = "output_file")]
+        #[arg(
+            long,
+            value_name = "JSON",
+            conflicts_with = "output_file",
+            required_unless_present = "output_file"
+        )]
         output: Option<String>,
         /// Read the output JSON from this file.
         #[arg(long, value_name = "PATH")]

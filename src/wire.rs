@@ -53,7 +53,9 @@ pub fn fingerprint(inputs: &Value) -> Result<String> {
 }
 
 fn is_fingerprint(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The key of a row: the task type and the fingerprint of the task's inputs.
@@ -146,7 +148,13 @@ pub fn parse_ref_name<'a>(reference: &'a str, prefix: &str, suffix: &str) -> Opt
 pub fn sanitize_name(text: &str, max: usize) -> String {
     text.chars()
         .take(max)
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -222,7 +230,11 @@ impl CacheRef {
         if let Some(size) = self.size {
             map.insert("size".into(), size.into());
         }
-        for (key, field) in [("mime", &self.mime), ("port", &self.port), ("sha256", &self.sha256)] {
+        for (key, field) in [
+            ("mime", &self.mime),
+            ("port", &self.port),
+            ("sha256", &self.sha256),
+        ] {
             if let Some(s) = field {
                 map.insert(key.into(), s.clone().into());
             }
@@ -240,15 +252,15 @@ impl CacheRef {
             reason: reason.to_owned(),
         };
         let parsed = if text.starts_with('{') {
-            let value: Value = serde_json::from_str(text)
-                .map_err(|e| invalid(&format!("not valid JSON: {e}")))?;
+            let value: Value =
+                serde_json::from_str(text).map_err(|e| invalid(&format!("not valid JSON: {e}")))?;
             Self::from_value(&value).ok_or_else(|| {
                 invalid("JSON is not a branded CacheRef (needs \"kind\":\"task-graph/CacheRef\" and a string \"$ref\")")
             })?
         } else {
             CacheRef::new(text)
         };
-        check_ref_syntax(&parsed.reference).map_err(|reason| invalid(reason))?;
+        check_ref_syntax(&parsed.reference).map_err(invalid)?;
         Ok(parsed)
     }
 }

@@ -11,7 +11,11 @@ fn outcache(url: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
         .arg(url)
         .args(args)
         .env_remove("OUTCACHE_URL")
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -39,10 +43,17 @@ fn stderr(o: &Output) -> String {
 fn assert_fails(o: &Output, code: i32, mentions: &str) {
     let err = stderr(o);
     assert_eq!(o.status.code(), Some(code), "stderr: {err}");
-    assert!(err.contains(mentions), "stderr {err:?} should mention {mentions:?}");
+    assert!(
+        err.contains(mentions),
+        "stderr {err:?} should mention {mentions:?}"
+    );
     assert!(!err.contains("panicked"), "{err}");
     if code != 2 || !err.contains("Usage") {
-        assert_eq!(err.trim_end().lines().count(), 1, "one line expected: {err:?}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "one line expected: {err:?}"
+        );
     }
 }
 
@@ -50,9 +61,29 @@ fn assert_fails(o: &Output, code: i32, mentions: &str) {
 fn put_then_get_hits_whatever_the_nested_key_order() {
     let dir = tempfile::tempdir().unwrap();
     let u = url(dir.path());
-    let put = outcache(&u, &["put", "llm/summarize", "--inputs", r#"{"doc":{"id":7,"lang":"en"},"model":"m1"}"#, "--output", r#"{"summary":"short"}"#], None);
+    let put = outcache(
+        &u,
+        &[
+            "put",
+            "llm/summarize",
+            "--inputs",
+            r#"{"doc":{"id":7,"lang":"en"},"model":"m1"}"#,
+            "--output",
+            r#"{"summary":"short"}"#,
+        ],
+        None,
+    );
     assert!(put.status.success(), "{}", stderr(&put));
-    let get = outcache(&u, &["get", "llm/summarize", "--inputs", r#"{"model":"m1","doc":{"lang":"en","id":7.0}}"#], None);
+    let get = outcache(
+        &u,
+        &[
+            "get",
+            "llm/summarize",
+            "--inputs",
+            r#"{"model":"m1","doc":{"lang":"en","id":7.0}}"#,
+        ],
+        None,
+    );
     assert!(get.status.success(), "{}", stderr(&get));
     assert_eq!(stdout(&get), r#"{"summary":"short"}"#);
 }
@@ -71,15 +102,41 @@ fn put_reads_the_output_from_a_file() {
     let u = url(dir.path());
     let file = dir.path().join("out.json");
     std::fs::write(&file, r#"{"from":"file"}"#).unwrap();
-    let put = outcache(&u, &["put", "t", "--inputs", "[1]", "--output-file", file.to_str().unwrap()], None);
+    let put = outcache(
+        &u,
+        &[
+            "put",
+            "t",
+            "--inputs",
+            "[1]",
+            "--output-file",
+            file.to_str().unwrap(),
+        ],
+        None,
+    );
     assert!(put.status.success(), "{}", stderr(&put));
-    assert_eq!(stdout(&outcache(&u, &["get", "t", "--inputs", "[1.0]"], None)), r#"{"from":"file"}"#);
+    assert_eq!(
+        stdout(&outcache(&u, &["get", "t", "--inputs", "[1.0]"], None)),
+        r#"{"from":"file"}"#
+    );
 }
 
 #[test]
 fn put_blob_below_the_threshold_is_an_inline_envelope() {
     let dir = tempfile::tempdir().unwrap();
-    let o = outcache(&url(dir.path()), &["put-blob", "t", "--inputs", "{}", "--mime", "text/plain", "-"], Some(b"small bytes"));
+    let o = outcache(
+        &url(dir.path()),
+        &[
+            "put-blob",
+            "t",
+            "--inputs",
+            "{}",
+            "--mime",
+            "text/plain",
+            "-",
+        ],
+        Some(b"small bytes"),
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["__binaryPortWire"], 1);
@@ -94,7 +151,21 @@ fn put_blob_then_cat_returns_identical_bytes_by_json_or_ref_string() {
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
     let file = dir.path().join("input.bin");
     std::fs::write(&file, &data).unwrap();
-    let o = outcache(&u, &["put-blob", "render", "--inputs", r#"{"f":1}"#, "--mime", "image/png", "--port", "image", file.to_str().unwrap()], None);
+    let o = outcache(
+        &u,
+        &[
+            "put-blob",
+            "render",
+            "--inputs",
+            r#"{"f":1}"#,
+            "--mime",
+            "image/png",
+            "--port",
+            "image",
+            file.to_str().unwrap(),
+        ],
+        None,
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let stored = stdout(&o);
     let v: serde_json::Value = serde_json::from_str(&stored).unwrap();
@@ -108,7 +179,10 @@ fn put_blob_then_cat_returns_identical_bytes_by_json_or_ref_string() {
     assert!(by_json.status.success(), "{}", stderr(&by_json));
     assert!(by_json.stdout == data, "cat by JSON returned other bytes");
     let by_string = outcache(&u, &["cat", v["$ref"].as_str().unwrap()], None);
-    assert!(by_string.stdout == data, "cat by ref string returned other bytes");
+    assert!(
+        by_string.stdout == data,
+        "cat by ref string returned other bytes"
+    );
 
     let got = outcache(&u, &["get", "render", "--inputs", r#"{"f":1}"#], None);
     assert_eq!(stdout(&got), stored, "get returns the stored ref");
@@ -118,10 +192,18 @@ fn put_blob_then_cat_returns_identical_bytes_by_json_or_ref_string() {
 fn cat_of_a_damaged_blob_fails_with_exit_3() {
     let dir = tempfile::tempdir().unwrap();
     let u = url(dir.path());
-    let o = outcache(&u, &["put-blob", "t", "--inputs", "{}"], Some(&vec![5u8; 200_000]));
+    let o = outcache(
+        &u,
+        &["put-blob", "t", "--inputs", "{}"],
+        Some(&vec![5u8; 200_000]),
+    );
     let stored = stdout(&o);
     let v: serde_json::Value = serde_json::from_str(&stored).unwrap();
-    let name = v["$ref"].as_str().unwrap().strip_prefix("fsfolder://blobs/").unwrap();
+    let name = v["$ref"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("fsfolder://blobs/")
+        .unwrap();
     std::fs::write(dir.path().join("blobs").join(name), vec![6u8; 200_000]).unwrap();
     let cat = outcache(&u, &["cat", &stored], None);
     assert_fails(&cat, 3, "integrity check failed");
@@ -133,7 +215,12 @@ fn cat_of_an_unknown_ref_exits_1_and_a_forged_one_exits_2() {
     let u = url(dir.path());
     let unknown = outcache(&u, &["cat", "fsfolder://blobs/never_written.bin"], None);
     assert_fails(&unknown, 1, "does not resolve");
-    for forged in ["fsfolder://blobs/../../etc/passwd", "/etc/passwd", r##"{"$ref":"#/x"}"##, "fsfolder://blobs/a\\..\\b"] {
+    for forged in [
+        "fsfolder://blobs/../../etc/passwd",
+        "/etc/passwd",
+        r##"{"$ref":"#/x"}"##,
+        "fsfolder://blobs/a\\..\\b",
+    ] {
         let o = outcache(&u, &["cat", forged], None);
         assert_fails(&o, 2, "invalid cache ref");
         assert!(o.stdout.is_empty());
@@ -144,14 +231,57 @@ fn cat_of_an_unknown_ref_exits_1_and_a_forged_one_exits_2() {
 fn bad_input_is_a_one_line_error_with_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     let u = url(dir.path());
-    assert_fails(&outcache(&u, &["get", "t", "--inputs", "{not json"], None), 2, "--inputs JSON");
-    assert_fails(&outcache(&u, &["put", "t", "--inputs", "{}", "--output", "[1,"], None), 2, "--output JSON");
-    assert_fails(&outcache(&u, &["get", "", "--inputs", "{}"], None), 2, "task type");
-    assert_fails(&outcache("ftp://host/x", &["get", "t", "--inputs", "{}"], None), 2, "unknown scheme");
-    assert_fails(&outcache("fs://relative/dir", &["get", "t", "--inputs", "{}"], None), 2, "absolute path");
-    assert_fails(&outcache("fs:///tmp/x?fast=yes", &["get", "t", "--inputs", "{}"], None), 2, "unknown option");
+    assert_fails(
+        &outcache(&u, &["get", "t", "--inputs", "{not json"], None),
+        2,
+        "--inputs JSON",
+    );
+    assert_fails(
+        &outcache(&u, &["put", "t", "--inputs", "{}", "--output", "[1,"], None),
+        2,
+        "--output JSON",
+    );
+    assert_fails(
+        &outcache(&u, &["get", "", "--inputs", "{}"], None),
+        2,
+        "task type",
+    );
+    assert_fails(
+        &outcache("ftp://host/x", &["get", "t", "--inputs", "{}"], None),
+        2,
+        "unknown scheme",
+    );
+    assert_fails(
+        &outcache("fs://relative/dir", &["get", "t", "--inputs", "{}"], None),
+        2,
+        "absolute path",
+    );
+    assert_fails(
+        &outcache(
+            "fs:///tmp/x?fast=yes",
+            &["get", "t", "--inputs", "{}"],
+            None,
+        ),
+        2,
+        "unknown option",
+    );
     let missing = dir.path().join("missing.json");
-    assert_fails(&outcache(&u, &["put", "t", "--inputs", "{}", "--output-file", missing.to_str().unwrap()], None), 1, "missing.json");
+    assert_fails(
+        &outcache(
+            &u,
+            &[
+                "put",
+                "t",
+                "--inputs",
+                "{}",
+                "--output-file",
+                missing.to_str().unwrap(),
+            ],
+            None,
+        ),
+        1,
+        "missing.json",
+    );
     let usage = outcache(&u, &["put", "t", "--inputs", "{}"], None);
     assert_eq!(usage.status.code(), Some(2), "clap usage errors exit 2");
 }
@@ -161,28 +291,59 @@ fn an_unwritable_cache_directory_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("plain-file");
     std::fs::write(&file, b"x").unwrap();
-    let o = outcache(&format!("fs://{}/cache", file.display()), &["put", "t", "--inputs", "{}", "--output", "1"], None);
+    let o = outcache(
+        &format!("fs://{}/cache", file.display()),
+        &["put", "t", "--inputs", "{}", "--output", "1"],
+        None,
+    );
     assert_fails(&o, 1, "plain-file");
-    assert_eq!(std::fs::read(&file).unwrap(), b"x", "the file in the way was not touched");
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        b"x",
+        "the file in the way was not touched"
+    );
 }
 
 #[test]
 fn conformance_runs_in_an_isolated_child_and_cleans_up() {
     let dir = tempfile::tempdir().unwrap();
     let u = url(dir.path());
-    let put = outcache(&u, &["put", "existing", "--inputs", "{}", "--output", "\"keep me\""], None);
+    let put = outcache(
+        &u,
+        &[
+            "put",
+            "existing",
+            "--inputs",
+            "{}",
+            "--output",
+            "\"keep me\"",
+        ],
+        None,
+    );
     assert!(put.status.success());
-    let before: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let before: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     let o = outcache(&u, &["conformance"], None);
     let out = stdout(&o);
     assert!(o.status.success(), "{out}\n{}", stderr(&o));
     let last = out.lines().last().unwrap();
     let passed: usize = last.split(' ').next().unwrap().parse().unwrap();
-    assert!(passed >= 25 && last.ends_with(" passed, 0 failed"), "{last}");
+    assert!(
+        passed >= 25 && last.ends_with(" passed, 0 failed"),
+        "{last}"
+    );
     assert_eq!(out.lines().filter(|l| l.starts_with("ok ")).count(), passed);
-    let after: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let after: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(before, after, "conformance left entries behind");
-    assert_eq!(stdout(&outcache(&u, &["get", "existing", "--inputs", "{}"], None)), "\"keep me\"");
+    assert_eq!(
+        stdout(&outcache(&u, &["get", "existing", "--inputs", "{}"], None)),
+        "\"keep me\""
+    );
 }
 
 #[test]

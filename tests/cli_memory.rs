@@ -19,7 +19,9 @@ fn children_peak_rss_kib() -> i64 {
 }
 
 fn chunk(i: usize) -> Vec<u8> {
-    (0..1 << 20).map(|j| ((i * 7 + j * 13) % 251) as u8).collect()
+    (0..1 << 20)
+        .map(|j| ((i * 7 + j * 13) % 251) as u8)
+        .collect()
 }
 
 #[test]
@@ -29,7 +31,15 @@ fn a_1_gib_put_blob_from_stdin_and_its_cat_keep_memory_flat() {
     let bin = env!("CARGO_BIN_EXE_outcache");
 
     let mut child = Command::new(bin)
-        .args(["--url", &url, "put-blob", "big/upload", "--inputs", r#"{"size":"1GiB"}"#, "-"])
+        .args([
+            "--url",
+            &url,
+            "put-blob",
+            "big/upload",
+            "--inputs",
+            r#"{"size":"1GiB"}"#,
+            "-",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -45,9 +55,17 @@ fn a_1_gib_put_blob_from_stdin_and_its_cat_keep_memory_flat() {
     }
     drop(stdin);
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let put_peak = children_peak_rss_kib();
-    assert!(put_peak < LIMIT_KIB, "put-blob of 1 GiB peaked at {} MiB RSS", put_peak / 1024);
+    assert!(
+        put_peak < LIMIT_KIB,
+        "put-blob of 1 GiB peaked at {} MiB RSS",
+        put_peak / 1024
+    );
 
     let stored: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let expected = outcache::wire::hex(&expected.finalize());
@@ -73,6 +91,14 @@ fn a_1_gib_put_blob_from_stdin_and_its_cat_keep_memory_flat() {
     assert_eq!(total, GIB);
     assert_eq!(outcache::wire::hex(&got.finalize()), expected);
     let cat_peak = children_peak_rss_kib();
-    assert!(cat_peak < LIMIT_KIB, "cat of 1 GiB peaked at {} MiB RSS", cat_peak / 1024);
-    eprintln!("peak RSS: put-blob {} MiB, cat {} MiB", put_peak / 1024, cat_peak / 1024);
+    assert!(
+        cat_peak < LIMIT_KIB,
+        "cat of 1 GiB peaked at {} MiB RSS",
+        cat_peak / 1024
+    );
+    eprintln!(
+        "peak RSS: put-blob {} MiB, cat {} MiB",
+        put_peak / 1024,
+        cat_peak / 1024
+    );
 }

@@ -23,14 +23,23 @@ fn bytes_stream(data: Vec<u8>) -> outcache::ByteStream {
 async fn put_blob(cache: &Cache, len: usize) -> (CacheRef, Vec<u8>) {
     let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
     let stored = cache
-        .put_stream("fs/test", &json!({"len": len}), bytes_stream(data.clone()), BlobOptions::default())
+        .put_stream(
+            "fs/test",
+            &json!({"len": len}),
+            bytes_stream(data.clone()),
+            BlobOptions::default(),
+        )
         .await
         .unwrap();
-    (CacheRef::from_value(&stored).expect("above the threshold"), data)
+    (
+        CacheRef::from_value(&stored).expect("above the threshold"),
+        data,
+    )
 }
 
 fn blob_file(root: &std::path::Path, r: &CacheRef) -> std::path::PathBuf {
-    root.join("blobs").join(r.reference.strip_prefix("fsfolder://blobs/").unwrap())
+    root.join("blobs")
+        .join(r.reference.strip_prefix("fsfolder://blobs/").unwrap())
 }
 
 #[tokio::test]
@@ -42,16 +51,29 @@ async fn stale_temps_are_listed_and_swept_only_after_the_grace_period() {
     fs::write(&stale, b"left by a crashed writer").unwrap();
     fs::write(&fresh, b"being written now").unwrap();
     let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
-    fs::File::options().write(true).open(&stale).unwrap().set_modified(two_hours_ago).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&stale)
+        .unwrap()
+        .set_modified(two_hours_ago)
+        .unwrap();
 
     let listed = cache.list_blobs().await.unwrap();
-    let temps: Vec<&str> = listed.iter().filter(|e| e.state == BlobState::Temp).map(|e| e.id.as_str()).collect();
+    let temps: Vec<&str> = listed
+        .iter()
+        .filter(|e| e.state == BlobState::Temp)
+        .map(|e| e.id.as_str())
+        .collect();
     assert_eq!(temps.len(), 2, "{listed:?}");
 
-    let found = find_orphans(cache.as_ref(), Duration::from_secs(3600)).await.unwrap();
+    let found = find_orphans(cache.as_ref(), Duration::from_secs(3600))
+        .await
+        .unwrap();
     assert_eq!(found.temps.len(), 1);
     assert_eq!(found.temps[0].id, "blob-deadbeef.tmp");
-    sweep_orphans(cache.as_ref(), Duration::from_secs(3600), false).await.unwrap();
+    sweep_orphans(cache.as_ref(), Duration::from_secs(3600), false)
+        .await
+        .unwrap();
     assert!(!stale.exists(), "the stale temp survived");
     assert!(fresh.exists(), "an in-flight temp was removed");
 }
@@ -88,16 +110,34 @@ async fn a_garbled_row_is_a_typed_error_and_is_left_in_place() {
     let cache = open(dir.path());
     let key = RowKey::new("fs/rows", &json!({"n": 1})).unwrap();
     cache.save_row(&key, &json!({"ok": true})).await.unwrap();
-    let row_file = fs::read_dir(dir.path().join("rows/fs%2Frows")).unwrap().next().unwrap().unwrap().path();
+    let row_file = fs::read_dir(dir.path().join("rows/fs%2Frows"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     fs::write(&row_file, b"{\"v\":1,\"task_type\":\"fs/ro").unwrap();
     match cache.get_row(&key).await {
-        Err(Error::CorruptRow { task_type, fingerprint, .. }) => {
-            assert_eq!((task_type.as_str(), fingerprint.as_str()), ("fs/rows", key.fingerprint()));
+        Err(Error::CorruptRow {
+            task_type,
+            fingerprint,
+            ..
+        }) => {
+            assert_eq!(
+                (task_type.as_str(), fingerprint.as_str()),
+                ("fs/rows", key.fingerprint())
+            );
         }
         other => panic!("expected CorruptRow, got {other:?}"),
     }
-    assert!(row_file.exists(), "a corrupt row must not be deleted on read");
-    assert!(matches!(cache.list_rows().await, Err(Error::CorruptRow { .. })), "the janitor must stop, not guess");
+    assert!(
+        row_file.exists(),
+        "a corrupt row must not be deleted on read"
+    );
+    assert!(
+        matches!(cache.list_rows().await, Err(Error::CorruptRow { .. })),
+        "the janitor must stop, not guess"
+    );
 }
 
 #[tokio::test]
@@ -116,12 +156,20 @@ async fn a_flipped_byte_or_a_truncated_blob_fails_verification() {
     while let Some(item) = stream.next().await {
         last = Some(item);
     }
-    assert!(matches!(last, Some(Err(Error::Integrity { .. }))), "the stream must end in an error");
+    assert!(
+        matches!(last, Some(Err(Error::Integrity { .. }))),
+        "the stream must end in an error"
+    );
 
     fs::write(&path, &data[..1000]).unwrap();
     match cache.read(&r).await {
-        Err(Error::Integrity { expected, actual, .. }) => {
-            assert_eq!((expected.as_str(), actual.as_str()), ("size:300000", "size:1000"));
+        Err(Error::Integrity {
+            expected, actual, ..
+        }) => {
+            assert_eq!(
+                (expected.as_str(), actual.as_str()),
+                ("size:300000", "size:1000")
+            );
         }
         other => panic!("expected an Integrity error, got {other:?}"),
     }
@@ -134,10 +182,17 @@ async fn writes_leave_no_temp_files_and_use_the_fs_ref_form() {
     let dir = tempfile::tempdir().unwrap();
     let cache = Cache::new(open(dir.path()));
     for n in 0..20 {
-        cache.put("fs/many", &json!({"n": n}), &json!(n)).await.unwrap();
+        cache
+            .put("fs/many", &json!({"n": n}), &json!(n))
+            .await
+            .unwrap();
     }
     let (r, _) = put_blob(&cache, 100_000).await;
-    assert!(r.reference.starts_with("fsfolder://blobs/fs_test_"), "{}", r.reference);
+    assert!(
+        r.reference.starts_with("fsfolder://blobs/fs_test_"),
+        "{}",
+        r.reference
+    );
     assert!(r.reference.ends_with(".bin"));
     assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
 }

@@ -10,7 +10,10 @@ use common::{Broken, Bug};
 use outcache::conformance::{all_cases, cases};
 
 async fn run_case(name: &str, bug: Bug) -> Result<(), String> {
-    let case = all_cases().into_iter().find(|c| c.name == name).expect("case exists");
+    let case = all_cases()
+        .into_iter()
+        .find(|c| c.name == name)
+        .expect("case exists");
     case.run(Arc::new(Broken::new(bug))).await.map_err(|f| f.0)
 }
 
@@ -22,7 +25,10 @@ async fn each_bug_is_caught_by_its_case() {
         (Bug::PrefixDeletesAll, "delete_prefix_respects_boundaries"),
         (Bug::PrefixDeletesAll, "delete_prefix_cascades_to_blobs"),
         (Bug::ResolvesDotSegments, "malformed_refs_never_resolve"),
-        (Bug::PublishesPartialBlobs, "failed_stream_publishes_nothing"),
+        (
+            Bug::PublishesPartialBlobs,
+            "failed_stream_publishes_nothing",
+        ),
         (Bug::DropsLastChunk, "stream_multi_chunk"),
         (Bug::DropsLastChunk, "stream_one_byte"),
         (Bug::HoardsChunks, "stream_large_blob_bounded_memory"),
@@ -36,7 +42,8 @@ async fn each_bug_is_caught_by_its_case() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_correct_backend_passes_the_same_cases() {
-    let backend: Arc<dyn outcache::OutputCache> = Arc::new(outcache::backends::memory::MemoryCache::new());
+    let backend: Arc<dyn outcache::OutputCache> =
+        Arc::new(outcache::backends::memory::MemoryCache::new());
     cases::stream_multi_chunk(backend.clone()).await.unwrap();
     cases::capabilities_are_truthful(backend).await.unwrap();
 }

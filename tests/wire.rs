@@ -30,15 +30,27 @@ const GOLDEN: &[(&str, &str, &str)] = &[
         r#"{"a":{"b":1,"c":[{"d":true,"e":null}]},"z":"last"}"#,
         "9c0fb66875527f9582856221a4e28168e5ab19564465b647579a37c90f1df71d",
     ),
-    ("{ }", "{}", "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"),
-    ("1.0", "1", "6b86b273ff34fce19d6b804eff5a3f5747ada4eaa22f1d49c01e52ddb7875b4b"),
+    (
+        "{ }",
+        "{}",
+        "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a",
+    ),
+    (
+        "1.0",
+        "1",
+        "6b86b273ff34fce19d6b804eff5a3f5747ada4eaa22f1d49c01e52ddb7875b4b",
+    ),
 ];
 
 #[test]
 fn fingerprint_matches_golden_vectors() {
     for (input, canonical, sha) in GOLDEN {
         let value = parse(input);
-        assert_eq!(canonical_json(&value).unwrap(), *canonical, "canonical form of {input}");
+        assert_eq!(
+            canonical_json(&value).unwrap(),
+            *canonical,
+            "canonical form of {input}"
+        );
         assert_eq!(fingerprint(&value).unwrap(), *sha, "fingerprint of {input}");
     }
 }
@@ -61,23 +73,38 @@ fn fingerprint_distinguishes_real_differences() {
         (json!({"a": {"b": 1}}), json!({"a.b": 1})),
     ];
     for (x, y) in pairs {
-        assert_ne!(fingerprint(&x).unwrap(), fingerprint(&y).unwrap(), "{x} vs {y}");
+        assert_ne!(
+            fingerprint(&x).unwrap(),
+            fingerprint(&y).unwrap(),
+            "{x} vs {y}"
+        );
     }
 }
 
 #[test]
 fn row_keys_refuse_bad_parts() {
-    assert!(matches!(RowKey::new("", &json!({})), Err(Error::InvalidInput { .. })));
-    assert!(matches!(RowKey::new("a\nb", &json!({})), Err(Error::InvalidInput { .. })));
+    assert!(matches!(
+        RowKey::new("", &json!({})),
+        Err(Error::InvalidInput { .. })
+    ));
+    assert!(matches!(
+        RowKey::new("a\nb", &json!({})),
+        Err(Error::InvalidInput { .. })
+    ));
     assert!(RowKey::new(&"x".repeat(1025), &json!({})).is_err());
     assert!(RowKey::from_parts("t", "../../etc/passwd").is_err());
-    assert!(RowKey::from_parts("t", &"A".repeat(64)).is_err(), "uppercase hex is not canonical");
+    assert!(
+        RowKey::from_parts("t", &"A".repeat(64)).is_err(),
+        "uppercase hex is not canonical"
+    );
     assert!(RowKey::from_parts("t", &"a".repeat(64)).is_ok());
 }
 
 #[test]
 fn cache_ref_requires_the_brand_and_a_string_ref() {
-    assert!(CacheRef::is_ref(&json!({"kind": "task-graph/CacheRef", "$ref": "fsfolder://blobs/a.bin"})));
+    assert!(CacheRef::is_ref(
+        &json!({"kind": "task-graph/CacheRef", "$ref": "fsfolder://blobs/a.bin"})
+    ));
     for not_a_ref in [
         json!({"$ref": "#/definitions/x"}),
         json!({"kind": "task-graph/cacheref", "$ref": "x://y"}),
@@ -98,12 +125,19 @@ fn cache_ref_preserves_unknown_and_mistyped_fields() {
         "port": "out", "sha256": "ab", "future": {"x": [1]}, "size2": "y"
     });
     let r = CacheRef::from_value(&wire).unwrap();
-    assert_eq!((r.size, r.mime.as_deref(), r.port.as_deref()), (Some(12), Some("image/png"), Some("out")));
+    assert_eq!(
+        (r.size, r.mime.as_deref(), r.port.as_deref()),
+        (Some(12), Some("image/png"), Some("out"))
+    );
     assert_eq!(r.to_value(), wire);
     let odd = json!({"kind": "task-graph/CacheRef", "$ref": "x://y", "size": "twelve"});
     let r = CacheRef::from_value(&odd).unwrap();
     assert_eq!(r.size, None);
-    assert_eq!(r.to_value(), odd, "a mistyped size is kept as it was, not dropped");
+    assert_eq!(
+        r.to_value(),
+        odd,
+        "a mistyped size is kept as it was, not dropped"
+    );
 }
 
 #[test]
@@ -128,12 +162,19 @@ fn envelope_round_trips_bytes_and_mime() {
         assert_eq!(back.mime.as_deref(), Some("application/x-test"));
     }
     let wire = json!({"__binaryPortWire": 1, "base64": "aGk=", "size": 2});
-    assert_eq!(&InlineBinary::decode(&wire).unwrap().unwrap().bytes[..], b"hi");
+    assert_eq!(
+        &InlineBinary::decode(&wire).unwrap().unwrap().bytes[..],
+        b"hi"
+    );
 }
 
 #[test]
 fn envelope_codec_passes_other_values_through_and_rejects_garbage() {
-    for other in [json!({"kind": "task-graph/CacheRef", "$ref": "x://y"}), json!({"base64": "aGk="}), json!(3)] {
+    for other in [
+        json!({"kind": "task-graph/CacheRef", "$ref": "x://y"}),
+        json!({"base64": "aGk="}),
+        json!(3),
+    ] {
         assert_eq!(InlineBinary::decode(&other).unwrap(), None, "{other}");
     }
     for garbage in [
@@ -141,14 +182,23 @@ fn envelope_codec_passes_other_values_through_and_rejects_garbage() {
         json!({"__binaryPortWire": 1, "base64": 7}),
         json!({"__binaryPortWire": 1, "base64": "aGk=", "size": 3}),
     ] {
-        assert!(matches!(InlineBinary::decode(&garbage), Err(Error::InvalidInput { .. })), "{garbage}");
+        assert!(
+            matches!(
+                InlineBinary::decode(&garbage),
+                Err(Error::InvalidInput { .. })
+            ),
+            "{garbage}"
+        );
     }
 }
 
 #[test]
 fn ref_names_accept_exactly_one_clean_segment() {
     let p = "fsfolder://blobs/";
-    assert_eq!(parse_ref_name("fsfolder://blobs/a_b-1.bin", p, ".bin"), Some("a_b-1"));
+    assert_eq!(
+        parse_ref_name("fsfolder://blobs/a_b-1.bin", p, ".bin"),
+        Some("a_b-1")
+    );
     for bad in [
         "fsfolder://blobs/.bin",
         "fsfolder://blobs/../x.bin",
@@ -184,10 +234,25 @@ fn ref_syntax_rejects_traversal_and_garbage_handed_in() {
         "plain",
     ] {
         assert!(check_ref_syntax(bad).is_err(), "{bad:?}");
-        assert!(matches!(CacheRef::parse_arg(bad), Err(Error::InvalidRef { .. })), "{bad:?}");
+        assert!(
+            matches!(CacheRef::parse_arg(bad), Err(Error::InvalidRef { .. })),
+            "{bad:?}"
+        );
     }
-    assert!(matches!(CacheRef::parse_arg(r##"{"$ref":"#/x"}"##), Err(Error::InvalidRef { .. })));
-    assert!(matches!(CacheRef::parse_arg("{not json"), Err(Error::InvalidRef { .. })));
-    let r = CacheRef::parse_arg(r#" {"kind":"task-graph/CacheRef","$ref":"fsfolder://blobs/a.bin","size":1} "#).unwrap();
-    assert_eq!((r.reference.as_str(), r.size), ("fsfolder://blobs/a.bin", Some(1)));
+    assert!(matches!(
+        CacheRef::parse_arg(r##"{"$ref":"#/x"}"##),
+        Err(Error::InvalidRef { .. })
+    ));
+    assert!(matches!(
+        CacheRef::parse_arg("{not json"),
+        Err(Error::InvalidRef { .. })
+    ));
+    let r = CacheRef::parse_arg(
+        r#" {"kind":"task-graph/CacheRef","$ref":"fsfolder://blobs/a.bin","size":1} "#,
+    )
+    .unwrap();
+    assert_eq!(
+        (r.reference.as_str(), r.size),
+        ("fsfolder://blobs/a.bin", Some(1))
+    );
 }

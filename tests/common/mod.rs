@@ -12,8 +12,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use outcache::backends::memory::MemoryCache;
 use outcache::{
-    BlobEntry, BlobMeta, ByteStream, CacheRef, Capabilities, OutputCache, Result, Row, RowEntry, Stats,
-    RowKey,
+    BlobEntry, BlobMeta, ByteStream, CacheRef, Capabilities, OutputCache, Result, Row, RowEntry,
+    RowKey, Stats,
 };
 use serde_json::Value;
 
@@ -90,7 +90,10 @@ pub struct Broken {
 
 impl Broken {
     pub fn new(bug: Bug) -> Self {
-        Broken { inner: Arc::new(MemoryCache::new()), bug }
+        Broken {
+            inner: Arc::new(MemoryCache::new()),
+            bug,
+        }
     }
 
     fn fix_ref(&self, reference: &str) -> String {
@@ -129,7 +132,11 @@ impl OutputCache for Broken {
         self.inner.delete_row(key).await
     }
     async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
-        let prefix = if self.bug == Bug::PrefixDeletesAll { "" } else { prefix };
+        let prefix = if self.bug == Bug::PrefixDeletesAll {
+            ""
+        } else {
+            prefix
+        };
         self.inner.delete_prefix(prefix).await
     }
     async fn clear_older_than(&self, cutoff: SystemTime) -> Result<u64> {
@@ -170,7 +177,12 @@ impl OutputCache for Broken {
                 if bug == Bug::DropsLastChunk {
                     chunks.pop();
                 }
-                self.inner.write_blob(meta, futures::stream::iter(chunks.into_iter().map(Ok)).boxed()).await
+                self.inner
+                    .write_blob(
+                        meta,
+                        futures::stream::iter(chunks.into_iter().map(Ok)).boxed(),
+                    )
+                    .await
             }
         }
     }
