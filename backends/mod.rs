@@ -4,3 +4,5 @@
 #[cfg(feature = "fs")]
 pub mod fs;
 pub mod memory;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;

@@ -108,6 +108,21 @@ pub mod fixtures {
             .expect("open the fs backend in a temp dir");
         Fixture::with_guard(Arc::new(cache), dir)
     }
+
+    /// A fresh SQLite backend in a temp directory that is removed afterwards.
+    #[cfg(feature = "sqlite")]
+    pub fn sqlite_temp() -> Fixture {
+        let dir = tempfile::Builder::new()
+            .prefix("outcache-conformance-")
+            .tempdir()
+            .expect("create a temp dir for the sqlite backend");
+        let cache = crate::backends::sqlite::SqliteCache::open(
+            dir.path().join("cache.db"),
+            Default::default(),
+        )
+        .expect("open the sqlite backend in a temp dir");
+        Fixture::with_guard(Arc::new(cache), dir)
+    }
 }
 
 /// One named case of the suite.
@@ -306,7 +321,25 @@ pub fn isolated_fixture(location: &Location, run_tag: &str, case: &str) -> Resul
             let cache = child.open()?;
             Ok(Fixture::with_guard(cache, RemoveDir(dir)))
         }
+        #[cfg(feature = "sqlite")]
+        Location::Sqlite { path, durable } => {
+            let dir = run_dir(path, run_tag).join(case);
+            let child = Location::Sqlite {
+                path: dir.join("cache.db"),
+                durable: *durable,
+            };
+            let cache = child.open()?;
+            Ok(Fixture::with_guard(cache, RemoveDir(dir)))
+        }
     }
+}
+
+/// For a database file, the run's directory beside it (never inside the database).
+#[cfg(feature = "sqlite")]
+fn run_dir(path: &std::path::Path, run_tag: &str) -> std::path::PathBuf {
+    path.parent()
+        .unwrap_or(std::path::Path::new("/"))
+        .join(run_tag)
 }
 
 fn remove_run_dir(location: &Location, run_tag: &str) {
@@ -315,6 +348,10 @@ fn remove_run_dir(location: &Location, run_tag: &str) {
         #[cfg(feature = "fs")]
         Location::Fs { root, .. } => {
             let _ = std::fs::remove_dir_all(root.join(run_tag));
+        }
+        #[cfg(feature = "sqlite")]
+        Location::Sqlite { path, .. } => {
+            let _ = std::fs::remove_dir_all(run_dir(path, run_tag));
         }
     }
 }

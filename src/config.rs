@@ -9,6 +9,8 @@ use url::Url;
 #[cfg(feature = "fs")]
 use crate::backends::fs::{FsCache, FsOptions};
 use crate::backends::memory::MemoryCache;
+#[cfg(feature = "sqlite")]
+use crate::backends::sqlite::{SqliteCache, SqliteOptions};
 use crate::error::{Error, Result};
 use crate::store::OutputCache;
 
@@ -23,6 +25,8 @@ pub fn supported_schemes() -> &'static [&'static str] {
         "fs",
         #[cfg(feature = "fs")]
         "file",
+        #[cfg(feature = "sqlite")]
+        "sqlite",
     ]
 }
 
@@ -74,6 +78,14 @@ pub enum Location {
         /// `?durable=false` turns fsync off.
         durable: bool,
     },
+    /// `sqlite:///abs/path/cache.db`.
+    #[cfg(feature = "sqlite")]
+    Sqlite {
+        /// The database file (absolute).
+        path: PathBuf,
+        /// `?durable=false` commits with `synchronous=NORMAL`.
+        durable: bool,
+    },
 }
 
 fn invalid(url: &str, reason: impl Into<String>) -> Error {
@@ -94,6 +106,46 @@ fn parse_bool(url: &str, key: &str, value: &str) -> Result<bool> {
     }
 }
 
+/// The absolute local path of an `fs:`/`file:`/`sqlite:` URL and its `durable` option.
+#[cfg(any(feature = "fs", feature = "sqlite"))]
+fn local_path_and_durability(text: &str, url: &Url) -> Result<(PathBuf, bool)> {
+    let scheme = url.scheme();
+    if url
+        .host_str()
+        .is_some_and(|h| !h.is_empty() && h != "localhost")
+    {
+        return Err(invalid(
+            text,
+            format!(
+                "{scheme}:// needs an absolute path with three slashes, e.g. {scheme}:///var/cache/outcache"
+            ),
+        ));
+    }
+    let mut durable = true;
+    for (key, value) in url.query_pairs() {
+        match key.as_ref() {
+            "durable" => durable = parse_bool(text, "durable", &value)?,
+            other => {
+                return Err(invalid(
+                    text,
+                    format!("unknown option {other:?} (known: durable)"),
+                ));
+            }
+        }
+    }
+    // `url` only turns `file:` URLs into paths; the path part is still percent-encoded.
+    let path = Url::parse(&format!("file://{}", url.path()))
+        .ok()
+        .filter(|_| !url.cannot_be_a_base())
+        .ok_or_else(|| invalid(text, "not an absolute local path"))?
+        .to_file_path()
+        .map_err(|()| invalid(text, "not an absolute local path"))?;
+    if !path.is_absolute() || path.components().any(|c| c.as_os_str() == "..") {
+        return Err(invalid(text, "the path must be absolute and free of '..'"));
+    }
+    Ok((path, durable))
+}
+
 impl Location {
     /// Parse a cache URL. Unknown schemes, relative paths and unknown options are errors.
     pub fn parse(text: &str) -> Result<Self> {
@@ -107,42 +159,19 @@ impl Location {
             }
             #[cfg(feature = "fs")]
             "fs" | "file" => {
-                if url
-                    .host_str()
-                    .is_some_and(|h| !h.is_empty() && h != "localhost")
-                {
+                let (root, durable) = local_path_and_durability(text, &url)?;
+                Ok(Location::Fs { root, durable })
+            }
+            #[cfg(feature = "sqlite")]
+            "sqlite" => {
+                let (path, durable) = local_path_and_durability(text, &url)?;
+                if url.path().ends_with('/') {
                     return Err(invalid(
                         text,
-                        format!(
-                            "{}:// needs an absolute path with three slashes, e.g. {}:///var/cache/outcache",
-                            url.scheme(),
-                            url.scheme()
-                        ),
+                        "names a directory; give the database file, e.g. sqlite:///var/cache/outcache.db",
                     ));
                 }
-                let mut durable = true;
-                for (key, value) in url.query_pairs() {
-                    match key.as_ref() {
-                        "durable" => durable = parse_bool(text, "durable", &value)?,
-                        other => {
-                            return Err(invalid(
-                                text,
-                                format!("unknown option {other:?} (known: durable)"),
-                            ));
-                        }
-                    }
-                }
-                // `url` only turns `file:` URLs into paths; the path part is still percent-encoded.
-                let root = Url::parse(&format!("file://{}", url.path()))
-                    .ok()
-                    .filter(|_| !url.cannot_be_a_base())
-                    .ok_or_else(|| invalid(text, "not an absolute local path"))?
-                    .to_file_path()
-                    .map_err(|()| invalid(text, "not an absolute local path"))?;
-                if !root.is_absolute() || root.components().any(|c| c.as_os_str() == "..") {
-                    return Err(invalid(text, "the path must be absolute and free of '..'"));
-                }
-                Ok(Location::Fs { root, durable })
+                Ok(Location::Sqlite { path, durable })
             }
             other => Err(invalid(
                 text,
@@ -162,6 +191,11 @@ impl Location {
             Location::Fs { root, durable } => {
                 Arc::new(FsCache::open(root, FsOptions::default().durable(*durable))?)
             }
+            #[cfg(feature = "sqlite")]
+            Location::Sqlite { path, durable } => Arc::new(SqliteCache::open(
+                path,
+                SqliteOptions::default().durable(*durable),
+            )?),
         })
     }
 }
@@ -195,6 +229,17 @@ mod tests {
     }
 
     #[test]
+    fn parses_sqlite_urls() {
+        assert_eq!(
+            Location::parse("sqlite:///tmp/c.db?durable=false").unwrap(),
+            Location::Sqlite {
+                path: "/tmp/c.db".into(),
+                durable: false
+            }
+        );
+    }
+
+    #[test]
     fn refuses_bad_urls_with_a_reason() {
         for bad in [
             "fs://relative/dir",
@@ -202,6 +247,8 @@ mod tests {
             "ftp://x",
             "fs:///tmp/x?speed=fast",
             "fs:///tmp/x?durable=maybe",
+            "sqlite://relative.db",
+            "sqlite:///tmp/dir/",
             "not a url",
             "",
         ] {

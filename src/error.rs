@@ -76,6 +76,16 @@ pub enum Error {
         reason: String,
     },
 
+    /// A store location that exists but is not an outcache store of a version this build can use (a
+    /// foreign or corrupt database file, a newer schema). Nothing in it is modified or deleted.
+    #[error("{location} is not a usable outcache store: {reason}")]
+    NotACache {
+        /// The file, directory or URL.
+        location: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// A binary output too large to keep inline on a backend that cannot stream blobs.
     #[error(
         "binary output for {task_type} exceeds the inline limit of {limit} bytes and {backend} cannot stream blobs"

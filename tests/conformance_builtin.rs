@@ -31,3 +31,26 @@ mod rows_only {
         outcache::conformance::Fixture::new(std::sync::Arc::new(super::common::RowsOnly::default()))
     });
 }
+
+#[cfg(feature = "sqlite")]
+mod sqlite {
+    outcache::conformance_tests!(|| async { outcache::conformance::fixtures::sqlite_temp() });
+}
+
+#[cfg(feature = "sqlite")]
+mod sqlite_not_durable {
+    use std::sync::Arc;
+
+    use outcache::backends::sqlite::{SqliteCache, SqliteOptions};
+    use outcache::conformance::Fixture;
+
+    outcache::conformance_tests!(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = SqliteCache::open(
+            dir.path().join("c.db"),
+            SqliteOptions::default().durable(false),
+        )
+        .unwrap();
+        Fixture::with_guard(Arc::new(cache), dir)
+    });
+}

@@ -1,0 +1,941 @@
+//! The SQLite backend (`sqlite:///abs/path/cache.db`): one file, no server, safe for several processes on one
+//! machine. Real SQLite (rusqlite, `bundled`), WAL, `busy_timeout`, schema versioned by `user_version` and
+//! marked with an `application_id` so a foreign database is refused rather than written into.
+//!
+//! Rows are JSON text keyed by `(task_type, fingerprint)`; binary values inside them are base64 envelopes
+//! put there by the engine. Streamed blobs are chunk rows `(blob_id, seq, bytes)` of 256 KiB, each chunk
+//! committed in its own short transaction (the write lock is never held for a whole blob), then a manifest
+//! row in `blobs` written **last**: a blob exists only once its manifest does, so a crash mid-stream leaves
+//! only chunks without a manifest, which the janitor lists as temps. Chunks are committed with
+//! `synchronous=NORMAL` and the manifest with `FULL`: in WAL mode the manifest's fsync also makes every
+//! earlier chunk durable, so a blob costs one fsync, not one per chunk.
+//!
+//! All SQLite calls run on the blocking pool. One writer connection (behind a mutex) and a small pool of
+//! reader connections: WAL lets readers proceed while the writer writes; other processes wait on
+//! `busy_timeout`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::blob::BlobDigest;
+use crate::error::{Error, Result};
+use crate::store::{
+    BlobEntry, BlobMeta, BlobState, ByteStream, Capabilities, OutputCache, Row, RowEntry, Stats,
+};
+use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in};
+
+/// Prefix of every ref this backend hands out.
+pub const REF_PREFIX: &str = "sqlite://blobs/";
+/// Bytes per chunk row.
+pub const CHUNK_SIZE: usize = 256 * 1024;
+/// `PRAGMA application_id` of an outcache database ("outc").
+const APPLICATION_ID: i64 = 0x6F75_7463;
+/// The schema this build writes.
+const SCHEMA_VERSION: i64 = 1;
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_IDLE_READERS: usize = 4;
+
+const SCHEMA_V1: &str = "
+CREATE TABLE rows (
+    task_type   TEXT    NOT NULL,
+    fingerprint TEXT    NOT NULL,
+    output      TEXT    NOT NULL,
+    refs        TEXT    NOT NULL,  -- JSON array of the ref strings in output (for the janitor)
+    size        INTEGER NOT NULL,  -- bytes of output
+    created_at  INTEGER NOT NULL,  -- ms since the epoch
+    last_access INTEGER NOT NULL,  -- ms since the epoch (coarse; for size-budget eviction)
+    PRIMARY KEY (task_type, fingerprint)  -- also the task-type index prefix deletes range over
+);
+CREATE INDEX rows_created_at ON rows (created_at);
+CREATE TABLE blobs (
+    id         TEXT    PRIMARY KEY,
+    size       INTEGER NOT NULL,
+    sha256     TEXT    NOT NULL,
+    mime       TEXT,
+    port       TEXT,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE chunks (
+    blob_id    TEXT    NOT NULL,
+    seq        INTEGER NOT NULL,
+    bytes      BLOB    NOT NULL,
+    written_at INTEGER NOT NULL,
+    PRIMARY KEY (blob_id, seq)
+);
+";
+
+/// Options for [`SqliteCache`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct SqliteOptions {
+    /// `synchronous=FULL` for commits that publish rows and blobs (default true); false uses `NORMAL`
+    /// everywhere (a power loss may lose the latest commits, never tear them).
+    pub durable: bool,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions { durable: true }
+    }
+}
+
+impl SqliteOptions {
+    /// Set [`SqliteOptions::durable`].
+    pub fn durable(mut self, durable: bool) -> Self {
+        self.durable = durable;
+        self
+    }
+}
+
+#[derive(Debug)]
+struct Writer {
+    conn: Connection,
+    /// The `synchronous` level last set on `conn` (avoids a pragma per statement).
+    full_sync: bool,
+}
+
+impl Writer {
+    fn set_full_sync(&mut self, full: bool) -> rusqlite::Result<()> {
+        if self.full_sync != full {
+            let level = if full { "FULL" } else { "NORMAL" };
+            self.conn.pragma_update(None, "synchronous", level)?;
+            self.full_sync = full;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    path: PathBuf,
+    durable: bool,
+    writer: Mutex<Writer>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+/// A cache in one SQLite database file. Cloning shares the connections.
+#[derive(Clone, Debug)]
+pub struct SqliteCache {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Display for SqliteCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "sqlite({})", self.inner.path.display())
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn from_ms(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves the connection usable (a failed statement rolls back its
+    // transaction when the Transaction is dropped), so a poisoned lock is still safe to use.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The smallest string greater than every string that starts with `prefix` (`None`: no upper bound).
+/// SQLite compares TEXT bytewise, and UTF-8 byte order is code point order.
+fn prefix_upper_bound(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = (last as u32 + 1..=char::MAX as u32).find_map(char::from_u32);
+        if let Some(next) = next {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}
+
+impl SqliteCache {
+    /// Open (creating if needed) the database at `path`. Refuses, without modifying it, a file that is not
+    /// a SQLite database, a SQLite database that is not outcache's, or one with a newer schema.
+    pub fn open(path: impl Into<PathBuf>, options: SqliteOptions) -> Result<Self> {
+        let path = path.into();
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| Error::io("create database directory", parent, e))?;
+        }
+        if path.is_dir() {
+            return Err(Error::NotACache {
+                location: path.display().to_string(),
+                reason: "is a directory, not a database file".into(),
+            });
+        }
+        let mut conn = open_connection(&path, false)?;
+        migrate(&mut conn, &path)?;
+        let full_sync = options.durable;
+        conn.pragma_update(
+            None,
+            "synchronous",
+            if full_sync { "FULL" } else { "NORMAL" },
+        )
+        .map_err(|e| sql_error(&path, "set synchronous", e))?;
+        Ok(SqliteCache {
+            inner: Arc::new(Inner {
+                path,
+                durable: options.durable,
+                writer: Mutex::new(Writer { conn, full_sync }),
+                readers: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    fn err(&self, context: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> Error + '_ {
+        let context = context.into();
+        move |e| sql_error(&self.inner.path, &context, e)
+    }
+
+    /// Run `f` with the writer connection on the blocking pool.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&SqliteCache, &mut Writer) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let this = self.clone();
+        blocking(move || {
+            let mut writer = lock(&this.inner.writer);
+            f(&this, &mut writer)
+        })
+        .await
+    }
+
+    /// Run `f` with a reader connection on the blocking pool.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&SqliteCache, &Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let this = self.clone();
+        blocking(move || {
+            let conn = match lock(&this.inner.readers).pop() {
+                Some(c) => c,
+                None => open_connection(&this.inner.path, true)?,
+            };
+            let result = f(&this, &conn);
+            let mut idle = lock(&this.inner.readers);
+            if idle.len() < MAX_IDLE_READERS {
+                idle.push(conn);
+            }
+            result
+        })
+        .await
+    }
+
+    /// Delete rows matching `where_sql` (with `args`) and, in the same transaction, the blobs their refs
+    /// name. Returns the number of rows deleted.
+    async fn delete_rows_where(
+        &self,
+        where_sql: &'static str,
+        args: Vec<rusqlite::types::Value>,
+    ) -> Result<u64> {
+        self.write(move |this, w| {
+            w.set_full_sync(this.inner.durable)
+                .map_err(this.err("set synchronous"))?;
+            let tx = w
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(this.err("begin"))?;
+            let refs: Vec<String> = {
+                let mut stmt = tx
+                    .prepare(&format!("SELECT refs FROM rows WHERE {where_sql}"))
+                    .map_err(this.err("select rows to delete"))?;
+                let lists = stmt
+                    .query_map(rusqlite::params_from_iter(args.iter()), |r| {
+                        r.get::<_, String>(0)
+                    })
+                    .map_err(this.err("select rows to delete"))?
+                    .collect::<rusqlite::Result<Vec<String>>>()
+                    .map_err(this.err("select rows to delete"))?;
+                lists
+                    .iter()
+                    .flat_map(|l| serde_json::from_str::<Vec<String>>(l).unwrap_or_default())
+                    .collect()
+            };
+            let n = tx
+                .execute(
+                    &format!("DELETE FROM rows WHERE {where_sql}"),
+                    rusqlite::params_from_iter(args.iter()),
+                )
+                .map_err(this.err("delete rows"))?;
+            for r in refs {
+                if let Some(id) = parse_ref_name(&r, REF_PREFIX, "") {
+                    delete_blob_in(&tx, id).map_err(this.err(format!("delete blob {r}")))?;
+                }
+            }
+            tx.commit().map_err(this.err("commit delete"))?;
+            Ok(n as u64)
+        })
+        .await
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(Error::stream(format!("blocking task failed: {e}"))))
+}
+
+fn sql_error(path: &Path, context: &str, e: rusqlite::Error) -> Error {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => Error::NotACache {
+            location: path.display().to_string(),
+            reason: format!("{context}: {e}"),
+        },
+        _ => Error::Backend {
+            backend: format!("sqlite({})", path.display()),
+            context: context.to_owned(),
+            source: Box::new(e),
+        },
+    }
+}
+
+fn open_connection(path: &Path, read_only: bool) -> Result<Connection> {
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn =
+        Connection::open_with_flags(path, flags).map_err(|e| match e.sqlite_error_code() {
+            Some(ErrorCode::CannotOpen | ErrorCode::ReadOnly | ErrorCode::PermissionDenied) => {
+                Error::Io {
+                    op: "open database",
+                    path: path.to_owned(),
+                    source: std::io::Error::other(e),
+                }
+            }
+            _ => sql_error(path, "open database", e),
+        })?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(|e| sql_error(path, "set busy_timeout", e))?;
+    Ok(conn)
+}
+
+/// Bring a new database to the current schema; refuse foreign, corrupt or newer ones untouched.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
+    let refuse = |reason: String| Error::NotACache {
+        location: path.display().to_string(),
+        reason,
+    };
+    let err = |context: &str| {
+        let context = context.to_owned();
+        move |e| sql_error(path, &context, e)
+    };
+    // One read transaction, so the three values come from one snapshot even while another process is
+    // migrating the same file.
+    let read_header = |conn: &mut Connection| -> rusqlite::Result<(i64, i64, i64)> {
+        let tx = conn.transaction()?;
+        let tables: i64 = tx.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
+        let app: i64 = tx.query_row("PRAGMA application_id", [], |r| r.get(0))?;
+        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        tx.commit()?;
+        Ok((app, version, tables))
+    };
+    let (app, version, tables) = read_header(conn).map_err(err("read the database header"))?;
+    if app != 0 && app != APPLICATION_ID {
+        return Err(refuse(format!(
+            "it belongs to another application (application_id {app:#x})"
+        )));
+    }
+    if app == 0 && tables > 0 {
+        return Err(refuse(
+            "it is a SQLite database of another application (it has tables but no outcache mark)"
+                .into(),
+        ));
+    }
+    if version > SCHEMA_VERSION {
+        return Err(refuse(format!(
+            "its schema version {version} is newer than this build's {SCHEMA_VERSION}; upgrade outcache"
+        )));
+    }
+    let mode = enable_wal(conn).map_err(err("enable WAL"))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(refuse(format!(
+            "cannot enable WAL (journal mode stays {mode})"
+        )));
+    }
+    if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Exclusive)
+        .map_err(err("begin migration"))?;
+    // Another process may have migrated between our check and the lock.
+    let version: i64 = tx
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(err("read user_version"))?;
+    if version == 0 {
+        tx.execute_batch(SCHEMA_V1)
+            .map_err(err("create schema v1"))?;
+        tx.execute_batch(&format!(
+            "PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION};"
+        ))
+        .map_err(err("mark schema"))?;
+    }
+    tx.commit().map_err(err("commit migration"))
+}
+
+/// Switch to WAL (persistent in the file, so usually already on). The switch needs a moment with no
+/// other connection in a transaction, and SQLite does not run the busy handler for it: retry within the
+/// busy timeout, since several processes may open a fresh database at once.
+fn enable_wal(conn: &Connection) -> rusqlite::Result<String> {
+    let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+    if mode.eq_ignore_ascii_case("wal") {
+        return Ok(mode);
+    }
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get::<_, String>(0)) {
+            Err(e)
+                if e.sqlite_error_code() == Some(ErrorCode::DatabaseBusy)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn delete_blob_in(conn: &Connection, id: &str) -> rusqlite::Result<()> {
+    conn.execute("DELETE FROM blobs WHERE id = ?1", [id])?;
+    conn.execute("DELETE FROM chunks WHERE blob_id = ?1", [id])?;
+    Ok(())
+}
+
+/// The manifest of blob `id`: (size, sha256).
+fn manifest(conn: &Connection, id: &str) -> rusqlite::Result<Option<(i64, String)>> {
+    conn.query_row("SELECT size, sha256 FROM blobs WHERE id = ?1", [id], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })
+    .optional()
+}
+
+/// Deletes a blob's chunks if its write does not reach the manifest (error, failed stream, dropped
+/// future). On drop it finishes in the background, after any chunk insert still in flight.
+struct ChunkGuard {
+    cache: SqliteCache,
+    id: String,
+    pending: Option<tokio::task::JoinHandle<Result<()>>>,
+    armed: bool,
+}
+
+impl ChunkGuard {
+    async fn cleanup_now(&mut self) {
+        self.armed = false;
+        if let Some(p) = self.pending.take() {
+            let _ = p.await;
+        }
+        let id = self.id.clone();
+        let _ = self
+            .cache
+            .write(move |_, w| {
+                let _ = w
+                    .conn
+                    .execute("DELETE FROM chunks WHERE blob_id = ?1", [&id]);
+                Ok(())
+            })
+            .await;
+    }
+}
+
+impl Drop for ChunkGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (cache, id, pending) = (self.cache.clone(), self.id.clone(), self.pending.take());
+        let cleanup = async move {
+            if let Some(p) = pending {
+                let _ = p.await;
+            }
+            let _ = cache
+                .write(move |_, w| {
+                    let _ = w
+                        .conn
+                        .execute("DELETE FROM chunks WHERE blob_id = ?1", [&id]);
+                    Ok(())
+                })
+                .await;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(cleanup);
+            }
+            // No runtime (dropped outside one): the janitor removes the chunks later.
+            Err(_) => drop(cleanup),
+        }
+    }
+}
+
+#[async_trait]
+impl OutputCache for SqliteCache {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::ALL
+    }
+
+    async fn save_row(&self, key: &RowKey, output: &Value) -> Result<()> {
+        let text = serde_json::to_string(output).map_err(|e| Error::InvalidInput {
+            what: format!("output for {key}"),
+            reason: e.to_string(),
+        })?;
+        let refs: Vec<String> = refs_in(output).into_iter().map(|r| r.reference).collect();
+        let refs = serde_json::to_string(&refs).expect("a list of strings serialises");
+        let key = key.clone();
+        self.write(move |this, w| {
+            w.set_full_sync(this.inner.durable).map_err(this.err("set synchronous"))?;
+            let now = now_ms();
+            w.conn
+                .execute(
+                    "INSERT INTO rows (task_type, fingerprint, output, refs, size, created_at, last_access)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+                     ON CONFLICT (task_type, fingerprint) DO UPDATE SET
+                       output = excluded.output, refs = excluded.refs, size = excluded.size,
+                       created_at = excluded.created_at, last_access = excluded.last_access",
+                    params![key.task_type(), key.fingerprint(), text, refs, text.len() as i64, now],
+                )
+                .map_err(this.err(format!("save row {key}")))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_row(&self, key: &RowKey) -> Result<Option<Row>> {
+        let key = key.clone();
+        self.read(move |this, conn| {
+            let found: Option<(String, i64)> = conn
+                .query_row(
+                    "SELECT output, created_at FROM rows WHERE task_type = ?1 AND fingerprint = ?2",
+                    params![key.task_type(), key.fingerprint()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(this.err(format!("get row {key}")))?;
+            let Some((text, created)) = found else {
+                return Ok(None);
+            };
+            let output = serde_json::from_str(&text).map_err(|e| Error::CorruptRow {
+                task_type: key.task_type().into(),
+                fingerprint: key.fingerprint().into(),
+                reason: format!("stored output is not valid JSON: {e}"),
+            })?;
+            Ok(Some(Row {
+                output,
+                created_at: from_ms(created),
+            }))
+        })
+        .await
+    }
+
+    async fn delete_row(&self, key: &RowKey) -> Result<bool> {
+        let args = vec![
+            key.task_type().to_owned().into(),
+            key.fingerprint().to_owned().into(),
+        ];
+        Ok(self
+            .delete_rows_where("task_type = ?1 AND fingerprint = ?2", args)
+            .await?
+            > 0)
+    }
+
+    async fn delete_prefix(&self, task_type_prefix: &str) -> Result<u64> {
+        match prefix_upper_bound(task_type_prefix) {
+            Some(upper) => {
+                let args = vec![task_type_prefix.to_owned().into(), upper.into()];
+                self.delete_rows_where("task_type >= ?1 AND task_type < ?2", args)
+                    .await
+            }
+            None => {
+                let args = vec![task_type_prefix.to_owned().into()];
+                self.delete_rows_where("task_type >= ?1", args).await
+            }
+        }
+    }
+
+    async fn clear_older_than(&self, cutoff: SystemTime) -> Result<u64> {
+        let ms = cutoff
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        self.delete_rows_where("created_at < ?1", vec![ms.into()])
+            .await
+    }
+
+    async fn stats(&self) -> Result<Stats> {
+        self.read(|this, conn| {
+            let (rows, row_bytes): (i64, i64) = conn
+                .query_row("SELECT count(*), coalesce(sum(size), 0) FROM rows", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .map_err(this.err("count rows"))?;
+            let (blobs, blob_bytes): (i64, i64) = conn
+                .query_row("SELECT count(*), coalesce(sum(size), 0) FROM blobs", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .map_err(this.err("count blobs"))?;
+            let temps: i64 = conn
+                .query_row(
+                    "SELECT count(DISTINCT blob_id) FROM chunks WHERE blob_id NOT IN (SELECT id FROM blobs)",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(this.err("count temps"))?;
+            Ok(Stats {
+                rows: rows as u64,
+                row_bytes: row_bytes as u64,
+                blobs: blobs as u64,
+                blob_bytes: blob_bytes as u64,
+                temps: temps as u64,
+            })
+        })
+        .await
+    }
+
+    async fn list_rows(&self) -> Result<Vec<RowEntry>> {
+        self.read(|this, conn| {
+            let mut stmt = conn
+                .prepare("SELECT task_type, fingerprint, created_at, size, refs FROM rows")
+                .map_err(this.err("list rows"))?;
+            let raw = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, String>(4)?,
+                    ))
+                })
+                .map_err(this.err("list rows"))?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(this.err("list rows"))?;
+            raw.into_iter()
+                .map(|(task, fp, created, size, refs)| {
+                    let corrupt = |reason: String| Error::CorruptRow {
+                        task_type: task.clone(),
+                        fingerprint: fp.clone(),
+                        reason,
+                    };
+                    let key = RowKey::from_parts(&task, &fp).map_err(|e| corrupt(e.to_string()))?;
+                    let refs = serde_json::from_str(&refs)
+                        .map_err(|e| corrupt(format!("refs column is not a JSON list: {e}")))?;
+                    Ok(RowEntry {
+                        key,
+                        created_at: from_ms(created),
+                        size: size as u64,
+                        refs,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn list_blobs(&self) -> Result<Vec<BlobEntry>> {
+        self.read(|this, conn| {
+            let mut out = Vec::new();
+            let mut stmt = conn
+                .prepare("SELECT id, size, created_at FROM blobs")
+                .map_err(this.err("list blobs"))?;
+            let published = stmt
+                .query_map([], |r| {
+                    Ok(BlobEntry {
+                        id: format!("{REF_PREFIX}{}", r.get::<_, String>(0)?),
+                        state: BlobState::Published,
+                        size: r.get::<_, i64>(1)? as u64,
+                        modified: from_ms(r.get(2)?),
+                    })
+                })
+                .map_err(this.err("list blobs"))?;
+            for entry in published {
+                out.push(entry.map_err(this.err("list blobs"))?);
+            }
+            let mut stmt = conn
+                .prepare(
+                    "SELECT blob_id, sum(length(bytes)), max(written_at) FROM chunks
+                     WHERE blob_id NOT IN (SELECT id FROM blobs) GROUP BY blob_id",
+                )
+                .map_err(this.err("list temps"))?;
+            let temps = stmt
+                .query_map([], |r| {
+                    Ok(BlobEntry {
+                        id: r.get(0)?,
+                        state: BlobState::Temp,
+                        size: r.get::<_, i64>(1)? as u64,
+                        modified: from_ms(r.get(2)?),
+                    })
+                })
+                .map_err(this.err("list temps"))?;
+            for entry in temps {
+                out.push(entry.map_err(this.err("list temps"))?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn remove_temp(&self, id: &str) -> Result<bool> {
+        let id = id.to_owned();
+        self.write(move |this, w| {
+            let n = w
+                .conn
+                .execute(
+                    "DELETE FROM chunks WHERE blob_id = ?1 AND NOT EXISTS (SELECT 1 FROM blobs WHERE id = ?1)",
+                    [&id],
+                )
+                .map_err(this.err(format!("remove temp {id}")))?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn write_blob(&self, meta: &BlobMeta, mut data: ByteStream) -> Result<CacheRef> {
+        let id = Uuid::new_v4().simple().to_string();
+        let mut guard = ChunkGuard {
+            cache: self.clone(),
+            id: id.clone(),
+            pending: None,
+            armed: true,
+        };
+        let mut digest = BlobDigest::new();
+        let mut page = BytesMut::with_capacity(CHUNK_SIZE);
+        let mut seq: i64 = 0;
+        let mut stream_error = None;
+        loop {
+            let next = data.next().await;
+            let end = match next {
+                Some(Ok(chunk)) => {
+                    digest.update(&chunk);
+                    let mut rest = &chunk[..];
+                    while !rest.is_empty() {
+                        let take = (CHUNK_SIZE - page.len()).min(rest.len());
+                        page.extend_from_slice(&rest[..take]);
+                        rest = &rest[take..];
+                        if page.len() == CHUNK_SIZE {
+                            self.insert_chunk(&mut guard, seq, page.split().freeze())
+                                .await?;
+                            seq += 1;
+                        }
+                    }
+                    false
+                }
+                Some(Err(e)) => {
+                    stream_error = Some(e);
+                    true
+                }
+                None => true,
+            };
+            if end {
+                break;
+            }
+        }
+        if let Some(e) = stream_error {
+            guard.cleanup_now().await;
+            return Err(match e {
+                e @ Error::Stream { .. } => e,
+                other => Error::stream(other),
+            });
+        }
+        if !page.is_empty() {
+            self.insert_chunk(&mut guard, seq, page.split().freeze())
+                .await?;
+        }
+        if let Some(p) = guard.pending.take() {
+            if let Err(e) = p
+                .await
+                .unwrap_or_else(|e| Err(Error::stream(format!("chunk insert failed: {e}"))))
+            {
+                guard.cleanup_now().await;
+                return Err(e);
+            }
+        }
+        let reference = format!("{REF_PREFIX}{id}");
+        let cache_ref = digest.into_ref(reference, meta);
+        let (size, sha) = (
+            cache_ref.size.unwrap_or(0) as i64,
+            cache_ref.sha256.clone().unwrap_or_default(),
+        );
+        let (mime, port, manifest_id) = (meta.mime.clone(), meta.port.clone(), id.clone());
+        let published = self
+            .write(move |this, w| {
+                // FULL here also makes every chunk committed before it durable (WAL order).
+                w.set_full_sync(this.inner.durable).map_err(this.err("set synchronous"))?;
+                w.conn
+                    .execute(
+                        "INSERT INTO blobs (id, size, sha256, mime, port, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                        params![manifest_id, size, sha, mime, port, now_ms()],
+                    )
+                    .map_err(this.err(format!("publish blob {manifest_id}")))?;
+                Ok(())
+            })
+            .await;
+        if let Err(e) = published {
+            guard.cleanup_now().await;
+            return Err(e);
+        }
+        guard.armed = false;
+        Ok(cache_ref)
+    }
+
+    async fn read_blob(&self, reference: &str) -> Result<Option<Bytes>> {
+        let Some(id) = parse_ref_name(reference, REF_PREFIX, "").map(str::to_owned) else {
+            return Ok(None);
+        };
+        self.read(move |this, conn| {
+            let Some((size, _)) =
+                manifest(conn, &id).map_err(this.err(format!("read blob {id}")))?
+            else {
+                return Ok(None);
+            };
+            let mut out = BytesMut::with_capacity(size.max(0) as usize);
+            let mut stmt = conn
+                .prepare_cached("SELECT bytes FROM chunks WHERE blob_id = ?1 ORDER BY seq")
+                .map_err(this.err(format!("read blob {id}")))?;
+            let mut rows = stmt
+                .query([&id])
+                .map_err(this.err(format!("read blob {id}")))?;
+            while let Some(row) = rows.next().map_err(this.err(format!("read blob {id}")))? {
+                let bytes = row
+                    .get_ref(0)
+                    .and_then(|v| Ok(v.as_blob()?))
+                    .map_err(this.err(format!("read blob {id}")))?;
+                out.extend_from_slice(bytes);
+            }
+            Ok(Some(out.freeze()))
+        })
+        .await
+    }
+
+    async fn open_blob(&self, reference: &str) -> Result<Option<ByteStream>> {
+        let Some(id) = parse_ref_name(reference, REF_PREFIX, "").map(str::to_owned) else {
+            return Ok(None);
+        };
+        let id_for_manifest = id.clone();
+        let found = self
+            .read(move |this, conn| manifest(conn, &id_for_manifest).map_err(this.err("open blob")))
+            .await?;
+        let Some((size, _)) = found else {
+            return Ok(None);
+        };
+        let chunks = (size.max(0) as usize).div_ceil(CHUNK_SIZE) as i64;
+        // One chunk row per step: memory stays at one chunk, and no connection is held between steps.
+        let this = self.clone();
+        let stream = futures::stream::try_unfold(0i64, move |seq| {
+            let (this, id) = (this.clone(), id.clone());
+            async move {
+                if seq == chunks {
+                    return Ok(None);
+                }
+                let bytes = this
+                    .read(move |this, conn| {
+                        let context = format!("read blob {id} chunk {seq}");
+                        conn.query_row(
+                            "SELECT bytes FROM chunks WHERE blob_id = ?1 AND seq = ?2",
+                            params![id, seq],
+                            |r| r.get::<_, Vec<u8>>(0),
+                        )
+                        .optional()
+                        .map_err(this.err(&context))?
+                        .ok_or_else(|| Error::Backend {
+                            backend: this.to_string(),
+                            context,
+                            source: "the chunk is gone (the blob was deleted while being read)"
+                                .into(),
+                        })
+                    })
+                    .await?;
+                Ok(Some((Bytes::from(bytes), seq + 1)))
+            }
+        });
+        Ok(Some(stream.boxed()))
+    }
+
+    async fn delete_blob(&self, reference: &str) -> Result<()> {
+        let Some(id) = parse_ref_name(reference, REF_PREFIX, "").map(str::to_owned) else {
+            return Ok(());
+        };
+        self.write(move |this, w| {
+            w.set_full_sync(this.inner.durable)
+                .map_err(this.err("set synchronous"))?;
+            let tx = w
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(this.err("begin"))?;
+            delete_blob_in(&tx, &id).map_err(this.err(format!("delete blob {id}")))?;
+            tx.commit().map_err(this.err(format!("delete blob {id}")))
+        })
+        .await
+    }
+}
+
+impl SqliteCache {
+    /// Commit one chunk row in its own short transaction, on the blocking pool, while the caller goes on
+    /// hashing the next page (one insert in flight at a time).
+    async fn insert_chunk(&self, guard: &mut ChunkGuard, seq: i64, page: Bytes) -> Result<()> {
+        if let Some(previous) = guard.pending.take() {
+            previous
+                .await
+                .unwrap_or_else(|e| Err(Error::stream(format!("chunk insert failed: {e}"))))?;
+        }
+        let this = self.clone();
+        let id = guard.id.clone();
+        guard.pending = Some(tokio::task::spawn_blocking(move || {
+            let mut w = lock(&this.inner.writer);
+            w.set_full_sync(false)
+                .map_err(this.err("set synchronous"))?;
+            w.conn
+                .execute(
+                    "INSERT INTO chunks (blob_id, seq, bytes, written_at) VALUES (?1, ?2, ?3, ?4)",
+                    params![id, seq, &page[..], now_ms()],
+                )
+                .map_err(this.err(format!("write blob {id} chunk {seq}")))?;
+            Ok(())
+        }));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_upper_bounds_cover_exactly_the_prefix() {
+        assert_eq!(prefix_upper_bound(""), None);
+        assert_eq!(prefix_upper_bound("build-").as_deref(), Some("build."));
+        assert_eq!(prefix_upper_bound("a\u{10FFFF}").as_deref(), Some("b"));
+        assert_eq!(prefix_upper_bound("\u{10FFFF}"), None);
+        assert_eq!(prefix_upper_bound("\u{D7FF}").as_deref(), Some("\u{E000}"));
+        let upper = prefix_upper_bound("session1").unwrap();
+        for inside in ["session1", "session1-", "session1\u{10FFFF}x"] {
+            assert!(inside >= "session1" && inside < upper.as_str(), "{inside}");
+        }
+        for outside in ["session2", "session", "sessiom"] {
+            assert!(
+                !(outside >= "session1" && outside < upper.as_str()),
+                "{outside}"
+            );
+        }
+    }
+}

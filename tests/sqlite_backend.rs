@@ -1,0 +1,322 @@
+#![cfg(feature = "sqlite")]
+//! What only the SQLite backend can show: what sits in the database file, refusing files that are not
+//! ours, chunks without a manifest as janitor temps, a blob deleted mid-read, and several processes on
+//! one file.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use outcache::backends::sqlite::{CHUNK_SIZE, SqliteCache, SqliteOptions};
+use outcache::janitor::sweep_orphans;
+use outcache::{BlobOptions, BlobState, Cache, CacheRef, Error, InlineBinary, OutputCache};
+use serde_json::{Value, json};
+
+fn open(path: &Path) -> Arc<SqliteCache> {
+    Arc::new(SqliteCache::open(path, SqliteOptions::default()).unwrap())
+}
+
+fn stream(data: Vec<u8>) -> outcache::ByteStream {
+    futures::stream::iter([Ok(bytes::Bytes::from(data))]).boxed()
+}
+
+#[tokio::test]
+async fn small_binary_outputs_sit_in_the_row_as_base64_envelopes() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("c.db");
+    let cache = Cache::new(open(&db));
+    let data: Vec<u8> = (0..1024u32).map(|i| (i * 7 % 256) as u8).collect();
+    let blob = BlobOptions {
+        mime: Some("image/x-icon".into()),
+        port: None,
+    };
+    cache
+        .put_stream(
+            "icons/render",
+            &json!({"s": 16}),
+            stream(data.clone()),
+            blob,
+        )
+        .await
+        .unwrap();
+
+    let raw = rusqlite::Connection::open(&db).unwrap();
+    let text: String = raw
+        .query_row("SELECT output FROM rows", [], |r| r.get(0))
+        .unwrap();
+    let stored: Value = serde_json::from_str(&text).unwrap();
+    let inline = InlineBinary::decode(&stored)
+        .unwrap()
+        .expect("the row holds an envelope");
+    assert_eq!(
+        inline.bytes, data,
+        "bytes written inline come back byte-identical"
+    );
+    assert_eq!(inline.mime.as_deref(), Some("image/x-icon"));
+    let blobs: i64 = raw
+        .query_row("SELECT count(*) FROM blobs", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(blobs, 0);
+
+    let got = cache
+        .get("icons/render", &json!({"s": 16}))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(InlineBinary::decode(&got).unwrap().unwrap().bytes, data);
+}
+
+#[test]
+fn files_that_are_not_ours_are_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.db");
+    let junk = vec![0x42u8; 8192];
+    std::fs::write(&garbage, &junk).unwrap();
+    let foreign = dir.path().join("foreign.db");
+    {
+        let c = rusqlite::Connection::open(&foreign).unwrap();
+        c.execute_batch("CREATE TABLE accounts (id INTEGER PRIMARY KEY, balance INTEGER); INSERT INTO accounts VALUES (1, 100);").unwrap();
+    }
+    let foreign_bytes = std::fs::read(&foreign).unwrap();
+    let newer = dir.path().join("newer.db");
+    {
+        drop(SqliteCache::open(&newer, SqliteOptions::default()).unwrap());
+        let c = rusqlite::Connection::open(&newer).unwrap();
+        c.execute_batch("PRAGMA user_version = 99;").unwrap();
+    }
+    for (path, mentions) in [
+        (&garbage, "not a database"),
+        (&foreign, "another application"),
+        (&newer, "newer"),
+    ] {
+        match SqliteCache::open(path, SqliteOptions::default()) {
+            Err(e @ Error::NotACache { .. }) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains(&*path.display().to_string()) && msg.contains(mentions),
+                    "{msg}"
+                );
+            }
+            other => panic!("{}: expected NotACache, got {other:?}", path.display()),
+        }
+    }
+    assert_eq!(std::fs::read(&garbage).unwrap(), junk);
+    assert_eq!(std::fs::read(&foreign).unwrap(), foreign_bytes);
+    match SqliteCache::open(dir.path(), SqliteOptions::default()) {
+        Err(Error::NotACache { reason, .. }) => assert!(reason.contains("directory")),
+        other => panic!("a directory: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn chunks_without_a_manifest_are_temps_the_janitor_removes_after_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("c.db");
+    let cache = open(&db);
+    {
+        // What a writer killed mid-stream leaves: chunk rows and no manifest.
+        let raw = rusqlite::Connection::open(&db).unwrap();
+        let old = 1_000i64; // 1970: long past any grace period
+        raw.execute(
+            "INSERT INTO chunks VALUES ('deadwriter', 0, x'00ff', ?1)",
+            [old],
+        )
+        .unwrap();
+        raw.execute(
+            "INSERT INTO chunks VALUES ('deadwriter', 1, x'01', ?1)",
+            [old],
+        )
+        .unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        raw.execute(
+            "INSERT INTO chunks VALUES ('inflight', 0, x'02', ?1)",
+            [now],
+        )
+        .unwrap();
+    }
+    let temps: Vec<_> = cache
+        .list_blobs()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.state == BlobState::Temp)
+        .collect();
+    assert_eq!(temps.len(), 2, "{temps:?}");
+    let dead = temps.iter().find(|t| t.id == "deadwriter").unwrap();
+    assert_eq!(dead.size, 3);
+    assert_eq!(cache.stats().await.unwrap().temps, 2);
+
+    let sweep = sweep_orphans(cache.as_ref(), Duration::from_secs(3600), false)
+        .await
+        .unwrap();
+    assert_eq!(sweep.temps.len(), 1);
+    let left: Vec<String> = cache
+        .list_blobs()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(left, ["inflight"]);
+}
+
+#[tokio::test]
+async fn a_blob_deleted_mid_read_ends_the_stream_with_an_error_not_short_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(&dir.path().join("c.db"));
+    let data = vec![9u8; CHUNK_SIZE * 3];
+    let r = cache
+        .write_blob(&Default::default(), stream(data))
+        .await
+        .unwrap();
+    let mut s = cache.open_blob(&r.reference).await.unwrap().unwrap();
+    assert_eq!(s.next().await.unwrap().unwrap().len(), CHUNK_SIZE);
+    cache.delete_blob(&r.reference).await.unwrap();
+    match s.next().await {
+        Some(Err(Error::Backend { source, .. })) => {
+            assert!(source.to_string().contains("deleted while being read"))
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+fn run(bin: &str, url: &str, args: &[&str], stdin: Option<Vec<u8>>) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new(bin)
+        .arg("--url")
+        .arg(url)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(bytes) = stdin {
+        child.stdin.take().unwrap().write_all(&bytes).unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn cli_put_blob_is_inline_when_small_and_a_verified_ref_when_large() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/c.db", dir.path().display());
+    let bin = env!("CARGO_BIN_EXE_outcache");
+    let small = run(
+        bin,
+        &url,
+        &["put-blob", "t", "--inputs", "{\"n\":1}"],
+        Some(vec![1u8; 1024]),
+    );
+    assert!(
+        small.status.success(),
+        "{}",
+        String::from_utf8_lossy(&small.stderr)
+    );
+    let small: Value = serde_json::from_slice(&small.stdout).unwrap();
+    assert_eq!(small["__binaryPortWire"], 1);
+
+    let big: Vec<u8> = (0..10 << 20).map(|i: u32| (i % 241) as u8).collect();
+    let out = run(
+        bin,
+        &url,
+        &["put-blob", "t", "--inputs", "{\"n\":2}"],
+        Some(big.clone()),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stored: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = CacheRef::from_value(&stored).expect("10 MiB becomes a ref");
+    assert!(
+        r.reference.starts_with("sqlite://blobs/"),
+        "{}",
+        r.reference
+    );
+    let cat = run(bin, &url, &["cat", &stored.to_string()], None);
+    assert!(cat.status.success());
+    assert!(cat.stdout == big, "cat returned other bytes");
+}
+
+#[test]
+fn two_processes_hammering_one_database_finish_without_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/shared.db", dir.path().display());
+    let bin = env!("CARGO_BIN_EXE_outcache");
+    let workers: Vec<_> = (0..2)
+        .map(|p| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                for i in 0..25 {
+                    // Same keys from both processes, and a private one each.
+                    for inputs in [json!({"shared": i}), json!({"process": p, "i": i})] {
+                        let inputs = inputs.to_string();
+                        let value = json!({"by": p, "i": i}).to_string();
+                        let put = run(
+                            bin,
+                            &url,
+                            &["put", "hammer", "--inputs", &inputs, "--output", &value],
+                            None,
+                        );
+                        assert!(
+                            put.status.success(),
+                            "put: {}",
+                            String::from_utf8_lossy(&put.stderr)
+                        );
+                        let get = run(bin, &url, &["get", "hammer", "--inputs", &inputs], None);
+                        assert!(
+                            get.status.success(),
+                            "get: {}",
+                            String::from_utf8_lossy(&get.stderr)
+                        );
+                        let got: Value = serde_json::from_slice(&get.stdout).unwrap();
+                        assert_eq!(got["i"], i, "a torn or foreign row: {got}");
+                    }
+                    let blob = vec![p as u8; 100_000 + i];
+                    let out = run(
+                        bin,
+                        &url,
+                        &[
+                            "put-blob",
+                            "hammer/blob",
+                            "--inputs",
+                            &json!({"i": i}).to_string(),
+                        ],
+                        Some(blob),
+                    );
+                    assert!(
+                        out.status.success(),
+                        "put-blob: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                    let cat = run(
+                        bin,
+                        &url,
+                        &["cat", &String::from_utf8_lossy(&out.stdout)],
+                        None,
+                    );
+                    assert!(
+                        cat.status.success(),
+                        "cat: {}",
+                        String::from_utf8_lossy(&cat.stderr)
+                    );
+                    assert_eq!(cat.stdout.len(), 100_000 + i);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("a worker failed");
+    }
+}
