@@ -119,6 +119,8 @@ struct Inner {
     durable: bool,
     writer: Mutex<Writer>,
     readers: Mutex<Vec<Connection>>,
+    /// A reader with no busy timeout for inline point reads (see `get_row`).
+    fast_reader: Mutex<Connection>,
 }
 
 /// A cache in one SQLite database file. Cloning shares the connections.
@@ -180,6 +182,10 @@ impl SqliteCache {
         }
         let mut conn = open_connection(&path, false)?;
         migrate(&mut conn, &path)?;
+        let fast_reader = open_connection(&path, true)?;
+        fast_reader
+            .busy_timeout(Duration::ZERO)
+            .map_err(|e| sql_error(&path, "set busy_timeout", e))?;
         let full_sync = options.durable;
         conn.pragma_update(
             None,
@@ -193,6 +199,7 @@ impl SqliteCache {
                 durable: options.durable,
                 writer: Mutex::new(Writer { conn, full_sync }),
                 readers: Mutex::new(Vec::new()),
+                fast_reader: Mutex::new(fast_reader),
             }),
         })
     }
@@ -419,6 +426,35 @@ fn enable_wal(conn: &Connection) -> rusqlite::Result<String> {
     }
 }
 
+fn read_row(conn: &Connection, key: &RowKey) -> rusqlite::Result<Option<(String, i64)>> {
+    conn.prepare_cached(
+        "SELECT output, created_at FROM rows WHERE task_type = ?1 AND fingerprint = ?2",
+    )?
+    .query_row(params![key.task_type(), key.fingerprint()], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })
+    .optional()
+}
+
+fn decode_row(
+    cache: &SqliteCache,
+    key: &RowKey,
+    found: rusqlite::Result<Option<(String, i64)>>,
+) -> Result<Option<Row>> {
+    let Some((text, created)) = found.map_err(cache.err(format!("get row {key}")))? else {
+        return Ok(None);
+    };
+    let output = serde_json::from_str(&text).map_err(|e| Error::CorruptRow {
+        task_type: key.task_type().into(),
+        fingerprint: key.fingerprint().into(),
+        reason: format!("stored output is not valid JSON: {e}"),
+    })?;
+    Ok(Some(Row {
+        output,
+        created_at: from_ms(created),
+    }))
+}
+
 fn delete_blob_in(conn: &Connection, id: &str) -> rusqlite::Result<()> {
     conn.execute("DELETE FROM blobs WHERE id = ?1", [id])?;
     conn.execute("DELETE FROM chunks WHERE blob_id = ?1", [id])?;
@@ -508,14 +544,16 @@ impl OutputCache for SqliteCache {
             w.set_full_sync(this.inner.durable).map_err(this.err("set synchronous"))?;
             let now = now_ms();
             w.conn
-                .execute(
+                .prepare_cached(
                     "INSERT INTO rows (task_type, fingerprint, output, refs, size, created_at, last_access)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
                      ON CONFLICT (task_type, fingerprint) DO UPDATE SET
                        output = excluded.output, refs = excluded.refs, size = excluded.size,
                        created_at = excluded.created_at, last_access = excluded.last_access",
-                    params![key.task_type(), key.fingerprint(), text, refs, text.len() as i64, now],
                 )
+                .and_then(|mut stmt| {
+                    stmt.execute(params![key.task_type(), key.fingerprint(), text, refs, text.len() as i64, now])
+                })
                 .map_err(this.err(format!("save row {key}")))?;
             Ok(())
         })
@@ -523,30 +561,19 @@ impl OutputCache for SqliteCache {
     }
 
     async fn get_row(&self, key: &RowKey) -> Result<Option<Row>> {
+        // Fast path: a point read by primary key on the calling thread, with a connection that never
+        // waits for a lock. It is one B-tree descent, usually in the page cache, and the hop to the
+        // blocking pool would cost several times as much. Contention or a busy database falls through
+        // to the pool, where the read may wait for `busy_timeout`.
+        if let Ok(fast) = self.inner.fast_reader.try_lock() {
+            match read_row(&fast, key) {
+                Err(e) if e.sqlite_error_code() == Some(ErrorCode::DatabaseBusy) => {}
+                other => return decode_row(self, key, other),
+            }
+        }
         let key = key.clone();
-        self.read(move |this, conn| {
-            let found: Option<(String, i64)> = conn
-                .query_row(
-                    "SELECT output, created_at FROM rows WHERE task_type = ?1 AND fingerprint = ?2",
-                    params![key.task_type(), key.fingerprint()],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()
-                .map_err(this.err(format!("get row {key}")))?;
-            let Some((text, created)) = found else {
-                return Ok(None);
-            };
-            let output = serde_json::from_str(&text).map_err(|e| Error::CorruptRow {
-                task_type: key.task_type().into(),
-                fingerprint: key.fingerprint().into(),
-                reason: format!("stored output is not valid JSON: {e}"),
-            })?;
-            Ok(Some(Row {
-                output,
-                created_at: from_ms(created),
-            }))
-        })
-        .await
+        self.read(move |this, conn| decode_row(this, &key, read_row(conn, &key)))
+            .await
     }
 
     async fn delete_row(&self, key: &RowKey) -> Result<bool> {

@@ -4,14 +4,17 @@
 //!
 //! Run: `cargo bench --bench fs_write` (set `OUTCACHE_BENCH_DIR` to measure another disk).
 
-use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[path = "common.rs"]
+mod common;
 
 use bytes::Bytes;
+use common::Samples;
 use criterion::{BenchmarkId, Criterion, Throughput};
 use futures::StreamExt;
 use outcache::backends::fs::{FsCache, FsOptions};
@@ -20,8 +23,6 @@ use sha2::{Digest, Sha256};
 
 const CHUNK: usize = 1 << 20;
 const SIZES_MIB: [usize; 2] = [64, 256];
-
-type Samples = Arc<Mutex<BTreeMap<(usize, &'static str), Vec<Duration>>>>;
 
 fn chunks(mib: usize) -> Vec<Bytes> {
     let base: Vec<u8> = (0..CHUNK * 2).map(|i| (i * 131 % 251) as u8).collect();
@@ -71,24 +72,18 @@ fn bench(c: &mut Criterion, samples: &Samples) {
         let data = chunks(mib);
         group.throughput(Throughput::Bytes((mib * CHUNK) as u64));
 
+        let case = format!("{mib}MiB");
         for (name, label, hash) in [
             ("raw_write_fsync_rename", "raw", false),
-            ("raw_sha256_write_fsync_rename", "raw+sha", true),
+            ("raw_sha256_write_fsync_rename", "raw+sha256", true),
         ] {
-            let s = samples.clone();
             group.bench_with_input(BenchmarkId::new(name, mib), &data, |b, data| {
                 b.iter_custom(|iters| {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
-                        let start = Instant::now();
-                        raw_durable_write(&raw_dir, data, hash);
-                        let took = start.elapsed();
-                        total += took;
-                        s.lock()
-                            .unwrap()
-                            .entry((mib, label))
-                            .or_default()
-                            .push(took);
+                        total += samples
+                            .time(&case, label, || raw_durable_write(&raw_dir, data, hash))
+                            .0;
                         fs::remove_file(raw_dir.join("raw.bin")).unwrap();
                     }
                     total
@@ -96,7 +91,6 @@ fn bench(c: &mut Criterion, samples: &Samples) {
             });
         }
 
-        let s = samples.clone();
         group.bench_with_input(
             BenchmarkId::new("outcache_write_blob", mib),
             &data,
@@ -106,17 +100,11 @@ fn bench(c: &mut Criterion, samples: &Samples) {
                     for _ in 0..iters {
                         let stream =
                             futures::stream::iter(data.clone().into_iter().map(Ok)).boxed();
-                        let start = Instant::now();
-                        let r = rt
-                            .block_on(cache.write_blob(&BlobMeta::default(), stream))
-                            .unwrap();
-                        let took = start.elapsed();
+                        let (took, r) = samples.time(&case, "outcache", || {
+                            rt.block_on(cache.write_blob(&BlobMeta::default(), stream))
+                                .unwrap()
+                        });
                         total += took;
-                        s.lock()
-                            .unwrap()
-                            .entry((mib, "outcache"))
-                            .or_default()
-                            .push(took);
                         rt.block_on(cache.delete_blob(&r.reference)).unwrap();
                     }
                     total
@@ -127,39 +115,25 @@ fn bench(c: &mut Criterion, samples: &Samples) {
     group.finish();
 }
 
-fn median(v: &mut [Duration]) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 fn main() {
-    let samples: Samples = Arc::default();
+    let samples = Samples::default();
     let mut c = Criterion::default().configure_from_args();
     bench(&mut c, &samples);
     c.final_summary();
-    let mut samples = samples.lock().unwrap();
-    println!(
-        "\nmedian MB/s   raw    raw+sha256   outcache   outcache/raw (target >= 0.90)   outcache/raw+sha256"
+    let cases: Vec<String> = SIZES_MIB.iter().map(|m| format!("{m}MiB")).collect();
+    let cases: Vec<&str> = cases.iter().map(String::as_str).collect();
+    let mb = |case: &str| {
+        (
+            case.trim_end_matches("MiB").parse::<f64>().unwrap() * 1.048576,
+            "MB",
+        )
+    };
+    samples.print_ratio(
+        "fs streaming write (target ratio >= 0.90)",
+        &cases,
+        "raw",
+        "outcache",
+        mb,
     );
-    for mib in SIZES_MIB {
-        let mut take = |label| {
-            samples
-                .remove(&(mib, label))
-                .map(|mut v: Vec<Duration>| median(&mut v))
-        };
-        let (Some(raw), Some(raw_sha), Some(ours)) =
-            (take("raw"), take("raw+sha"), take("outcache"))
-        else {
-            continue;
-        };
-        let rate = |d: Duration| (mib * CHUNK) as f64 / 1e6 / d.as_secs_f64();
-        println!(
-            "{mib:>4} MiB  {:>9.0}  {:>11.0}  {:>9.0}   {:>27.2}   {:>19.2}",
-            rate(raw),
-            rate(raw_sha),
-            rate(ours),
-            raw.as_secs_f64() / ours.as_secs_f64(),
-            raw_sha.as_secs_f64() / ours.as_secs_f64()
-        );
-    }
+    samples.print_ratio("fs streaming write", &cases, "raw+sha256", "outcache", mb);
 }

@@ -1,0 +1,178 @@
+//! SQLite backend against raw rusqlite with the same pragmas (WAL, synchronous=FULL, busy_timeout) and the
+//! same table and indexes (the `created_at` index is part of the design: age prunes must not scan), in the
+//! same run: a durable small-row put (one row per transaction) and a point get by key. Also streaming blob
+//! writes of 256 MiB into SQLite beside the fs backend.
+//!
+//! Run: `cargo bench --bench sqlite`.
+
+#[path = "common.rs"]
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::Samples;
+use criterion::{BenchmarkId, Criterion, Throughput};
+use futures::StreamExt;
+use outcache::backends::fs::{FsCache, FsOptions};
+use outcache::backends::sqlite::{SqliteCache, SqliteOptions};
+use outcache::{BlobMeta, OutputCache, RowKey};
+use rusqlite::{Connection, params};
+use serde_json::json;
+
+fn raw_connection(path: &std::path::Path) -> Connection {
+    let c = Connection::open(path).unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    let _: String = c
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .unwrap();
+    c.pragma_update(None, "synchronous", "FULL").unwrap();
+    c.execute_batch(
+        "CREATE TABLE IF NOT EXISTS rows (task_type TEXT NOT NULL, fingerprint TEXT NOT NULL, output TEXT NOT NULL,
+         refs TEXT NOT NULL, size INTEGER NOT NULL, created_at INTEGER NOT NULL, last_access INTEGER NOT NULL,
+         PRIMARY KEY (task_type, fingerprint));
+         CREATE INDEX IF NOT EXISTS rows_created_at ON rows (created_at);",
+    )
+    .unwrap();
+    c
+}
+
+fn rows(c: &mut Criterion, samples: &Samples) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = raw_connection(&dir.path().join("raw.db"));
+    let cache = Arc::new(
+        SqliteCache::open(dir.path().join("outcache.db"), SqliteOptions::default()).unwrap(),
+    );
+    let output = json!({"summary": "x".repeat(900), "n": 1});
+    let text = output.to_string();
+    let keys: Vec<RowKey> = (0..1000)
+        .map(|i| RowKey::new("bench/row", &json!({ "i": i })).unwrap())
+        .collect();
+
+    let mut group = c.benchmark_group("sqlite_rows");
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(5))
+        .warm_up_time(Duration::from_secs(1));
+    let mut n = 0usize;
+    group.bench_function("raw_rusqlite_put_1KiB", |b| {
+        b.iter(|| {
+            n += 1;
+            let k = &keys[n % keys.len()];
+            samples.time("put", "raw", || {
+                raw.execute(
+                    "INSERT INTO rows VALUES (?1, ?2, ?3, '[]', ?4, ?5, ?5) ON CONFLICT (task_type, fingerprint)
+                     DO UPDATE SET output = excluded.output, refs = excluded.refs, size = excluded.size,
+                     created_at = excluded.created_at, last_access = excluded.last_access",
+                    params![k.task_type(), k.fingerprint(), text, text.len() as i64, n as i64],
+                )
+                .unwrap()
+            });
+        })
+    });
+    group.bench_function("outcache_put_1KiB", |b| {
+        b.iter(|| {
+            n += 1;
+            let k = &keys[n % keys.len()];
+            samples.time("put", "outcache", || {
+                rt.block_on(cache.save_row(k, &output)).unwrap()
+            });
+        })
+    });
+    group.bench_function("raw_rusqlite_get", |b| {
+        b.iter(|| {
+            n += 1;
+            let k = &keys[n % keys.len()];
+            samples.time("get", "raw", || {
+                let text: String = raw
+                    .query_row(
+                        "SELECT output FROM rows WHERE task_type = ?1 AND fingerprint = ?2",
+                        params![k.task_type(), k.fingerprint()],
+                        |r| r.get(0),
+                    )
+                    .unwrap();
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                v
+            });
+        })
+    });
+    group.bench_function("outcache_get", |b| {
+        b.iter(|| {
+            n += 1;
+            let k = &keys[n % keys.len()];
+            samples.time("get", "outcache", || {
+                rt.block_on(cache.get_row(k)).unwrap().unwrap()
+            });
+        })
+    });
+    group.finish();
+}
+
+fn blobs(c: &mut Criterion, samples: &Samples) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite =
+        Arc::new(SqliteCache::open(dir.path().join("blobs.db"), SqliteOptions::default()).unwrap());
+    let fs = Arc::new(FsCache::open(dir.path().join("fs"), FsOptions::default()).unwrap());
+    let base = Bytes::from(
+        (0..2 << 20)
+            .map(|i: u32| (i % 251) as u8)
+            .collect::<Vec<u8>>(),
+    );
+    let mib = 256;
+    let chunks: Vec<Bytes> = (0..mib)
+        .map(|i| base.slice(i * 4099 % (1 << 20)..i * 4099 % (1 << 20) + (1 << 20)))
+        .collect();
+
+    let mut group = c.benchmark_group("blob_write_256MiB");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10))
+        .warm_up_time(Duration::from_secs(1));
+    group.throughput(Throughput::Bytes((mib << 20) as u64));
+    let backends: [(&'static str, Arc<dyn OutputCache>); 2] = [("fs", fs), ("sqlite", sqlite)];
+    for (name, backend) in backends {
+        group.bench_with_input(BenchmarkId::new(name, mib), &chunks, |b, chunks| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let stream = futures::stream::iter(chunks.clone().into_iter().map(Ok)).boxed();
+                    let (took, r) = samples.time("256MiB", name, || {
+                        rt.block_on(backend.write_blob(&BlobMeta::default(), stream))
+                            .unwrap()
+                    });
+                    total += took;
+                    rt.block_on(backend.delete_blob(&r.reference)).unwrap();
+                }
+                total
+            })
+        });
+    }
+    group.finish();
+}
+
+fn main() {
+    let samples = Samples::default();
+    let mut c = Criterion::default().configure_from_args();
+    rows(&mut c, &samples);
+    blobs(&mut c, &samples);
+    c.final_summary();
+    samples.print_ratio(
+        "SQLite rows (target ratio >= 0.90)",
+        &["put", "get"],
+        "raw",
+        "outcache",
+        |_| (1.0, "ops"),
+    );
+    samples.print_ratio("Blob write", &["256MiB"], "fs", "sqlite", |_| {
+        (256.0 * 1.048576, "MB")
+    });
+}
