@@ -8,36 +8,37 @@
 //! blobs/<name>.bin                               one published blob; ref "fsfolder://blobs/<name>.bin"
 //! tmp/row-<uuid>.tmp, tmp/blob-<uuid>.tmp        writes in flight (or left by a crash: the janitor's)
 //! ```
-//! The task-type directory name is a lossless `%XX` encoding of the task type (so prefix deletes can work on
-//! names and no two task types share a directory); names that would be too long become `~<sha256>` and the
-//! row files carry the exact task type. Durable writes are: write (looping on short writes), `fsync` the
+//! The task-type directory name is the lossless segment encoding of [`crate::layout`] (so prefix deletes
+//! can work on names and no two task types share a directory); names that would be too long become
+//! `=<sha256>` and the row files carry the exact task type. Durable writes are: write (looping on short writes), `fsync` the
 //! file, `rename`, `fsync` the directory. [`FsOptions::durable`] = false skips the fsyncs for scratch caches.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use serde_json::{Value, json};
+use serde_json::Value;
 use uuid::Uuid;
 
 use crate::blob::{BlobDigest, cascade_delete};
 use crate::error::{Error, Result};
+use crate::layout::{
+    RowRecord, blob_name, decode_row, decode_task_segment, encode_row, encode_task_segment,
+    segment_may_match,
+};
 use crate::store::{
     BlobEntry, BlobMeta, BlobState, ByteStream, Capabilities, MAX_READ_CHUNK, OutputCache, Row,
     RowEntry, Stats,
 };
-use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in, sanitize_name, sha256_hex};
+use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in};
 
 /// Prefix of every ref this backend hands out (the TypeScript file backend's form).
 pub const REF_PREFIX: &str = "fsfolder://blobs/";
 const REF_SUFFIX: &str = ".bin";
-const ROW_FORMAT_VERSION: u64 = 1;
-/// Longest encoded task-type directory name before it is replaced by a hash.
-const MAX_DIR_NAME: usize = 180;
 /// Writes smaller than this are gathered before they go to the writer thread.
 const WRITE_BATCH: usize = 1 << 20;
 /// Batches queued for the writer thread: bounds memory to about `(QUEUE + 1) * WRITE_BATCH`.
@@ -126,100 +127,6 @@ impl Drop for TempFile {
     }
 }
 
-fn encode_task_type(task_type: &str) -> String {
-    let mut out = String::with_capacity(task_type.len());
-    for b in task_type.bytes() {
-        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    if out.len() > MAX_DIR_NAME {
-        format!("~{}", sha256_hex(task_type.as_bytes()))
-    } else {
-        out
-    }
-}
-
-/// The task type a directory name encodes, or `None` for a hashed (`~…`) or foreign name.
-fn decode_task_type(dir_name: &str) -> Option<String> {
-    let bytes = dir_name.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = dir_name.get(i + 1..i + 3)?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' => {
-                out.push(b);
-                i += 1;
-            }
-            _ => return None,
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-fn millis(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-fn from_millis(ms: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms)
-}
-
-/// A row file as read back.
-struct RowFile {
-    key: RowKey,
-    output: Value,
-    created_at: SystemTime,
-    size: u64,
-}
-
-fn corrupt(task_type: &str, fingerprint: &str, reason: impl Into<String>) -> Error {
-    Error::CorruptRow {
-        task_type: task_type.into(),
-        fingerprint: fingerprint.into(),
-        reason: reason.into(),
-    }
-}
-
-/// Parse a row file's bytes. `expect` is the (task type, fingerprint) it was looked up by, if any.
-fn parse_row(bytes: &[u8], hint_task: &str, hint_fp: &str) -> Result<RowFile> {
-    let bad = |reason: String| corrupt(hint_task, hint_fp, reason);
-    let value: Value =
-        serde_json::from_slice(bytes).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-    let field = |name: &str| {
-        value
-            .get(name)
-            .ok_or_else(|| bad(format!("missing {name:?}")))
-    };
-    if field("v")?.as_u64() != Some(ROW_FORMAT_VERSION) {
-        return Err(bad(format!("unknown row format {}", field("v")?)));
-    }
-    let task_type = field("task_type")?
-        .as_str()
-        .ok_or_else(|| bad("task_type is not a string".into()))?;
-    let fingerprint = field("fingerprint")?
-        .as_str()
-        .ok_or_else(|| bad("fingerprint is not a string".into()))?;
-    let key = RowKey::from_parts(task_type, fingerprint).map_err(|e| bad(e.to_string()))?;
-    let created = field("created_at_ms")?
-        .as_u64()
-        .ok_or_else(|| bad("created_at_ms is not a number".into()))?;
-    Ok(RowFile {
-        key,
-        output: field("output")?.clone(),
-        created_at: from_millis(created),
-        size: bytes.len() as u64,
-    })
-}
-
 impl FsCache {
     /// Open (creating if needed) a cache rooted at `root`.
     pub fn open(root: impl Into<PathBuf>, options: FsOptions) -> Result<Self> {
@@ -256,7 +163,7 @@ impl FsCache {
 
     fn row_path(&self, key: &RowKey) -> PathBuf {
         self.rows_dir()
-            .join(encode_task_type(key.task_type()))
+            .join(encode_task_segment(key.task_type()))
             .join(format!("{}.json", key.fingerprint()))
     }
 
@@ -310,9 +217,9 @@ impl FsCache {
         Ok(())
     }
 
-    fn read_row(&self, path: &Path, task: &str, fp: &str) -> Result<Option<RowFile>> {
+    fn read_row(&self, path: &Path, task: &str, fp: &str) -> Result<Option<RowRecord>> {
         match fs::read(path) {
-            Ok(bytes) => parse_row(&bytes, task, fp).map(Some),
+            Ok(bytes) => decode_row(&bytes, task, fp).map(Some),
             Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(Error::io("read row", path, e)),
         }
@@ -325,12 +232,12 @@ impl FsCache {
         for entry in read_dir(&rows)? {
             let name = entry.file_name().to_string_lossy().into_owned();
             let path = entry.path();
-            let task = match decode_task_type(&name) {
+            let task = match decode_task_segment(&name) {
                 Some(t) => Some(t),
                 None => self.row_files(&path)?.into_iter().find_map(|p| {
                     fs::read(&p)
                         .ok()
-                        .and_then(|b| parse_row(&b, "?", "?").ok())
+                        .and_then(|b| decode_row(&b, "?", "?").ok())
                         .map(|r| r.key.task_type().to_owned())
                 }),
             };
@@ -352,7 +259,7 @@ impl FsCache {
     fn remove_rows(
         &self,
         dir_may_match: impl Fn(Option<&str>) -> bool,
-        pick: impl Fn(&RowFile) -> bool,
+        pick: impl Fn(&RowRecord) -> bool,
     ) -> Result<Vec<Value>> {
         let mut outputs = Vec::new();
         for (dir, task) in self.task_dirs()? {
@@ -401,20 +308,6 @@ fn remove_if_exists(path: &Path) -> Result<bool> {
 
 fn modified(meta: &fs::Metadata) -> SystemTime {
     meta.modified().unwrap_or(UNIX_EPOCH)
-}
-
-/// `<sanitized task type>_<hash of raw task type + fingerprint>[_<port>]_<uuid>`: readable, and unique per
-/// write whatever the sanitising merged.
-fn blob_name(meta: &BlobMeta) -> String {
-    let key_hash = sha256_hex(format!("{}\0{}", meta.task_type, meta.fingerprint).as_bytes());
-    let mut name = format!("{}_{}", sanitize_name(&meta.task_type, 40), &key_hash[..16]);
-    if let Some(port) = &meta.port {
-        name.push('_');
-        name.push_str(&sanitize_name(port, 32));
-    }
-    name.push('_');
-    name.push_str(&Uuid::new_v4().simple().to_string());
-    name
 }
 
 /// Starts the disk writeback of a temp file every [`WRITEBACK_EVERY`] bytes while the stream is still
@@ -479,17 +372,7 @@ impl OutputCache for FsCache {
     }
 
     async fn save_row(&self, key: &RowKey, output: &Value) -> Result<()> {
-        let record = json!({
-            "v": ROW_FORMAT_VERSION,
-            "task_type": key.task_type(),
-            "fingerprint": key.fingerprint(),
-            "created_at_ms": millis(SystemTime::now()),
-            "output": output,
-        });
-        let bytes = serde_json::to_vec(&record).map_err(|e| Error::InvalidInput {
-            what: format!("output for {key}"),
-            reason: e.to_string(),
-        })?;
+        let bytes = encode_row(key, output, SystemTime::now())?;
         let this = self.clone();
         let dest = self.row_path(key);
         blocking(move || this.write_atomic(&dest, &bytes)).await
@@ -504,11 +387,11 @@ impl OutputCache for FsCache {
                 return Ok(None);
             };
             if row.key != key {
-                return Err(corrupt(
-                    key.task_type(),
-                    key.fingerprint(),
-                    format!("file holds the row for {}", row.key),
-                ));
+                return Err(Error::CorruptRow {
+                    task_type: key.task_type().into(),
+                    fingerprint: key.fingerprint().into(),
+                    reason: format!("file holds the row for {}", row.key),
+                });
             }
             Ok(Some(Row {
                 output: row.output,
@@ -547,7 +430,7 @@ impl OutputCache for FsCache {
         let prefix = task_type_prefix.to_owned();
         let outputs = blocking(move || {
             this.remove_rows(
-                |task| task.is_none_or(|t| t.starts_with(&prefix)),
+                |task| segment_may_match(task, &prefix),
                 |r| r.key.task_type().starts_with(&prefix),
             )
         })
@@ -815,57 +698,5 @@ impl FsCache {
             }
         }
         Ok(out)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn task_type_encoding_is_lossless_and_prefix_preserving() {
-        for t in [
-            "a",
-            "session1",
-            "session1-",
-            "a/b",
-            "a%2Fb",
-            "é.x",
-            "..",
-            "a b",
-        ] {
-            let enc = encode_task_type(t);
-            assert_eq!(decode_task_type(&enc).as_deref(), Some(t), "{t}");
-            assert!(!enc.contains('/') && !enc.contains('.'), "{enc}");
-        }
-        assert_ne!(encode_task_type("a/b"), encode_task_type("a%2Fb"));
-        assert!(encode_task_type("ab").starts_with(&encode_task_type("a")));
-    }
-
-    #[test]
-    fn long_task_types_hash_and_do_not_decode() {
-        let long = "x".repeat(500);
-        let enc = encode_task_type(&long);
-        assert!(enc.starts_with('~') && enc.len() == 65);
-        assert_eq!(decode_task_type(&enc), None);
-    }
-
-    #[test]
-    fn blob_names_are_unique_and_match_the_ref_pattern() {
-        let meta = BlobMeta {
-            task_type: "../../etc/passwd".into(),
-            fingerprint: "f".repeat(64),
-            port: Some("out/../x".into()),
-            mime: None,
-        };
-        let (a, b) = (blob_name(&meta), blob_name(&meta));
-        assert_ne!(a, b);
-        for name in [a, b] {
-            let r = format!("{REF_PREFIX}{name}{REF_SUFFIX}");
-            assert_eq!(
-                parse_ref_name(&r, REF_PREFIX, REF_SUFFIX),
-                Some(name.as_str())
-            );
-        }
     }
 }

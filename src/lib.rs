@@ -44,6 +44,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod janitor;
+pub mod layout;
 pub mod store;
 pub mod wire;
 

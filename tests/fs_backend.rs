@@ -110,7 +110,7 @@ async fn a_garbled_row_is_a_typed_error_and_is_left_in_place() {
     let cache = open(dir.path());
     let key = RowKey::new("fs/rows", &json!({"n": 1})).unwrap();
     cache.save_row(&key, &json!({"ok": true})).await.unwrap();
-    let row_file = fs::read_dir(dir.path().join("rows/fs%2Frows"))
+    let row_file = fs::read_dir(dir.path().join("rows/fs.2Frows"))
         .unwrap()
         .next()
         .unwrap()

@@ -1,0 +1,248 @@
+//! The key layout shared by the backends that store rows as named files or objects (fs, object store):
+//! the task-type path segment, the self-describing row record, and readable unique blob names. One
+//! definition, so a cache copied from disk to a bucket keeps its meaning.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::store::BlobMeta;
+use crate::wire::{RowKey, sanitize_name, sha256_hex};
+
+/// Version of the row record format.
+pub const ROW_FORMAT_VERSION: u64 = 1;
+/// Longest encoded task-type segment before it is replaced by a hash.
+const MAX_SEGMENT: usize = 180;
+/// Escape character of the task-type segment encoding (`.XX`, two uppercase hex digits per byte).
+const ESCAPE: u8 = b'.';
+/// First character of a hashed segment (never produced by the escape encoding).
+const HASHED: char = '=';
+
+/// The path segment for `task_type`: a lossless encoding that keeps `[A-Za-z0-9_-]` and writes every
+/// other byte as `.XX`. It is safe as a file name and an object-key segment (never `.`, `..`, `/`, `%`),
+/// and prefix-preserving, so prefix deletes can match on segments. A segment that would be longer than 180
+/// characters becomes `=<sha256 of the task type>`; its records carry the exact task type.
+pub fn encode_task_segment(task_type: &str) -> String {
+    let mut out = String::with_capacity(task_type.len());
+    for b in task_type.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            out.push(b as char);
+        } else {
+            out.push(ESCAPE as char);
+            out.push_str(&format!("{b:02X}"));
+        }
+    }
+    if out.len() > MAX_SEGMENT {
+        format!("{HASHED}{}", sha256_hex(task_type.as_bytes()))
+    } else {
+        out
+    }
+}
+
+/// The task type a segment encodes, or `None` for a hashed or foreign segment.
+pub fn decode_task_segment(segment: &str) -> Option<String> {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            ESCAPE => {
+                let hex = segment.get(i + 1..i + 3)?;
+                if !hex
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+                {
+                    return None;
+                }
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' => {
+                out.push(b);
+                i += 1;
+            }
+            _ => return None,
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Whether rows in the segment `segment` (whose task type decodes to `decoded`, if it does) can match
+/// a task-type prefix: hashed segments always may (their records must be read).
+pub fn segment_may_match(decoded: Option<&str>, prefix: &str) -> bool {
+    decoded.is_none_or(|t| t.starts_with(prefix))
+}
+
+/// Milliseconds since the epoch.
+pub fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The time `ms` milliseconds after the epoch.
+pub fn from_millis(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// The bytes of a row record: `{"v":1,"task_type","fingerprint","created_at_ms","output"}`.
+pub fn encode_row(key: &RowKey, output: &Value, created_at: SystemTime) -> Result<Vec<u8>> {
+    let record = json!({
+        "v": ROW_FORMAT_VERSION,
+        "task_type": key.task_type(),
+        "fingerprint": key.fingerprint(),
+        "created_at_ms": millis(created_at),
+        "output": output,
+    });
+    serde_json::to_vec(&record).map_err(|e| Error::InvalidInput {
+        what: format!("output for {key}"),
+        reason: e.to_string(),
+    })
+}
+
+/// A row record as read back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowRecord {
+    /// The key the record says it belongs to.
+    pub key: RowKey,
+    /// The output.
+    pub output: Value,
+    /// When it was committed.
+    pub created_at: SystemTime,
+    /// Bytes of the record.
+    pub size: u64,
+}
+
+/// Parse a row record. `task_type` and `fingerprint` name the row in the error if it is corrupt (the
+/// key it was looked up by, or whatever the caller knows).
+pub fn decode_row(bytes: &[u8], task_type: &str, fingerprint: &str) -> Result<RowRecord> {
+    let bad = |reason: String| Error::CorruptRow {
+        task_type: task_type.into(),
+        fingerprint: fingerprint.into(),
+        reason,
+    };
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let field = |name: &str| {
+        value
+            .get(name)
+            .ok_or_else(|| bad(format!("missing {name:?}")))
+    };
+    if field("v")?.as_u64() != Some(ROW_FORMAT_VERSION) {
+        return Err(bad(format!("unknown row format {}", field("v")?)));
+    }
+    let text = |name: &str| {
+        field(name)?
+            .as_str()
+            .ok_or_else(|| bad(format!("{name} is not a string")))
+    };
+    let key = RowKey::from_parts(text("task_type")?, text("fingerprint")?)
+        .map_err(|e| bad(e.to_string()))?;
+    let created = field("created_at_ms")?
+        .as_u64()
+        .ok_or_else(|| bad("created_at_ms is not a number".into()))?;
+    Ok(RowRecord {
+        key,
+        output: field("output")?.clone(),
+        created_at: from_millis(created),
+        size: bytes.len() as u64,
+    })
+}
+
+/// `<sanitized task type>_<hash of raw task type + fingerprint>[_<port>]_<uuid>`: readable, and unique per
+/// write whatever the sanitising merged. Only `[A-Za-z0-9_-]`, at most 123 characters.
+pub fn blob_name(meta: &BlobMeta) -> String {
+    let key_hash = sha256_hex(format!("{}\0{}", meta.task_type, meta.fingerprint).as_bytes());
+    let mut name = format!("{}_{}", sanitize_name(&meta.task_type, 40), &key_hash[..16]);
+    if let Some(port) = &meta.port {
+        name.push('_');
+        name.push_str(&sanitize_name(port, 32));
+    }
+    name.push('_');
+    name.push_str(&Uuid::new_v4().simple().to_string());
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::parse_ref_name;
+
+    #[test]
+    fn task_segments_are_lossless_safe_and_prefix_preserving() {
+        for t in [
+            "a",
+            "session1",
+            "session1-",
+            "a/b",
+            "a.2Fb",
+            "a%2Fb",
+            "é.x",
+            "..",
+            ".",
+            "a b",
+            "=x",
+        ] {
+            let enc = encode_task_segment(t);
+            assert_eq!(decode_task_segment(&enc).as_deref(), Some(t), "{t}");
+            assert!(
+                enc != "." && enc != ".." && !enc.contains('/') && !enc.contains('%'),
+                "{enc}"
+            );
+        }
+        assert_ne!(encode_task_segment("a/b"), encode_task_segment("a.2Fb"));
+        assert!(encode_task_segment("ab").starts_with(&encode_task_segment("a")));
+        assert_eq!(
+            decode_task_segment("a.2f"),
+            None,
+            "lowercase escapes are not ours"
+        );
+    }
+
+    #[test]
+    fn long_task_types_hash_and_do_not_decode() {
+        let long = "x".repeat(500);
+        let enc = encode_task_segment(&long);
+        assert!(enc.starts_with('=') && enc.len() == 65);
+        assert_eq!(decode_task_segment(&enc), None);
+        assert!(segment_may_match(None, "anything"));
+    }
+
+    #[test]
+    fn row_records_round_trip_and_garbage_is_corrupt() {
+        let key = RowKey::new("t", &json!({"a": 1})).unwrap();
+        let now = from_millis(millis(SystemTime::now()));
+        let bytes = encode_row(&key, &json!({"x": [1]}), now).unwrap();
+        let back = decode_row(&bytes, "t", "?").unwrap();
+        assert_eq!(
+            (back.key, back.output, back.created_at),
+            (key, json!({"x": [1]}), now)
+        );
+        for garbage in [&b"{"[..], b"{}", b"{\"v\":2}", b"[1]"] {
+            assert!(matches!(
+                decode_row(garbage, "t", "f"),
+                Err(Error::CorruptRow { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn blob_names_are_unique_and_match_a_strict_ref_pattern() {
+        let meta = BlobMeta {
+            task_type: "../../etc/passwd".into(),
+            fingerprint: "f".repeat(64),
+            port: Some("out/../x".into()),
+            mime: None,
+        };
+        let (a, b) = (blob_name(&meta), blob_name(&meta));
+        assert_ne!(a, b);
+        for name in [a, b] {
+            let r = format!("x://blobs/{name}.bin");
+            assert_eq!(
+                parse_ref_name(&r, "x://blobs/", ".bin"),
+                Some(name.as_str())
+            );
+        }
+    }
+}
