@@ -4,5 +4,7 @@
 #[cfg(feature = "fs")]
 pub mod fs;
 pub mod memory;
+#[cfg(feature = "object-store")]
+pub mod object;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;

@@ -54,6 +54,8 @@ pub type CaseResult = std::result::Result<(), Failure>;
 pub struct Fixture {
     cache: Arc<dyn OutputCache>,
     _guard: Option<Box<dyn Any + Send + Sync>>,
+    empty_afterwards: bool,
+    skip: Option<String>,
 }
 
 impl std::fmt::Debug for Fixture {
@@ -70,6 +72,36 @@ impl Fixture {
         Fixture {
             cache,
             _guard: None,
+            empty_afterwards: false,
+            skip: None,
+        }
+    }
+
+    /// A fixture that tells the test to skip, with the reason printed (for suites that need a server the
+    /// environment does not name). Use it only outside CI: under `CI=true` a missing server must fail.
+    pub fn skip(reason: impl Into<String>) -> Self {
+        let mut f = Fixture::new(Arc::new(crate::backends::memory::MemoryCache::new()));
+        f.skip = Some(reason.into());
+        f
+    }
+
+    /// Why the test should be skipped, if it should.
+    pub fn skip_reason(&self) -> Option<&str> {
+        self.skip.as_deref()
+    }
+
+    /// After the case, delete every row and blob through the trait (for stores where the fixture owns a
+    /// key prefix rather than a directory).
+    pub fn empty_afterwards(mut self) -> Self {
+        self.empty_afterwards = true;
+        self
+    }
+
+    /// Clean up after a case: empty the backend if asked to, then drop the guard.
+    pub async fn finish(self) {
+        if self.empty_afterwards {
+            let _ = self.cache.delete_prefix("").await;
+            let _ = crate::janitor::sweep_orphans(self.cache.as_ref(), Duration::ZERO, false).await;
         }
     }
 
@@ -77,8 +109,8 @@ impl Fixture {
     /// `tempfile::TempDir` that removes the backend's directory).
     pub fn with_guard(cache: Arc<dyn OutputCache>, guard: impl Any + Send + Sync) -> Self {
         Fixture {
-            cache,
             _guard: Some(Box::new(guard)),
+            ..Fixture::new(cache)
         }
     }
 
@@ -235,8 +267,12 @@ macro_rules! __conformance_test_fns {
             #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $case() {
                 let fixture: $crate::conformance::Fixture = ($factory)().await;
+                if let Some(reason) = fixture.skip_reason() {
+                    eprintln!("SKIPPED conformance case {}: {}", stringify!($case), reason);
+                    return;
+                }
                 let result = $crate::conformance::cases::$case(fixture.cache()).await;
-                drop(fixture);
+                fixture.finish().await;
                 if let Err(failure) = result {
                     panic!("conformance case {} failed: {}", stringify!($case), failure);
                 }
@@ -276,7 +312,7 @@ pub async fn run_suite(
             Ok(Err(panic)) => Err(Failure(format!("panicked: {}", panic_message(&panic)))),
             Err(_) => Err(Failure(format!("timed out after {CASE_TIMEOUT:?}"))),
         };
-        drop(fixture);
+        fixture.finish().await;
         let outcome = CaseOutcome {
             name: case.name,
             result,
@@ -306,8 +342,10 @@ impl Drop for RemoveDir {
     }
 }
 
-/// A fresh backend for `case` inside `location` that never sees existing entries: a new memory cache,
-/// or for fs a new directory `<root>/<run_tag>/<case>` removed when the fixture is dropped.
+/// A fresh backend for `case` inside `location` that never sees existing entries: a new memory cache;
+/// for fs a new directory `<root>/<run_tag>/<case>`, for SQLite a database in `<dir>/<run_tag>/<case>/`
+/// beside the named file, both removed when the fixture is dropped; for an object store the key prefix
+/// `<prefix>/<run_tag>/<case>`, emptied when the fixture finishes.
 pub fn isolated_fixture(location: &Location, run_tag: &str, case: &str) -> Result<Fixture> {
     match location {
         Location::Memory => Ok(fixtures::memory()),
@@ -331,7 +369,33 @@ pub fn isolated_fixture(location: &Location, run_tag: &str, case: &str) -> Resul
             let cache = child.open()?;
             Ok(Fixture::with_guard(cache, RemoveDir(dir)))
         }
+        #[cfg(feature = "s3")]
+        Location::S3 { .. } => object_fixture(location, run_tag, case),
     }
+}
+
+/// The fixture for `case` under an object-store location: its own key prefix, emptied afterwards.
+#[cfg(feature = "s3")]
+fn object_fixture(location: &Location, run_tag: &str, case: &str) -> Result<Fixture> {
+    let Location::S3 {
+        bucket,
+        prefix,
+        options,
+    } = location
+    else {
+        unreachable!("called for S3 locations only");
+    };
+    let child = Location::S3 {
+        bucket: bucket.clone(),
+        prefix: [prefix.as_str(), run_tag, case]
+            .iter()
+            .filter(|p| !p.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join("/"),
+        options: options.clone(),
+    };
+    Ok(Fixture::new(child.open()?).empty_afterwards())
 }
 
 /// For a database file, the run's directory beside it (never inside the database).
@@ -353,5 +417,8 @@ fn remove_run_dir(location: &Location, run_tag: &str) {
         Location::Sqlite { path, .. } => {
             let _ = std::fs::remove_dir_all(run_dir(path, run_tag));
         }
+        // Each case's prefix was emptied when its fixture finished.
+        #[cfg(feature = "s3")]
+        Location::S3 { .. } => {}
     }
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README "Run the tests"; .ci/run calls exactly this).
-# Formatting, lints as errors, then every test: unit, conformance on each built-in backend, CLI, doc tests.
+# Formatting, lints as errors, then every test: unit, conformance on each backend (the S3 ones against a
+# real S3-compatible server this script installs and starts on 127.0.0.1), CLI, fault and doc tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,5 +9,10 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy (all targets, all features, warnings are errors)"
 cargo clippy --all-targets --all-features -- -D warnings
+
+echo "== S3-compatible servers (moto; s3s-fs for the restart test)"
+trap 'bash scripts/s3-server.sh stop' EXIT
+eval "$(bash scripts/s3-server.sh start)"
+
 echo "== cargo test"
 cargo test --all-features

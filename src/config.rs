@@ -27,6 +27,8 @@ pub fn supported_schemes() -> &'static [&'static str] {
         "file",
         #[cfg(feature = "sqlite")]
         "sqlite",
+        #[cfg(feature = "s3")]
+        "s3",
     ]
 }
 
@@ -65,6 +67,20 @@ pub fn effective_url(explicit: Option<&str>) -> Result<String> {
     }
 }
 
+/// Object-store options from a URL's query, in object_store's key conventions (`endpoint`, `region`,
+/// `allow_http`, …) plus outcache's own `timeout`, `connect_timeout`, `max_retries` and `retry_timeout`.
+/// Debug shows keys only: values may be secrets.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct StoreOptions(pub Vec<(String, String)>);
+
+impl std::fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(k, _)| format!("{k}=<redacted>")))
+            .finish()
+    }
+}
+
 /// A parsed cache URL.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -86,13 +102,68 @@ pub enum Location {
         /// `?durable=false` commits with `synchronous=NORMAL`.
         durable: bool,
     },
+    /// `s3://bucket/optional/prefix?endpoint=…&region=…&allow_http=true`.
+    #[cfg(feature = "s3")]
+    S3 {
+        /// The bucket.
+        bucket: String,
+        /// The key prefix inside the bucket (may be empty).
+        prefix: String,
+        /// Query options (validated).
+        options: StoreOptions,
+    },
 }
 
 fn invalid(url: &str, reason: impl Into<String>) -> Error {
     Error::InvalidUrl {
-        url: url.to_owned(),
+        url: redact_url(url),
         reason: reason.into(),
     }
+}
+
+/// `url` with the values of secret-looking query options and any password replaced by `<redacted>`, for
+/// messages and logs.
+pub fn redact_url(url: &str) -> String {
+    const SECRET: [&str; 7] = [
+        "secret",
+        "token",
+        "password",
+        "key_id",
+        "access_key",
+        "sas",
+        "credential",
+    ];
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let base = match base.split_once("://") {
+        // user:password@host → user:REDACTED@host
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((userinfo, host)) if userinfo.contains(':') && !userinfo.contains('/') => {
+                let user = userinfo.split(':').next().unwrap_or_default();
+                format!("{scheme}://{user}:REDACTED@{host}")
+            }
+            _ => base.to_owned(),
+        },
+        None => base.to_owned(),
+    };
+    let Some(query) = query else {
+        return base;
+    };
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| {
+            let key = pair.split('=').next().unwrap_or_default();
+            let lower = key.to_ascii_lowercase();
+            if SECRET.iter().any(|s| lower.contains(s)) {
+                format!("{key}=REDACTED")
+            } else {
+                pair.to_owned()
+            }
+        })
+        .collect();
+    format!("{base}?{}", pairs.join("&"))
 }
 
 fn parse_bool(url: &str, key: &str, value: &str) -> Result<bool> {
@@ -173,6 +244,28 @@ impl Location {
                 }
                 Ok(Location::Sqlite { path, durable })
             }
+            #[cfg(feature = "s3")]
+            "s3" => {
+                let bucket = url
+                    .host_str()
+                    .filter(|b| !b.is_empty())
+                    .ok_or_else(|| {
+                        invalid(text, "s3:// needs a bucket: s3://bucket/optional/prefix")
+                    })?
+                    .to_owned();
+                let prefix = url.path().trim_matches('/').to_owned();
+                let options: Vec<(String, String)> = url
+                    .query_pairs()
+                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                    .collect();
+                crate::backends::object::s3::validate_options(&options)
+                    .map_err(|reason| invalid(text, reason))?;
+                Ok(Location::S3 {
+                    bucket,
+                    prefix,
+                    options: StoreOptions(options),
+                })
+            }
             other => Err(invalid(
                 text,
                 format!(
@@ -195,6 +288,14 @@ impl Location {
             Location::Sqlite { path, durable } => Arc::new(SqliteCache::open(
                 path,
                 SqliteOptions::default().durable(*durable),
+            )?),
+            #[cfg(feature = "s3")]
+            Location::S3 {
+                bucket,
+                prefix,
+                options,
+            } => Arc::new(crate::backends::object::s3::open(
+                bucket, prefix, &options.0,
             )?),
         })
     }
@@ -226,6 +327,21 @@ mod tests {
                 durable: false
             }
         );
+    }
+
+    #[test]
+    fn redacts_secrets_and_keeps_the_rest() {
+        assert_eq!(
+            redact_url(
+                "s3://b/p?endpoint=http://h:1&aws_secret_access_key=S&access_key_id=K&token=T&region=r"
+            ),
+            "s3://b/p?endpoint=http://h:1&aws_secret_access_key=REDACTED&access_key_id=REDACTED&token=REDACTED&region=r"
+        );
+        assert_eq!(
+            redact_url("s3://user:pw@host/x"),
+            "s3://user:REDACTED@host/x"
+        );
+        assert_eq!(redact_url("fs:///tmp/x"), "fs:///tmp/x");
     }
 
     #[test]

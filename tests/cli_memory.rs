@@ -37,6 +37,22 @@ fn a_1_gib_put_blob_into_sqlite_and_its_cat_keep_memory_flat() {
     one_gib_round_trip(&format!("sqlite://{}/big.db", dir.path().display()));
 }
 
+#[cfg(feature = "s3")]
+#[test]
+fn a_1_gib_put_blob_into_s3_and_its_cat_keep_memory_flat() {
+    let Ok(url) = std::env::var("OUTCACHE_S3_URL") else {
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v == "true"),
+            "CI=true but OUTCACHE_S3_URL is not set: run scripts/s3-server.sh start"
+        );
+        eprintln!("SKIPPED: OUTCACHE_S3_URL is not set");
+        return;
+    };
+    let (base, query) = url.split_once('?').unwrap_or((&url, ""));
+    let url = format!("{base}/rss-{}?{query}", std::process::id());
+    one_gib_round_trip(&url);
+}
+
 /// Peak RSS is the maximum over every child waited for so far, so the checks stay valid whichever test
 /// runs first.
 fn one_gib_round_trip(url: &str) {

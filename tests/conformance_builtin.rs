@@ -54,3 +54,43 @@ mod sqlite_not_durable {
         Fixture::with_guard(Arc::new(cache), dir)
     });
 }
+
+/// The object-store backend over object_store's own in-memory and local stores: most object-store
+/// regressions show here, without a server.
+#[cfg(feature = "object-store")]
+mod object_memory {
+    use std::sync::Arc;
+
+    use object_store::memory::InMemory;
+    use object_store::path::Path;
+    use outcache::backends::object::ObjectCache;
+    use outcache::conformance::Fixture;
+
+    outcache::conformance_tests!(|| async {
+        let store = ObjectCache::new(
+            Arc::new(InMemory::new()),
+            Path::from("cache/prefix"),
+            "memory",
+        );
+        Fixture::new(Arc::new(store))
+    });
+}
+
+#[cfg(feature = "object-store")]
+mod object_local {
+    use std::sync::Arc;
+
+    use object_store::local::LocalFileSystem;
+    use object_store::path::Path;
+    use outcache::backends::object::ObjectCache;
+    use outcache::conformance::Fixture;
+
+    outcache::conformance_tests!(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let local = LocalFileSystem::new_with_prefix(dir.path())
+            .unwrap()
+            .with_fsync(true);
+        let store = ObjectCache::new(Arc::new(local), Path::from("cache"), "local");
+        Fixture::with_guard(Arc::new(store), dir)
+    });
+}

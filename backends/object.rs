@@ -1,0 +1,588 @@
+//! The object-store backend: any [`object_store::ObjectStore`] — S3-compatible stores first (AWS, MinIO,
+//! Ceph, R2 … via `s3://bucket/prefix`, feature `s3`), and for free object_store's in-memory and local
+//! stores (and GCS / Azure behind their features). This is how a cache scales out: many hosts share
+//! one bucket.
+//!
+//! Layout under the prefix, the same as the fs backend's (see [`crate::layout`]):
+//! ```text
+//! <prefix>/rows/<task-type segment>/<fingerprint>.json   row records (small JSON objects, one PUT each)
+//! <prefix>/blobs/<name>                                  blobs; ref "object://blobs/<name>"
+//! ```
+//! Blobs are written with multipart upload in 5 MiB parts, at most 3 in flight (memory stays near 20 MiB
+//! whatever the size); blobs that end within the first part go up in one PUT. An object is visible only
+//! once complete, so readers never see a partial blob. On any failure, or if the write future is dropped,
+//! the upload is aborted. Uploads abandoned by a crashed process are invisible to listing (object_store
+//! cannot list multipart uploads): give the bucket an `AbortIncompleteMultipartUpload` lifecycle rule.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use serde_json::Value;
+
+use crate::blob::{BlobDigest, cascade_delete};
+use crate::error::{Error, Result};
+use crate::layout::{
+    blob_name, decode_row, decode_task_segment, encode_row, encode_task_segment, segment_may_match,
+};
+use crate::store::{
+    BlobEntry, BlobMeta, BlobState, ByteStream, Capabilities, OutputCache, Row, RowEntry, Stats,
+};
+use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in};
+
+/// Prefix of every ref this backend hands out.
+pub const REF_PREFIX: &str = "object://blobs/";
+/// Multipart part size (the S3 minimum).
+pub const PART_SIZE: usize = 5 << 20;
+/// Parts uploading at once.
+pub const PARTS_IN_FLIGHT: usize = 3;
+/// Rows whose listing time is this far after a `clear_older_than` cutoff are not fetched to check their
+/// own `created_at` (tolerates clock skew between hosts and the store).
+const CLOCK_SKEW: Duration = Duration::from_secs(300);
+/// Concurrent GETs when reading many rows (listings, deletes by prefix or age).
+const FETCH_CONCURRENCY: usize = 16;
+
+/// A cache in an object store under a prefix.
+#[derive(Clone, Debug)]
+pub struct ObjectCache {
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+    /// What Display shows: the store URL without options, so no secret ever appears.
+    label: String,
+}
+
+impl std::fmt::Display for ObjectCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "object({})", self.label)
+    }
+}
+
+fn is_not_found(e: &object_store::Error) -> bool {
+    matches!(e, object_store::Error::NotFound { .. })
+}
+
+impl ObjectCache {
+    /// A cache in `store` under `prefix`. `label` names it in messages (never put secrets in it).
+    pub fn new(store: Arc<dyn ObjectStore>, prefix: Path, label: impl Into<String>) -> Self {
+        ObjectCache {
+            store,
+            prefix,
+            label: label.into(),
+        }
+    }
+
+    fn err(&self, context: impl Into<String>) -> impl FnOnce(object_store::Error) -> Error {
+        let (backend, context) = (self.to_string(), context.into());
+        move |e| Error::Backend {
+            backend,
+            context,
+            source: Box::new(e),
+        }
+    }
+
+    fn rows_root(&self) -> Path {
+        self.prefix.clone().join("rows")
+    }
+
+    fn blobs_root(&self) -> Path {
+        self.prefix.clone().join("blobs")
+    }
+
+    fn row_path(&self, key: &RowKey) -> Path {
+        self.rows_root()
+            .join(encode_task_segment(key.task_type()).as_str())
+            .join(format!("{}.json", key.fingerprint()).as_str())
+    }
+
+    fn blob_path(&self, reference: &str) -> Option<Path> {
+        let name = parse_ref_name(reference, REF_PREFIX, "")?;
+        Some(self.blobs_root().join(name))
+    }
+
+    /// The bytes at `path`, or `None` if there is no such object.
+    async fn fetch(&self, path: &Path) -> Result<Option<Bytes>> {
+        match self.store.get(path).await {
+            Ok(got) => got
+                .bytes()
+                .await
+                .map(Some)
+                .map_err(self.err(format!("read {path}"))),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(self.err(format!("read {path}"))(e)),
+        }
+    }
+
+    async fn delete_path(&self, path: &Path) -> Result<()> {
+        match self.store.delete(path).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(self.err(format!("delete {path}"))(e)),
+        }
+    }
+
+    /// Every row object under the task-type segments `segment_ok` admits, with its listing time.
+    async fn row_objects(
+        &self,
+        segment_ok: impl Fn(Option<&str>) -> bool,
+    ) -> Result<Vec<object_store::ObjectMeta>> {
+        let root = self.rows_root();
+        let listing = self
+            .store
+            .list_with_delimiter(Some(&root))
+            .await
+            .map_err(self.err(format!("list {root}")))?;
+        let mut out = Vec::new();
+        for dir in listing.common_prefixes {
+            let segment = dir.filename().map(str::to_owned).unwrap_or_default();
+            if !segment_ok(decode_task_segment(&segment).as_deref()) {
+                continue;
+            }
+            let objects: Vec<_> = self
+                .store
+                .list(Some(&dir))
+                .try_collect()
+                .await
+                .map_err(self.err(format!("list {dir}")))?;
+            out.extend(
+                objects
+                    .into_iter()
+                    .filter(|m| m.location.extension() == Some("json")),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Fetch and decode the row objects at `paths` (up to 16 at once); vanished ones are skipped.
+    async fn fetch_rows(&self, paths: Vec<Path>) -> Result<Vec<(Path, crate::layout::RowRecord)>> {
+        let fetched: Vec<Option<(Path, crate::layout::RowRecord)>> = futures::stream::iter(paths)
+            .map(|path| async move {
+                let Some(bytes) = self.fetch(&path).await? else {
+                    return Ok(None);
+                };
+                let fp = path
+                    .filename()
+                    .unwrap_or("?")
+                    .trim_end_matches(".json")
+                    .to_owned();
+                let record = decode_row(&bytes, "?", &fp)?;
+                Ok::<_, Error>(Some((path, record)))
+            })
+            .buffer_unordered(FETCH_CONCURRENCY)
+            .try_collect()
+            .await?;
+        Ok(fetched.into_iter().flatten().collect())
+    }
+
+    /// Delete the rows among `candidates` for which `pick` holds, then their blobs.
+    async fn remove_rows(
+        &self,
+        candidates: Vec<Path>,
+        pick: impl Fn(&crate::layout::RowRecord) -> bool,
+    ) -> Result<u64> {
+        let mut removed = 0;
+        for (path, record) in self.fetch_rows(candidates).await? {
+            if pick(&record) {
+                self.delete_path(&path).await?;
+                cascade_delete(self, &record.output).await?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Aborts a multipart upload that did not finish (error, failed stream, dropped future).
+struct AbortOnDrop(Option<WriteMultipart>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(upload) = self.0.take() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = upload.abort().await;
+                });
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl OutputCache for ObjectCache {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::ALL
+    }
+
+    async fn save_row(&self, key: &RowKey, output: &Value) -> Result<()> {
+        let bytes = encode_row(key, output, SystemTime::now())?;
+        let path = self.row_path(key);
+        self.store
+            .put(&path, PutPayload::from(bytes))
+            .await
+            .map_err(self.err(format!("save row {key}")))?;
+        Ok(())
+    }
+
+    async fn get_row(&self, key: &RowKey) -> Result<Option<Row>> {
+        let Some(bytes) = self.fetch(&self.row_path(key)).await? else {
+            return Ok(None);
+        };
+        let record = decode_row(&bytes, key.task_type(), key.fingerprint())?;
+        if record.key != *key {
+            return Err(Error::CorruptRow {
+                task_type: key.task_type().into(),
+                fingerprint: key.fingerprint().into(),
+                reason: format!("object holds the row for {}", record.key),
+            });
+        }
+        Ok(Some(Row {
+            output: record.output,
+            created_at: record.created_at,
+        }))
+    }
+
+    async fn delete_row(&self, key: &RowKey) -> Result<bool> {
+        let path = self.row_path(key);
+        let Some(bytes) = self.fetch(&path).await? else {
+            return Ok(false);
+        };
+        self.delete_path(&path).await?;
+        if let Ok(record) = decode_row(&bytes, key.task_type(), key.fingerprint()) {
+            cascade_delete(self, &record.output).await?;
+        }
+        Ok(true)
+    }
+
+    async fn delete_prefix(&self, task_type_prefix: &str) -> Result<u64> {
+        let objects = self
+            .row_objects(|t| segment_may_match(t, task_type_prefix))
+            .await?;
+        let paths = objects.into_iter().map(|m| m.location).collect();
+        self.remove_rows(paths, |r| r.key.task_type().starts_with(task_type_prefix))
+            .await
+    }
+
+    async fn clear_older_than(&self, cutoff: SystemTime) -> Result<u64> {
+        let latest = cutoff + CLOCK_SKEW;
+        let paths = self
+            .row_objects(|_| true)
+            .await?
+            .into_iter()
+            .filter(|m| SystemTime::from(m.last_modified) < latest)
+            .map(|m| m.location)
+            .collect();
+        self.remove_rows(paths, |r| r.created_at < cutoff).await
+    }
+
+    async fn stats(&self) -> Result<Stats> {
+        let mut stats = Stats::default();
+        for row in self.row_objects(|_| true).await? {
+            stats.rows += 1;
+            stats.row_bytes += row.size;
+        }
+        for blob in self.list_blobs().await? {
+            stats.blobs += 1;
+            stats.blob_bytes += blob.size;
+        }
+        Ok(stats)
+    }
+
+    async fn list_rows(&self) -> Result<Vec<RowEntry>> {
+        let paths = self
+            .row_objects(|_| true)
+            .await?
+            .into_iter()
+            .map(|m| m.location)
+            .collect();
+        Ok(self
+            .fetch_rows(paths)
+            .await?
+            .into_iter()
+            .map(|(_, r)| RowEntry {
+                refs: refs_in(&r.output)
+                    .into_iter()
+                    .map(|r| r.reference)
+                    .collect(),
+                key: r.key,
+                created_at: r.created_at,
+                size: r.size,
+            })
+            .collect())
+    }
+
+    async fn list_blobs(&self) -> Result<Vec<BlobEntry>> {
+        let root = self.blobs_root();
+        let objects: Vec<_> = self
+            .store
+            .list(Some(&root))
+            .try_collect()
+            .await
+            .map_err(self.err(format!("list {root}")))?;
+        Ok(objects
+            .into_iter()
+            .filter_map(|m| {
+                let id = format!("{REF_PREFIX}{}", m.location.filename()?);
+                parse_ref_name(&id, REF_PREFIX, "")?;
+                Some(BlobEntry {
+                    id,
+                    state: BlobState::Published,
+                    size: m.size,
+                    modified: m.last_modified.into(),
+                })
+            })
+            .collect())
+    }
+
+    async fn remove_temp(&self, id: &str) -> Result<bool> {
+        // Incomplete multipart uploads are not objects and cannot be listed through object_store; the
+        // bucket's lifecycle rule removes them. There are no other temps.
+        let _ = id;
+        Ok(false)
+    }
+
+    async fn write_blob(&self, meta: &BlobMeta, mut data: ByteStream) -> Result<CacheRef> {
+        let name = blob_name(meta);
+        let path = self.blobs_root().join(name.as_str());
+        let mut digest = BlobDigest::new();
+
+        // Gather the first part: a blob that ends within it goes up in one PUT. Bytes are copied into
+        // our own buffers (here and by `WriteMultipart::write`), so no producer buffer is kept alive by
+        // an upload in flight or by a store that keeps what it is given.
+        let mut head = bytes::BytesMut::new();
+        let mut ended = false;
+        while head.len() < PART_SIZE {
+            match data.next().await {
+                Some(chunk) => {
+                    let chunk = chunk.map_err(as_stream_error)?;
+                    digest.update(&chunk);
+                    head.extend_from_slice(&chunk);
+                }
+                None => {
+                    ended = true;
+                    break;
+                }
+            }
+        }
+        if ended {
+            self.store
+                .put(&path, PutPayload::from(head.freeze()))
+                .await
+                .map_err(self.err(format!("write blob {name}")))?;
+            return Ok(digest.into_ref(format!("{REF_PREFIX}{name}"), meta));
+        }
+
+        let upload = self
+            .store
+            .put_multipart(&path)
+            .await
+            .map_err(self.err(format!("start upload of blob {name}")))?;
+        let mut guard = AbortOnDrop(Some(WriteMultipart::new_with_chunk_size(upload, PART_SIZE)));
+        let writer = guard.0.as_mut().expect("just set");
+        writer.write(&head);
+        drop(head);
+        loop {
+            writer
+                .wait_for_capacity(PARTS_IN_FLIGHT)
+                .await
+                .map_err(self.err(format!("upload blob {name}")))?;
+            match data.next().await {
+                Some(Ok(chunk)) => {
+                    digest.update(&chunk);
+                    writer.write(&chunk);
+                }
+                Some(Err(e)) => {
+                    if let Some(upload) = guard.0.take() {
+                        let _ = upload.abort().await;
+                    }
+                    return Err(as_stream_error(e));
+                }
+                None => break,
+            }
+        }
+        let upload = guard.0.take().expect("still held");
+        upload
+            .finish()
+            .await
+            .map_err(self.err(format!("complete upload of blob {name}")))?;
+        Ok(digest.into_ref(format!("{REF_PREFIX}{name}"), meta))
+    }
+
+    async fn read_blob(&self, reference: &str) -> Result<Option<Bytes>> {
+        let Some(path) = self.blob_path(reference) else {
+            return Ok(None);
+        };
+        self.fetch(&path).await
+    }
+
+    async fn open_blob(&self, reference: &str) -> Result<Option<ByteStream>> {
+        let Some(path) = self.blob_path(reference) else {
+            return Ok(None);
+        };
+        let got = match self.store.get(&path).await {
+            Ok(got) => got,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(self.err(format!("open {path}"))(e)),
+        };
+        let (backend, context) = (self.to_string(), format!("read {path}"));
+        let stream = got.into_stream().map(move |chunk| {
+            chunk.map_err(|e| Error::Backend {
+                backend: backend.clone(),
+                context: context.clone(),
+                source: Box::new(e),
+            })
+        });
+        Ok(Some(rechunk(stream.boxed())))
+    }
+
+    async fn delete_blob(&self, reference: &str) -> Result<()> {
+        match self.blob_path(reference) {
+            Some(path) => self.delete_path(&path).await,
+            None => Ok(()),
+        }
+    }
+}
+
+fn as_stream_error(e: Error) -> Error {
+    match e {
+        e @ Error::Stream { .. } => e,
+        other => Error::stream(other),
+    }
+}
+
+/// Split chunks larger than the read bound (a store may hand out a whole small object at once).
+fn rechunk(stream: ByteStream) -> ByteStream {
+    stream
+        .flat_map(|chunk| match chunk {
+            Ok(bytes) if bytes.len() > crate::store::MAX_READ_CHUNK => crate::blob::chunked(bytes),
+            other => futures::stream::iter(vec![other]).boxed(),
+        })
+        .boxed()
+}
+
+/// `s3://bucket/prefix` URLs: options in object_store's conventions, credentials from the standard AWS
+/// environment variables, deliberate timeouts and retries.
+#[cfg(feature = "s3")]
+pub mod s3 {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+    use object_store::path::Path;
+    use object_store::{BackoffConfig, ClientOptions, RetryConfig};
+
+    use super::ObjectCache;
+    use crate::error::{Error, Result};
+
+    /// Default per-request timeout (a dead endpoint fails within timeout × retries, bounded by
+    /// the retry timeout).
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Default connect timeout.
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Default retries of a failed request.
+    pub const DEFAULT_MAX_RETRIES: usize = 3;
+    /// Default bound on the time spent retrying one request.
+    pub const DEFAULT_RETRY_TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// outcache's own options (everything else goes to object_store's S3 builder).
+    const OWN: [&str; 4] = ["timeout", "connect_timeout", "max_retries", "retry_timeout"];
+
+    fn duration(key: &str, value: &str) -> std::result::Result<Duration, String> {
+        humantime::parse_duration(value)
+            .map_err(|e| format!("{key}={value:?} is not a duration like 30s or 2m: {e}"))
+    }
+
+    /// Refuse unknown option keys (object_store would silently drop them) and malformed values of
+    /// outcache's own options. The message names the key, never the value.
+    pub fn validate_options(options: &[(String, String)]) -> std::result::Result<(), String> {
+        for (key, value) in options {
+            match key.as_str() {
+                "timeout" | "connect_timeout" | "retry_timeout" => {
+                    duration(key, value)?;
+                }
+                "max_retries" => {
+                    value.parse::<usize>().map_err(|_| {
+                        format!("max_retries must be a whole number, not {value:?}")
+                    })?;
+                }
+                other => {
+                    other.to_ascii_lowercase().parse::<AmazonS3ConfigKey>().map_err(|_| {
+                        format!(
+                            "unknown option {other:?} (object_store S3 keys such as endpoint, region, \
+                             allow_http, or {})",
+                            OWN.join(", ")
+                        )
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Open `s3://bucket/prefix` with `options` (already validated by [`validate_options`]).
+    pub fn open(bucket: &str, prefix: &str, options: &[(String, String)]) -> Result<ObjectCache> {
+        let label = format!("s3://{bucket}/{prefix}");
+        let invalid = |reason: String| Error::InvalidUrl {
+            url: label.clone(),
+            reason,
+        };
+        let (mut timeout, mut connect_timeout) = (DEFAULT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT);
+        let (mut max_retries, mut retry_timeout) = (DEFAULT_MAX_RETRIES, DEFAULT_RETRY_TIMEOUT);
+        for (key, value) in options {
+            match key.as_str() {
+                "timeout" => timeout = duration(key, value).map_err(invalid)?,
+                "connect_timeout" => connect_timeout = duration(key, value).map_err(invalid)?,
+                "retry_timeout" => retry_timeout = duration(key, value).map_err(invalid)?,
+                "max_retries" => {
+                    max_retries = value
+                        .parse()
+                        .map_err(|_| invalid(format!("max_retries={value:?}")))?
+                }
+                _ => {}
+            }
+        }
+        let client = ClientOptions::new()
+            .with_timeout(timeout)
+            .with_connect_timeout(connect_timeout);
+        let retry = RetryConfig {
+            backoff: BackoffConfig::default(),
+            max_retries,
+            retry_timeout,
+        };
+        // Client options first: `allow_http` and friends below are client settings too.
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .with_client_options(client)
+            .with_retry(retry);
+        for (key, value) in options.iter().filter(|(k, _)| !OWN.contains(&k.as_str())) {
+            let parsed = key
+                .to_ascii_lowercase()
+                .parse::<AmazonS3ConfigKey>()
+                .map_err(|_| invalid(format!("unknown option {key:?}")))?;
+            builder = builder.with_config(parsed, value.clone());
+        }
+        let has_endpoint = builder
+            .get_config_value(&AmazonS3ConfigKey::Endpoint)
+            .is_some();
+        let has_key = builder
+            .get_config_value(&AmazonS3ConfigKey::AccessKeyId)
+            .is_some();
+        let unsigned = builder
+            .get_config_value(&AmazonS3ConfigKey::SkipSignature)
+            .is_some_and(|v| v == "true");
+        if has_endpoint && !has_key && !unsigned {
+            // Without static credentials object_store would ask the AWS instance metadata service,
+            // which an S3-compatible endpoint never needs.
+            return Err(invalid(
+                "a custom endpoint needs credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY \
+                 (or skip_signature=true for a public bucket)"
+                    .into(),
+            ));
+        }
+        let store = builder.build().map_err(|e| invalid(e.to_string()))?;
+        let prefix = Path::from(prefix);
+        Ok(ObjectCache::new(Arc::new(store), prefix, label))
+    }
+}
