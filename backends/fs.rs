@@ -14,7 +14,7 @@
 //! file, `rename`, `fsync` the directory. [`FsOptions::durable`] = false skips the fsyncs for scratch caches.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -31,8 +31,8 @@ use crate::layout::{
     segment_may_match,
 };
 use crate::store::{
-    BlobEntry, BlobMeta, BlobState, ByteStream, Capabilities, MAX_READ_CHUNK, OutputCache, Row,
-    RowEntry, Stats,
+    BlobEntry, BlobMeta, BlobState, ByteRange, ByteStream, Capabilities, MAX_READ_CHUNK,
+    OutputCache, Row, RowEntry, Stats,
 };
 use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in};
 
@@ -628,41 +628,15 @@ impl OutputCache for FsCache {
     }
 
     async fn open_blob(&self, reference: &str) -> Result<Option<ByteStream>> {
-        let Some(path) = self.blob_path(reference) else {
-            return Ok(None);
-        };
-        let path_for_open = path.clone();
-        let file = blocking(move || match File::open(&path_for_open) {
-            Ok(f) => Ok(Some(f)),
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(Error::io("open blob", &path_for_open, e)),
-        })
-        .await?;
-        let Some(file) = file else {
-            return Ok(None);
-        };
-        // The file moves into each blocking read and back out; dropping the stream drops the handle.
-        let stream = futures::stream::try_unfold(Some(file), move |file| {
-            let path = path.clone();
-            async move {
-                let Some(mut file) = file else {
-                    return Ok(None);
-                };
-                let (file, chunk) = blocking(move || {
-                    let chunk = read_chunk(&mut file, MAX_READ_CHUNK)
-                        .map_err(|e| Error::io("read blob", &path, e))?;
-                    Ok((file, chunk))
-                })
-                .await?;
-                Ok(if chunk.is_empty() {
-                    None
-                } else {
-                    let next = (chunk.len() == MAX_READ_CHUNK).then_some(file);
-                    Some((chunk, next))
-                })
-            }
-        });
-        Ok(Some(stream.boxed()))
+        self.open_range(reference, None).await
+    }
+
+    async fn open_blob_range(
+        &self,
+        reference: &str,
+        range: ByteRange,
+    ) -> Result<Option<ByteStream>> {
+        self.open_range(reference, Some(range)).await
     }
 
     async fn delete_blob(&self, reference: &str) -> Result<()> {
@@ -674,6 +648,67 @@ impl OutputCache for FsCache {
 }
 
 impl FsCache {
+    /// Stream the blob behind `reference`, all of it or `range` (a seek, then only those bytes).
+    async fn open_range(
+        &self,
+        reference: &str,
+        range: Option<ByteRange>,
+    ) -> Result<Option<ByteStream>> {
+        let Some(path) = self.blob_path(reference) else {
+            return Ok(None);
+        };
+        let (path_for_open, reference) = (path.clone(), reference.to_owned());
+        let opened = blocking(move || {
+            let mut file = match File::open(&path_for_open) {
+                Ok(f) => f,
+                Err(e) if is_not_found(&e) => return Ok(None),
+                Err(e) => return Err(Error::io("open blob", &path_for_open, e)),
+            };
+            let span = match range {
+                None => 0..u64::MAX,
+                Some(range) => {
+                    let size = file
+                        .metadata()
+                        .map_err(|e| Error::io("stat blob", &path_for_open, e))?
+                        .len();
+                    let span = range.resolve(&reference, size)?;
+                    file.seek(SeekFrom::Start(span.start))
+                        .map_err(|e| Error::io("seek blob", &path_for_open, e))?;
+                    span
+                }
+            };
+            Ok(Some((file, span.end - span.start)))
+        })
+        .await?;
+        let Some((file, remaining)) = opened else {
+            return Ok(None);
+        };
+        // The file moves into each blocking read and back out; dropping the stream drops the handle.
+        let stream = futures::stream::try_unfold(Some((file, remaining)), move |state| {
+            let path = path.clone();
+            async move {
+                let Some((mut file, remaining)) = state.filter(|(_, left)| *left > 0) else {
+                    return Ok(None);
+                };
+                let want = remaining.min(MAX_READ_CHUNK as u64) as usize;
+                let (file, chunk) = blocking(move || {
+                    let chunk = read_chunk(&mut file, want)
+                        .map_err(|e| Error::io("read blob", &path, e))?;
+                    Ok((file, chunk))
+                })
+                .await?;
+                Ok(if chunk.is_empty() {
+                    None
+                } else {
+                    let left = remaining - chunk.len() as u64;
+                    let next = (chunk.len() == want).then_some((file, left));
+                    Some((chunk, next))
+                })
+            }
+        });
+        Ok(Some(stream.boxed()))
+    }
+
     fn list_blob_files(&self) -> Result<Vec<BlobEntry>> {
         let mut out = Vec::new();
         for (dir, state) in [("blobs", BlobState::Published), ("tmp", BlobState::Temp)] {

@@ -14,7 +14,8 @@ use uuid::Uuid;
 use crate::blob::{BlobDigest, cascade_delete, chunked};
 use crate::error::Result;
 use crate::store::{
-    BlobEntry, BlobMeta, BlobState, ByteStream, Capabilities, OutputCache, Row, RowEntry, Stats,
+    BlobEntry, BlobMeta, BlobState, ByteRange, ByteStream, Capabilities, OutputCache, Row,
+    RowEntry, Stats,
 };
 use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in};
 
@@ -231,6 +232,20 @@ impl OutputCache for MemoryCache {
 
     async fn open_blob(&self, reference: &str) -> Result<Option<ByteStream>> {
         Ok(self.read_blob(reference).await?.map(chunked))
+    }
+
+    async fn open_blob_range(
+        &self,
+        reference: &str,
+        range: ByteRange,
+    ) -> Result<Option<ByteStream>> {
+        let Some(bytes) = self.read_blob(reference).await? else {
+            return Ok(None);
+        };
+        let span = range.resolve(reference, bytes.len() as u64)?;
+        Ok(Some(chunked(
+            bytes.slice(span.start as usize..span.end as usize),
+        )))
     }
 
     async fn delete_blob(&self, reference: &str) -> Result<()> {

@@ -6,5 +6,6 @@ pub mod fs;
 pub mod memory;
 #[cfg(feature = "object-store")]
 pub mod object;
+pub mod run_private;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;

@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use serde_json::Value;
 
 use crate::blob::{BlobDigest, cascade_delete};
@@ -30,7 +30,8 @@ use crate::layout::{
     blob_name, decode_row, decode_task_segment, encode_row, encode_task_segment, segment_may_match,
 };
 use crate::store::{
-    BlobEntry, BlobMeta, BlobState, ByteStream, Capabilities, OutputCache, Row, RowEntry, Stats,
+    BlobEntry, BlobMeta, BlobState, ByteRange, ByteStream, Capabilities, OutputCache, Row,
+    RowEntry, Stats,
 };
 use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in};
 
@@ -73,6 +74,16 @@ impl ObjectCache {
             prefix,
             label: label.into(),
         }
+    }
+
+    /// The underlying store (for tools that need the raw object_store API).
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// The key prefix everything of this cache lives under.
+    pub fn prefix(&self) -> &Path {
+        &self.prefix
     }
 
     fn err(&self, context: impl Into<String>) -> impl FnOnce(object_store::Error) -> Error {
@@ -154,6 +165,19 @@ impl ObjectCache {
             );
         }
         Ok(out)
+    }
+
+    /// A GET's body as a blob stream with this backend's errors, in chunks of at most 1 MiB.
+    fn body_stream(&self, got: object_store::GetResult, path: &Path) -> ByteStream {
+        let (backend, context) = (self.to_string(), format!("read {path}"));
+        let stream = got.into_stream().map(move |chunk| {
+            chunk.map_err(|e| Error::Backend {
+                backend: backend.clone(),
+                context: context.clone(),
+                source: Box::new(e),
+            })
+        });
+        rechunk(stream.boxed())
     }
 
     /// Fetch and decode the row objects at `paths` (up to 16 at once); vanished ones are skipped.
@@ -426,15 +450,36 @@ impl OutputCache for ObjectCache {
             Err(e) if is_not_found(&e) => return Ok(None),
             Err(e) => return Err(self.err(format!("open {path}"))(e)),
         };
-        let (backend, context) = (self.to_string(), format!("read {path}"));
-        let stream = got.into_stream().map(move |chunk| {
-            chunk.map_err(|e| Error::Backend {
-                backend: backend.clone(),
-                context: context.clone(),
-                source: Box::new(e),
-            })
-        });
-        Ok(Some(rechunk(stream.boxed())))
+        Ok(Some(self.body_stream(got, &path)))
+    }
+
+    async fn open_blob_range(
+        &self,
+        reference: &str,
+        range: ByteRange,
+    ) -> Result<Option<ByteStream>> {
+        let Some(path) = self.blob_path(reference) else {
+            return Ok(None);
+        };
+        let size = match self.store.head(&path).await {
+            Ok(meta) => meta.size,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(self.err(format!("stat {path}"))(e)),
+        };
+        let span = range.resolve(reference, size)?;
+        if span.start == span.end {
+            return Ok(Some(futures::stream::empty().boxed()));
+        }
+        let options = GetOptions {
+            range: Some(GetRange::Bounded(span)),
+            ..GetOptions::default()
+        };
+        let got = match self.store.get_opts(&path, options).await {
+            Ok(got) => got,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(self.err(format!("open {path}"))(e)),
+        };
+        Ok(Some(self.body_stream(got, &path)))
     }
 
     async fn delete_blob(&self, reference: &str) -> Result<()> {

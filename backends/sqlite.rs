@@ -28,7 +28,8 @@ use uuid::Uuid;
 use crate::blob::BlobDigest;
 use crate::error::{Error, Result};
 use crate::store::{
-    BlobEntry, BlobMeta, BlobState, ByteStream, Capabilities, OutputCache, Row, RowEntry, Stats,
+    BlobEntry, BlobMeta, BlobState, ByteRange, ByteStream, Capabilities, OutputCache, Row,
+    RowEntry, Stats,
 };
 use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in};
 
@@ -855,47 +856,15 @@ impl OutputCache for SqliteCache {
     }
 
     async fn open_blob(&self, reference: &str) -> Result<Option<ByteStream>> {
-        let Some(id) = parse_ref_name(reference, REF_PREFIX, "").map(str::to_owned) else {
-            return Ok(None);
-        };
-        let id_for_manifest = id.clone();
-        let found = self
-            .read(move |this, conn| manifest(conn, &id_for_manifest).map_err(this.err("open blob")))
-            .await?;
-        let Some((size, _)) = found else {
-            return Ok(None);
-        };
-        let chunks = (size.max(0) as usize).div_ceil(CHUNK_SIZE) as i64;
-        // One chunk row per step: memory stays at one chunk, and no connection is held between steps.
-        let this = self.clone();
-        let stream = futures::stream::try_unfold(0i64, move |seq| {
-            let (this, id) = (this.clone(), id.clone());
-            async move {
-                if seq == chunks {
-                    return Ok(None);
-                }
-                let bytes = this
-                    .read(move |this, conn| {
-                        let context = format!("read blob {id} chunk {seq}");
-                        conn.query_row(
-                            "SELECT bytes FROM chunks WHERE blob_id = ?1 AND seq = ?2",
-                            params![id, seq],
-                            |r| r.get::<_, Vec<u8>>(0),
-                        )
-                        .optional()
-                        .map_err(this.err(&context))?
-                        .ok_or_else(|| Error::Backend {
-                            backend: this.to_string(),
-                            context,
-                            source: "the chunk is gone (the blob was deleted while being read)"
-                                .into(),
-                        })
-                    })
-                    .await?;
-                Ok(Some((Bytes::from(bytes), seq + 1)))
-            }
-        });
-        Ok(Some(stream.boxed()))
+        self.open_range(reference, None).await
+    }
+
+    async fn open_blob_range(
+        &self,
+        reference: &str,
+        range: ByteRange,
+    ) -> Result<Option<ByteStream>> {
+        self.open_range(reference, Some(range)).await
     }
 
     async fn delete_blob(&self, reference: &str) -> Result<()> {
@@ -917,6 +886,68 @@ impl OutputCache for SqliteCache {
 }
 
 impl SqliteCache {
+    /// Stream the blob behind `reference`, all of it or `range`: starts at the chunk holding the first
+    /// byte and stops after the one holding the last, reading one chunk row per step (memory stays at
+    /// one chunk, and no connection is held between steps).
+    async fn open_range(
+        &self,
+        reference: &str,
+        range: Option<ByteRange>,
+    ) -> Result<Option<ByteStream>> {
+        let Some(id) = parse_ref_name(reference, REF_PREFIX, "").map(str::to_owned) else {
+            return Ok(None);
+        };
+        let id_for_manifest = id.clone();
+        let found = self
+            .read(move |this, conn| manifest(conn, &id_for_manifest).map_err(this.err("open blob")))
+            .await?;
+        let Some((size, _)) = found else {
+            return Ok(None);
+        };
+        let size = size.max(0) as u64;
+        let span = match range {
+            Some(range) => range.resolve(reference, size)?,
+            None => 0..size,
+        };
+        let chunk = CHUNK_SIZE as u64;
+        let first = (span.start / chunk) as i64;
+        let end_seq = span.end.div_ceil(chunk) as i64;
+        let this = self.clone();
+        let stream = futures::stream::try_unfold(first, move |seq| {
+            let (this, id, span) = (this.clone(), id.clone(), span.clone());
+            async move {
+                if seq >= end_seq || span.start == span.end {
+                    return Ok(None);
+                }
+                let bytes = this
+                    .read(move |this, conn| {
+                        let context = format!("read blob {id} chunk {seq}");
+                        conn.query_row(
+                            "SELECT bytes FROM chunks WHERE blob_id = ?1 AND seq = ?2",
+                            params![id, seq],
+                            |r| r.get::<_, Vec<u8>>(0),
+                        )
+                        .optional()
+                        .map_err(this.err(&context))?
+                        .ok_or_else(|| Error::Backend {
+                            backend: this.to_string(),
+                            context,
+                            source: "the chunk is gone (the blob was deleted while being read)"
+                                .into(),
+                        })
+                    })
+                    .await?;
+                // Trim the first and last chunk to the span.
+                let chunk_start = seq as u64 * chunk;
+                let from = span.start.saturating_sub(chunk_start) as usize;
+                let to = ((span.end - chunk_start) as usize).min(bytes.len());
+                let bytes = Bytes::from(bytes).slice(from.min(to)..to);
+                Ok(Some((bytes, seq + 1)))
+            }
+        });
+        Ok(Some(stream.boxed()))
+    }
+
     /// Commit one chunk row in its own short transaction, on the blocking pool, while the caller goes on
     /// hashing the next page (one insert in flight at a time).
     async fn insert_chunk(&self, guard: &mut ChunkGuard, seq: i64, page: Bytes) -> Result<()> {

@@ -15,7 +15,7 @@ use super::{CaseResult, Failure};
 use crate::engine::{BlobOptions, Cache, CacheOptions};
 use crate::error::Error;
 use crate::janitor::{find_orphans, sweep_orphans};
-use crate::store::{BlobMeta, BlobState, MAX_READ_CHUNK, OutputCache};
+use crate::store::{BlobMeta, BlobState, ByteRange, MAX_READ_CHUNK, OutputCache};
 use crate::wire::{CacheRef, InlineBinary, RowKey, sha256_hex};
 
 type Backend = Arc<dyn OutputCache>;
@@ -35,6 +35,7 @@ enum Cap {
     RefRead,
     StreamRefRead,
     RefDelete,
+    RangeRead,
 }
 
 const BLOB_CAPS: &[Cap] = &[
@@ -42,6 +43,13 @@ const BLOB_CAPS: &[Cap] = &[
     Cap::RefRead,
     Cap::StreamRefRead,
     Cap::RefDelete,
+];
+const ALL_CAPS: &[Cap] = &[
+    Cap::StreamWrite,
+    Cap::RefRead,
+    Cap::StreamRefRead,
+    Cap::RefDelete,
+    Cap::RangeRead,
 ];
 
 fn has(cache: &Backend, cap: Cap) -> bool {
@@ -51,6 +59,7 @@ fn has(cache: &Backend, cap: Cap) -> bool {
         Cap::RefRead => caps.ref_read,
         Cap::StreamRefRead => caps.stream_ref_read,
         Cap::RefDelete => caps.ref_delete,
+        Cap::RangeRead => caps.range_read,
     }
 }
 
@@ -72,6 +81,10 @@ async fn call(cache: &Backend, cap: Cap) -> crate::Result<()> {
         Cap::RefRead => cache.read_blob("none://blobs/none").await.map(|_| ()),
         Cap::StreamRefRead => cache.open_blob("none://blobs/none").await.map(|_| ()),
         Cap::RefDelete => cache.delete_blob("none://blobs/none").await,
+        Cap::RangeRead => cache
+            .open_blob_range("none://blobs/none", ByteRange::Offset(0))
+            .await
+            .map(|_| ()),
     }
 }
 
@@ -587,6 +600,113 @@ pub async fn in_flight_write_is_not_published(cache: Backend) -> CaseResult {
         "an aborted write was published"
     );
     no_temps_soon(&cache).await
+}
+
+// ------------------------------------------------------------------------------------------ ranges
+
+async fn read_range(
+    cache: &Backend,
+    r: &CacheRef,
+    range: ByteRange,
+) -> Result<Option<Bytes>, Failure> {
+    let Some(mut stream) = cache.open_blob_range(&r.reference, range.clone()).await? else {
+        return Ok(None);
+    };
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        ensure!(
+            chunk.len() <= MAX_READ_CHUNK,
+            "{range}: a chunk of {} bytes",
+            chunk.len()
+        );
+        out.extend_from_slice(&chunk);
+    }
+    Ok(Some(out.into()))
+}
+
+/// Ranges at the start, across chunk boundaries in the middle, at the end, clamped past the end, by
+/// offset and by suffix read exactly those bytes.
+pub async fn range_reads_start_middle_end(cache: Backend) -> CaseResult {
+    gate!(cache, &[Cap::StreamWrite, Cap::RangeRead]);
+    let data = pattern(3 * MAX_READ_CHUNK + 123, 21);
+    let r = write(&cache, &data, 100_000).await?;
+    let n = data.len() as u64;
+    let cases: Vec<(ByteRange, std::ops::Range<u64>)> = vec![
+        (ByteRange::Bounded(0..10), 0..10),
+        (ByteRange::Bounded(1000..300_000), 1000..300_000),
+        (ByteRange::Bounded(262_143..262_145), 262_143..262_145),
+        (
+            ByteRange::Bounded(MAX_READ_CHUNK as u64 - 7..2 * MAX_READ_CHUNK as u64 + 9),
+            MAX_READ_CHUNK as u64 - 7..2 * MAX_READ_CHUNK as u64 + 9,
+        ),
+        (ByteRange::Bounded(n - 5..n), n - 5..n),
+        (ByteRange::Bounded(n - 5..n + 100), n - 5..n),
+        (ByteRange::Offset(n - 1000), n - 1000..n),
+        (ByteRange::Offset(0), 0..n),
+        (ByteRange::Suffix(777), n - 777..n),
+        (ByteRange::Suffix(n + 10), 0..n),
+    ];
+    for (range, span) in cases {
+        let got = read_range(&cache, &r, range.clone()).await?;
+        let want = data.slice(span.start as usize..span.end as usize);
+        ensure!(
+            got.as_ref() == Some(&want),
+            "{range}: got {:?} bytes, expected {}",
+            got.map(|g| g.len()),
+            want.len()
+        );
+    }
+    Ok(())
+}
+
+/// Empty ranges read nothing; ranges past the end are a clear `InvalidRange`; unknown refs are `None`.
+pub async fn range_read_empty_and_past_the_end(cache: Backend) -> CaseResult {
+    gate!(cache, &[Cap::StreamWrite, Cap::RangeRead]);
+    let data = pattern(10_000, 22);
+    let r = write(&cache, &data, 1000).await?;
+    let n = data.len() as u64;
+    for empty in [
+        ByteRange::Bounded(5..5),
+        ByteRange::Offset(n),
+        ByteRange::Suffix(0),
+    ] {
+        let got = read_range(&cache, &r, empty.clone()).await?;
+        ensure!(
+            got.as_ref().is_some_and(|g| g.is_empty()),
+            "{empty}: got {got:?}"
+        );
+    }
+    for bad in [
+        ByteRange::Bounded(n + 1..n + 2),
+        ByteRange::Offset(n + 1),
+        #[allow(clippy::reversed_empty_ranges)] // deliberately backwards
+        ByteRange::Bounded(10..5),
+    ] {
+        match cache.open_blob_range(&r.reference, bad.clone()).await {
+            Err(Error::InvalidRange {
+                ref reference,
+                size,
+                ..
+            }) if *reference == r.reference && size == n => {}
+            Err(e) => return Err(Failure(format!("{bad}: expected InvalidRange, got {e}"))),
+            Ok(s) => {
+                return Err(Failure(format!(
+                    "{bad}: expected InvalidRange, got a stream: {}",
+                    s.is_some()
+                )));
+            }
+        }
+    }
+    let unknown = mutate_last_hex_digit(&r.reference).unwrap_or_default();
+    ensure!(
+        cache
+            .open_blob_range(&unknown, ByteRange::Offset(0))
+            .await?
+            .is_none(),
+        "unknown ref resolved"
+    );
+    Ok(())
 }
 
 // ------------------------------------------------------------------------------------------ ref safety
@@ -1264,7 +1384,7 @@ pub async fn concurrent_cleanup_spares_other_writers(cache: Backend) -> CaseResu
 
 /// Invariant 9: every claimed capability works and every unclaimed one returns `Unsupported`.
 pub async fn capabilities_are_truthful(cache: Backend) -> CaseResult {
-    for cap in BLOB_CAPS {
+    for cap in ALL_CAPS {
         let result = call(&cache, *cap).await;
         match (has(&cache, *cap), result) {
             (true, Ok(())) | (false, Err(Error::Unsupported { .. })) => {}

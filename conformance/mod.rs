@@ -53,6 +53,8 @@ pub type CaseResult = std::result::Result<(), Failure>;
 /// when the fixture is dropped.
 pub struct Fixture {
     cache: Arc<dyn OutputCache>,
+    /// What `finish` empties: the backing store, also when `cache` is a wrapper over it.
+    backing: Arc<dyn OutputCache>,
     _guard: Option<Box<dyn Any + Send + Sync>>,
     empty_afterwards: bool,
     skip: Option<String>,
@@ -70,6 +72,7 @@ impl Fixture {
     /// A fixture for a backend that needs no cleanup.
     pub fn new(cache: Arc<dyn OutputCache>) -> Self {
         Fixture {
+            backing: cache.clone(),
             cache,
             _guard: None,
             empty_afterwards: false,
@@ -97,11 +100,22 @@ impl Fixture {
         self
     }
 
-    /// Clean up after a case: empty the backend if asked to, then drop the guard.
+    /// The same fixture with its backend replaced by `wrap(backend)` (a wrapper under test); cleanup
+    /// still empties the backing store.
+    pub fn wrapped(
+        mut self,
+        wrap: impl FnOnce(Arc<dyn OutputCache>) -> Result<Arc<dyn OutputCache>>,
+    ) -> Result<Self> {
+        self.cache = wrap(self.cache)?;
+        Ok(self)
+    }
+
+    /// Clean up after a case: empty the backing store if asked to, then drop the guard.
     pub async fn finish(self) {
         if self.empty_afterwards {
-            let _ = self.cache.delete_prefix("").await;
-            let _ = crate::janitor::sweep_orphans(self.cache.as_ref(), Duration::ZERO, false).await;
+            let _ = self.backing.delete_prefix("").await;
+            let _ =
+                crate::janitor::sweep_orphans(self.backing.as_ref(), Duration::ZERO, false).await;
         }
     }
 
@@ -231,6 +245,8 @@ macro_rules! __conformance_each_case {
             ref_delete_is_idempotent,
             ref_delete_touches_only_its_blob,
             dropped_read_stream_releases_blob,
+            range_reads_start_middle_end,
+            range_read_empty_and_past_the_end,
             delete_row_cascades_to_blobs,
             delete_prefix_cascades_to_blobs,
             delete_prefix_respects_boundaries,
@@ -295,17 +311,19 @@ pub struct CaseOutcome {
 /// Longest a single case may run before it counts as failed (hung).
 pub const CASE_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Run every case against isolated children of `location` (see [`isolated_fixture`]), calling `report`
-/// after each one. A panicking or hung case is a failure, not a crash of the run.
+/// Run every case against isolated children of `location` (see [`isolated_fixture`]), each through
+/// `wrap` (the identity, or a wrapper under test), calling `report` after each one. A panicking or hung
+/// case is a failure, not a crash of the run.
 pub async fn run_suite(
     location: &Location,
+    wrap: impl Fn(Arc<dyn OutputCache>) -> Result<Arc<dyn OutputCache>>,
     mut report: impl FnMut(&CaseOutcome),
 ) -> Result<Vec<CaseOutcome>> {
     let run_tag = format!("outcache-conformance-{}", uuid::Uuid::new_v4().simple());
     let mut outcomes = Vec::new();
     for case in all_cases() {
         let started = Instant::now();
-        let fixture = isolated_fixture(location, &run_tag, case.name)?;
+        let fixture = isolated_fixture(location, &run_tag, case.name)?.wrapped(&wrap)?;
         let future = std::panic::AssertUnwindSafe(case.run(fixture.cache())).catch_unwind();
         let result = match tokio::time::timeout(CASE_TIMEOUT, future).await {
             Ok(Ok(result)) => result,

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::store::{
-    BlobEntry, BlobMeta, ByteStream, Capabilities, OutputCache, Row, RowEntry, Stats,
+    BlobEntry, BlobMeta, ByteRange, ByteStream, Capabilities, OutputCache, Row, RowEntry, Stats,
 };
 use crate::wire::{CacheRef, RowKey};
 
@@ -187,6 +187,13 @@ impl OutputCache for FailingRows {
     }
     async fn open_blob(&self, reference: &str) -> Result<Option<ByteStream>> {
         self.inner.open_blob(reference).await
+    }
+    async fn open_blob_range(
+        &self,
+        reference: &str,
+        range: ByteRange,
+    ) -> Result<Option<ByteStream>> {
+        self.inner.open_blob_range(reference, range).await
     }
     async fn delete_blob(&self, reference: &str) -> Result<()> {
         self.inner.delete_blob(reference).await

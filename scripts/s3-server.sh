@@ -16,7 +16,7 @@
 set -euo pipefail
 
 TOOLS="${OUTCACHE_TOOLS:-$HOME/.cache/outcache-tools}"
-RUN="$TOOLS/run"
+RUN="${OUTCACHE_S3_RUN:-$TOOLS/run}"  # pid and log files; separate ones allow separate servers
 BUCKET="${OUTCACHE_S3_BUCKET:-outcache-test}"
 MOTO_VERSION="5.2.5"
 S3S_VERSION="0.14.1"

@@ -224,6 +224,19 @@ impl Cache {
         }))
     }
 
+    /// A stream over `range` of the blob behind `cache_ref`, or `None` if it does not resolve. Not verified:
+    /// the recorded SHA-256 covers the whole blob, so only whole reads ([`Cache::open_stream`],
+    /// [`Cache::read`]) can check it.
+    pub async fn open_range(
+        &self,
+        cache_ref: &CacheRef,
+        range: crate::store::ByteRange,
+    ) -> Result<Option<ByteStream>> {
+        self.backend
+            .open_blob_range(&cache_ref.reference, range)
+            .await
+    }
+
     /// The whole blob behind `cache_ref`, verified (never returns bytes that fail the check).
     pub async fn read(&self, cache_ref: &CacheRef) -> Result<Option<Bytes>> {
         let Some(bytes) = self.backend.read_blob(&cache_ref.reference).await? else {

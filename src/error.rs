@@ -99,6 +99,17 @@ pub enum Error {
         backend: String,
     },
 
+    /// A byte range that does not fit the blob.
+    #[error("invalid range for {reference}: {range} of a {size}-byte blob")]
+    InvalidRange {
+        /// The blob's ref string.
+        reference: String,
+        /// The range asked for.
+        range: String,
+        /// The blob's size.
+        size: u64,
+    },
+
     /// A branded ref inside a value does not resolve (its blob is gone or belongs to another backend).
     #[error("dangling cache ref {reference}")]
     DanglingRef {

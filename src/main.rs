@@ -13,7 +13,10 @@ use tokio::io::AsyncWriteExt;
 
 use outcache::config::{Location, effective_url};
 use outcache::conformance::{CaseOutcome, run_suite};
-use outcache::{BlobOptions, Cache, CacheRef, Error};
+use std::sync::Arc;
+
+use outcache::backends::run_private::RunPrivate;
+use outcache::{BlobOptions, Cache, CacheRef, Error, OutputCache};
 
 /// Read chunk size for `put-blob` (also the most a single chunk holds in memory).
 const READ_CHUNK: usize = 1 << 20;
@@ -29,6 +32,10 @@ struct Cli {
     /// backend under $XDG_CACHE_HOME/outcache (or ~/.cache/outcache).
     #[arg(long, global = true, value_name = "URL")]
     url: Option<String>,
+
+    /// Put every command behind the run-private wrapper of this run: rows and blobs only this run sees.
+    #[arg(long, global = true, value_name = "ID")]
+    run_id: Option<String>,
 
     #[command(subcommand)]
     command: Command,
@@ -114,12 +121,26 @@ fn parse_json(what: &str, text: &str) -> Result<Value, Error> {
     })
 }
 
-fn open(url: Option<&str>) -> Result<Cache, Error> {
-    Cache::open(&effective_url(url)?)
+/// The backend named by `url` (or the environment / default), behind the run-private wrapper if a run
+/// id was given.
+fn open(url: Option<&str>, run_id: Option<&str>) -> Result<Cache, Error> {
+    let backend = outcache::config::open_backend(&effective_url(url)?)?;
+    Ok(Cache::new(wrap_run(backend, run_id)?))
+}
+
+fn wrap_run(
+    backend: Arc<dyn OutputCache>,
+    run_id: Option<&str>,
+) -> Result<Arc<dyn OutputCache>, Error> {
+    Ok(match run_id {
+        Some(id) => Arc::new(RunPrivate::new(backend, id)?),
+        None => backend,
+    })
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     let url = cli.url.as_deref();
+    let run_id = cli.run_id.as_deref();
     match cli.command {
         Command::Put {
             task_type,
@@ -137,11 +158,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 (None, None) => unreachable!("clap requires one of --output and --output-file"),
             };
-            open(url)?.put(&task_type, &inputs, &output).await?;
+            open(url, run_id)?.put(&task_type, &inputs, &output).await?;
         }
         Command::Get { task_type, inputs } => {
             let inputs = parse_json("--inputs", &inputs)?;
-            match open(url)?.get(&task_type, &inputs).await? {
+            match open(url, run_id)?.get(&task_type, &inputs).await? {
                 Some(value) => println!("{value}"),
                 None => return Err(Failure::Miss(None)),
             }
@@ -154,7 +175,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             file,
         } => {
             let inputs = parse_json("--inputs", &inputs)?;
-            let cache = open(url)?;
+            let cache = open(url, run_id)?;
             let data = match file.filter(|f| f.as_os_str() != "-") {
                 Some(path) => {
                     let f = tokio::fs::File::open(&path)
@@ -171,7 +192,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Cat { reference } => {
             let cache_ref = CacheRef::parse_arg(&reference)?;
-            let cache = open(url)?;
+            let cache = open(url, run_id)?;
             let Some(mut stream) = cache.open_stream(&cache_ref).await? else {
                 return Err(Failure::Miss(Some(format!(
                     "{} does not resolve in {}",
@@ -205,7 +226,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 let _ = std::io::stdout().flush();
             };
-            let outcomes = run_suite(&location, report).await?;
+            let outcomes = run_suite(&location, |b| wrap_run(b, run_id), report).await?;
             let failed = outcomes.iter().filter(|o| o.result.is_err()).count();
             println!("{} passed, {failed} failed", outcomes.len() - failed);
             if failed > 0 {

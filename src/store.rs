@@ -3,6 +3,7 @@
 //! whose defaults return [`Error::Unsupported`], advertised up front in [`Capabilities`].
 
 use std::fmt::{Debug, Display};
+use std::ops::Range;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -33,6 +34,8 @@ pub struct Capabilities {
     pub stream_ref_read: bool,
     /// [`OutputCache::delete_blob`]: delete a blob by ref.
     pub ref_delete: bool,
+    /// [`OutputCache::open_blob_range`]: stream part of a blob without reading what precedes it.
+    pub range_read: bool,
 }
 
 impl Capabilities {
@@ -42,6 +45,7 @@ impl Capabilities {
         ref_read: true,
         stream_ref_read: true,
         ref_delete: true,
+        range_read: true,
     };
     /// The row store only.
     pub const ROWS_ONLY: Capabilities = Capabilities {
@@ -49,7 +53,48 @@ impl Capabilities {
         ref_read: false,
         stream_ref_read: false,
         ref_delete: false,
+        range_read: false,
     };
+}
+
+/// A byte range of a blob, in the shape of object_store's `GetRange`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ByteRange {
+    /// Bytes `start..end`; an `end` past the blob is clamped to its size.
+    Bounded(Range<u64>),
+    /// Everything from an offset on.
+    Offset(u64),
+    /// The last `n` bytes (all of them if the blob is shorter).
+    Suffix(u64),
+}
+
+impl std::fmt::Display for ByteRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ByteRange::Bounded(r) => write!(f, "bytes {}..{}", r.start, r.end),
+            ByteRange::Offset(o) => write!(f, "bytes {o}.."),
+            ByteRange::Suffix(n) => write!(f, "the last {n} bytes"),
+        }
+    }
+}
+
+impl ByteRange {
+    /// The absolute `start..end` of this range in a blob of `size` bytes. A range that starts past the
+    /// end, or a bounded one whose end is before its start, is [`Error::InvalidRange`].
+    pub fn resolve(&self, reference: &str, size: u64) -> Result<Range<u64>> {
+        let invalid = || Error::InvalidRange {
+            reference: reference.to_owned(),
+            range: self.to_string(),
+            size,
+        };
+        match *self {
+            ByteRange::Bounded(ref r) if r.start > r.end || r.start > size => Err(invalid()),
+            ByteRange::Bounded(ref r) => Ok(r.start..r.end.min(size)),
+            ByteRange::Offset(o) if o > size => Err(invalid()),
+            ByteRange::Offset(o) => Ok(o..size),
+            ByteRange::Suffix(n) => Ok(size.saturating_sub(n)..size),
+        }
+    }
 }
 
 /// A stored row: the task's output JSON and when it was written.
@@ -201,6 +246,18 @@ pub trait OutputCache: Debug + Display + Send + Sync + 'static {
     async fn open_blob(&self, reference: &str) -> Result<Option<ByteStream>> {
         let _ = reference;
         Err(Error::unsupported("open_blob", self))
+    }
+
+    /// A stream over `range` of the blob behind `reference` (chunks of at most [`MAX_READ_CHUNK`]), or
+    /// `None` if the ref does not resolve; [`Error::InvalidRange`] for a range past the end. Reads only the
+    /// requested bytes where the backend can (seek, chunk index, ranged GET).
+    async fn open_blob_range(
+        &self,
+        reference: &str,
+        range: ByteRange,
+    ) -> Result<Option<ByteStream>> {
+        let _ = (reference, range);
+        Err(Error::unsupported("open_blob_range", self))
     }
 
     /// Delete the blob behind `reference`. Idempotent and best effort; a ref that is not this backend's

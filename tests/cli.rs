@@ -352,3 +352,55 @@ fn conformance_on_memory_passes() {
     assert!(o.status.success(), "{}", stdout(&o));
     assert!(stdout(&o).ends_with(" passed, 0 failed"));
 }
+
+#[test]
+fn run_ids_isolate_rows_and_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let u = url(dir.path());
+    let with_run = |run: &str, args: &[&str], stdin: Option<&[u8]>| {
+        let mut all = vec!["--run-id", run];
+        all.extend_from_slice(args);
+        outcache(&u, &all, stdin)
+    };
+    let put = with_run(
+        "r1",
+        &["put", "t", "--inputs", "{}", "--output", "\"r1 row\""],
+        None,
+    );
+    assert!(put.status.success(), "{}", stderr(&put));
+    let blob = with_run(
+        "r1",
+        &["put-blob", "b", "--inputs", "{}", "-"],
+        Some(&[3u8; 100_000]),
+    );
+    assert!(blob.status.success(), "{}", stderr(&blob));
+    let stored = stdout(&blob);
+
+    assert_eq!(
+        stdout(&with_run("r1", &["get", "t", "--inputs", "{}"], None)),
+        "\"r1 row\""
+    );
+    assert_eq!(
+        with_run("r1", &["cat", &stored], None).stdout.len(),
+        100_000
+    );
+
+    let miss = with_run("r2", &["get", "t", "--inputs", "{}"], None);
+    assert_eq!((miss.status.code(), stdout(&miss).as_str()), (Some(1), ""));
+    assert_fails(
+        &with_run("r2", &["cat", &stored], None),
+        1,
+        "does not resolve",
+    );
+    let shared = outcache(&u, &["get", "t", "--inputs", "{}"], None);
+    assert_eq!(
+        shared.status.code(),
+        Some(1),
+        "the shared tier sees a run's row"
+    );
+    assert_fails(
+        &with_run("", &["get", "t", "--inputs", "{}"], None),
+        2,
+        "run id",
+    );
+}

@@ -94,3 +94,33 @@ mod object_local {
         Fixture::with_guard(Arc::new(store), dir)
     });
 }
+
+/// The whole suite through the run-private wrapper, over each built-in backend.
+mod run_private {
+    use std::sync::Arc;
+
+    use outcache::backends::run_private::RunPrivate;
+    use outcache::conformance::{Fixture, fixtures};
+
+    fn wrap(fixture: Fixture, run_id: &str) -> Fixture {
+        let wrapped = RunPrivate::new(fixture.cache(), run_id).unwrap();
+        Fixture::with_guard(Arc::new(wrapped), fixture)
+    }
+
+    mod over_memory {
+        outcache::conformance_tests!(|| async { super::wrap(super::fixtures::memory(), "run-1") });
+    }
+
+    mod over_fs {
+        outcache::conformance_tests!(|| async {
+            super::wrap(super::fixtures::fs_temp(), "session1-")
+        });
+    }
+
+    #[cfg(feature = "sqlite")]
+    mod over_sqlite {
+        outcache::conformance_tests!(|| async {
+            super::wrap(super::fixtures::sqlite_temp(), "ünï/cöde:run")
+        });
+    }
+}

@@ -1,0 +1,344 @@
+//! The run-private wrapper: a private tier of any backend for one pipeline run, whose rows only that run
+//! sees (crash-resume of a run) and which vanishes with [`RunPrivate::clear_run`].
+//!
+//! **Namespace.** Every row of run `R` is stored in the backing store under the task type
+//! `run/<byte length of R>:<R>/r/<task type>`. The length prefix makes namespaces prefix-free: no run's
+//! namespace is a prefix of another's (`session1` vs `session1-`), and the run id is kept verbatim, so no
+//! sanitising can merge two ids.
+//!
+//! **Blob ownership.** Blobs keep the backing store's own refs, so cascades and the backing store's
+//! janitor work unchanged. Each blob the run writes gets a marker row `run/<len>:<R>/b/` +
+//! `sha256(ref)` whose output is the ref: the wrapper resolves, lists and deletes only refs with a
+//! marker in its own namespace, so another run's refs and the shared tier's never resolve through it
+//! (reads give `None`, deletes do nothing), and a forged ref does not either. The marker also keeps the
+//! run's blobs referenced in the backing store until the run is cleared, so a janitor on the shared tier
+//! never removes them. Incomplete writes of a run cannot be attributed: temps are listed and removed on
+//! the backing store only.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::store::{
+    BlobEntry, BlobMeta, ByteRange, ByteStream, Capabilities, OutputCache, Row, RowEntry, Stats,
+};
+use crate::wire::{CacheRef, MAX_TASK_TYPE_LEN, RowKey, refs_in, sha256_hex};
+
+/// Longest run id accepted, in bytes.
+pub const MAX_RUN_ID_LEN: usize = 200;
+
+/// The namespace prefix of run `run_id`: `run/<len>:<id>/`. Prefix-free across run ids.
+pub fn run_namespace(run_id: &str) -> String {
+    format!("run/{}:{run_id}/", run_id.len())
+}
+
+/// A run-private view of `inner`.
+#[derive(Debug, Clone)]
+pub struct RunPrivate {
+    inner: Arc<dyn OutputCache>,
+    run_id: String,
+    /// `run/<len>:<id>/`: everything of this run.
+    namespace: String,
+    /// `run/<len>:<id>/r/`: prefix of this run's row task types.
+    rows: String,
+    /// `run/<len>:<id>/b/`: task type of this run's blob markers.
+    markers: String,
+}
+
+impl std::fmt::Display for RunPrivate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "run-private({:?}, {})", self.run_id, self.inner)
+    }
+}
+
+impl RunPrivate {
+    /// The private tier of run `run_id` over `inner`. Refuses an empty run id, one longer than 200 bytes
+    /// or one with control characters.
+    pub fn new(inner: Arc<dyn OutputCache>, run_id: &str) -> Result<Self> {
+        let reason = if run_id.is_empty() {
+            Some("must not be empty")
+        } else if run_id.len() > MAX_RUN_ID_LEN {
+            Some("is longer than 200 bytes")
+        } else if run_id.chars().any(char::is_control) {
+            Some("must not contain control characters")
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            return Err(Error::InvalidInput {
+                what: "run id".into(),
+                reason: reason.into(),
+            });
+        }
+        let ns = run_namespace(run_id);
+        Ok(RunPrivate {
+            inner,
+            run_id: run_id.to_owned(),
+            rows: format!("{ns}r/"),
+            markers: format!("{ns}b/"),
+            namespace: ns,
+        })
+    }
+
+    /// The run id.
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    /// The backing store.
+    pub fn inner(&self) -> &Arc<dyn OutputCache> {
+        &self.inner
+    }
+
+    /// Remove exactly this run's rows and blobs (one prefix delete on the backing store, which cascades
+    /// through the markers to every blob the run wrote). Safe to call twice or on a run that wrote nothing.
+    /// Returns the number of backing rows removed (rows and markers).
+    pub async fn clear_run(&self) -> Result<u64> {
+        self.inner.delete_prefix(&self.namespace).await
+    }
+
+    fn inner_key(&self, key: &RowKey) -> Result<RowKey> {
+        let task = format!("{}{}", self.rows, key.task_type());
+        if task.len() > MAX_TASK_TYPE_LEN {
+            return Err(Error::InvalidInput {
+                what: "task type".into(),
+                reason: format!(
+                    "too long for run {:?}: at most {} bytes fit beside the run namespace",
+                    self.run_id,
+                    MAX_TASK_TYPE_LEN - self.rows.len()
+                ),
+            });
+        }
+        RowKey::from_parts(&task, key.fingerprint())
+    }
+
+    fn outer_key(&self, inner: &RowKey) -> Option<RowKey> {
+        let task = inner.task_type().strip_prefix(&self.rows)?;
+        RowKey::from_parts(task, inner.fingerprint()).ok()
+    }
+
+    fn marker_key(&self, reference: &str) -> RowKey {
+        RowKey::from_parts(&self.markers, &sha256_hex(reference.as_bytes()))
+            .expect("a marker key is valid by construction")
+    }
+
+    /// Whether `reference` is a blob this run wrote (and has not deleted).
+    async fn owns(&self, reference: &str) -> Result<bool> {
+        let Some(marker) = self.inner.get_row(&self.marker_key(reference)).await? else {
+            return Ok(false);
+        };
+        Ok(CacheRef::from_value(&marker.output).is_some_and(|r| r.reference == reference))
+    }
+
+    /// Refs with a marker in this run's namespace.
+    async fn owned_refs(&self) -> Result<HashSet<String>> {
+        Ok(self
+            .inner
+            .list_rows()
+            .await?
+            .into_iter()
+            .filter(|r| r.key.task_type() == self.markers)
+            .flat_map(|r| r.refs)
+            .collect())
+    }
+
+    /// Drop the markers of the refs in `output` (after the row that held them was deleted).
+    async fn forget_refs(&self, output: &Value) -> Result<()> {
+        for r in refs_in(output) {
+            self.inner
+                .delete_row(&self.marker_key(&r.reference))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+#[deny(clippy::missing_trait_methods)]
+#[async_trait]
+impl OutputCache for RunPrivate {
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    async fn save_row(&self, key: &RowKey, output: &Value) -> Result<()> {
+        self.inner.save_row(&self.inner_key(key)?, output).await
+    }
+
+    async fn get_row(&self, key: &RowKey) -> Result<Option<Row>> {
+        self.inner.get_row(&self.inner_key(key)?).await
+    }
+
+    async fn delete_row(&self, key: &RowKey) -> Result<bool> {
+        let inner = self.inner_key(key)?;
+        let output = self.inner.get_row(&inner).await?.map(|r| r.output);
+        let existed = self.inner.delete_row(&inner).await?;
+        if let Some(output) = output {
+            self.forget_refs(&output).await?;
+        }
+        Ok(existed)
+    }
+
+    async fn delete_prefix(&self, task_type_prefix: &str) -> Result<u64> {
+        self.inner
+            .delete_prefix(&format!("{}{task_type_prefix}", self.rows))
+            .await
+    }
+
+    async fn clear_older_than(&self, cutoff: SystemTime) -> Result<u64> {
+        let mut removed = 0;
+        for row in self.list_rows().await? {
+            if row.created_at < cutoff && self.delete_row(&row.key).await? {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn stats(&self) -> Result<Stats> {
+        let rows = self.list_rows().await?;
+        let blobs = self.list_blobs().await?;
+        Ok(Stats {
+            rows: rows.len() as u64,
+            row_bytes: rows.iter().map(|r| r.size).sum(),
+            blobs: blobs.len() as u64,
+            blob_bytes: blobs.iter().map(|b| b.size).sum(),
+            temps: 0,
+        })
+    }
+
+    async fn list_rows(&self) -> Result<Vec<RowEntry>> {
+        Ok(self
+            .inner
+            .list_rows()
+            .await?
+            .into_iter()
+            .filter_map(|r| {
+                Some(RowEntry {
+                    key: self.outer_key(&r.key)?,
+                    ..r
+                })
+            })
+            .collect())
+    }
+
+    async fn list_blobs(&self) -> Result<Vec<BlobEntry>> {
+        let owned = self.owned_refs().await?;
+        Ok(self
+            .inner
+            .list_blobs()
+            .await?
+            .into_iter()
+            .filter(|b| owned.contains(&b.id))
+            .collect())
+    }
+
+    async fn remove_temp(&self, id: &str) -> Result<bool> {
+        // A temp cannot be attributed to a run; the backing store's janitor removes stale ones.
+        let _ = id;
+        Ok(false)
+    }
+
+    async fn write_blob(&self, meta: &BlobMeta, data: ByteStream) -> Result<CacheRef> {
+        let meta = BlobMeta {
+            task_type: format!("{}{}", self.rows, meta.task_type),
+            ..meta.clone()
+        };
+        let written = self.inner.write_blob(&meta, data).await?;
+        let marker = CacheRef::new(written.reference.clone()).to_value();
+        if let Err(e) = self
+            .inner
+            .save_row(&self.marker_key(&written.reference), &marker)
+            .await
+        {
+            let _ = self.inner.delete_blob(&written.reference).await;
+            return Err(e);
+        }
+        Ok(written)
+    }
+
+    async fn read_blob(&self, reference: &str) -> Result<Option<Bytes>> {
+        if !self.owns(reference).await? {
+            return Ok(None);
+        }
+        self.inner.read_blob(reference).await
+    }
+
+    async fn open_blob(&self, reference: &str) -> Result<Option<ByteStream>> {
+        if !self.owns(reference).await? {
+            return Ok(None);
+        }
+        self.inner.open_blob(reference).await
+    }
+
+    async fn open_blob_range(
+        &self,
+        reference: &str,
+        range: ByteRange,
+    ) -> Result<Option<ByteStream>> {
+        if !self.owns(reference).await? {
+            return Ok(None);
+        }
+        self.inner.open_blob_range(reference, range).await
+    }
+
+    async fn delete_blob(&self, reference: &str) -> Result<()> {
+        if !self.owns(reference).await? {
+            return Ok(());
+        }
+        self.inner.delete_blob(reference).await?;
+        self.inner.delete_row(&self.marker_key(reference)).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespaces_are_prefix_free_for_tricky_ids() {
+        let ids = [
+            "session1",
+            "session1-",
+            "s",
+            "s/",
+            "a:b",
+            "a/b",
+            "1:a",
+            "ünï",
+            "🐎",
+            "r/1",
+            "x".repeat(200).as_str(),
+        ]
+        .map(str::to_owned);
+        for a in &ids {
+            for b in &ids {
+                if a != b {
+                    assert!(
+                        !run_namespace(a).starts_with(&run_namespace(b)),
+                        "{a:?} vs {b:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_run_ids_are_refused() {
+        let inner: Arc<dyn OutputCache> = Arc::new(crate::backends::memory::MemoryCache::new());
+        for bad in ["", "a\nb", &"x".repeat(201)] {
+            assert!(
+                matches!(
+                    RunPrivate::new(inner.clone(), bad),
+                    Err(Error::InvalidInput { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Run isolation through the run-private wrapper: two runs on one backing store never see each other's
+//! rows or blobs, the shared tier's refs never resolve through a run, `clear_run` removes exactly one run,
+//! and no two run ids share a namespace (property-tested).
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use outcache::backends::memory::MemoryCache;
+use outcache::backends::run_private::{RunPrivate, run_namespace};
+use outcache::{BlobOptions, Cache, CacheOptions, CacheRef, OutputCache};
+use proptest::prelude::*;
+use serde_json::json;
+
+fn engine(backend: Arc<dyn OutputCache>) -> Cache {
+    Cache::with_options(backend, CacheOptions::default().reference_threshold(16))
+}
+
+fn bytes(n: usize, seed: u8) -> outcache::ByteStream {
+    futures::stream::iter([Ok(bytes::Bytes::from(vec![seed; n]))]).boxed()
+}
+
+async fn put_blob(cache: &Cache, task: &str, seed: u8) -> CacheRef {
+    let stored = cache
+        .put_stream(
+            task,
+            &json!({"seed": seed}),
+            bytes(1000, seed),
+            BlobOptions::default(),
+        )
+        .await
+        .unwrap();
+    CacheRef::from_value(&stored).unwrap()
+}
+
+#[tokio::test]
+async fn runs_on_one_backing_store_are_isolated_and_clear_run_removes_exactly_one() {
+    let backing: Arc<dyn OutputCache> = Arc::new(MemoryCache::new());
+    let shared = engine(backing.clone());
+    let a = Arc::new(RunPrivate::new(backing.clone(), "session1").unwrap());
+    let b = Arc::new(RunPrivate::new(backing.clone(), "session1-").unwrap());
+    let (run_a, run_b) = (engine(a.clone()), engine(b.clone()));
+
+    let ra = put_blob(&run_a, "render", 1).await;
+    let rb = put_blob(&run_b, "render", 2).await;
+    let rs = put_blob(&shared, "render", 3).await;
+
+    // Rows: each run sees only its own.
+    assert!(
+        run_a
+            .get("render", &json!({"seed": 1}))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        run_a
+            .get("render", &json!({"seed": 2}))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        run_a
+            .get("render", &json!({"seed": 3}))
+            .await
+            .unwrap()
+            .is_none(),
+        "the shared tier leaked in"
+    );
+    assert!(
+        run_b
+            .get("render", &json!({"seed": 1}))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(a.list_rows().await.unwrap().len(), 1);
+
+    // Refs: another run's and the shared tier's never resolve and never delete.
+    for foreign in [&rb, &rs] {
+        assert_eq!(a.read_blob(&foreign.reference).await.unwrap(), None);
+        assert!(a.open_blob(&foreign.reference).await.unwrap().is_none());
+        a.delete_blob(&foreign.reference).await.unwrap();
+    }
+    assert!(
+        backing.read_blob(&rb.reference).await.unwrap().is_some(),
+        "run A deleted run B's blob"
+    );
+    assert!(
+        backing.read_blob(&rs.reference).await.unwrap().is_some(),
+        "run A deleted a shared blob"
+    );
+    assert_eq!(run_a.read(&ra).await.unwrap().unwrap().len(), 1000);
+
+    // The shared tier's janitor sees run blobs as referenced (by their markers), never as orphans.
+    let orphans = outcache::janitor::find_orphans(backing.as_ref(), std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(orphans.blobs.is_empty(), "{:?}", orphans.blobs);
+
+    // clear_run(A): A's rows and blobs go; B and the shared tier stay readable.
+    assert!(a.clear_run().await.unwrap() >= 2);
+    assert!(a.clear_run().await.is_ok(), "clear_run twice");
+    assert!(
+        run_a
+            .get("render", &json!({"seed": 1}))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        backing.read_blob(&ra.reference).await.unwrap(),
+        None,
+        "run A's blob survived clear_run"
+    );
+    assert!(
+        run_b
+            .get("render", &json!({"seed": 2}))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(run_b.read(&rb).await.unwrap().unwrap().len(), 1000);
+    assert_eq!(shared.read(&rs).await.unwrap().unwrap().len(), 1000);
+    assert!(
+        shared
+            .get("render", &json!({"seed": 3}))
+            .await
+            .unwrap()
+            .is_some()
+    );
+
+    let empty = RunPrivate::new(backing.clone(), "never-wrote").unwrap();
+    assert_eq!(empty.clear_run().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn capabilities_mirror_the_backing_store() {
+    let backing: Arc<dyn OutputCache> = Arc::new(MemoryCache::new());
+    let run = RunPrivate::new(backing.clone(), "r").unwrap();
+    assert_eq!(run.capabilities(), backing.capabilities());
+}
+
+proptest! {
+    #[test]
+    fn no_run_namespace_is_a_prefix_of_another(a in "\\PC{1,24}", b in "\\PC{1,24}") {
+        prop_assume!(a != b);
+        prop_assert!(!run_namespace(&a).starts_with(&run_namespace(&b)));
+        prop_assert!(!run_namespace(&b).starts_with(&run_namespace(&a)));
+    }
+
+    #[test]
+    fn near_identical_run_ids_never_merge(base in "[a-z0-9]{1,12}", suffix in "[-_:/. ]{1,3}") {
+        let longer = format!("{base}{suffix}");
+        prop_assert_ne!(run_namespace(&base), run_namespace(&longer));
+        prop_assert!(!run_namespace(&longer).starts_with(&run_namespace(&base)));
+    }
+}
