@@ -35,6 +35,9 @@ pub struct CacheOptions {
     pub inline_limit: u64,
     /// Check every blob read against the ref's `size` and `sha256` (default true).
     pub verify_reads: bool,
+    /// Bytes a [`Cache::writer`] lets a producer push ahead of the backend before `push` waits
+    /// (default 8 MiB).
+    pub high_water_mark: usize,
 }
 
 impl Default for CacheOptions {
@@ -43,6 +46,7 @@ impl Default for CacheOptions {
             reference_threshold: DEFAULT_REFERENCE_THRESHOLD,
             inline_limit: DEFAULT_INLINE_LIMIT,
             verify_reads: true,
+            high_water_mark: crate::writer::DEFAULT_HIGH_WATER_MARK,
         }
     }
 }
@@ -56,6 +60,11 @@ impl CacheOptions {
     /// Set [`CacheOptions::inline_limit`].
     pub fn inline_limit(mut self, bytes: u64) -> Self {
         self.inline_limit = bytes;
+        self
+    }
+    /// Set [`CacheOptions::high_water_mark`].
+    pub fn high_water_mark(mut self, bytes: usize) -> Self {
+        self.high_water_mark = bytes;
         self
     }
     /// Set [`CacheOptions::verify_reads`].

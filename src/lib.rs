@@ -7,7 +7,8 @@
 //!
 //! ## API layout
 //! - [`Cache`] — the engine applications use: `put` / `get` rows, `put_stream` binary outputs,
-//!   `open_stream` / `read` blobs (verified against their SHA-256), `resolve` refs inside a value.
+//!   `open_stream` / `read` blobs (verified against their SHA-256), `open_range`, `resolve` refs inside a
+//!   value, and `writer` for producers that push bytes (with a high-water mark).
 //! - [`OutputCache`] — the object-safe storage trait every backend implements, with optional blob
 //!   capabilities advertised in [`Capabilities`].
 //! - [`backends`] — `memory` (always) and `fs` (feature `fs`, default).
@@ -47,6 +48,7 @@ pub mod janitor;
 pub mod layout;
 pub mod store;
 pub mod wire;
+pub mod writer;
 
 #[path = "../backends/mod.rs"]
 pub mod backends;
@@ -62,3 +64,4 @@ pub use store::{
     RowEntry, Stats,
 };
 pub use wire::{CacheRef, InlineBinary, RowKey, fingerprint};
+pub use writer::{BlobWriter, WriterAbortHandle};

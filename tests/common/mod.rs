@@ -196,3 +196,98 @@ impl OutputCache for Broken {
         self.inner.delete_blob(&self.fix_ref(reference)).await
     }
 }
+
+/// How [`Sink`] treats the streams handed to `write_blob`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkMode {
+    /// Takes each chunk only after a pause (a slow disk or network).
+    Slow(std::time::Duration),
+    /// Never takes a chunk (a hung backend).
+    Stall,
+    /// Fails at once, before taking any chunk.
+    FailFast,
+}
+
+/// The memory backend behind a sink that is slow, stalled or failing.
+#[derive(Debug)]
+pub struct Sink {
+    inner: MemoryCache,
+    mode: SinkMode,
+}
+
+impl Sink {
+    pub fn new(mode: SinkMode) -> Self {
+        Sink {
+            inner: MemoryCache::new(),
+            mode,
+        }
+    }
+}
+
+impl std::fmt::Display for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "sink({:?})", self.mode)
+    }
+}
+
+#[async_trait]
+impl OutputCache for Sink {
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn save_row(&self, key: &RowKey, output: &Value) -> Result<()> {
+        self.inner.save_row(key, output).await
+    }
+    async fn get_row(&self, key: &RowKey) -> Result<Option<Row>> {
+        self.inner.get_row(key).await
+    }
+    async fn delete_row(&self, key: &RowKey) -> Result<bool> {
+        self.inner.delete_row(key).await
+    }
+    async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
+        self.inner.delete_prefix(prefix).await
+    }
+    async fn clear_older_than(&self, cutoff: SystemTime) -> Result<u64> {
+        self.inner.clear_older_than(cutoff).await
+    }
+    async fn stats(&self) -> Result<Stats> {
+        self.inner.stats().await
+    }
+    async fn list_rows(&self) -> Result<Vec<RowEntry>> {
+        self.inner.list_rows().await
+    }
+    async fn list_blobs(&self) -> Result<Vec<BlobEntry>> {
+        self.inner.list_blobs().await
+    }
+    async fn remove_temp(&self, id: &str) -> Result<bool> {
+        self.inner.remove_temp(id).await
+    }
+    async fn write_blob(&self, meta: &BlobMeta, data: ByteStream) -> Result<CacheRef> {
+        match self.mode {
+            SinkMode::Slow(pause) => {
+                let slowed = data
+                    .then(move |chunk| async move {
+                        tokio::time::sleep(pause).await;
+                        chunk
+                    })
+                    .boxed();
+                self.inner.write_blob(meta, slowed).await
+            }
+            SinkMode::Stall => futures::future::pending().await,
+            SinkMode::FailFast => Err(outcache::Error::Backend {
+                backend: self.to_string(),
+                context: "write blob".into(),
+                source: "injected sink failure".into(),
+            }),
+        }
+    }
+    async fn read_blob(&self, reference: &str) -> Result<Option<Bytes>> {
+        self.inner.read_blob(reference).await
+    }
+    async fn open_blob(&self, reference: &str) -> Result<Option<ByteStream>> {
+        self.inner.open_blob(reference).await
+    }
+    async fn delete_blob(&self, reference: &str) -> Result<()> {
+        self.inner.delete_blob(reference).await
+    }
+}
