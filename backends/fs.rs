@@ -491,6 +491,8 @@ impl OutputCache for FsCache {
                         key: row.key,
                         created_at: row.created_at,
                         size: row.size,
+                        // The row file's mtime: set at commit, moved forward by touch_rows.
+                        last_access: fs::metadata(&path).and_then(|m| m.modified()).ok(),
                     });
                 }
             }
@@ -517,6 +519,30 @@ impl OutputCache for FsCache {
         }
         let path = self.root.join("tmp").join(id);
         blocking(move || remove_if_exists(&path)).await
+    }
+
+    async fn touch_rows(&self, keys: &[RowKey], at: SystemTime) -> Result<()> {
+        // The access time is the row file's mtime: one metadata update per row, no data written.
+        let paths: Vec<PathBuf> = keys.iter().map(|k| self.row_path(k)).collect();
+        blocking(move || {
+            for path in paths {
+                let file = match File::options().write(true).open(&path) {
+                    Ok(f) => f,
+                    Err(e) if is_not_found(&e) => continue,
+                    Err(e) => return Err(Error::io("open row", &path, e)),
+                };
+                let newer = file
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .map_or(true, |m| m < at);
+                if newer {
+                    file.set_modified(at)
+                        .map_err(|e| Error::io("touch row", &path, e))?;
+                }
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn write_blob(&self, meta: &BlobMeta, mut data: ByteStream) -> Result<CacheRef> {

@@ -25,6 +25,7 @@ const REF_PREFIX: &str = "memory://blobs/";
 struct StoredRow {
     output: Value,
     created_at: SystemTime,
+    last_access: SystemTime,
     size: u64,
 }
 
@@ -108,9 +109,11 @@ impl OutputCache for MemoryCache {
 
     async fn save_row(&self, key: &RowKey, output: &Value) -> Result<()> {
         let size = serde_json::to_vec(output).map_or(0, |v| v.len() as u64);
+        let now = SystemTime::now();
         let row = StoredRow {
             output: output.clone(),
-            created_at: SystemTime::now(),
+            created_at: now,
+            last_access: now,
             size,
         };
         self.lock().rows.insert(key.clone(), row);
@@ -166,6 +169,7 @@ impl OutputCache for MemoryCache {
                     .into_iter()
                     .map(|r| r.reference)
                     .collect(),
+                last_access: Some(r.last_access),
             })
             .collect())
     }
@@ -194,6 +198,16 @@ impl OutputCache for MemoryCache {
         // A memory temp belongs to a live future in this process; the future's guard removes it. Dropping
         // the entry here only hides it, which is what "remove" can mean for a write nobody can crash.
         Ok(self.lock().temps.remove(id).is_some())
+    }
+
+    async fn touch_rows(&self, keys: &[RowKey], at: SystemTime) -> Result<()> {
+        let mut state = self.lock();
+        for key in keys {
+            if let Some(row) = state.rows.get_mut(key) {
+                row.last_access = row.last_access.max(at);
+            }
+        }
+        Ok(())
     }
 
     async fn write_blob(&self, meta: &BlobMeta, mut data: ByteStream) -> Result<CacheRef> {

@@ -237,7 +237,10 @@ impl Drop for AbortOnDrop {
 #[async_trait]
 impl OutputCache for ObjectCache {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::ALL
+        Capabilities {
+            access_tracking: false,
+            ..Capabilities::ALL
+        }
     }
 
     async fn save_row(&self, key: &RowKey, output: &Value) -> Result<()> {
@@ -333,6 +336,8 @@ impl OutputCache for ObjectCache {
                 key: r.key,
                 created_at: r.created_at,
                 size: r.size,
+                // Object stores have no cheap access time; eviction falls back to the write time.
+                last_access: None,
             })
             .collect())
     }

@@ -243,6 +243,14 @@ impl OutputCache for RunPrivate {
         Ok(false)
     }
 
+    async fn touch_rows(&self, keys: &[RowKey], at: SystemTime) -> Result<()> {
+        let inner: Vec<RowKey> = keys
+            .iter()
+            .map(|k| self.inner_key(k))
+            .collect::<Result<_>>()?;
+        self.inner.touch_rows(&inner, at).await
+    }
+
     async fn write_blob(&self, meta: &BlobMeta, data: ByteStream) -> Result<CacheRef> {
         let meta = BlobMeta {
             task_type: format!("{}{}", self.rows, meta.task_type),

@@ -643,7 +643,9 @@ impl OutputCache for SqliteCache {
     async fn list_rows(&self) -> Result<Vec<RowEntry>> {
         self.read(|this, conn| {
             let mut stmt = conn
-                .prepare("SELECT task_type, fingerprint, created_at, size, refs FROM rows")
+                .prepare(
+                    "SELECT task_type, fingerprint, created_at, size, refs, last_access FROM rows",
+                )
                 .map_err(this.err("list rows"))?;
             let raw = stmt
                 .query_map([], |r| {
@@ -653,13 +655,14 @@ impl OutputCache for SqliteCache {
                         r.get::<_, i64>(2)?,
                         r.get::<_, i64>(3)?,
                         r.get::<_, String>(4)?,
+                        r.get::<_, i64>(5)?,
                     ))
                 })
                 .map_err(this.err("list rows"))?
                 .collect::<rusqlite::Result<Vec<_>>>()
                 .map_err(this.err("list rows"))?;
             raw.into_iter()
-                .map(|(task, fp, created, size, refs)| {
+                .map(|(task, fp, created, size, refs, accessed)| {
                     let corrupt = |reason: String| Error::CorruptRow {
                         task_type: task.clone(),
                         fingerprint: fp.clone(),
@@ -673,6 +676,7 @@ impl OutputCache for SqliteCache {
                         created_at: from_ms(created),
                         size: size as u64,
                         refs,
+                        last_access: Some(from_ms(accessed)),
                     })
                 })
                 .collect()
@@ -734,6 +738,36 @@ impl OutputCache for SqliteCache {
                 )
                 .map_err(this.err(format!("remove temp {id}")))?;
             Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn touch_rows(&self, keys: &[RowKey], at: SystemTime) -> Result<()> {
+        let keys = keys.to_vec();
+        let at = at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        self.write(move |this, w| {
+            // Access times are advisory: no fsync for them.
+            w.set_full_sync(false)
+                .map_err(this.err("set synchronous"))?;
+            let tx = w
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(this.err("begin"))?;
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "UPDATE rows SET last_access = max(last_access, ?1)
+                         WHERE task_type = ?2 AND fingerprint = ?3",
+                    )
+                    .map_err(this.err("touch rows"))?;
+                for key in &keys {
+                    stmt.execute(params![at, key.task_type(), key.fingerprint()])
+                        .map_err(this.err(format!("touch row {key}")))?;
+                }
+            }
+            tx.commit().map_err(this.err("commit touch"))
         })
         .await
     }

@@ -36,6 +36,7 @@ enum Cap {
     StreamRefRead,
     RefDelete,
     RangeRead,
+    AccessTracking,
 }
 
 const BLOB_CAPS: &[Cap] = &[
@@ -50,6 +51,7 @@ const ALL_CAPS: &[Cap] = &[
     Cap::StreamRefRead,
     Cap::RefDelete,
     Cap::RangeRead,
+    Cap::AccessTracking,
 ];
 
 fn has(cache: &Backend, cap: Cap) -> bool {
@@ -60,6 +62,7 @@ fn has(cache: &Backend, cap: Cap) -> bool {
         Cap::StreamRefRead => caps.stream_ref_read,
         Cap::RefDelete => caps.ref_delete,
         Cap::RangeRead => caps.range_read,
+        Cap::AccessTracking => caps.access_tracking,
     }
 }
 
@@ -85,6 +88,10 @@ async fn call(cache: &Backend, cap: Cap) -> crate::Result<()> {
             .open_blob_range("none://blobs/none", ByteRange::Offset(0))
             .await
             .map(|_| ()),
+        Cap::AccessTracking => {
+            let nobody = RowKey::new("conformance/caps", &json!("no such row"))?;
+            cache.touch_rows(&[nobody], SystemTime::now()).await
+        }
     }
 }
 
@@ -1395,6 +1402,53 @@ pub async fn capabilities_are_truthful(cache: Backend) -> CaseResult {
             }
         }
     }
+    Ok(())
+}
+
+/// `touch_rows` moves a row's access time forward (never back) and touches nothing else; unknown keys
+/// are ignored. Backends without access tracking report `None` and refuse the call.
+pub async fn touch_rows_moves_last_access(cache: Backend) -> CaseResult {
+    gate!(cache, &[Cap::AccessTracking]);
+    let (a, b) = (key("conformance/lru", 1)?, key("conformance/lru", 2)?);
+    cache.save_row(&a, &json!("a")).await?;
+    cache.save_row(&b, &json!("b")).await?;
+    let access = |cache: Backend, k: RowKey| async move {
+        let rows = cache.list_rows().await?;
+        Ok::<_, Failure>(
+            rows.into_iter()
+                .find(|r| r.key == k)
+                .and_then(|r| r.last_access),
+        )
+    };
+    let before_b = access(cache.clone(), b.clone()).await?;
+    ensure!(
+        before_b.is_some(),
+        "a tracking backend lists no access time"
+    );
+    let later = SystemTime::now() + Duration::from_secs(3600);
+    let ghost = key("conformance/lru", 404)?;
+    cache.touch_rows(&[a.clone(), ghost.clone()], later).await?;
+    let after_a = access(cache.clone(), a.clone()).await?;
+    ensure!(
+        after_a.is_some_and(|t| t + Duration::from_secs(1) >= later),
+        "touched row shows {after_a:?}"
+    );
+    ensure!(
+        access(cache.clone(), b.clone()).await? == before_b,
+        "an untouched row's access time moved"
+    );
+    ensure!(
+        cache.get_row(&ghost).await?.is_none(),
+        "touching an unknown key created a row"
+    );
+    cache
+        .touch_rows(std::slice::from_ref(&a), SystemTime::now())
+        .await?;
+    let again = access(cache.clone(), a).await?;
+    ensure!(
+        again.is_some_and(|t| t + Duration::from_secs(1) >= later),
+        "access time moved back: {again:?}"
+    );
     Ok(())
 }
 

@@ -259,6 +259,7 @@ macro_rules! __conformance_each_case {
             concurrent_cleanup_spares_other_writers,
             capabilities_are_truthful,
             stats_count_rows_and_blobs,
+            touch_rows_moves_last_access,
             engine_small_output_goes_inline,
             engine_large_output_becomes_verified_ref,
             engine_resolve_hydrates_branded_refs_only,

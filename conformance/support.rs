@@ -179,6 +179,9 @@ impl OutputCache for FailingRows {
     async fn remove_temp(&self, id: &str) -> Result<bool> {
         self.inner.remove_temp(id).await
     }
+    async fn touch_rows(&self, keys: &[RowKey], at: SystemTime) -> Result<()> {
+        self.inner.touch_rows(keys, at).await
+    }
     async fn write_blob(&self, meta: &BlobMeta, data: ByteStream) -> Result<CacheRef> {
         self.inner.write_blob(meta, data).await
     }

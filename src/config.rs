@@ -17,6 +17,42 @@ use crate::store::OutputCache;
 /// The environment variable that names the cache when no URL is given.
 pub const URL_ENV: &str = "OUTCACHE_URL";
 
+/// Parse a byte size: a whole number with an optional unit (`B`, `KB`, `MB`, `GB`, `TB` decimal;
+/// `KiB`, `MiB`, `GiB`, `TiB` binary; case-insensitive, spaces allowed), e.g. `10GiB`, `512 MB`, `4096`.
+pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like 10GiB or 512MB"))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "kib" | "k" => 1 << 10,
+        "mib" | "m" => 1 << 20,
+        "gib" | "g" => 1 << 30,
+        "tib" | "t" => 1 << 40,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {text:?} (use B, KB, MB, GB, KiB, MiB, GiB …)"
+            ));
+        }
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// Parse a duration like `30d`, `1h 30m`, `90s` (humantime).
+pub fn parse_duration(text: &str) -> std::result::Result<std::time::Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{text:?} is not a duration like 30d or 1h: {e}"))
+}
+
 /// The URL schemes this build understands.
 pub fn supported_schemes() -> &'static [&'static str] {
     &[
@@ -342,6 +378,21 @@ mod tests {
             "s3://user:REDACTED@host/x"
         );
         assert_eq!(redact_url("fs:///tmp/x"), "fs:///tmp/x");
+    }
+
+    #[test]
+    fn parses_sizes_and_durations() {
+        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_size("512 MB"), Ok(512_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        for bad in ["", "GiB", "10 parsecs", "-1", "99999999999999999999TiB"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            parse_duration("30d"),
+            Ok(std::time::Duration::from_secs(30 * 86400))
+        );
+        assert!(parse_duration("soon").is_err());
     }
 
     #[test]

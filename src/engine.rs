@@ -83,11 +83,16 @@ pub struct BlobOptions {
     pub port: Option<String>,
 }
 
-/// The cache engine. Cheap to clone.
+/// Reads are recorded for the backend's access times in batches of this many keys.
+const ACCESS_BATCH: usize = 256;
+
+/// The cache engine. Cheap to clone (clones share the pending access log).
 #[derive(Clone, Debug)]
 pub struct Cache {
     backend: Arc<dyn OutputCache>,
     options: CacheOptions,
+    /// Keys read since the last flush (see [`Cache::flush_access`]).
+    reads: Arc<std::sync::Mutex<HashSet<RowKey>>>,
 }
 
 impl Cache {
@@ -98,7 +103,11 @@ impl Cache {
 
     /// An engine over `backend` with `options`.
     pub fn with_options(backend: Arc<dyn OutputCache>, options: CacheOptions) -> Self {
-        Cache { backend, options }
+        Cache {
+            backend,
+            options,
+            reads: Arc::default(),
+        }
     }
 
     /// Open the backend named by `url` (see [`crate::config::open_backend`]) with default options.
@@ -126,19 +135,49 @@ impl Cache {
     /// The output stored for `task_type` run on `inputs`, with refs smaller than the reference threshold
     /// hydrated into inline envelopes. `None` on a miss. A small ref whose blob is gone stays a ref.
     pub async fn get(&self, task_type: &str, inputs: &Value) -> Result<Option<Value>> {
-        let Some(row) = self
-            .backend
-            .get_row(&RowKey::new(task_type, inputs)?)
-            .await?
-        else {
+        let key = RowKey::new(task_type, inputs)?;
+        let Some(row) = self.backend.get_row(&key).await? else {
             return Ok(None);
         };
+        self.record_read(key).await?;
         let threshold = self.options.reference_threshold;
         if !self.backend.capabilities().ref_read {
             return Ok(Some(row.output));
         }
         let small = |r: &CacheRef| r.size.is_some_and(|s| s < threshold);
         self.hydrate(row.output, small, false).await.map(Some)
+    }
+
+    /// Note a hit for the backend's access times; every [`ACCESS_BATCH`] distinct keys are written in one
+    /// batched `touch_rows`, so reads cost no write each.
+    async fn record_read(&self, key: RowKey) -> Result<()> {
+        if !self.backend.capabilities().access_tracking {
+            return Ok(());
+        }
+        let full = {
+            let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+            reads.insert(key);
+            reads.len() >= ACCESS_BATCH
+        };
+        if full {
+            self.flush_access().await?;
+        }
+        Ok(())
+    }
+
+    /// Write the access times of the rows read since the last flush (the engine does this every 256
+    /// reads; call it before a short-lived process exits, as the CLI does).
+    pub async fn flush_access(&self) -> Result<()> {
+        let keys: Vec<RowKey> = {
+            let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+            reads.drain().collect()
+        };
+        if keys.is_empty() || !self.backend.capabilities().access_tracking {
+            return Ok(());
+        }
+        self.backend
+            .touch_rows(&keys, std::time::SystemTime::now())
+            .await
     }
 
     /// Delete the row for `task_type` run on `inputs` and its blobs. Returns whether it existed.

@@ -95,6 +95,41 @@ enum Command {
         #[arg(value_name = "REF")]
         reference: String,
     },
+    /// Count what the cache holds: rows, blobs, bytes, temp files, oldest and newest entry, and the task
+    /// types with the most bytes.
+    Stats {
+        /// Print JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+        /// How many task types to list.
+        #[arg(long, default_value_t = 10, value_name = "N")]
+        top: usize,
+    },
+    /// Remove stale entries: rows past an age, orphan blobs and dead temp files, and least-recently-used
+    /// rows beyond a size budget. Safe to run while writers write.
+    Prune {
+        /// Remove rows committed longer ago than this (e.g. 30d, 12h), with their blobs.
+        #[arg(long, value_name = "DURATION", value_parser = outcache::config::parse_duration)]
+        older_than: Option<std::time::Duration>,
+        /// Remove blobs no row references and stale temp files, older than --grace.
+        #[arg(long)]
+        orphans: bool,
+        /// How old an orphan or temp file must be before it is removed, so writes in flight are spared.
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = outcache::config::parse_duration)]
+        grace: std::time::Duration,
+        /// Evict least-recently-read rows (with their blobs) until the cache fits (e.g. 10GiB).
+        #[arg(long, value_name = "SIZE", value_parser = outcache::config::parse_size)]
+        max_size: Option<u64>,
+        /// Only consider rows whose task type starts with this.
+        #[arg(long, value_name = "TASK_PREFIX")]
+        prefix: Option<String>,
+        /// Report what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print a JSON summary (rows_removed, blobs_removed, temps_removed, bytes_reclaimed, dry_run, …).
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the conformance suite against the cache in an isolated child location (existing entries are
     /// never touched; everything created is removed). Exit 1 if any case fails.
     Conformance,
@@ -162,8 +197,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Get { task_type, inputs } => {
             let inputs = parse_json("--inputs", &inputs)?;
-            match open(url, run_id)?.get(&task_type, &inputs).await? {
-                Some(value) => println!("{value}"),
+            let cache = open(url, run_id)?;
+            match cache.get(&task_type, &inputs).await? {
+                Some(value) => {
+                    println!("{value}");
+                    // Best effort: a failed access-time update must not turn a hit into an error.
+                    let _ = cache.flush_access().await;
+                }
                 None => return Err(Failure::Miss(None)),
             }
         }
@@ -216,6 +256,64 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .await
                 .map_err(|e| Error::io("flush", "<stdout>", e))?;
         }
+        Command::Stats { json, top } => {
+            let cache = open(url, run_id)?;
+            let inv = outcache::janitor::inventory(cache.backend().as_ref(), top).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&inv).expect("inventory serialises")
+                );
+            } else {
+                print_inventory(&inv, &cache.backend().to_string());
+            }
+        }
+        Command::Prune {
+            older_than,
+            orphans,
+            grace,
+            max_size,
+            prefix,
+            dry_run,
+            json,
+        } => {
+            if older_than.is_none() && !orphans && max_size.is_none() {
+                return Err(Error::InvalidInput {
+                    what: "prune".into(),
+                    reason: "nothing to prune: give --older-than, --orphans and/or --max-size"
+                        .into(),
+                }
+                .into());
+            }
+            let cache = open(url, run_id)?;
+            let mut options = outcache::janitor::PruneOptions::new();
+            options.older_than = older_than;
+            options.orphans = orphans;
+            options.grace = grace;
+            options.max_size = max_size;
+            options.prefix = prefix;
+            options.dry_run = dry_run;
+            let bar = (!json && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .then(indicatif::ProgressBar::no_length);
+            let report = outcache::janitor::prune(cache.backend().as_ref(), &options, |p| {
+                if let Some(bar) = &bar {
+                    bar.set_length(p.total);
+                    bar.set_position(p.done);
+                }
+            })
+            .await?;
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).expect("report serialises")
+                );
+            } else {
+                print_report(&report);
+            }
+        }
         Command::Conformance => {
             let location = Location::parse(&effective_url(url)?)?;
             let report = |o: &CaseOutcome| {
@@ -235,6 +333,78 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn human_time(ms: Option<u64>) -> String {
+    ms.map(|ms| {
+        humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+        )
+        .to_string()
+    })
+    .unwrap_or_else(|| "-".into())
+}
+
+fn print_inventory(inv: &outcache::janitor::Inventory, backend: &str) {
+    println!("cache:   {backend}");
+    println!("rows:    {} ({})", inv.rows, human_bytes(inv.row_bytes));
+    println!("blobs:   {} ({})", inv.blobs, human_bytes(inv.blob_bytes));
+    println!("temps:   {} ({})", inv.temps, human_bytes(inv.temp_bytes));
+    println!("oldest:  {}", human_time(inv.oldest_ms));
+    println!("newest:  {}", human_time(inv.newest_ms));
+    if !inv.top_task_types.is_empty() {
+        println!("top task types by bytes:");
+        for t in &inv.top_task_types {
+            println!(
+                "  {:>10}  {:>6} rows  {}",
+                human_bytes(t.bytes),
+                t.rows,
+                t.task_type
+            );
+        }
+    }
+}
+
+fn print_report(r: &outcache::janitor::PruneReport) {
+    let verb = if r.dry_run { "would remove" } else { "removed" };
+    println!(
+        "{verb}: {} rows, {} blobs, {} temp files; {} reclaimed{}",
+        r.rows_removed,
+        r.blobs_removed,
+        r.temps_removed,
+        human_bytes(r.bytes_reclaimed),
+        if r.dry_run { " (dry run)" } else { "" }
+    );
+    for (label, part) in [
+        ("by age", &r.by_age),
+        ("orphans", &r.orphans),
+        ("size budget", &r.by_size),
+    ] {
+        if part.rows + part.blobs + part.temps > 0 {
+            println!(
+                "  {label:<12} {} rows, {} blobs, {} temps, {}",
+                part.rows,
+                part.blobs,
+                part.temps,
+                human_bytes(part.bytes)
+            );
+        }
+    }
 }
 
 fn main() -> ExitCode {

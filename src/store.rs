@@ -36,6 +36,8 @@ pub struct Capabilities {
     pub ref_delete: bool,
     /// [`OutputCache::open_blob_range`]: stream part of a blob without reading what precedes it.
     pub range_read: bool,
+    /// [`OutputCache::touch_rows`]: record when rows were last read (for size-budget eviction).
+    pub access_tracking: bool,
 }
 
 impl Capabilities {
@@ -46,6 +48,7 @@ impl Capabilities {
         stream_ref_read: true,
         ref_delete: true,
         range_read: true,
+        access_tracking: true,
     };
     /// The row store only.
     pub const ROWS_ONLY: Capabilities = Capabilities {
@@ -54,6 +57,7 @@ impl Capabilities {
         stream_ref_read: false,
         ref_delete: false,
         range_read: false,
+        access_tracking: false,
     };
 }
 
@@ -142,6 +146,9 @@ pub struct RowEntry {
     pub size: u64,
     /// The branded ref strings its output holds.
     pub refs: Vec<String>,
+    /// When it was last read, as far as the backend tracks it (coarse: the engine records reads in
+    /// batches); `None` where the backend keeps no access time.
+    pub last_access: Option<SystemTime>,
 }
 
 /// Whether a stored blob object is published or still being written (or left by a crashed writer).
@@ -225,6 +232,13 @@ pub trait OutputCache: Debug + Display + Send + Sync + 'static {
     /// Remove a temp object named by a [`BlobEntry::id`] with state [`BlobState::Temp`]. The janitor calls it
     /// only for temps older than its grace period. Unknown names do nothing. Returns whether one was removed.
     async fn remove_temp(&self, id: &str) -> Result<bool>;
+
+    /// Record that the rows `keys` were read at `at` (one batched update; keys without a row are
+    /// ignored). Coarse by design: the engine calls it for batches of reads, not per read.
+    async fn touch_rows(&self, keys: &[RowKey], at: SystemTime) -> Result<()> {
+        let _ = (keys, at);
+        Err(Error::unsupported("touch_rows", self))
+    }
 
     /// Stream `data` into a new blob and return its ref (with `size`, `sha256` and the `mime`/`port` of
     /// `meta`). Pulls chunks one at a time (memory bounded whatever the size); publishes atomically; on a

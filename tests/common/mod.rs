@@ -186,6 +186,9 @@ impl OutputCache for Broken {
             }
         }
     }
+    async fn touch_rows(&self, keys: &[RowKey], at: SystemTime) -> Result<()> {
+        self.inner.touch_rows(keys, at).await
+    }
     async fn read_blob(&self, reference: &str) -> Result<Option<Bytes>> {
         self.inner.read_blob(&self.fix_ref(reference)).await
     }
@@ -281,11 +284,21 @@ impl OutputCache for Sink {
             }),
         }
     }
+    async fn touch_rows(&self, keys: &[RowKey], at: SystemTime) -> Result<()> {
+        self.inner.touch_rows(keys, at).await
+    }
     async fn read_blob(&self, reference: &str) -> Result<Option<Bytes>> {
         self.inner.read_blob(reference).await
     }
     async fn open_blob(&self, reference: &str) -> Result<Option<ByteStream>> {
         self.inner.open_blob(reference).await
+    }
+    async fn open_blob_range(
+        &self,
+        reference: &str,
+        range: outcache::ByteRange,
+    ) -> Result<Option<ByteStream>> {
+        self.inner.open_blob_range(reference, range).await
     }
     async fn delete_blob(&self, reference: &str) -> Result<()> {
         self.inner.delete_blob(reference).await

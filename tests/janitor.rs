@@ -1,0 +1,371 @@
+//! The janitor against real backends: a dry run reports exactly what the real prune then removes, fresh
+//! entries and in-flight temps survive, stats agree with the report, a size budget evicts the least
+//! recently read first, and pruning alongside writers never leaves a row pointing at a missing blob.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use outcache::config::Location;
+use outcache::janitor::{Inventory, PruneOptions, PruneReport, inventory, prune};
+use outcache::{BlobOptions, Cache, CacheOptions, OutputCache};
+use serde_json::{Value, json};
+
+fn bytes(n: usize, seed: u8) -> outcache::ByteStream {
+    futures::stream::iter([Ok(bytes::Bytes::from(vec![seed; n]))]).boxed()
+}
+
+fn cli(url: &str, args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_outcache"))
+        .arg("--url")
+        .arg(url)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+/// Old rows (some with blobs), old orphans and an old temp; then, after the age cutoff, fresh rows, a
+/// fresh orphan and a fresh temp.
+async fn seed(cache: &Cache, old_temp: impl FnOnce(), fresh_temp: impl FnOnce()) {
+    for i in 0..4u8 {
+        cache
+            .put("old/rows", &json!({ "i": i }), &json!({ "i": i }))
+            .await
+            .unwrap();
+        cache
+            .put_stream(
+                "old/blobs",
+                &json!({ "i": i }),
+                bytes(5000 + i as usize, i),
+                BlobOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+    for i in 0..2u8 {
+        cache
+            .backend()
+            .write_blob(&Default::default(), bytes(3000, 100 + i))
+            .await
+            .unwrap();
+    }
+    old_temp();
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    cache
+        .put("new/rows", &json!({}), &json!("fresh"))
+        .await
+        .unwrap();
+    cache
+        .put_stream(
+            "new/blobs",
+            &json!({}),
+            bytes(7000, 9),
+            BlobOptions::default(),
+        )
+        .await
+        .unwrap();
+    cache
+        .backend()
+        .write_blob(&Default::default(), bytes(3000, 200))
+        .await
+        .unwrap();
+    fresh_temp();
+}
+
+async fn check_dry_run_matches_prune(url: &str, expect_temps: u64) {
+    let args = [
+        "prune",
+        "--older-than",
+        "2s",
+        "--orphans",
+        "--grace",
+        "2s",
+        "--json",
+    ];
+    let before: Inventory = serde_json::from_value(cli(url, &["stats", "--json"])).unwrap();
+    let mut dry_args = args.to_vec();
+    dry_args.push("--dry-run");
+    let dry: PruneReport = serde_json::from_value(cli(url, &dry_args)).unwrap();
+    let real: PruneReport = serde_json::from_value(cli(url, &args)).unwrap();
+    let after: Inventory = serde_json::from_value(cli(url, &["stats", "--json"])).unwrap();
+
+    assert!(dry.dry_run && !real.dry_run);
+    assert_eq!(
+        PruneReport {
+            dry_run: false,
+            ..dry.clone()
+        },
+        real,
+        "{url}: the dry run differs from the prune"
+    );
+    assert_eq!(
+        (real.by_age.rows, real.by_age.blobs),
+        (8, 4),
+        "{url}: {real:?}"
+    );
+    assert_eq!(
+        (real.orphans.blobs, real.orphans.temps),
+        (2, expect_temps),
+        "{url}: {real:?}"
+    );
+    assert_eq!(before.rows - real.rows_removed, after.rows, "{url}: rows");
+    assert_eq!(
+        before.blobs - real.blobs_removed,
+        after.blobs,
+        "{url}: blobs"
+    );
+    assert_eq!(
+        before.temps - real.temps_removed,
+        after.temps,
+        "{url}: temps"
+    );
+    assert_eq!(
+        before.row_bytes + before.blob_bytes + before.temp_bytes - real.bytes_reclaimed,
+        after.row_bytes + after.blob_bytes + after.temp_bytes,
+        "{url}: bytes"
+    );
+    assert_eq!(
+        (after.rows, after.blobs),
+        (2, 2),
+        "{url}: fresh rows, their blob and the fresh orphan survive"
+    );
+    assert_eq!(
+        after.temps,
+        expect_temps.min(1),
+        "{url}: the in-flight temp survives"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fs_dry_run_reports_exactly_what_prune_removes() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("fs://{}", dir.path().display());
+    let cache = Cache::with_options(
+        Location::parse(&url).unwrap().open().unwrap(),
+        CacheOptions::default().reference_threshold(1024),
+    );
+    let tmp = dir.path().join("tmp");
+    let old = tmp.join("blob-crashed.tmp");
+    seed(
+        &cache,
+        || {
+            std::fs::write(&old, vec![0u8; 1234]).unwrap();
+            let f = std::fs::File::options().write(true).open(&old).unwrap();
+            f.set_modified(SystemTime::now() - Duration::from_secs(3600))
+                .unwrap();
+        },
+        || std::fs::write(tmp.join("blob-inflight.tmp"), b"in flight").unwrap(),
+    )
+    .await;
+    check_dry_run_matches_prune(&url, 1).await;
+    assert!(tmp.join("blob-inflight.tmp").exists());
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_dry_run_reports_exactly_what_prune_removes() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("c.db");
+    let url = format!("sqlite://{}", db.display());
+    let cache = Cache::with_options(
+        Location::parse(&url).unwrap().open().unwrap(),
+        CacheOptions::default().reference_threshold(1024),
+    );
+    let insert_chunk = |id: &str, at: i64| {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute(
+            "INSERT INTO chunks VALUES (?1, 0, x'00', ?2)",
+            rusqlite::params![id, at],
+        )
+        .unwrap();
+    };
+    let now_ms = || {
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    seed(
+        &cache,
+        || insert_chunk("crashed", 1000),
+        || insert_chunk("inflight", now_ms()),
+    )
+    .await;
+    check_dry_run_matches_prune(&url, 1).await;
+}
+
+#[cfg(feature = "s3")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_dry_run_reports_exactly_what_prune_removes() {
+    let Ok(base) = std::env::var("OUTCACHE_S3_URL") else {
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v == "true"),
+            "CI=true but OUTCACHE_S3_URL is not set"
+        );
+        eprintln!("SKIPPED: OUTCACHE_S3_URL is not set");
+        return;
+    };
+    let (head, query) = base.split_once('?').unwrap_or((&base, ""));
+    let url = format!("{head}/janitor-{}?{query}", uuid::Uuid::new_v4().simple());
+    let cache = Cache::with_options(
+        Location::parse(&url).unwrap().open().unwrap(),
+        CacheOptions::default().reference_threshold(1024),
+    );
+    // Object stores have no temps (incomplete uploads are not objects).
+    seed(&cache, || {}, || {}).await;
+    check_dry_run_matches_prune(&url, 0).await;
+    cache.backend().delete_prefix("").await.unwrap();
+    outcache::janitor::sweep_orphans(cache.backend().as_ref(), Duration::ZERO, false)
+        .await
+        .unwrap();
+}
+
+async fn lru_evicts_least_recently_read_first(url: &str) {
+    let cache = Location::parse(url).unwrap().open().unwrap();
+    let engine = Cache::with_options(
+        cache.clone(),
+        CacheOptions::default().reference_threshold(1024),
+    );
+    for i in 0..5u8 {
+        engine
+            .put_stream(
+                "lru",
+                &json!({ "i": i }),
+                bytes(100_000, i),
+                BlobOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+    // Read 3, then 0, then 1 (each a separate CLI process that flushes its access time); 2 and 4 are
+    // never read, so they go first, then 3, the least recently read.
+    for i in [3, 0, 1] {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        cli(
+            url,
+            &["get", "lru", "--inputs", &json!({ "i": i }).to_string()],
+        );
+    }
+    let report: PruneReport =
+        serde_json::from_value(cli(url, &["prune", "--max-size", "260KB", "--json"])).unwrap();
+    assert_eq!(report.by_size.rows, 3, "{url}: {report:?}");
+    let left: Vec<u8> = {
+        let mut v: Vec<u8> = cache
+            .list_rows()
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (0..5u8)
+                    .find(|i| outcache::RowKey::new("lru", &json!({ "i": i })).unwrap() == r.key)
+                    .unwrap()
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(left, [0, 1], "{url}: the most recently read survive");
+    let inv = inventory(cache.as_ref(), 1).await.unwrap();
+    assert!(
+        inv.row_bytes + inv.blob_bytes <= 260_000,
+        "{url}: over budget: {inv:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fs_size_budget_evicts_least_recently_read_first() {
+    let dir = tempfile::tempdir().unwrap();
+    lru_evicts_least_recently_read_first(&format!("fs://{}", dir.path().display())).await;
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_size_budget_evicts_least_recently_read_first() {
+    let dir = tempfile::tempdir().unwrap();
+    lru_evicts_least_recently_read_first(&format!("sqlite://{}/c.db", dir.path().display())).await;
+}
+
+async fn prune_alongside_writers(backend: Arc<dyn OutputCache>) {
+    let engine = Cache::with_options(
+        backend.clone(),
+        CacheOptions::default().reference_threshold(1024),
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..4u8)
+        .map(|w| {
+            let (engine, stop) = (engine.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let inputs = json!({ "w": w, "k": n % 8 });
+                    engine
+                        .put_stream(
+                            "race",
+                            &inputs,
+                            bytes(4096 + n as usize, w),
+                            BlobOptions::default(),
+                        )
+                        .await
+                        .unwrap();
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let mut options = PruneOptions::new();
+    options.orphans = true;
+    options.grace = Duration::from_secs(2);
+    options.max_size = Some(64 * 1024);
+    for _ in 0..20 {
+        prune(backend.as_ref(), &options, |_| {}).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut written = 0;
+    for w in writers {
+        written += w.await.unwrap();
+    }
+    assert!(written > 20, "the writers barely ran ({written} writes)");
+    for row in backend.list_rows().await.unwrap() {
+        for r in &row.refs {
+            assert!(
+                backend.read_blob(r).await.unwrap().is_some(),
+                "row {} points at a missing blob {r}",
+                row.key
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pruning_alongside_writers_never_breaks_a_surviving_row_fs() {
+    let dir = tempfile::tempdir().unwrap();
+    prune_alongside_writers(
+        Location::parse(&format!("fs://{}", dir.path().display()))
+            .unwrap()
+            .open()
+            .unwrap(),
+    )
+    .await;
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pruning_alongside_writers_never_breaks_a_surviving_row_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    prune_alongside_writers(
+        Location::parse(&format!("sqlite://{}/c.db", dir.path().display()))
+            .unwrap()
+            .open()
+            .unwrap(),
+    )
+    .await;
+}
