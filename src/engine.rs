@@ -115,6 +115,14 @@ impl Cache {
         Ok(Self::new(crate::config::open_backend(url)?))
     }
 
+    /// Open the cache an effective [`crate::config::Config`] describes, with its options.
+    pub fn from_config(config: &crate::config::Config) -> Result<Self> {
+        Ok(Self::with_options(
+            config.location()?.open()?,
+            config.options.clone(),
+        ))
+    }
+
     /// The backend underneath.
     pub fn backend(&self) -> &Arc<dyn OutputCache> {
         &self.backend

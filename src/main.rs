@@ -11,7 +11,7 @@ use futures::StreamExt;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
-use outcache::config::{Location, effective_url};
+use outcache::config::Config;
 use outcache::conformance::{CaseOutcome, run_suite};
 use std::sync::Arc;
 
@@ -32,6 +32,11 @@ struct Cli {
     /// backend under $XDG_CACHE_HOME/outcache (or ~/.cache/outcache).
     #[arg(long, global = true, value_name = "URL")]
     url: Option<String>,
+
+    /// A TOML config file (else $OUTCACHE_CONFIG, else ./outcache.toml if present). Flags beat the
+    /// environment, which beats the file.
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
 
     /// Put every command behind the run-private wrapper of this run: rows and blobs only this run sees.
     #[arg(long, global = true, value_name = "ID")]
@@ -114,9 +119,10 @@ enum Command {
         /// Remove blobs no row references and stale temp files, older than --grace.
         #[arg(long)]
         orphans: bool,
-        /// How old an orphan or temp file must be before it is removed, so writes in flight are spared.
-        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = outcache::config::parse_duration)]
-        grace: std::time::Duration,
+        /// How old an orphan or temp file must be before it is removed, so writes in flight are spared
+        /// (default: the config file's janitor.grace, else 1h).
+        #[arg(long, value_name = "DURATION", value_parser = outcache::config::parse_duration)]
+        grace: Option<std::time::Duration>,
         /// Evict least-recently-read rows (with their blobs) until the cache fits (e.g. 10GiB).
         #[arg(long, value_name = "SIZE", value_parser = outcache::config::parse_size)]
         max_size: Option<u64>,
@@ -127,6 +133,12 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
         /// Print a JSON summary (rows_removed, blobs_removed, temps_removed, bytes_reclaimed, dry_run, …).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the effective configuration, each value with where it came from (secrets redacted).
+    Config {
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -156,11 +168,14 @@ fn parse_json(what: &str, text: &str) -> Result<Value, Error> {
     })
 }
 
-/// The backend named by `url` (or the environment / default), behind the run-private wrapper if a run
-/// id was given.
-fn open(url: Option<&str>, run_id: Option<&str>) -> Result<Cache, Error> {
-    let backend = outcache::config::open_backend(&effective_url(url)?)?;
-    Ok(Cache::new(wrap_run(backend, run_id)?))
+/// The cache the flags, environment and config file name, behind the run-private wrapper if a run id
+/// was given.
+fn open(config: &Config, run_id: Option<&str>) -> Result<Cache, Error> {
+    let backend = config.location()?.open()?;
+    Ok(Cache::with_options(
+        wrap_run(backend, run_id)?,
+        config.options.clone(),
+    ))
 }
 
 fn wrap_run(
@@ -174,8 +189,8 @@ fn wrap_run(
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let url = cli.url.as_deref();
     let run_id = cli.run_id.as_deref();
+    let config = Config::load(cli.url.as_deref(), cli.config.as_deref())?;
     match cli.command {
         Command::Put {
             task_type,
@@ -193,11 +208,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 (None, None) => unreachable!("clap requires one of --output and --output-file"),
             };
-            open(url, run_id)?.put(&task_type, &inputs, &output).await?;
+            open(&config, run_id)?
+                .put(&task_type, &inputs, &output)
+                .await?;
         }
         Command::Get { task_type, inputs } => {
             let inputs = parse_json("--inputs", &inputs)?;
-            let cache = open(url, run_id)?;
+            let cache = open(&config, run_id)?;
             match cache.get(&task_type, &inputs).await? {
                 Some(value) => {
                     println!("{value}");
@@ -215,7 +232,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             file,
         } => {
             let inputs = parse_json("--inputs", &inputs)?;
-            let cache = open(url, run_id)?;
+            let cache = open(&config, run_id)?;
             let data = match file.filter(|f| f.as_os_str() != "-") {
                 Some(path) => {
                     let f = tokio::fs::File::open(&path)
@@ -232,7 +249,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Cat { reference } => {
             let cache_ref = CacheRef::parse_arg(&reference)?;
-            let cache = open(url, run_id)?;
+            let cache = open(&config, run_id)?;
             let Some(mut stream) = cache.open_stream(&cache_ref).await? else {
                 return Err(Failure::Miss(Some(format!(
                     "{} does not resolve in {}",
@@ -257,7 +274,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .map_err(|e| Error::io("flush", "<stdout>", e))?;
         }
         Command::Stats { json, top } => {
-            let cache = open(url, run_id)?;
+            let cache = open(&config, run_id)?;
             let inv = outcache::janitor::inventory(cache.backend().as_ref(), top).await?;
             if json {
                 println!(
@@ -285,11 +302,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 .into());
             }
-            let cache = open(url, run_id)?;
+            let cache = open(&config, run_id)?;
             let mut options = outcache::janitor::PruneOptions::new();
             options.older_than = older_than;
             options.orphans = orphans;
-            options.grace = grace;
+            options.grace = grace.unwrap_or(config.janitor_grace);
             options.max_size = max_size;
             options.prefix = prefix;
             options.dry_run = dry_run;
@@ -314,8 +331,31 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 print_report(&report);
             }
         }
+        Command::Config { json } => {
+            let lines = config.describe();
+            if json {
+                let map: serde_json::Map<String, Value> = lines
+                    .into_iter()
+                    .map(|(k, v, source)| (k, serde_json::json!({ "value": v, "source": source })))
+                    .collect();
+                println!("{}", Value::Object(map));
+            } else {
+                for (key, value, source) in lines {
+                    println!("{key:<22} = {value:<50} ({source})");
+                }
+                for var in [
+                    "AWS_ACCESS_KEY_ID",
+                    "AWS_SECRET_ACCESS_KEY",
+                    "AWS_SESSION_TOKEN",
+                ] {
+                    if std::env::var_os(var).is_some() {
+                        println!("{var:<22} = {:<50} (env {var})", "set (value hidden)");
+                    }
+                }
+            }
+        }
         Command::Conformance => {
-            let location = Location::parse(&effective_url(url)?)?;
+            let location = config.location()?;
             let report = |o: &CaseOutcome| {
                 let ms = o.elapsed.as_millis();
                 match &o.result {

@@ -1,0 +1,169 @@
+//! Configuration as operators meet it: flag > environment > file > default, unknown keys named, file
+//! values applied, secrets never printed.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn run(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outcache"));
+    cmd.current_dir(dir)
+        .args(args)
+        .env_remove("OUTCACHE_URL")
+        .env_remove("OUTCACHE_CONFIG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn effective(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.extend(["config", "--json"]);
+    let out = run(dir, env, &all);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn precedence_is_flag_then_env_then_file_then_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let home = d.join("home");
+    let env_home = [("HOME", home.to_str().unwrap()), ("XDG_CACHE_HOME", "")];
+    let v = effective(d, &env_home, &[]);
+    assert_eq!(v["url"]["source"], "default");
+    assert!(
+        v["url"]["value"]
+            .as_str()
+            .unwrap()
+            .ends_with("/home/.cache/outcache"),
+        "{v}"
+    );
+
+    std::fs::write(
+        d.join("outcache.toml"),
+        "url = \"fs:///from/file\"\nreference_threshold = \"1KiB\"\n",
+    )
+    .unwrap();
+    let v = effective(d, &env_home, &[]);
+    assert_eq!(v["url"]["value"], "fs:///from/file");
+    assert!(
+        v["url"]["source"].as_str().unwrap().starts_with("file "),
+        "{v}"
+    );
+    assert_eq!(v["reference_threshold"]["value"], "1024");
+
+    let v = effective(d, &[("OUTCACHE_URL", "fs:///from/env")], &[]);
+    assert_eq!(
+        (v["url"]["value"].as_str(), v["url"]["source"].as_str()),
+        (Some("fs:///from/env"), Some("env OUTCACHE_URL"))
+    );
+
+    let v = effective(
+        d,
+        &[("OUTCACHE_URL", "fs:///from/env")],
+        &["--url", "fs:///from/flag"],
+    );
+    assert_eq!(
+        (v["url"]["value"].as_str(), v["url"]["source"].as_str()),
+        (Some("fs:///from/flag"), Some("flag --url"))
+    );
+
+    let other = d.join("other.toml");
+    std::fs::write(&other, "url = \"memory://\"\n").unwrap();
+    let v = effective(d, &[("OUTCACHE_CONFIG", other.to_str().unwrap())], &[]);
+    assert_eq!(
+        v["url"]["value"], "memory://",
+        "OUTCACHE_CONFIG beats ./outcache.toml"
+    );
+    let v = effective(
+        d,
+        &[("OUTCACHE_CONFIG", other.to_str().unwrap())],
+        &["--config", d.join("outcache.toml").to_str().unwrap()],
+    );
+    assert_eq!(
+        v["url"]["value"], "fs:///from/file",
+        "--config beats OUTCACHE_CONFIG"
+    );
+}
+
+#[test]
+fn unknown_keys_and_bad_values_are_errors_that_name_them() {
+    let dir = tempfile::tempdir().unwrap();
+    for (text, mentions) in [
+        (
+            "url = \"memory://\"\nrefrence_threshold = 5\n",
+            "refrence_threshold",
+        ),
+        ("[janitor]\ngrase = \"1h\"\n", "grase"),
+        ("inline_limit = \"lots\"\n", "inline_limit"),
+        (
+            "url = \"memory://\"\n[janitor]\ngrace = \"soon\"\n",
+            "janitor.grace",
+        ),
+        ("url = [1, 2]\n", "url"),
+    ] {
+        std::fs::write(dir.path().join("outcache.toml"), text).unwrap();
+        let out = run(dir.path(), &[], &["config"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text}: {err}");
+        assert!(err.contains(mentions), "{text}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    }
+}
+
+#[test]
+fn file_values_apply_and_secrets_are_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    std::fs::write(
+        dir.path().join("outcache.toml"),
+        format!(
+            "url = \"fs://{}\"\nreference_threshold = \"1KiB\"\n[object_store]\nregion = \"eu-west-1\"\naws_secret_access_key = \"TOPSECRET\"\n",
+            cache.display()
+        ),
+    )
+    .unwrap();
+    let put = {
+        use std::io::Write;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_outcache"))
+            .current_dir(dir.path())
+            .env_remove("OUTCACHE_URL")
+            .args(["put-blob", "t", "--inputs", "{}", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(&[1u8; 2048]).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let stored: Value = serde_json::from_slice(&put.stdout).unwrap();
+    assert_eq!(
+        stored["kind"], "task-graph/CacheRef",
+        "2 KiB is above the file's 1 KiB threshold: {stored}"
+    );
+
+    let secret_url = "s3://b/p?endpoint=http://127.0.0.1:1&secret_access_key=URLSECRET";
+    for args in [
+        vec!["config"],
+        vec!["config", "--json"],
+        vec!["--url", secret_url, "config"],
+    ] {
+        let out = run(dir.path(), &[("AWS_SECRET_ACCESS_KEY", "ENVSECRET")], &args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for secret in ["TOPSECRET", "URLSECRET", "ENVSECRET"] {
+            assert!(!text.contains(secret), "{args:?} printed a secret: {text}");
+        }
+        assert!(text.contains("eu-west-1"), "{text}");
+    }
+}
