@@ -18,10 +18,17 @@ async fn seed(backend: &Arc<dyn OutputCache>, n: usize) {
             let backend = backend.clone();
             tokio::spawn(async move {
                 for i in (part..n).step_by(4) {
-                    let key = RowKey::new(&format!("bench/task{}", i % 7), &json!({ "i": i })).unwrap();
+                    let key =
+                        RowKey::new(&format!("bench/task{}", i % 7), &json!({ "i": i })).unwrap();
                     let output = if i % 10 == 0 {
-                        let data = futures::stream::iter([Ok(bytes::Bytes::from(vec![i as u8; 2048]))]).boxed();
-                        backend.write_blob(&BlobMeta::for_key(&key), data).await.unwrap().to_value()
+                        let data =
+                            futures::stream::iter([Ok(bytes::Bytes::from(vec![i as u8; 2048]))])
+                                .boxed();
+                        backend
+                            .write_blob(&BlobMeta::for_key(&key), data)
+                            .await
+                            .unwrap()
+                            .to_value()
                     } else {
                         json!({ "i": i, "text": "a small output" })
                     };
@@ -66,22 +73,39 @@ fn main() {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         for &n in &sizes {
-            measure("fs", |p| {
-                Arc::new(outcache::backends::fs::FsCache::open(p, outcache::backends::fs::FsOptions::default().durable(false)).unwrap())
-            }, n)
-            .await;
-            measure("sqlite", |p| {
-                Arc::new(
-                    outcache::backends::sqlite::SqliteCache::open(
-                        p.join("c.db"),
-                        outcache::backends::sqlite::SqliteOptions::default().durable(false),
+            measure(
+                "fs",
+                |p| {
+                    Arc::new(
+                        outcache::backends::fs::FsCache::open(
+                            p,
+                            outcache::backends::fs::FsOptions::default().durable(false),
+                        )
+                        .unwrap(),
                     )
-                    .unwrap(),
-                )
-            }, n)
+                },
+                n,
+            )
+            .await;
+            measure(
+                "sqlite",
+                |p| {
+                    Arc::new(
+                        outcache::backends::sqlite::SqliteCache::open(
+                            p.join("c.db"),
+                            outcache::backends::sqlite::SqliteOptions::default().durable(false),
+                        )
+                        .unwrap(),
+                    )
+                },
+                n,
+            )
             .await;
         }
     });
