@@ -43,44 +43,41 @@ fn child(url: &str) {
             .unwrap()
             .as_nanos() as u64
             | 1;
-        let writers: Vec<_> = (0..4u64)
-            .map(|w| {
-                let cache = cache.clone();
-                tokio::spawn(async move {
-                    let mut rng = seed ^ (w + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                    loop {
-                        let key = xorshift(&mut rng) % 16;
-                        let inputs = json!({ "w": w, "k": key });
-                        if xorshift(&mut rng) % 3 == 0 {
-                            let n = (xorshift(&mut rng) % 64) as usize;
-                            cache
-                                .put(
-                                    "crash/rows",
-                                    &inputs,
-                                    &json!({ "n": n, "pad": "x".repeat(n * 8) }),
-                                )
-                                .await
-                                .unwrap();
-                        } else {
-                            // Up to 3 MiB in 64 KiB chunks: many writes are caught mid-stream.
-                            let size = (xorshift(&mut rng) % (3 << 20)) as usize;
-                            let byte = xorshift(&mut rng) as u8;
-                            let chunks = (0..size).step_by(65_536).map(move |i| {
-                                Ok(bytes::Bytes::from(vec![byte; (size - i).min(65_536)]))
-                            });
-                            let stream = futures::stream::iter(chunks.collect::<Vec<_>>()).boxed();
-                            cache
-                                .put_stream("crash/blobs", &inputs, stream, BlobOptions::default())
-                                .await
-                                .unwrap();
-                        }
+        for w in 0..4u64 {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                let mut rng = seed ^ (w + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                loop {
+                    let key = xorshift(&mut rng) % 16;
+                    let inputs = json!({ "w": w, "k": key });
+                    if xorshift(&mut rng) % 3 == 0 {
+                        let n = (xorshift(&mut rng) % 64) as usize;
+                        cache
+                            .put(
+                                "crash/rows",
+                                &inputs,
+                                &json!({ "n": n, "pad": "x".repeat(n * 8) }),
+                            )
+                            .await
+                            .unwrap();
+                    } else {
+                        // Up to 3 MiB in 64 KiB chunks: many writes are caught mid-stream.
+                        let size = (xorshift(&mut rng) % (3 << 20)) as usize;
+                        let byte = xorshift(&mut rng) as u8;
+                        let chunks = (0..size).step_by(65_536).map(move |i| {
+                            Ok(bytes::Bytes::from(vec![byte; (size - i).min(65_536)]))
+                        });
+                        let stream = futures::stream::iter(chunks.collect::<Vec<_>>()).boxed();
+                        cache
+                            .put_stream("crash/blobs", &inputs, stream, BlobOptions::default())
+                            .await
+                            .unwrap();
                     }
-                })
-            })
-            .collect();
-        for w in writers {
-            w.await.unwrap();
+                }
+            });
         }
+        // The writers run until the parent kills this process.
+        futures::future::pending::<()>().await;
     });
 }
 
@@ -146,8 +143,9 @@ async fn crash_loop(name: &str, url: &str, kills: usize, rng: &mut u64) -> Resul
         let mut child = spawn_child(url);
         let wait = 30 + xorshift(rng) % 250;
         std::thread::sleep(Duration::from_millis(wait));
-        child.kill().map_err(|e| e.to_string())?; // SIGKILL
+        let killed = child.kill(); // SIGKILL
         child.wait().map_err(|e| e.to_string())?;
+        killed.map_err(|e| e.to_string())?;
         let (r, f) = check(url)
             .await
             .map_err(|e| format!("{name}, after kill {k} ({wait} ms in): {e}"))?;
