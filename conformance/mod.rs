@@ -353,8 +353,10 @@ fn panic_message(panic: &Box<dyn Any + Send>) -> String {
 }
 
 /// Removes a directory tree when dropped.
+#[cfg(any(feature = "fs", feature = "sqlite"))]
 struct RemoveDir(std::path::PathBuf);
 
+#[cfg(any(feature = "fs", feature = "sqlite"))]
 impl Drop for RemoveDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
@@ -366,6 +368,7 @@ impl Drop for RemoveDir {
 /// beside the named file, both removed when the fixture is dropped; for an object store the key prefix
 /// `<prefix>/<run_tag>/<case>`, emptied when the fixture finishes.
 pub fn isolated_fixture(location: &Location, run_tag: &str, case: &str) -> Result<Fixture> {
+    let _ = (run_tag, case); // unused when only the memory backend is compiled in
     match location {
         Location::Memory => Ok(fixtures::memory()),
         #[cfg(feature = "fs")]
@@ -426,6 +429,7 @@ fn run_dir(path: &std::path::Path, run_tag: &str) -> std::path::PathBuf {
 }
 
 fn remove_run_dir(location: &Location, run_tag: &str) {
+    let _ = run_tag; // unused when only the memory backend is compiled in
     match location {
         Location::Memory => {}
         #[cfg(feature = "fs")]

@@ -10,6 +10,11 @@ cargo fmt --all -- --check
 echo "== cargo clippy (all targets, all features, warnings are errors)"
 cargo clippy --all-targets --all-features -- -D warnings
 
+echo "== feature subsets compile (users pick backends by feature)"
+for features in "" "fs" "sqlite" "object-store" "conformance"; do
+  cargo check --quiet --lib --no-default-features --features "$features"
+done
+
 echo "== S3-compatible servers (moto; s3s-fs for the restart test)"
 trap 'bash scripts/s3-server.sh stop' EXIT
 eval "$(bash scripts/s3-server.sh start)"

@@ -124,6 +124,7 @@ pub enum Location {
     /// `memory://`: a fresh in-process cache.
     Memory,
     /// `fs:///abs/dir` or `file:///abs/dir`.
+    #[cfg(feature = "fs")]
     Fs {
         /// The root directory (absolute).
         root: PathBuf,
@@ -207,6 +208,7 @@ pub fn redact_url(url: &str) -> String {
     format!("{base}?{}", pairs.join("&"))
 }
 
+#[cfg(any(feature = "fs", feature = "sqlite"))]
 fn parse_bool(url: &str, key: &str, value: &str) -> Result<bool> {
     match value {
         "true" | "1" | "yes" => Ok(true),
@@ -351,6 +353,7 @@ pub fn open_backend(url: &str) -> Result<Arc<dyn OutputCache>> {
 mod tests {
     use super::*;
 
+    #[cfg(feature = "fs")]
     #[test]
     fn parses_the_supported_forms() {
         assert_eq!(Location::parse("memory://").unwrap(), Location::Memory);
@@ -400,6 +403,7 @@ mod tests {
         assert!(parse_duration("soon").is_err());
     }
 
+    #[cfg(feature = "sqlite")]
     #[test]
     fn parses_sqlite_urls() {
         assert_eq!(
@@ -643,6 +647,7 @@ impl Config {
     /// the URL does not set them.
     pub fn location(&self) -> Result<Location> {
         let mut location = Location::parse(&self.url)?;
+        #[allow(unused_variables)] // unused when no backend with URL options is compiled in
         let url_keys: Vec<String> = Url::parse(self.url.trim())
             .map(|u| u.query_pairs().map(|(k, _)| k.into_owned()).collect())
             .unwrap_or_default();
