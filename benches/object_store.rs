@@ -22,8 +22,11 @@ const MIB: usize = 256;
 
 fn main() {
     let Ok(url) = std::env::var("OUTCACHE_S3_URL") else {
-        eprintln!("OUTCACHE_S3_URL is not set: eval \"$(scripts/s3-server.sh start)\" first");
-        std::process::exit(2);
+        // `cargo bench` runs every bench; this one needs a server, so say how and step aside.
+        eprintln!(
+            "object_store bench skipped: OUTCACHE_S3_URL is not set (eval \"$(scripts/s3-server.sh start)\")"
+        );
+        return;
     };
     let location = outcache::config::Location::parse(&url).unwrap();
     let outcache::config::Location::S3 {

@@ -1,31 +1,12 @@
 //! The `outcache` binary's contract, run as a user would: stdout, stderr and exit codes.
 //! 0 success, 1 miss / unresolved, 2 bad input, 3 integrity failure.
 
-use std::io::Write;
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
+mod common;
 
-fn outcache(url: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_outcache"))
-        .arg("--url")
-        .arg(url)
-        .args(args)
-        .env_remove("OUTCACHE_URL")
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run outcache");
-    if let Some(input) = stdin {
-        let mut pipe = child.stdin.take().unwrap();
-        pipe.write_all(input).unwrap();
-    }
-    child.wait_with_output().unwrap()
-}
+use std::path::Path;
+use std::process::Output;
+
+use common::outcache;
 
 fn url(dir: &Path) -> String {
     format!("fs://{}", dir.display())

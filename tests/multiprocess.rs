@@ -1,33 +1,12 @@
 //! Several OS processes writing and reading the same keys in one cache at once (fs directory, SQLite
 //! file): no errors, no torn reads, every blob a process wrote reads back whole.
 
-use std::process::{Command, Stdio};
+mod common;
 
+use common::outcache;
 use serde_json::{Value, json};
 
-fn run(bin: &str, url: &str, args: &[&str], stdin: Option<Vec<u8>>) -> std::process::Output {
-    use std::io::Write;
-    let mut child = Command::new(bin)
-        .arg("--url")
-        .arg(url)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(bytes) = stdin {
-        child.stdin.take().unwrap().write_all(&bytes).unwrap();
-    }
-    child.wait_with_output().unwrap()
-}
-
 fn hammer(url: &str) {
-    let bin = env!("CARGO_BIN_EXE_outcache");
     let workers: Vec<_> = (0..3)
         .map(|p| {
             let url = url.to_owned();
@@ -37,8 +16,7 @@ fn hammer(url: &str) {
                     for inputs in [json!({"shared": i}), json!({"process": p, "i": i})] {
                         let inputs = inputs.to_string();
                         let value = json!({"by": p, "i": i}).to_string();
-                        let put = run(
-                            bin,
+                        let put = outcache(
                             &url,
                             &["put", "hammer", "--inputs", &inputs, "--output", &value],
                             None,
@@ -48,7 +26,7 @@ fn hammer(url: &str) {
                             "put: {}",
                             String::from_utf8_lossy(&put.stderr)
                         );
-                        let get = run(bin, &url, &["get", "hammer", "--inputs", &inputs], None);
+                        let get = outcache(&url, &["get", "hammer", "--inputs", &inputs], None);
                         assert!(
                             get.status.success(),
                             "get: {}",
@@ -58,8 +36,7 @@ fn hammer(url: &str) {
                         assert_eq!(got["i"], i, "a torn or foreign row: {got}");
                     }
                     let blob = vec![p as u8; 100_000 + i];
-                    let out = run(
-                        bin,
+                    let out = outcache(
                         &url,
                         &[
                             "put-blob",
@@ -67,19 +44,14 @@ fn hammer(url: &str) {
                             "--inputs",
                             &json!({"i": i}).to_string(),
                         ],
-                        Some(blob),
+                        Some(&blob),
                     );
                     assert!(
                         out.status.success(),
                         "put-blob: {}",
                         String::from_utf8_lossy(&out.stderr)
                     );
-                    let cat = run(
-                        bin,
-                        &url,
-                        &["cat", &String::from_utf8_lossy(&out.stdout)],
-                        None,
-                    );
+                    let cat = outcache(&url, &["cat", &String::from_utf8_lossy(&out.stdout)], None);
                     assert!(
                         cat.status.success(),
                         "cat: {}",

@@ -3,11 +3,13 @@
 //! ours, chunks without a manifest as janitor temps, a blob deleted mid-read, and several processes on
 //! one file.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::outcache;
 use futures::StreamExt;
 use outcache::backends::sqlite::{CHUNK_SIZE, SqliteCache, SqliteOptions};
 use outcache::janitor::sweep_orphans;
@@ -185,37 +187,14 @@ async fn a_blob_deleted_mid_read_ends_the_stream_with_an_error_not_short_data() 
     }
 }
 
-fn run(bin: &str, url: &str, args: &[&str], stdin: Option<Vec<u8>>) -> std::process::Output {
-    use std::io::Write;
-    let mut child = Command::new(bin)
-        .arg("--url")
-        .arg(url)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(bytes) = stdin {
-        child.stdin.take().unwrap().write_all(&bytes).unwrap();
-    }
-    child.wait_with_output().unwrap()
-}
-
 #[test]
 fn cli_put_blob_is_inline_when_small_and_a_verified_ref_when_large() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}/c.db", dir.path().display());
-    let bin = env!("CARGO_BIN_EXE_outcache");
-    let small = run(
-        bin,
+    let small = outcache(
         &url,
         &["put-blob", "t", "--inputs", "{\"n\":1}"],
-        Some(vec![1u8; 1024]),
+        Some(&[1u8; 1024]),
     );
     assert!(
         small.status.success(),
@@ -226,11 +205,10 @@ fn cli_put_blob_is_inline_when_small_and_a_verified_ref_when_large() {
     assert_eq!(small["__binaryPortWire"], 1);
 
     let big: Vec<u8> = (0..10 << 20).map(|i: u32| (i % 241) as u8).collect();
-    let out = run(
-        bin,
+    let out = outcache(
         &url,
         &["put-blob", "t", "--inputs", "{\"n\":2}"],
-        Some(big.clone()),
+        Some(&big),
     );
     assert!(
         out.status.success(),
@@ -244,7 +222,7 @@ fn cli_put_blob_is_inline_when_small_and_a_verified_ref_when_large() {
         "{}",
         r.reference
     );
-    let cat = run(bin, &url, &["cat", &stored.to_string()], None);
+    let cat = outcache(&url, &["cat", &stored.to_string()], None);
     assert!(cat.status.success());
     assert!(cat.stdout == big, "cat returned other bytes");
 }

@@ -17,6 +17,33 @@ use outcache::{
 };
 use serde_json::Value;
 
+/// Run the `outcache` binary on cache `url` with `args`, feeding `stdin` if given; `OUTCACHE_URL` and
+/// `OUTCACHE_CONFIG` from the test's environment are not passed on.
+pub fn outcache(url: &str, args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outcache"))
+        .arg("--url")
+        .arg(url)
+        .args(args)
+        .env_remove("OUTCACHE_URL")
+        .env_remove("OUTCACHE_CONFIG")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run outcache");
+    if let Some(input) = stdin {
+        // A command that fails early closes its stdin; the test reads its exit status instead.
+        let _ = child.stdin.take().expect("piped").write_all(input);
+    }
+    child.wait_with_output().expect("wait for outcache")
+}
+
 /// The memory backend with every blob capability withheld: the trait's default bodies answer
 /// `Unsupported`.
 #[derive(Debug, Default)]
