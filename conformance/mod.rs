@@ -428,7 +428,8 @@ fn run_dir(path: &std::path::Path, run_tag: &str) -> std::path::PathBuf {
         .join(run_tag)
 }
 
-fn remove_run_dir(location: &Location, run_tag: &str) {
+/// Remove what [`isolated_fixture`] created for the run `run_tag` beyond each fixture's own cleanup.
+pub fn remove_run_dir(location: &Location, run_tag: &str) {
     let _ = run_tag; // unused when only the memory backend is compiled in
     match location {
         Location::Memory => {}

@@ -40,6 +40,7 @@
 //! ```
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+pub mod bench;
 pub mod blob;
 pub mod config;
 pub mod engine;

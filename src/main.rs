@@ -136,6 +136,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure the cache: row put/get, blob write, verified and unverified blob read. Works in an
+    /// isolated child location (like `conformance`) and removes what it wrote.
+    Bench {
+        /// Blob size to write and read (e.g. 64MiB).
+        #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = outcache::config::parse_size)]
+        size: u64,
+        /// Rows to put and get.
+        #[arg(long, value_name = "N", default_value_t = 200)]
+        rows: usize,
+        /// Blob runs to take the median of.
+        #[arg(long, value_name = "N", default_value_t = 3)]
+        runs: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the effective configuration, each value with where it came from (secrets redacted).
     Config {
         /// Print JSON instead of a table.
@@ -329,6 +345,48 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 );
             } else {
                 print_report(&report);
+            }
+        }
+        Command::Bench {
+            size,
+            rows,
+            runs,
+            json,
+        } => {
+            let location = config.location()?;
+            let tag = format!("outcache-bench-{}", uuid::Uuid::new_v4().simple());
+            let fixture = outcache::conformance::isolated_fixture(&location, &tag, "bench")?
+                .wrapped(|b| wrap_run(b, run_id))?;
+            let mut options = outcache::bench::BenchOptions::default();
+            options.blob_size = usize::try_from(size).unwrap_or(usize::MAX);
+            options.rows = rows;
+            options.blob_runs = runs;
+            let result = outcache::bench::run(fixture.cache(), &options).await;
+            fixture.finish().await;
+            outcache::conformance::remove_run_dir(&location, &tag);
+            let report = result?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).expect("report serialises")
+                );
+            } else {
+                println!("cache:                 {}", report.backend);
+                println!("row put:               {:>10.0} /s", report.row_put_per_s);
+                println!("row get:               {:>10.0} /s", report.row_get_per_s);
+                println!(
+                    "blob write ({:>8}):  {:>10.0} MB/s",
+                    human_bytes(report.blob_bytes),
+                    report.blob_write_mb_s
+                );
+                println!(
+                    "blob read, verified:   {:>10.0} MB/s",
+                    report.blob_read_verified_mb_s
+                );
+                println!(
+                    "blob read, unverified: {:>10.0} MB/s",
+                    report.blob_read_mb_s
+                );
             }
         }
         Command::Config { json } => {

@@ -385,3 +385,38 @@ fn run_ids_isolate_rows_and_blobs() {
         "run id",
     );
 }
+
+#[test]
+fn bench_measures_in_an_isolated_child_and_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let u = url(dir.path());
+    for url in [u.as_str(), "memory://"] {
+        let o = outcache(
+            url,
+            &[
+                "bench", "--size", "2MiB", "--rows", "20", "--runs", "1", "--json",
+            ],
+            None,
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let report: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        for key in [
+            "row_put_per_s",
+            "row_get_per_s",
+            "blob_write_mb_s",
+            "blob_read_verified_mb_s",
+            "blob_read_mb_s",
+        ] {
+            assert!(
+                report[key].as_f64().is_some_and(|v| v > 0.0),
+                "{url}: {key} in {report}"
+            );
+        }
+        assert_eq!(report["blob_bytes"], 2 << 20);
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "bench left entries behind"
+    );
+}
