@@ -349,6 +349,19 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 #[cfg(not(target_os = "linux"))]
 fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
 
+/// The next chunk of an open blob (at most 1 MiB, at most `remaining` bytes) and, if more may follow,
+/// the file and what is left.
+fn next_chunk(mut file: File, remaining: u64, path: &Path) -> Result<(Bytes, Option<(File, u64)>)> {
+    if remaining == 0 {
+        return Ok((Bytes::new(), None));
+    }
+    let want = remaining.min(MAX_READ_CHUNK as u64) as usize;
+    let chunk = read_chunk(&mut file, want).map_err(|e| Error::io("read blob", path, e))?;
+    let rest =
+        (chunk.len() == want && remaining > want as u64).then(|| (file, remaining - want as u64));
+    Ok((chunk, rest))
+}
+
 /// Fill `buf` from `file` (a single read may return less than asked).
 fn read_chunk(file: &mut File, len: usize) -> io::Result<Bytes> {
     let mut buf = BytesMut::zeroed(len);
@@ -703,36 +716,27 @@ impl FsCache {
                     span
                 }
             };
-            Ok(Some((file, span.end - span.start)))
+            // The first chunk comes with the open: a blob of up to 1 MiB costs one trip to the
+            // blocking pool in all.
+            next_chunk(file, span.end - span.start, &path_for_open).map(Some)
         })
         .await?;
-        let Some((file, remaining)) = opened else {
+        let Some((first, rest)) = opened else {
             return Ok(None);
         };
         // The file moves into each blocking read and back out; dropping the stream drops the handle.
-        let stream = futures::stream::try_unfold(Some((file, remaining)), move |state| {
+        let tail = futures::stream::try_unfold(rest, move |state| {
             let path = path.clone();
             async move {
-                let Some((mut file, remaining)) = state.filter(|(_, left)| *left > 0) else {
+                let Some((file, left)) = state else {
                     return Ok(None);
                 };
-                let want = remaining.min(MAX_READ_CHUNK as u64) as usize;
-                let (file, chunk) = blocking(move || {
-                    let chunk = read_chunk(&mut file, want)
-                        .map_err(|e| Error::io("read blob", &path, e))?;
-                    Ok((file, chunk))
-                })
-                .await?;
-                Ok(if chunk.is_empty() {
-                    None
-                } else {
-                    let left = remaining - chunk.len() as u64;
-                    let next = (chunk.len() == want).then_some((file, left));
-                    Some((chunk, next))
-                })
+                let (chunk, next) = blocking(move || next_chunk(file, left, &path)).await?;
+                Ok((!chunk.is_empty()).then_some((chunk, next)))
             }
         });
-        Ok(Some(stream.boxed()))
+        let head = (!first.is_empty()).then_some(Ok(first));
+        Ok(Some(futures::stream::iter(head).chain(tail).boxed()))
     }
 
     fn list_blob_files(&self) -> Result<Vec<BlobEntry>> {
