@@ -31,8 +31,8 @@ use crate::layout::{
     segment_may_match,
 };
 use crate::store::{
-    BlobEntry, BlobMeta, BlobState, ByteRange, ByteStream, Capabilities, MAX_READ_CHUNK,
-    OutputCache, Row, RowEntry, Stats,
+    BlobEntry, BlobMeta, BlobState, ByteRange, ByteStream, Capabilities, CorruptEntry,
+    MAX_READ_CHUNK, OutputCache, Row, RowEntry, Stats,
 };
 use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in};
 
@@ -486,30 +486,42 @@ impl OutputCache for FsCache {
 
     async fn list_rows(&self) -> Result<Vec<RowEntry>> {
         let this = self.clone();
+        blocking(move || this.scan_rows().map(|(rows, _)| rows)).await
+    }
+
+    async fn list_corrupt(&self) -> Result<Vec<CorruptEntry>> {
+        let this = self.clone();
+        blocking(move || this.scan_rows().map(|(_, corrupt)| corrupt)).await
+    }
+
+    async fn remove_corrupt(&self, id: &str) -> Result<bool> {
+        // `rows/<segment>/<file>.json`, each part one clean name: nothing outside the rows directory.
+        let parts: Vec<&str> = id.split('/').collect();
+        let clean = |p: &str| {
+            !p.is_empty()
+                && p != "."
+                && p != ".."
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._=-".contains(&b))
+        };
+        if parts.len() != 3
+            || parts[0] != "rows"
+            || !parts[2].ends_with(".json")
+            || !parts[1..].iter().all(|p| clean(p))
+        {
+            return Ok(false);
+        }
+        let path = self.root.join(id);
         blocking(move || {
-            let mut out = Vec::new();
-            for (dir, task) in this.task_dirs()? {
-                let task = task.unwrap_or_else(|| "?".into());
-                for path in this.row_files(&dir)? {
-                    let fp = path.file_stem().map(|s| s.to_string_lossy().into_owned());
-                    let Some(row) = this.read_row(&path, &task, fp.as_deref().unwrap_or("?"))?
-                    else {
-                        continue;
-                    };
-                    out.push(RowEntry {
-                        refs: refs_in(&row.output)
-                            .into_iter()
-                            .map(|r| r.reference)
-                            .collect(),
-                        key: row.key,
-                        created_at: row.created_at,
-                        size: row.size,
-                        // The row file's mtime: set at commit, moved forward by touch_rows.
-                        last_access: fs::metadata(&path).and_then(|m| m.modified()).ok(),
-                    });
-                }
+            let bytes = match fs::read(&path) {
+                Ok(b) => b,
+                Err(e) if is_not_found(&e) => return Ok(false),
+                Err(e) => return Err(Error::io("read row", &path, e)),
+            };
+            if decode_row(&bytes, "?", "?").is_ok() {
+                return Ok(false); // rewritten since it was listed: keep it
             }
-            Ok(out)
+            remove_if_exists(&path)
         })
         .await
     }
@@ -737,6 +749,43 @@ impl FsCache {
         });
         let head = (!first.is_empty()).then_some(Ok(first));
         Ok(Some(futures::stream::iter(head).chain(tail).boxed()))
+    }
+
+    /// Every row file, decoded into a listing entry or, if it cannot be, into a corrupt entry.
+    fn scan_rows(&self) -> Result<(Vec<RowEntry>, Vec<CorruptEntry>)> {
+        let (mut rows, mut corrupt) = (Vec::new(), Vec::new());
+        for (dir, task) in self.task_dirs()? {
+            let task = task.unwrap_or_else(|| "?".into());
+            for path in self.row_files(&dir)? {
+                let fp = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+                let row = match self.read_row(&path, &task, fp.as_deref().unwrap_or("?")) {
+                    Ok(Some(row)) => row,
+                    Ok(None) => continue, // removed meanwhile
+                    Err(Error::CorruptRow { reason, .. }) => {
+                        let id = path.strip_prefix(&self.root).unwrap_or(&path);
+                        corrupt.push(CorruptEntry {
+                            id: id.to_string_lossy().into_owned(),
+                            reason,
+                            size: fs::metadata(&path).map_or(0, |m| m.len()),
+                        });
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                rows.push(RowEntry {
+                    refs: refs_in(&row.output)
+                        .into_iter()
+                        .map(|r| r.reference)
+                        .collect(),
+                    key: row.key,
+                    created_at: row.created_at,
+                    size: row.size,
+                    // The row file's mtime: set at commit, moved forward by touch_rows.
+                    last_access: fs::metadata(&path).and_then(|m| m.modified()).ok(),
+                });
+            }
+        }
+        Ok((rows, corrupt))
     }
 
     fn list_blob_files(&self) -> Result<Vec<BlobEntry>> {

@@ -30,8 +30,8 @@ use crate::layout::{
     blob_name, decode_row, decode_task_segment, encode_row, encode_task_segment, segment_may_match,
 };
 use crate::store::{
-    BlobEntry, BlobMeta, BlobState, ByteRange, ByteStream, Capabilities, OutputCache, Row,
-    RowEntry, Stats,
+    BlobEntry, BlobMeta, BlobState, ByteRange, ByteStream, Capabilities, CorruptEntry, OutputCache,
+    Row, RowEntry, Stats,
 };
 use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in};
 
@@ -182,7 +182,21 @@ impl ObjectCache {
 
     /// Fetch and decode the row objects at `paths` (up to 16 at once); vanished ones are skipped.
     async fn fetch_rows(&self, paths: Vec<Path>) -> Result<Vec<(Path, crate::layout::RowRecord)>> {
-        let fetched: Vec<Option<(Path, crate::layout::RowRecord)>> = futures::stream::iter(paths)
+        Ok(self.scan_rows(paths).await?.0)
+    }
+
+    /// Fetch and decode the row objects at `paths` (up to 16 at once): the decoded ones, and the ones
+    /// that cannot be decoded as corrupt entries (id: the object path). Vanished ones are skipped.
+    async fn scan_rows(
+        &self,
+        paths: Vec<Path>,
+    ) -> Result<(Vec<(Path, crate::layout::RowRecord)>, Vec<CorruptEntry>)> {
+        let fetched: Vec<
+            Option<(
+                Path,
+                std::result::Result<crate::layout::RowRecord, CorruptEntry>,
+            )>,
+        > = futures::stream::iter(paths)
             .map(|path| async move {
                 let Some(bytes) = self.fetch(&path).await? else {
                     return Ok(None);
@@ -192,13 +206,27 @@ impl ObjectCache {
                     .unwrap_or("?")
                     .trim_end_matches(".json")
                     .to_owned();
-                let record = decode_row(&bytes, "?", &fp)?;
-                Ok::<_, Error>(Some((path, record)))
+                let decoded = decode_row(&bytes, "?", &fp).map_err(|e| CorruptEntry {
+                    id: path.to_string(),
+                    reason: match e {
+                        Error::CorruptRow { reason, .. } => reason,
+                        other => other.to_string(),
+                    },
+                    size: bytes.len() as u64,
+                });
+                Ok::<_, Error>(Some((path, decoded)))
             })
             .buffer_unordered(FETCH_CONCURRENCY)
             .try_collect()
             .await?;
-        Ok(fetched.into_iter().flatten().collect())
+        let (mut rows, mut corrupt) = (Vec::new(), Vec::new());
+        for (path, decoded) in fetched.into_iter().flatten() {
+            match decoded {
+                Ok(record) => rows.push((path, record)),
+                Err(entry) => corrupt.push(entry),
+            }
+        }
+        Ok((rows, corrupt))
     }
 
     /// Delete the rows among `candidates` for which `pick` holds, then their blobs.
@@ -340,6 +368,34 @@ impl OutputCache for ObjectCache {
                 last_access: None,
             })
             .collect())
+    }
+
+    async fn list_corrupt(&self) -> Result<Vec<CorruptEntry>> {
+        let paths = self
+            .row_objects(|_| true)
+            .await?
+            .into_iter()
+            .map(|m| m.location)
+            .collect();
+        Ok(self.scan_rows(paths).await?.1)
+    }
+
+    async fn remove_corrupt(&self, id: &str) -> Result<bool> {
+        let Ok(path) = Path::parse(id) else {
+            return Ok(false);
+        };
+        let root = self.rows_root();
+        if !path.prefix_matches(&root) || path.extension() != Some("json") {
+            return Ok(false);
+        }
+        let Some(bytes) = self.fetch(&path).await? else {
+            return Ok(false);
+        };
+        if decode_row(&bytes, "?", "?").is_ok() {
+            return Ok(false); // rewritten since it was listed: keep it
+        }
+        self.delete_path(&path).await?;
+        Ok(true)
     }
 
     async fn list_blobs(&self) -> Result<Vec<BlobEntry>> {

@@ -25,7 +25,8 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::store::{
-    BlobEntry, BlobMeta, ByteRange, ByteStream, Capabilities, OutputCache, Row, RowEntry, Stats,
+    BlobEntry, BlobMeta, ByteRange, ByteStream, Capabilities, CorruptEntry, OutputCache, Row,
+    RowEntry, Stats,
 };
 use crate::wire::{CacheRef, MAX_TASK_TYPE_LEN, RowKey, refs_in, sha256_hex};
 
@@ -224,6 +225,17 @@ impl OutputCache for RunPrivate {
                 })
             })
             .collect())
+    }
+
+    async fn list_corrupt(&self) -> Result<Vec<CorruptEntry>> {
+        // A row that cannot be decoded cannot be attributed to a run: corrupt rows are reported and
+        // removed on the backing store.
+        Ok(Vec::new())
+    }
+
+    async fn remove_corrupt(&self, id: &str) -> Result<bool> {
+        let _ = id;
+        Ok(false)
     }
 
     async fn list_blobs(&self) -> Result<Vec<BlobEntry>> {

@@ -28,8 +28,8 @@ use uuid::Uuid;
 use crate::blob::BlobDigest;
 use crate::error::{Error, Result};
 use crate::store::{
-    BlobEntry, BlobMeta, BlobState, ByteRange, ByteStream, Capabilities, OutputCache, Row,
-    RowEntry, Stats,
+    BlobEntry, BlobMeta, BlobState, ByteRange, ByteStream, Capabilities, CorruptEntry, OutputCache,
+    Row, RowEntry, Stats,
 };
 use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in};
 
@@ -456,6 +456,55 @@ fn decode_row(
     }))
 }
 
+/// Why a stored row cannot be used, or `None` if it can: a bad key, a refs column that is not a JSON
+/// list of strings, or an output that is not valid JSON.
+fn corruption(task: &str, fp: &str, refs: &str, output_valid: bool) -> Option<String> {
+    if let Err(e) = RowKey::from_parts(task, fp) {
+        return Some(e.to_string());
+    }
+    if let Err(e) = serde_json::from_str::<Vec<String>>(refs) {
+        return Some(format!("refs column is not a JSON list: {e}"));
+    }
+    (!output_valid).then(|| "stored output is not valid JSON".to_owned())
+}
+
+/// Every row as a listing entry or, if it cannot be used, as a corrupt entry (id: its rowid).
+fn scan_rows(cache: &SqliteCache, conn: &Connection) -> Result<(Vec<RowEntry>, Vec<CorruptEntry>)> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT rowid, task_type, fingerprint, created_at, size, refs, last_access, json_valid(output)
+             FROM rows",
+        )
+        .map_err(cache.err("list rows"))?;
+    let mut rows_out = Vec::new();
+    let mut corrupt = Vec::new();
+    let mut rows = stmt.query([]).map_err(cache.err("list rows"))?;
+    while let Some(r) = rows.next().map_err(cache.err("list rows"))? {
+        let err = |e| cache.err("list rows")(e);
+        let rowid: i64 = r.get(0).map_err(err)?;
+        let (task, fp): (String, String) = (r.get(1).map_err(err)?, r.get(2).map_err(err)?);
+        let (created, size): (i64, i64) = (r.get(3).map_err(err)?, r.get(4).map_err(err)?);
+        let refs: String = r.get(5).map_err(err)?;
+        let (accessed, valid): (i64, bool) = (r.get(6).map_err(err)?, r.get(7).map_err(err)?);
+        if let Some(reason) = corruption(&task, &fp, &refs, valid) {
+            corrupt.push(CorruptEntry {
+                id: rowid.to_string(),
+                reason,
+                size: size.max(0) as u64,
+            });
+            continue;
+        }
+        rows_out.push(RowEntry {
+            key: RowKey::from_parts(&task, &fp)?,
+            created_at: from_ms(created),
+            size: size.max(0) as u64,
+            refs: serde_json::from_str(&refs).unwrap_or_default(),
+            last_access: Some(from_ms(accessed)),
+        });
+    }
+    Ok((rows_out, corrupt))
+}
+
 fn delete_blob_in(conn: &Connection, id: &str) -> rusqlite::Result<()> {
     conn.execute("DELETE FROM blobs WHERE id = ?1", [id])?;
     conn.execute("DELETE FROM chunks WHERE blob_id = ?1", [id])?;
@@ -641,45 +690,42 @@ impl OutputCache for SqliteCache {
     }
 
     async fn list_rows(&self) -> Result<Vec<RowEntry>> {
-        self.read(|this, conn| {
-            let mut stmt = conn
-                .prepare(
-                    "SELECT task_type, fingerprint, created_at, size, refs, last_access FROM rows",
+        self.read(|this, conn| scan_rows(this, conn).map(|(rows, _)| rows))
+            .await
+    }
+
+    async fn list_corrupt(&self) -> Result<Vec<CorruptEntry>> {
+        self.read(|this, conn| scan_rows(this, conn).map(|(_, corrupt)| corrupt))
+            .await
+    }
+
+    async fn remove_corrupt(&self, id: &str) -> Result<bool> {
+        let Ok(rowid) = id.parse::<i64>() else {
+            return Ok(false);
+        };
+        self.write(move |this, w| {
+            let tx = w
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(this.err("begin"))?;
+            let row = tx
+                .query_row(
+                    "SELECT task_type, fingerprint, refs, json_valid(output) FROM rows WHERE rowid = ?1",
+                    [rowid],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, bool>(3)?)),
                 )
-                .map_err(this.err("list rows"))?;
-            let raw = stmt
-                .query_map([], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, i64>(3)?,
-                        r.get::<_, String>(4)?,
-                        r.get::<_, i64>(5)?,
-                    ))
-                })
-                .map_err(this.err("list rows"))?
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .map_err(this.err("list rows"))?;
-            raw.into_iter()
-                .map(|(task, fp, created, size, refs, accessed)| {
-                    let corrupt = |reason: String| Error::CorruptRow {
-                        task_type: task.clone(),
-                        fingerprint: fp.clone(),
-                        reason,
-                    };
-                    let key = RowKey::from_parts(&task, &fp).map_err(|e| corrupt(e.to_string()))?;
-                    let refs = serde_json::from_str(&refs)
-                        .map_err(|e| corrupt(format!("refs column is not a JSON list: {e}")))?;
-                    Ok(RowEntry {
-                        key,
-                        created_at: from_ms(created),
-                        size: size as u64,
-                        refs,
-                        last_access: Some(from_ms(accessed)),
-                    })
-                })
-                .collect()
+                .optional()
+                .map_err(this.err(format!("read row {rowid}")))?;
+            let Some((task, fp, refs, valid)) = row else {
+                return Ok(false);
+            };
+            if corruption(&task, &fp, &refs, valid).is_none() {
+                return Ok(false); // rewritten since it was listed: keep it
+            }
+            tx.execute("DELETE FROM rows WHERE rowid = ?1", [rowid])
+                .map_err(this.err(format!("remove corrupt row {rowid}")))?;
+            tx.commit().map_err(this.err("commit"))?;
+            Ok(true)
         })
         .await
     }

@@ -173,6 +173,12 @@ impl OutputCache for FailingRows {
     async fn list_rows(&self) -> Result<Vec<RowEntry>> {
         self.inner.list_rows().await
     }
+    async fn list_corrupt(&self) -> Result<Vec<crate::store::CorruptEntry>> {
+        self.inner.list_corrupt().await
+    }
+    async fn remove_corrupt(&self, id: &str) -> Result<bool> {
+        self.inner.remove_corrupt(id).await
+    }
     async fn list_blobs(&self) -> Result<Vec<BlobEntry>> {
         self.inner.list_blobs().await
     }

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use crate::error::Result;
-use crate::store::{BlobEntry, BlobState, OutputCache, RowEntry};
+use crate::store::{BlobEntry, BlobState, CorruptEntry, OutputCache, RowEntry};
 
 /// What an orphan sweep found (and, unless it was a dry run, removed).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -93,6 +93,9 @@ pub struct PruneOptions {
     pub max_size: Option<u64>,
     /// Only rows whose task type starts with this (age and size eviction; orphans cannot be scoped).
     pub prefix: Option<String>,
+    /// Remove rows that cannot be decoded. Without it, their presence stops an orphan sweep: their blobs
+    /// cannot be told from orphans.
+    pub corrupt: bool,
     /// Report what would be removed, remove nothing.
     pub dry_run: bool,
 }
@@ -151,6 +154,8 @@ pub struct PruneReport {
     pub orphans: Removed,
     /// Least-recently-used rows evicted for `max_size`, with their blobs.
     pub by_size: Removed,
+    /// Rows that cannot be decoded, found (and removed if asked).
+    pub corrupt: Removed,
 }
 
 /// What prune is doing, for a progress display.
@@ -202,6 +207,19 @@ pub async fn prune(
     let now = SystemTime::now();
     let blobs = backend.list_blobs().await?;
     let rows = backend.list_rows().await?;
+    let corrupt = backend.list_corrupt().await?;
+    if options.orphans && !options.corrupt && !corrupt.is_empty() {
+        return Err(crate::Error::InvalidInput {
+            what: "prune".into(),
+            reason: format!(
+                "{} row(s) cannot be decoded (first: {}: {}); their blobs cannot be told from orphans, so \
+                 the orphan sweep stops here. Remove them with --corrupt (see them with --dry-run --corrupt)",
+                corrupt.len(),
+                corrupt[0].id,
+                corrupt[0].reason
+            ),
+        });
+    }
     let blob_size: HashMap<&str, u64> = blobs
         .iter()
         .filter(|b| b.state == BlobState::Published)
@@ -303,8 +321,20 @@ pub async fn prune(
         }
     }
 
+    if options.corrupt {
+        for c in &corrupt {
+            report.corrupt.rows += 1;
+            report.corrupt.bytes += c.size;
+        }
+    }
+
     let mut all = Removed::default();
-    for part in [&report.by_age, &report.orphans, &report.by_size] {
+    for part in [
+        &report.by_age,
+        &report.orphans,
+        &report.by_size,
+        &report.corrupt,
+    ] {
         all.add(part);
     }
     report.rows_removed = all.rows;
@@ -315,12 +345,18 @@ pub async fn prune(
         return Ok(report);
     }
 
-    let total = (doomed_rows.len() + orphan_blobs.len() + stale_temps.len()) as u64;
+    let doomed_corrupt: &[CorruptEntry] = if options.corrupt { &corrupt } else { &[] };
+    let total =
+        (doomed_rows.len() + orphan_blobs.len() + stale_temps.len() + doomed_corrupt.len()) as u64;
     let mut done = 0;
     let mut step = |progress: &mut dyn FnMut(Progress)| {
         done += 1;
         progress(Progress { done, total });
     };
+    for c in doomed_corrupt {
+        backend.remove_corrupt(&c.id).await?;
+        step(&mut progress);
+    }
     for r in doomed_rows {
         backend.delete_row(&r.key).await?;
         step(&mut progress);
@@ -351,6 +387,8 @@ pub struct Inventory {
     pub temps: u64,
     /// Bytes in temp objects.
     pub temp_bytes: u64,
+    /// Rows that cannot be decoded (`prune --corrupt` removes them).
+    pub corrupt_rows: u64,
     /// Oldest row's commit time (ms since the epoch).
     pub oldest_ms: Option<u64>,
     /// Newest row's commit time (ms since the epoch).
@@ -374,7 +412,10 @@ pub struct TaskTypeUsage {
 pub async fn inventory(backend: &dyn OutputCache, top: usize) -> Result<Inventory> {
     let blobs = backend.list_blobs().await?;
     let rows = backend.list_rows().await?;
-    let mut inv = Inventory::default();
+    let mut inv = Inventory {
+        corrupt_rows: backend.list_corrupt().await?.len() as u64,
+        ..Inventory::default()
+    };
     let mut blob_size = HashMap::new();
     for b in &blobs {
         match b.state {

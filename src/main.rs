@@ -129,6 +129,10 @@ enum Command {
         /// Only consider rows whose task type starts with this.
         #[arg(long, value_name = "TASK_PREFIX")]
         prefix: Option<String>,
+        /// Remove rows that cannot be decoded (garbled files, foreign content). Without it their presence
+        /// stops an orphan sweep, since their blobs cannot be told from orphans.
+        #[arg(long)]
+        corrupt: bool,
         /// Report what would be removed; remove nothing.
         #[arg(long)]
         dry_run: bool,
@@ -307,10 +311,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             grace,
             max_size,
             prefix,
+            corrupt,
             dry_run,
             json,
         } => {
-            if older_than.is_none() && !orphans && max_size.is_none() {
+            if older_than.is_none() && !orphans && max_size.is_none() && !corrupt {
                 return Err(Error::InvalidInput {
                     what: "prune".into(),
                     reason: "nothing to prune: give --older-than, --orphans and/or --max-size"
@@ -325,6 +330,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             options.grace = grace.unwrap_or(config.janitor_grace);
             options.max_size = max_size;
             options.prefix = prefix;
+            options.corrupt = corrupt;
             options.dry_run = dry_run;
             let bar = (!json && std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .then(indicatif::ProgressBar::no_length);
@@ -463,6 +469,12 @@ fn print_inventory(inv: &outcache::janitor::Inventory, backend: &str) {
     println!("rows:    {} ({})", inv.rows, human_bytes(inv.row_bytes));
     println!("blobs:   {} ({})", inv.blobs, human_bytes(inv.blob_bytes));
     println!("temps:   {} ({})", inv.temps, human_bytes(inv.temp_bytes));
+    if inv.corrupt_rows > 0 {
+        println!(
+            "corrupt: {} rows that cannot be decoded (prune --corrupt removes them)",
+            inv.corrupt_rows
+        );
+    }
     println!("oldest:  {}", human_time(inv.oldest_ms));
     println!("newest:  {}", human_time(inv.newest_ms));
     if !inv.top_task_types.is_empty() {

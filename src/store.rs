@@ -151,6 +151,17 @@ pub struct RowEntry {
     pub last_access: Option<SystemTime>,
 }
 
+/// A stored row that cannot be decoded (a garbled file, foreign content).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CorruptEntry {
+    /// A backend-specific name for [`OutputCache::remove_corrupt`].
+    pub id: String,
+    /// Why it cannot be decoded.
+    pub reason: String,
+    /// Bytes it holds.
+    pub size: u64,
+}
+
 /// Whether a stored blob object is published or still being written (or left by a crashed writer).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BlobState {
@@ -223,8 +234,17 @@ pub trait OutputCache: Debug + Display + Send + Sync + 'static {
     /// Counts and sizes.
     async fn stats(&self) -> Result<Stats>;
 
-    /// Every row with the refs it holds (for the janitor).
+    /// Every row with the refs it holds (for the janitor). Rows that cannot be decoded are left out;
+    /// [`OutputCache::list_corrupt`] lists them.
     async fn list_rows(&self) -> Result<Vec<RowEntry>>;
+
+    /// Rows that exist but cannot be decoded. The janitor reports them and removes them only when asked
+    /// (their blobs cannot be told from orphans while they exist).
+    async fn list_corrupt(&self) -> Result<Vec<CorruptEntry>>;
+
+    /// Remove the corrupt row named by a [`CorruptEntry::id`], if it is still corrupt (a row rewritten
+    /// since it was listed is kept). Unknown or malformed ids do nothing. Returns whether one was removed.
+    async fn remove_corrupt(&self, id: &str) -> Result<bool>;
 
     /// Every published blob and temp object (for the janitor).
     async fn list_blobs(&self) -> Result<Vec<BlobEntry>>;

@@ -369,3 +369,107 @@ async fn pruning_alongside_writers_never_breaks_a_surviving_row_sqlite() {
     )
     .await;
 }
+
+/// A garbled row stops an orphan sweep (its blob cannot be told from an orphan) until `--corrupt` is
+/// given; then the row and its now unreferenced blob go, and the dry run said so first.
+async fn corrupt_rows_are_removed_only_when_asked(url: &str, garble: impl FnOnce()) {
+    let cache = Cache::with_options(
+        Location::parse(url).unwrap().open().unwrap(),
+        CacheOptions::default().reference_threshold(1024),
+    );
+    cache
+        .put_stream("victim", &json!({}), bytes(5000, 1), BlobOptions::default())
+        .await
+        .unwrap();
+    cache
+        .put("healthy", &json!({}), &json!("fine"))
+        .await
+        .unwrap();
+    garble();
+
+    let out = Command::new(env!("CARGO_BIN_EXE_outcache"))
+        .args(["--url", url, "prune", "--orphans", "--grace", "0s"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{url}: {err}");
+    assert!(
+        err.contains("cannot be decoded") && err.contains("--corrupt"),
+        "{url}: {err}"
+    );
+    let inv: Inventory = serde_json::from_value(cli(url, &["stats", "--json"])).unwrap();
+    assert_eq!(
+        (inv.corrupt_rows, inv.rows, inv.blobs),
+        (1, 1, 1),
+        "{url}: nothing may be removed yet"
+    );
+
+    let dry: PruneReport = serde_json::from_value(cli(
+        url,
+        &[
+            "prune",
+            "--corrupt",
+            "--orphans",
+            "--grace",
+            "0s",
+            "--dry-run",
+            "--json",
+        ],
+    ))
+    .unwrap();
+    let real: PruneReport = serde_json::from_value(cli(
+        url,
+        &["prune", "--corrupt", "--orphans", "--grace", "0s", "--json"],
+    ))
+    .unwrap();
+    assert_eq!(
+        PruneReport {
+            dry_run: false,
+            ..dry
+        },
+        real,
+        "{url}"
+    );
+    assert_eq!(
+        (real.corrupt.rows, real.orphans.blobs),
+        (1, 1),
+        "{url}: {real:?}"
+    );
+    let inv: Inventory = serde_json::from_value(cli(url, &["stats", "--json"])).unwrap();
+    assert_eq!((inv.corrupt_rows, inv.rows, inv.blobs), (0, 1, 0), "{url}");
+    assert!(cache.get("healthy", &json!({})).await.unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fs_corrupt_rows_are_removed_only_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("fs://{}", dir.path().display());
+    let rows = dir.path().join("rows/victim");
+    corrupt_rows_are_removed_only_when_asked(&url, || {
+        let file = std::fs::read_dir(&rows)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        std::fs::write(file, b"{\"v\":1, \"garbled").unwrap();
+    })
+    .await;
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_corrupt_rows_are_removed_only_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("c.db");
+    let url = format!("sqlite://{}", db.display());
+    corrupt_rows_are_removed_only_when_asked(&url, || {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute(
+            "UPDATE rows SET output = '{not json', refs = 'nor this' WHERE task_type = 'victim'",
+            [],
+        )
+        .unwrap();
+    })
+    .await;
+}

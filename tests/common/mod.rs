@@ -81,6 +81,12 @@ impl OutputCache for RowsOnly {
     async fn list_rows(&self) -> Result<Vec<RowEntry>> {
         self.0.list_rows().await
     }
+    async fn list_corrupt(&self) -> Result<Vec<outcache::CorruptEntry>> {
+        self.0.list_corrupt().await
+    }
+    async fn remove_corrupt(&self, id: &str) -> Result<bool> {
+        self.0.remove_corrupt(id).await
+    }
     async fn list_blobs(&self) -> Result<Vec<BlobEntry>> {
         self.0.list_blobs().await
     }
@@ -174,6 +180,12 @@ impl OutputCache for Broken {
     }
     async fn list_rows(&self) -> Result<Vec<RowEntry>> {
         self.inner.list_rows().await
+    }
+    async fn list_corrupt(&self) -> Result<Vec<outcache::CorruptEntry>> {
+        self.inner.list_corrupt().await
+    }
+    async fn remove_corrupt(&self, id: &str) -> Result<bool> {
+        self.inner.remove_corrupt(id).await
     }
     async fn list_blobs(&self) -> Result<Vec<BlobEntry>> {
         self.inner.list_blobs().await
@@ -285,6 +297,12 @@ impl OutputCache for Sink {
     }
     async fn list_rows(&self) -> Result<Vec<RowEntry>> {
         self.inner.list_rows().await
+    }
+    async fn list_corrupt(&self) -> Result<Vec<outcache::CorruptEntry>> {
+        self.inner.list_corrupt().await
+    }
+    async fn remove_corrupt(&self, id: &str) -> Result<bool> {
+        self.inner.remove_corrupt(id).await
     }
     async fn list_blobs(&self) -> Result<Vec<BlobEntry>> {
         self.inner.list_blobs().await
