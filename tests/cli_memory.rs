@@ -2,6 +2,8 @@
 //! bytes back with flat memory too. Its own test binary, because it reads the peak RSS of waited-for
 //! children (`getrusage(RUSAGE_CHILDREN)`), which other tests' children would muddle.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 
@@ -40,17 +42,13 @@ fn a_1_gib_put_blob_into_sqlite_and_its_cat_keep_memory_flat() {
 #[cfg(feature = "s3")]
 #[test]
 fn a_1_gib_put_blob_into_s3_and_its_cat_keep_memory_flat() {
-    let Ok(url) = std::env::var("OUTCACHE_S3_URL") else {
-        assert!(
-            !std::env::var("CI").is_ok_and(|v| v == "true"),
-            "CI=true but OUTCACHE_S3_URL is not set: run scripts/s3-server.sh start"
-        );
-        eprintln!("SKIPPED: OUTCACHE_S3_URL is not set");
+    let Some(url) = common::server_env("OUTCACHE_S3_URL") else {
         return;
     };
-    let (base, query) = url.split_once('?').unwrap_or((&url, ""));
-    let url = format!("{base}/rss-{}?{query}", std::process::id());
-    one_gib_round_trip(&url);
+    one_gib_round_trip(&common::s3_child(
+        &url,
+        &format!("rss-{}", std::process::id()),
+    ));
 }
 
 /// Peak RSS is the maximum over every child waited for so far, so the checks stay valid whichever test

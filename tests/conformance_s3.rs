@@ -4,20 +4,15 @@
 
 #![cfg(feature = "s3")]
 
+mod common;
+
 use outcache::config::Location;
 use outcache::conformance::Fixture;
 
 /// A fresh prefix under the configured S3 URL, or a skip (a failure in CI) when none is configured.
 pub async fn s3_fixture() -> Fixture {
-    let Ok(url) = std::env::var("OUTCACHE_S3_URL") else {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!(
-                "CI=true but OUTCACHE_S3_URL is not set: start the server with scripts/s3-server.sh"
-            );
-        }
-        return Fixture::skip(
-            "OUTCACHE_S3_URL is not set (eval \"$(scripts/s3-server.sh start)\")",
-        );
+    let Some(url) = common::server_env("OUTCACHE_S3_URL") else {
+        return Fixture::skip("OUTCACHE_S3_URL is not set");
     };
     let location = Location::parse(&url).expect("OUTCACHE_S3_URL parses");
     let tag = format!("conformance-{}", uuid::Uuid::new_v4().simple());

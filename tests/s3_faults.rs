@@ -4,6 +4,8 @@
 
 #![cfg(feature = "s3")]
 
+mod common;
+
 use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -12,10 +14,6 @@ use std::time::{Duration, Instant};
 use outcache::config::Location;
 use outcache::{BlobState, RowKey};
 use serde_json::json;
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -96,12 +94,7 @@ async fn a_dead_endpoint_fails_quickly_with_a_clear_error() {
 
 #[tokio::test]
 async fn a_server_killed_mid_upload_fails_the_put_and_leaves_nothing() {
-    let Ok(bin) = std::env::var("OUTCACHE_S3S_FS") else {
-        assert!(
-            !in_ci(),
-            "CI=true but OUTCACHE_S3S_FS is not set: run scripts/s3-server.sh start"
-        );
-        eprintln!("SKIPPED: OUTCACHE_S3S_FS is not set (eval \"$(scripts/s3-server.sh start)\")");
+    let Some(bin) = common::server_env("OUTCACHE_S3S_FS") else {
         return;
     };
     let root = tempfile::tempdir().unwrap();

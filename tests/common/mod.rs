@@ -17,6 +17,28 @@ use outcache::{
 };
 use serde_json::Value;
 
+/// The value of `var`, naming a test server that `scripts/s3-server.sh start` exports. Without it:
+/// `None` outside CI (the caller skips and says so), a failure under `CI=true`, where a missing server
+/// must not pass as a skip.
+pub fn server_env(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(value) => Some(value),
+        Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("CI=true but {var} is not set: run scripts/s3-server.sh start")
+        }
+        Err(_) => {
+            eprintln!("SKIPPED: {var} is not set (eval \"$(scripts/s3-server.sh start)\")");
+            None
+        }
+    }
+}
+
+/// An `s3://bucket/prefix?options` URL with `child` appended to its key prefix.
+pub fn s3_child(url: &str, child: &str) -> String {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    format!("{}/{child}?{query}", base.trim_end_matches('/'))
+}
+
 /// Run the `outcache` binary on cache `url` with `args`, feeding `stdin` if given; `OUTCACHE_URL` and
 /// `OUTCACHE_CONFIG` from the test's environment are not passed on.
 pub fn outcache(url: &str, args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
