@@ -11,7 +11,7 @@ use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt, TryStreamExt};
 use serde_json::Value;
 
-use crate::blob::{BlobDigest, collect};
+use crate::blob::BlobDigest;
 use crate::error::{Error, Result};
 use crate::store::{BlobMeta, ByteStream, OutputCache};
 use crate::wire::{CacheRef, InlineBinary, RowKey, refs_in};
@@ -347,11 +347,6 @@ impl Cache {
             .try_collect()
             .await?;
         Ok(replace_refs(value, &fetched))
-    }
-
-    /// Read a whole stream (for small outputs and tests).
-    pub async fn collect(stream: ByteStream) -> Result<Bytes> {
-        collect(stream).await
     }
 }
 
