@@ -732,41 +732,36 @@ impl OutputCache for SqliteCache {
 
     async fn list_blobs(&self) -> Result<Vec<BlobEntry>> {
         self.read(|this, conn| {
-            let mut out = Vec::new();
-            let mut stmt = conn
-                .prepare("SELECT id, size, created_at FROM blobs")
-                .map_err(this.err("list blobs"))?;
-            let published = stmt
-                .query_map([], |r| {
-                    Ok(BlobEntry {
-                        id: format!("{REF_PREFIX}{}", r.get::<_, String>(0)?),
-                        state: BlobState::Published,
-                        size: r.get::<_, i64>(1)? as u64,
-                        modified: from_ms(r.get(2)?),
-                    })
-                })
-                .map_err(this.err("list blobs"))?;
-            for entry in published {
-                out.push(entry.map_err(this.err("list blobs"))?);
-            }
-            let mut stmt = conn
-                .prepare(
+            // Published blobs are manifests; temps are chunks whose manifest was never written.
+            let queries = [
+                (
+                    "SELECT id, size, created_at FROM blobs",
+                    BlobState::Published,
+                    REF_PREFIX,
+                ),
+                (
                     "SELECT blob_id, sum(length(bytes)), max(written_at) FROM chunks
                      WHERE blob_id NOT IN (SELECT id FROM blobs) GROUP BY blob_id",
-                )
-                .map_err(this.err("list temps"))?;
-            let temps = stmt
-                .query_map([], |r| {
-                    Ok(BlobEntry {
-                        id: r.get(0)?,
-                        state: BlobState::Temp,
-                        size: r.get::<_, i64>(1)? as u64,
-                        modified: from_ms(r.get(2)?),
+                    BlobState::Temp,
+                    "",
+                ),
+            ];
+            let mut out = Vec::new();
+            for (sql, state, id_prefix) in queries {
+                let mut stmt = conn.prepare(sql).map_err(this.err("list blobs"))?;
+                let entries = stmt
+                    .query_map([], |r| {
+                        Ok(BlobEntry {
+                            id: format!("{id_prefix}{}", r.get::<_, String>(0)?),
+                            state,
+                            size: r.get::<_, i64>(1)? as u64,
+                            modified: from_ms(r.get(2)?),
+                        })
                     })
-                })
-                .map_err(this.err("list temps"))?;
-            for entry in temps {
-                out.push(entry.map_err(this.err("list temps"))?);
+                    .map_err(this.err("list blobs"))?;
+                for entry in entries {
+                    out.push(entry.map_err(this.err("list blobs"))?);
+                }
             }
             Ok(out)
         })
