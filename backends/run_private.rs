@@ -184,6 +184,17 @@ impl OutputCache for RunPrivate {
         Ok(existed)
     }
 
+    async fn delete_rows(&self, keys: &[RowKey]) -> Result<u64> {
+        // One by one: each row's blob markers are dropped with it.
+        let mut deleted = 0;
+        for key in keys {
+            if self.delete_row(key).await? {
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+
     async fn delete_prefix(&self, task_type_prefix: &str) -> Result<u64> {
         self.inner
             .delete_prefix(&format!("{}{task_type_prefix}", self.rows))

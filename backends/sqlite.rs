@@ -43,6 +43,8 @@ const APPLICATION_ID: i64 = 0x6F75_7463;
 const SCHEMA_VERSION: i64 = 1;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_IDLE_READERS: usize = 4;
+/// Rows deleted per transaction by `delete_rows`.
+const DELETE_BATCH: usize = 500;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE rows (
@@ -635,6 +637,47 @@ impl OutputCache for SqliteCache {
             .delete_rows_where("task_type = ?1 AND fingerprint = ?2", args)
             .await?
             > 0)
+    }
+
+    async fn delete_rows(&self, keys: &[RowKey]) -> Result<u64> {
+        let mut deleted = 0;
+        // A few hundred rows per transaction: one fsync for the batch, and the write lock is never held
+        // for long.
+        for batch in keys.chunks(DELETE_BATCH) {
+            let batch = batch.to_vec();
+            deleted += self
+                .write(move |this, w| {
+                    w.set_full_sync(this.inner.durable)
+                        .map_err(this.err("set synchronous"))?;
+                    let tx = w
+                        .conn
+                        .transaction_with_behavior(TransactionBehavior::Immediate)
+                        .map_err(this.err("begin"))?;
+                    let mut deleted = 0;
+                    for key in &batch {
+                        let refs: Option<String> = tx
+                            .prepare_cached(
+                                "DELETE FROM rows WHERE task_type = ?1 AND fingerprint = ?2 RETURNING refs",
+                            )
+                            .and_then(|mut stmt| {
+                                stmt.query_row(params![key.task_type(), key.fingerprint()], |r| r.get(0))
+                                    .optional()
+                            })
+                            .map_err(this.err(format!("delete row {key}")))?;
+                        let Some(refs) = refs else { continue };
+                        deleted += 1;
+                        for r in serde_json::from_str::<Vec<String>>(&refs).unwrap_or_default() {
+                            if let Some(id) = parse_ref_name(&r, REF_PREFIX, "") {
+                                delete_blob_in(&tx, id).map_err(this.err(format!("delete blob {r}")))?;
+                            }
+                        }
+                    }
+                    tx.commit().map_err(this.err("commit delete"))?;
+                    Ok(deleted)
+                })
+                .await?;
+        }
+        Ok(deleted)
     }
 
     async fn delete_prefix(&self, task_type_prefix: &str) -> Result<u64> {

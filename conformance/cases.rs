@@ -951,6 +951,41 @@ pub async fn delete_row_cascades_to_blobs(cache: Backend) -> CaseResult {
     Ok(())
 }
 
+/// `delete_rows` removes each named row with its blobs, counts only rows that existed, and spares the
+/// rest.
+pub async fn delete_rows_removes_each_with_blobs(cache: Backend) -> CaseResult {
+    gate!(cache, BLOB_CAPS);
+    let (ka, ra) = row_with_blob(&cache, "conformance/batch", 1).await?;
+    let (kb, rb) = row_with_blob(&cache, "conformance/batch", 2).await?;
+    let (kc, rc) = row_with_blob(&cache, "conformance/batch", 3).await?;
+    let missing = key("conformance/batch", 404)?;
+    let n = cache
+        .delete_rows(&[ka.clone(), missing, kb.clone()])
+        .await?;
+    ensure!(n == 2, "delete_rows reported {n} rows, expected 2");
+    for (k, r) in [(&ka, &ra), (&kb, &rb)] {
+        ensure!(cache.get_row(k).await?.is_none(), "row {k} survived");
+        ensure!(
+            cache.read_blob(&r.reference).await?.is_none(),
+            "blob {} survived",
+            r.reference
+        );
+    }
+    ensure!(
+        cache.get_row(&kc).await?.is_some(),
+        "an unnamed row was deleted"
+    );
+    ensure!(
+        cache.read_blob(&rc.reference).await?.is_some(),
+        "an unnamed row's blob was deleted"
+    );
+    ensure!(
+        cache.delete_rows(&[]).await? == 0,
+        "an empty batch deleted something"
+    );
+    Ok(())
+}
+
 /// Invariant 6: a prefix delete removes the matching rows with their blobs and spares the rest.
 pub async fn delete_prefix_cascades_to_blobs(cache: Backend) -> CaseResult {
     gate!(cache, BLOB_CAPS);

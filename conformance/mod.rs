@@ -248,6 +248,7 @@ macro_rules! __conformance_each_case {
             range_reads_start_middle_end,
             range_read_empty_and_past_the_end,
             delete_row_cascades_to_blobs,
+            delete_rows_removes_each_with_blobs,
             delete_prefix_cascades_to_blobs,
             delete_prefix_respects_boundaries,
             clear_older_than_cascades_and_spares_newer,

@@ -161,6 +161,9 @@ impl OutputCache for FailingRows {
     async fn delete_row(&self, key: &RowKey) -> Result<bool> {
         self.inner.delete_row(key).await
     }
+    async fn delete_rows(&self, keys: &[RowKey]) -> Result<u64> {
+        self.inner.delete_rows(keys).await
+    }
     async fn delete_prefix(&self, task_type_prefix: &str) -> Result<u64> {
         self.inner.delete_prefix(task_type_prefix).await
     }

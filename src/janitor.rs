@@ -110,6 +110,9 @@ impl PruneOptions {
     }
 }
 
+/// Rows handed to `delete_rows` at once.
+const PRUNE_BATCH: usize = 256;
+
 /// Default grace period for orphans and temps.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(3600);
 
@@ -357,9 +360,12 @@ pub async fn prune(
         backend.remove_corrupt(&c.id).await?;
         step(&mut progress);
     }
-    for r in doomed_rows {
-        backend.delete_row(&r.key).await?;
-        step(&mut progress);
+    let keys: Vec<crate::RowKey> = doomed_rows.iter().map(|r| r.key.clone()).collect();
+    for batch in keys.chunks(PRUNE_BATCH) {
+        backend.delete_rows(batch).await?;
+        for _ in batch {
+            step(&mut progress);
+        }
     }
     for b in orphan_blobs {
         backend.delete_blob(&b.id).await?;

@@ -224,6 +224,18 @@ pub trait OutputCache: Debug + Display + Send + Sync + 'static {
     /// Delete the row under `key` and the blobs its output references. Returns whether a row existed.
     async fn delete_row(&self, key: &RowKey) -> Result<bool>;
 
+    /// Delete the rows under `keys` with their blobs, as [`OutputCache::delete_row`] does for each; a
+    /// backend may do it in fewer commits (the janitor deletes in batches). Returns how many existed.
+    async fn delete_rows(&self, keys: &[RowKey]) -> Result<u64> {
+        let mut deleted = 0;
+        for key in keys {
+            if self.delete_row(key).await? {
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+
     /// Delete every row whose task type starts with `task_type_prefix` (all rows for `""`), with their
     /// blobs. Returns the number of rows deleted.
     async fn delete_prefix(&self, task_type_prefix: &str) -> Result<u64>;
