@@ -180,6 +180,16 @@ impl ObjectCache {
         rechunk(stream.boxed())
     }
 
+    /// The paths of every row object.
+    async fn all_row_paths(&self) -> Result<Vec<Path>> {
+        Ok(self
+            .row_objects(|_| true)
+            .await?
+            .into_iter()
+            .map(|m| m.location)
+            .collect())
+    }
+
     /// Fetch and decode the row objects at `paths` (up to 16 at once); vanished ones are skipped.
     async fn fetch_rows(&self, paths: Vec<Path>) -> Result<Vec<(Path, crate::layout::RowRecord)>> {
         Ok(self.scan_rows(paths).await?.0)
@@ -346,12 +356,7 @@ impl OutputCache for ObjectCache {
     }
 
     async fn list_rows(&self) -> Result<Vec<RowEntry>> {
-        let paths = self
-            .row_objects(|_| true)
-            .await?
-            .into_iter()
-            .map(|m| m.location)
-            .collect();
+        let paths = self.all_row_paths().await?;
         Ok(self
             .fetch_rows(paths)
             .await?
@@ -371,12 +376,7 @@ impl OutputCache for ObjectCache {
     }
 
     async fn list_corrupt(&self) -> Result<Vec<CorruptEntry>> {
-        let paths = self
-            .row_objects(|_| true)
-            .await?
-            .into_iter()
-            .map(|m| m.location)
-            .collect();
+        let paths = self.all_row_paths().await?;
         Ok(self.scan_rows(paths).await?.1)
     }
 

@@ -106,6 +106,14 @@ struct Writer {
 }
 
 impl Writer {
+    /// Start a write transaction (taking the write lock at once, so it never has to upgrade) whose
+    /// commit is `synchronous=FULL` if `full`, else `NORMAL`.
+    fn begin(&mut self, full: bool) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+        self.set_full_sync(full)?;
+        self.conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+    }
+
     fn set_full_sync(&mut self, full: bool) -> rusqlite::Result<()> {
         if self.full_sync != full {
             let level = if full { "FULL" } else { "NORMAL" };
@@ -259,12 +267,7 @@ impl SqliteCache {
         args: Vec<rusqlite::types::Value>,
     ) -> Result<u64> {
         self.write(move |this, w| {
-            w.set_full_sync(this.inner.durable)
-                .map_err(this.err("set synchronous"))?;
-            let tx = w
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(this.err("begin"))?;
+            let tx = w.begin(this.inner.durable).map_err(this.err("begin"))?;
             let refs: Vec<String> = {
                 let mut stmt = tx
                     .prepare(&format!("SELECT refs FROM rows WHERE {where_sql}"))
@@ -647,12 +650,7 @@ impl OutputCache for SqliteCache {
             let batch = batch.to_vec();
             deleted += self
                 .write(move |this, w| {
-                    w.set_full_sync(this.inner.durable)
-                        .map_err(this.err("set synchronous"))?;
-                    let tx = w
-                        .conn
-                        .transaction_with_behavior(TransactionBehavior::Immediate)
-                        .map_err(this.err("begin"))?;
+                    let tx = w.begin(this.inner.durable).map_err(this.err("begin"))?;
                     let mut deleted = 0;
                     for key in &batch {
                         let refs: Option<String> = tx
@@ -747,10 +745,7 @@ impl OutputCache for SqliteCache {
             return Ok(false);
         };
         self.write(move |this, w| {
-            let tx = w
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(this.err("begin"))?;
+            let tx = w.begin(this.inner.durable).map_err(this.err("begin"))?;
             let row = tx
                 .query_row(
                     "SELECT task_type, fingerprint, refs, json_valid(output) FROM rows WHERE rowid = ?1",
@@ -833,12 +828,7 @@ impl OutputCache for SqliteCache {
             .map_or(0, |d| d.as_millis() as i64);
         self.write(move |this, w| {
             // Access times are advisory: no fsync for them.
-            w.set_full_sync(false)
-                .map_err(this.err("set synchronous"))?;
-            let tx = w
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(this.err("begin"))?;
+            let tx = w.begin(false).map_err(this.err("begin"))?;
             {
                 let mut stmt = tx
                     .prepare_cached(
@@ -990,12 +980,7 @@ impl OutputCache for SqliteCache {
             return Ok(());
         };
         self.write(move |this, w| {
-            w.set_full_sync(this.inner.durable)
-                .map_err(this.err("set synchronous"))?;
-            let tx = w
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(this.err("begin"))?;
+            let tx = w.begin(this.inner.durable).map_err(this.err("begin"))?;
             delete_blob_in(&tx, &id).map_err(this.err(format!("delete blob {id}")))?;
             tx.commit().map_err(this.err(format!("delete blob {id}")))
         })
