@@ -27,12 +27,12 @@ use uuid::Uuid;
 use crate::blob::{BlobDigest, cascade_delete};
 use crate::error::{Error, Result};
 use crate::layout::{
-    RowRecord, blob_name, decode_row, decode_task_segment, encode_row, encode_task_segment,
-    segment_may_match,
+    RowRecord, blob_name, corrupt_kind, decode_row, decode_task_segment, encode_row,
+    encode_task_segment, segment_may_match,
 };
 use crate::store::{
-    BlobEntry, BlobMeta, BlobState, ByteRange, ByteStream, Capabilities, CorruptEntry,
-    MAX_READ_CHUNK, OutputCache, Row, RowEntry, Stats,
+    BlobEntry, BlobMeta, BlobStat, BlobState, ByteRange, ByteStream, Capabilities, CorruptEntry,
+    CorruptKind, MAX_READ_CHUNK, OutputCache, Row, RowEntry, Stats,
 };
 use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in};
 
@@ -108,6 +108,96 @@ fn sync_dir(path: &Path) -> io::Result<()> {
     }
 }
 
+/// **The link policy.** Below its root the cache never follows a symbolic link and never opens anything
+/// but a regular file or a real directory: anyone who can write into the cache directory could otherwise
+/// point a janitor run (often root's) at files outside it, or hang it on a FIFO. Every directory the cache
+/// works in is checked with `lstat` before use, every file is opened with `O_NOFOLLOW | O_NONBLOCK` and
+/// checked to be regular, and listings report anything else as foreign, never touching it. The root
+/// itself may be a link (it is the operator's choice).
+fn real_dir(path: &Path) -> io::Result<()> {
+    let meta = fs::symlink_metadata(path)?;
+    if meta.is_dir() {
+        Ok(())
+    } else {
+        Err(io::Error::other(if meta.file_type().is_symlink() {
+            "is a symbolic link where the cache expects its own directory (links are never followed)"
+        } else {
+            "is not a directory"
+        }))
+    }
+}
+
+/// Open `path` for reading (or writing, to set times) only if it is a regular file; `Ok(None)` if it
+/// does not exist. A link, FIFO, socket or device is an error, and opening one never blocks or follows.
+fn open_regular(path: &Path, write: bool) -> io::Result<Option<File>> {
+    let mut options = File::options();
+    options.read(!write).write(write);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc_flags::NOFOLLOW | libc_flags::NONBLOCK);
+    }
+    let file = match options.open(path) {
+        Ok(f) => f,
+        Err(e) if is_not_found(&e) => return Ok(None),
+        Err(e) => {
+            return Err(match fs::symlink_metadata(path) {
+                Ok(m) if !m.is_file() => not_regular(&m),
+                _ => e,
+            });
+        }
+    };
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(not_regular(&meta));
+    }
+    Ok(Some(file))
+}
+
+fn not_regular(meta: &fs::Metadata) -> io::Error {
+    io::Error::other(if meta.file_type().is_symlink() {
+        "is a symbolic link (links are never followed)"
+    } else {
+        "is not a regular file (a FIFO, socket, device or directory is never opened)"
+    })
+}
+
+/// Remove `path` if it is a regular file (never a link or anything else). Returns whether it existed.
+fn remove_regular(path: &Path) -> Result<bool> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_file() => remove_if_exists(path),
+        Ok(m) => Err(Error::io("remove", path, not_regular(&m))),
+        Err(e) if is_not_found(&e) => Ok(false),
+        Err(e) => Err(Error::io("remove", path, e)),
+    }
+}
+
+/// `open(2)` flags the standard library does not name (Linux and the BSDs agree on neither value, so
+/// they come from libc where it is a dependency).
+#[cfg(unix)]
+mod libc_flags {
+    #[cfg(target_os = "linux")]
+    pub(super) const NOFOLLOW: i32 = libc::O_NOFOLLOW;
+    #[cfg(target_os = "linux")]
+    pub(super) const NONBLOCK: i32 = libc::O_NONBLOCK;
+    #[cfg(not(target_os = "linux"))]
+    pub(super) const NOFOLLOW: i32 = 0x0100;
+    #[cfg(not(target_os = "linux"))]
+    pub(super) const NONBLOCK: i32 = 0x0004;
+}
+
+/// The SHA-256 a published blob's name records (`<name>.<sha256>.bin`), if it records one (names
+/// written before it did, and the TypeScript original's, do not).
+pub fn digest_in_name(reference: &str) -> Option<&str> {
+    let name = parse_ref_name(reference, REF_PREFIX, REF_SUFFIX)?;
+    let (_, digest) = name.rsplit_once('.')?;
+    (digest.len() == 64
+        && digest
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+    .then_some(digest)
+}
+
 /// Removes a temp file when dropped, unless disarmed after a successful rename.
 struct TempFile {
     path: Option<PathBuf>,
@@ -128,24 +218,30 @@ impl Drop for TempFile {
 }
 
 impl FsCache {
-    /// Open (creating if needed) a cache rooted at `root`.
+    /// Open a cache rooted at `root`, creating the root if it is missing. Opening an existing cache writes
+    /// nothing (a read-only mount or a restored CI cache can be read); its missing working directories
+    /// are created when possible, and a write to a cache that cannot be written fails naming the path.
     pub fn open(root: impl Into<PathBuf>, options: FsOptions) -> Result<Self> {
         let root = root.into();
-        for dir in [
-            root.clone(),
-            root.join("rows"),
-            root.join("blobs"),
-            root.join("tmp"),
-        ] {
-            fs::create_dir_all(&dir).map_err(|e| Error::io("create cache directory", &dir, e))?;
+        match fs::metadata(&root) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(Error::io(
+                    "open cache directory",
+                    &root,
+                    io::Error::other("is not a directory"),
+                ));
+            }
+            Err(e) if is_not_found(&e) => fs::create_dir_all(&root)
+                .map_err(|e| Error::io("create cache directory", &root, e))?,
+            Err(e) => return Err(Error::io("open cache directory", &root, e)),
         }
-        // Fail now, with the path, rather than on the first write.
-        let probe = root
-            .join("tmp")
-            .join(format!("probe-{}.tmp", Uuid::new_v4().simple()));
-        File::create(&probe)
-            .and_then(|_| fs::remove_file(&probe))
-            .map_err(|e| Error::io("write into cache directory", root.join("tmp"), e))?;
+        for dir in ["rows", "blobs", "tmp"].map(|d| root.join(d)) {
+            if matches!(fs::symlink_metadata(&dir), Err(e) if is_not_found(&e)) {
+                // Best effort: a read-only cache without it is simply empty there, and writes say why.
+                let _ = fs::create_dir(&dir);
+            }
+        }
         Ok(FsCache {
             root,
             durable: options.durable,
@@ -172,6 +268,29 @@ impl FsCache {
         Some(self.root.join("blobs").join(format!("{name}{REF_SUFFIX}")))
     }
 
+    /// `<root>/<name>` after checking it is a real directory (the link policy).
+    fn work_dir(&self, name: &str) -> Result<PathBuf> {
+        let dir = self.root.join(name);
+        real_dir(&dir).map_err(|e| Error::io("use cache directory", &dir, e))?;
+        Ok(dir)
+    }
+
+    /// The row file of `key` after checking `rows/` and its task-type directory are real directories;
+    /// `None` if the task-type directory does not exist (no such row).
+    fn checked_row_path(&self, key: &RowKey) -> Result<Option<PathBuf>> {
+        let path = self.row_path(key);
+        let dir = path.parent().unwrap_or(&self.root);
+        match real_dir(dir) {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {
+                self.work_dir("rows")?;
+                return Ok(None);
+            }
+            Err(e) => return Err(Error::io("use cache directory", dir, e)),
+        }
+        Ok(Some(path))
+    }
+
     fn temp_path(&self, kind: &str) -> PathBuf {
         self.root
             .join("tmp")
@@ -180,11 +299,13 @@ impl FsCache {
 
     /// Write `bytes` to `dest` atomically (temp file, fsync, rename, fsync dir).
     fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> Result<()> {
+        self.work_dir("tmp")?;
         let tmp = self.temp_path("row");
+        let mut file =
+            File::create_new(&tmp).map_err(|e| Error::io("create temp file", &tmp, e))?;
         let mut guard = TempFile {
             path: Some(tmp.clone()),
         };
-        let mut file = File::create(&tmp).map_err(|e| Error::io("create temp file", &tmp, e))?;
         // write_all loops on short writes.
         file.write_all(bytes)
             .map_err(|e| Error::io("write temp file", &tmp, e))?;
@@ -193,16 +314,26 @@ impl FsCache {
                 .map_err(|e| Error::io("fsync temp file", &tmp, e))?;
         }
         drop(file);
-        let dir = dest.parent().expect("row paths have a parent");
+        let dir = dest.parent().unwrap_or(&self.root);
+        let rows = self.work_dir("rows")?;
         let mut created_dir = false;
         for attempt in 0..3 {
-            match fs::rename(&tmp, dest) {
-                Ok(()) => break,
+            match real_dir(dir) {
+                Ok(()) => {}
                 // The task-type directory is new, or a concurrent prefix delete just removed it.
                 Err(e) if is_not_found(&e) && attempt < 2 => {
-                    fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
-                    created_dir = true;
+                    match fs::create_dir(dir) {
+                        Ok(()) => created_dir = true,
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                        Err(e) => return Err(Error::io("create directory", dir, e)),
+                    }
+                    continue;
                 }
+                Err(e) => return Err(Error::io("write row into", dir, e)),
+            }
+            match fs::rename(&tmp, dest) {
+                Ok(()) => break,
+                Err(e) if is_not_found(&e) && attempt < 2 => {}
                 Err(e) => return Err(Error::io("rename into place", dest, e)),
             }
         }
@@ -210,7 +341,6 @@ impl FsCache {
         if self.durable {
             sync_dir(dir).map_err(|e| Error::io("fsync directory", dir, e))?;
             if created_dir {
-                let rows = self.rows_dir();
                 sync_dir(&rows).map_err(|e| Error::io("fsync directory", &rows, e))?;
             }
         }
@@ -218,40 +348,84 @@ impl FsCache {
     }
 
     fn read_row(&self, path: &Path, task: &str, fp: &str) -> Result<Option<RowRecord>> {
-        match fs::read(path) {
-            Ok(bytes) => decode_row(&bytes, task, fp).map(Some),
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(Error::io("read row", path, e)),
+        match read_regular(path).map_err(|e| Error::io("read row", path, e))? {
+            Some(bytes) => decode_row(&bytes, task, fp).map(Some),
+            None => Ok(None),
         }
     }
 
-    /// Every task-type directory with the task type it holds (decoded, or read from a row for hashed names).
-    fn task_dirs(&self) -> Result<Vec<(PathBuf, Option<String>)>> {
+    /// A foreign entry (not a regular file or real directory where the cache expects one) at `path`.
+    fn foreign(&self, path: &Path, meta: Option<&fs::Metadata>) -> CorruptEntry {
+        let id = path.strip_prefix(&self.root).unwrap_or(path);
+        let what = match meta.map(fs::Metadata::file_type) {
+            Some(t) if t.is_symlink() => "a symbolic link",
+            Some(t) if t.is_dir() => "a directory",
+            Some(t) if t.is_file() => "a file",
+            _ => "not a regular file (FIFO, socket or device)",
+        };
+        CorruptEntry {
+            id: id.to_string_lossy().into_owned(),
+            reason: format!("{what} the cache did not write; never followed, opened or removed"),
+            size: 0,
+            kind: CorruptKind::Foreign,
+        }
+    }
+
+    /// Every task-type directory with the task type it holds (decoded, or read from a row for hashed
+    /// names). Anything in `rows/` that is not a real directory goes to `foreign`, and so does `rows/`
+    /// itself if it is a link.
+    fn task_dirs(&self, foreign: &mut Vec<CorruptEntry>) -> Result<Vec<(PathBuf, Option<String>)>> {
         let rows = self.rows_dir();
+        match real_dir(&rows) {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => return Ok(Vec::new()),
+            Err(_) => {
+                foreign.push(self.foreign(&rows, fs::symlink_metadata(&rows).ok().as_ref()));
+                return Ok(Vec::new());
+            }
+        }
         let mut out = Vec::new();
         for entry in read_dir(&rows)? {
-            let name = entry.file_name().to_string_lossy().into_owned();
             let path = entry.path();
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                foreign.push(self.foreign(&path, fs::symlink_metadata(&path).ok().as_ref()));
+                continue;
+            }
+            let name = entry.file_name().to_string_lossy().into_owned();
             let task = match decode_task_segment(&name) {
                 Some(t) => Some(t),
-                None => self.row_files(&path)?.into_iter().find_map(|p| {
-                    fs::read(&p)
-                        .ok()
-                        .and_then(|b| decode_row(&b, "?", "?").ok())
-                        .map(|r| r.key.task_type().to_owned())
-                }),
+                None => self
+                    .row_files(&path, &mut Vec::new())?
+                    .into_iter()
+                    .find_map(|p| {
+                        read_regular(&p)
+                            .ok()
+                            .flatten()
+                            .and_then(|b| decode_row(&b, "?", "?").ok())
+                            .map(|r| r.key.task_type().to_owned())
+                    }),
             };
             out.push((path, task));
         }
         Ok(out)
     }
 
-    fn row_files(&self, dir: &Path) -> Result<Vec<PathBuf>> {
-        Ok(read_dir(dir)?
-            .into_iter()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .collect())
+    /// The row files (regular `*.json` files) in a task-type directory; entries that are not regular
+    /// files go to `foreign`.
+    fn row_files(&self, dir: &Path, foreign: &mut Vec<CorruptEntry>) -> Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for entry in read_dir(dir)? {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(t) if t.is_file() => {
+                    if path.extension().is_some_and(|x| x == "json") {
+                        out.push(path);
+                    }
+                }
+                _ => foreign.push(self.foreign(&path, fs::symlink_metadata(&path).ok().as_ref())),
+            }
+        }
+        Ok(out)
     }
 
     /// Remove rows for which `pick` holds, in the task-type directories `dir_may_match` admits (given
@@ -260,19 +434,20 @@ impl FsCache {
         &self,
         dir_may_match: impl Fn(Option<&str>) -> bool,
         pick: impl Fn(&RowRecord) -> bool,
-    ) -> Result<Vec<Value>> {
+    ) -> Result<Vec<(RowKey, Value)>> {
         let mut outputs = Vec::new();
-        for (dir, task) in self.task_dirs()? {
+        let mut foreign = Vec::new();
+        for (dir, task) in self.task_dirs(&mut foreign)? {
             if !dir_may_match(task.as_deref()) {
                 continue;
             }
-            for path in self.row_files(&dir)? {
+            for path in self.row_files(&dir, &mut foreign)? {
                 let Ok(Some(row)) = self.read_row(&path, "?", "?") else {
                     continue; // vanished meanwhile, or corrupt: left for the janitor to report
                 };
                 if pick(&row) {
-                    remove_if_exists(&path)?;
-                    outputs.push(row.output);
+                    remove_regular(&path)?;
+                    outputs.push((row.key, row.output));
                 }
             }
             let _ = fs::remove_dir(&dir); // only succeeds when empty
@@ -280,12 +455,22 @@ impl FsCache {
         Ok(outputs)
     }
 
-    async fn cascade(&self, outputs: Vec<Value>) -> Result<u64> {
-        for output in &outputs {
-            cascade_delete(self, output).await?;
+    async fn cascade(&self, outputs: Vec<(RowKey, Value)>) -> Result<u64> {
+        for (key, output) in &outputs {
+            cascade_delete(self, key, output).await?;
         }
         Ok(outputs.len() as u64)
     }
+}
+
+/// The bytes of the regular file at `path`, or `None` if it does not exist (the link policy applies).
+fn read_regular(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    let Some(mut file) = open_regular(path, false)? else {
+        return Ok(None);
+    };
+    let mut bytes = Vec::with_capacity(file.metadata().map_or(0, |m| m.len() as usize + 1));
+    file.read_to_end(&mut bytes)?;
+    Ok(Some(bytes))
 }
 
 fn read_dir(dir: &Path) -> Result<Vec<fs::DirEntry>> {
@@ -395,7 +580,9 @@ impl OutputCache for FsCache {
         let this = self.clone();
         let key = key.clone();
         blocking(move || {
-            let path = this.row_path(&key);
+            let Some(path) = this.checked_row_path(&key)? else {
+                return Ok(None);
+            };
             let Some(row) = this.read_row(&path, key.task_type(), key.fingerprint())? else {
                 return Ok(None);
             };
@@ -416,21 +603,24 @@ impl OutputCache for FsCache {
 
     async fn delete_row(&self, key: &RowKey) -> Result<bool> {
         let this = self.clone();
-        let key = key.clone();
+        let owned_key = key.clone();
         let removed = blocking(move || {
-            let path = this.row_path(&key);
+            let key = owned_key;
+            let Some(path) = this.checked_row_path(&key)? else {
+                return Ok(None);
+            };
             let output = match this.read_row(&path, key.task_type(), key.fingerprint()) {
                 Ok(row) => row.map(|r| r.output),
                 Err(Error::CorruptRow { .. }) => None,
                 Err(e) => return Err(e),
             };
-            Ok(remove_if_exists(&path)?.then_some(output))
+            Ok(remove_regular(&path)?.then_some(output))
         })
         .await?;
         match removed {
             Some(output) => {
                 if let Some(output) = output {
-                    cascade_delete(self, &output).await?;
+                    cascade_delete(self, key, &output).await?;
                 }
                 Ok(true)
             }
@@ -462,14 +652,9 @@ impl OutputCache for FsCache {
         let this = self.clone();
         blocking(move || {
             let mut stats = Stats::default();
-            for (dir, _) in this.task_dirs()? {
-                for path in this.row_files(&dir)? {
-                    if let Ok(meta) = fs::metadata(&path) {
-                        stats.rows += 1;
-                        stats.row_bytes += meta.len();
-                    }
-                }
-            }
+            let (rows, _) = this.scan_rows()?;
+            stats.rows = rows.len() as u64;
+            stats.row_bytes = rows.iter().map(|r| r.size).sum();
             for entry in this.list_blob_files()? {
                 match entry.state {
                     BlobState::Published => {
@@ -477,6 +662,7 @@ impl OutputCache for FsCache {
                         stats.blob_bytes += entry.size;
                     }
                     BlobState::Temp => stats.temps += 1,
+                    BlobState::Foreign => {}
                 }
             }
             Ok(stats)
@@ -512,16 +698,21 @@ impl OutputCache for FsCache {
             return Ok(false);
         }
         let path = self.root.join(id);
+        let this = self.clone();
         blocking(move || {
-            let bytes = match fs::read(&path) {
-                Ok(b) => b,
-                Err(e) if is_not_found(&e) => return Ok(false),
-                Err(e) => return Err(Error::io("read row", &path, e)),
-            };
-            if decode_row(&bytes, "?", "?").is_ok() {
-                return Ok(false); // rewritten since it was listed: keep it
+            let dir = path.parent().unwrap_or(&this.root);
+            if this.work_dir("rows").is_err() || real_dir(dir).is_err() {
+                return Ok(false); // behind a link, or gone: never followed
             }
-            remove_if_exists(&path)
+            let bytes = match read_regular(&path) {
+                Ok(Some(b)) => b,
+                Ok(None) | Err(_) => return Ok(false), // gone, or not a regular file: never touched
+            };
+            if decode_row(&bytes, "?", "?").is_ok() || corrupt_kind(&bytes) != CorruptKind::Garbled
+            {
+                return Ok(false); // rewritten since it was listed, or a newer version's: keep it
+            }
+            remove_regular(&path)
         })
         .await
     }
@@ -542,19 +733,24 @@ impl OutputCache for FsCache {
         if !ok {
             return Ok(false);
         }
-        let path = self.root.join("tmp").join(id);
-        blocking(move || remove_if_exists(&path)).await
+        let this = self.clone();
+        let id = id.to_owned();
+        blocking(move || remove_regular(&this.work_dir("tmp")?.join(id))).await
     }
 
     async fn touch_rows(&self, keys: &[RowKey], at: SystemTime) -> Result<()> {
         // The access time is the row file's mtime: one metadata update per row, no data written.
-        let paths: Vec<PathBuf> = keys.iter().map(|k| self.row_path(k)).collect();
+        let this = self.clone();
+        let keys = keys.to_vec();
         blocking(move || {
-            for path in paths {
-                let file = match File::options().write(true).open(&path) {
-                    Ok(f) => f,
-                    Err(e) if is_not_found(&e) => continue,
-                    Err(e) => return Err(Error::io("open row", &path, e)),
+            for key in keys {
+                let Some(path) = this.checked_row_path(&key)? else {
+                    continue;
+                };
+                let Some(file) =
+                    open_regular(&path, true).map_err(|e| Error::io("open row", &path, e))?
+                else {
+                    continue;
                 };
                 let newer = file
                     .metadata()
@@ -572,12 +768,12 @@ impl OutputCache for FsCache {
 
     async fn write_blob(&self, meta: &BlobMeta, mut data: ByteStream) -> Result<CacheRef> {
         let name = blob_name(meta);
-        let reference = format!("{REF_PREFIX}{name}{REF_SUFFIX}");
-        let dest = self.root.join("blobs").join(format!("{name}{REF_SUFFIX}"));
         let tmp = self.temp_path("blob");
 
         let tmp_for_create = tmp.clone();
+        let this = self.clone();
         let file = blocking(move || {
+            this.work_dir("tmp")?;
             File::create_new(&tmp_for_create)
                 .map_err(|e| Error::io("create temp file", &tmp_for_create, e))
         })
@@ -645,9 +841,15 @@ impl OutputCache for FsCache {
         }
         let file = file?;
 
+        // The published name is chosen now that the bytes are hashed: it records their SHA-256, so even a
+        // bare ref string can be verified.
+        let digest_hex = digest.clone().sha256_hex();
+        let file_name = format!("{name}.{digest_hex}{REF_SUFFIX}");
+        let reference = format!("{REF_PREFIX}{file_name}");
         let tmp_for_publish = tmp.clone();
-        let dest_for_publish = dest.clone();
+        let this = self.clone();
         blocking(move || {
+            let dest_for_publish = this.work_dir("blobs")?.join(file_name);
             if durable {
                 file.sync_all()
                     .map_err(|e| Error::io("fsync temp file", &tmp_for_publish, e))?;
@@ -670,10 +872,33 @@ impl OutputCache for FsCache {
         let Some(path) = self.blob_path(reference) else {
             return Ok(None);
         };
-        blocking(move || match fs::read(&path) {
-            Ok(bytes) => Ok(Some(Bytes::from(bytes))),
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(Error::io("read blob", &path, e)),
+        let this = self.clone();
+        blocking(move || {
+            this.work_dir("blobs")?;
+            Ok(read_regular(&path)
+                .map_err(|e| Error::io("read blob", &path, e))?
+                .map(Bytes::from))
+        })
+        .await
+    }
+
+    async fn stat_blob(&self, reference: &str) -> Result<Option<BlobStat>> {
+        let Some(path) = self.blob_path(reference) else {
+            return Ok(None);
+        };
+        let sha256 = digest_in_name(reference).map(str::to_owned);
+        let this = self.clone();
+        blocking(move || {
+            this.work_dir("blobs")?;
+            match fs::symlink_metadata(&path) {
+                Ok(m) if m.is_file() => Ok(Some(BlobStat {
+                    size: m.len(),
+                    sha256,
+                })),
+                Ok(_) => Ok(None), // not a blob the cache wrote: never resolves
+                Err(e) if is_not_found(&e) => Ok(None),
+                Err(e) => Err(Error::io("stat blob", &path, e)),
+            }
         })
         .await
     }
@@ -694,7 +919,21 @@ impl OutputCache for FsCache {
         let Some(path) = self.blob_path(reference) else {
             return Ok(());
         };
-        blocking(move || remove_if_exists(&path).map(|_| ())).await
+        let this = self.clone();
+        blocking(move || {
+            this.work_dir("blobs")?;
+            match remove_regular(&path) {
+                Ok(_) => Ok(()),
+                // Something the cache did not write sits under a blob's name: leave it alone.
+                Err(Error::Io { .. })
+                    if fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) =>
+                {
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        })
+        .await
     }
 }
 
@@ -709,10 +948,12 @@ impl FsCache {
             return Ok(None);
         };
         let (path_for_open, reference) = (path.clone(), reference.to_owned());
+        let this = self.clone();
         let opened = blocking(move || {
-            let mut file = match File::open(&path_for_open) {
-                Ok(f) => f,
-                Err(e) if is_not_found(&e) => return Ok(None),
+            this.work_dir("blobs")?;
+            let mut file = match open_regular(&path_for_open, false) {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(None),
                 Err(e) => return Err(Error::io("open blob", &path_for_open, e)),
             };
             let span = match range {
@@ -754,20 +995,30 @@ impl FsCache {
     /// Every row file, decoded into a listing entry or, if it cannot be, into a corrupt entry.
     fn scan_rows(&self) -> Result<(Vec<RowEntry>, Vec<CorruptEntry>)> {
         let (mut rows, mut corrupt) = (Vec::new(), Vec::new());
-        for (dir, task) in self.task_dirs()? {
+        for (dir, task) in self.task_dirs(&mut corrupt)? {
             let task = task.unwrap_or_else(|| "?".into());
-            for path in self.row_files(&dir)? {
+            for path in self.row_files(&dir, &mut corrupt)? {
                 let fp = path.file_stem().map(|s| s.to_string_lossy().into_owned());
                 let row = match self.read_row(&path, &task, fp.as_deref().unwrap_or("?")) {
                     Ok(Some(row)) => row,
                     Ok(None) => continue, // removed meanwhile
                     Err(Error::CorruptRow { reason, .. }) => {
                         let id = path.strip_prefix(&self.root).unwrap_or(&path);
+                        let bytes = read_regular(&path).ok().flatten().unwrap_or_default();
                         corrupt.push(CorruptEntry {
                             id: id.to_string_lossy().into_owned(),
                             reason,
-                            size: fs::metadata(&path).map_or(0, |m| m.len()),
+                            size: bytes.len() as u64,
+                            kind: corrupt_kind(&bytes),
                         });
+                        continue;
+                    }
+                    // Replaced by something that is not a regular file since the listing.
+                    Err(Error::Io { .. })
+                        if fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) =>
+                    {
+                        corrupt
+                            .push(self.foreign(&path, fs::symlink_metadata(&path).ok().as_ref()));
                         continue;
                     }
                     Err(e) => return Err(e),
@@ -781,22 +1032,48 @@ impl FsCache {
                     created_at: row.created_at,
                     size: row.size,
                     // The row file's mtime: set at commit, moved forward by touch_rows.
-                    last_access: fs::metadata(&path).and_then(|m| m.modified()).ok(),
+                    last_access: fs::symlink_metadata(&path).and_then(|m| m.modified()).ok(),
                 });
             }
         }
         Ok((rows, corrupt))
     }
 
+    /// Published blobs and temps; anything else in `blobs/` and `tmp/` (links, FIFOs, directories, or
+    /// the directories themselves if they are links) is listed as [`BlobState::Foreign`].
     fn list_blob_files(&self) -> Result<Vec<BlobEntry>> {
         let mut out = Vec::new();
+        let foreign = |path: &Path, meta: Option<&fs::Metadata>| BlobEntry {
+            id: path
+                .strip_prefix(&self.root)
+                .unwrap_or(path)
+                .to_string_lossy()
+                .into_owned(),
+            state: BlobState::Foreign,
+            size: meta.map_or(0, fs::Metadata::len),
+            modified: meta.map_or(UNIX_EPOCH, modified),
+        };
         for (dir, state) in [("blobs", BlobState::Published), ("tmp", BlobState::Temp)] {
-            for entry in read_dir(&self.root.join(dir))? {
+            let dir = self.root.join(dir);
+            match real_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => continue,
+                Err(_) => {
+                    out.push(foreign(&dir, fs::symlink_metadata(&dir).ok().as_ref()));
+                    continue;
+                }
+            }
+            for entry in read_dir(&dir)? {
+                // DirEntry::metadata does not follow links.
                 let Ok(meta) = entry.metadata() else { continue };
+                if !meta.is_file() {
+                    out.push(foreign(&entry.path(), Some(&meta)));
+                    continue;
+                }
                 let name = entry.file_name().to_string_lossy().into_owned();
                 let id = match state {
                     BlobState::Published => format!("{REF_PREFIX}{name}"),
-                    BlobState::Temp => name,
+                    _ => name,
                 };
                 if state == BlobState::Published
                     && parse_ref_name(&id, REF_PREFIX, REF_SUFFIX).is_none()

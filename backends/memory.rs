@@ -9,13 +9,12 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use serde_json::Value;
-use uuid::Uuid;
 
 use crate::blob::{BlobDigest, cascade_delete, chunked};
 use crate::error::Result;
 use crate::store::{
-    BlobEntry, BlobMeta, BlobState, ByteRange, ByteStream, Capabilities, CorruptEntry, OutputCache,
-    Row, RowEntry, Stats,
+    BlobEntry, BlobMeta, BlobStat, BlobState, ByteRange, ByteStream, Capabilities, CorruptEntry,
+    OutputCache, Row, RowEntry, Stats,
 };
 use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in};
 
@@ -32,6 +31,7 @@ struct StoredRow {
 #[derive(Debug)]
 struct StoredBlob {
     bytes: Bytes,
+    sha256: String,
     modified: SystemTime,
 }
 
@@ -61,7 +61,7 @@ impl MemoryCache {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn remove_rows(&self, pick: impl Fn(&RowKey, &StoredRow) -> bool) -> Vec<Value> {
+    fn remove_rows(&self, pick: impl Fn(&RowKey, &StoredRow) -> bool) -> Vec<(RowKey, Value)> {
         let mut state = self.lock();
         let doomed: Vec<RowKey> = state
             .rows
@@ -71,13 +71,13 @@ impl MemoryCache {
             .collect();
         doomed
             .iter()
-            .filter_map(|k| state.rows.remove(k).map(|r| r.output))
+            .filter_map(|k| state.rows.remove(k).map(|r| (k.clone(), r.output)))
             .collect()
     }
 
-    async fn cascade(&self, outputs: Vec<Value>) -> Result<u64> {
-        for output in &outputs {
-            cascade_delete(self, output).await?;
+    async fn cascade(&self, outputs: Vec<(RowKey, Value)>) -> Result<u64> {
+        for (key, output) in &outputs {
+            cascade_delete(self, key, output).await?;
         }
         Ok(outputs.len() as u64)
     }
@@ -130,7 +130,10 @@ impl OutputCache for MemoryCache {
     async fn delete_row(&self, key: &RowKey) -> Result<bool> {
         let removed = self.lock().rows.remove(key);
         match removed {
-            Some(row) => self.cascade(vec![row.output]).await.map(|_| true),
+            Some(row) => self
+                .cascade(vec![(key.clone(), row.output)])
+                .await
+                .map(|_| true),
             None => Ok(false),
         }
     }
@@ -220,7 +223,7 @@ impl OutputCache for MemoryCache {
     }
 
     async fn write_blob(&self, meta: &BlobMeta, mut data: ByteStream) -> Result<CacheRef> {
-        let name = Uuid::new_v4().simple().to_string();
+        let name = crate::layout::blob_name(meta);
         self.lock()
             .temps
             .insert(name.clone(), (0, SystemTime::now()));
@@ -238,12 +241,24 @@ impl OutputCache for MemoryCache {
                 *t = (buf.len() as u64, SystemTime::now());
             }
         }
+        let cache_ref = digest.into_ref(format!("{REF_PREFIX}{name}"), meta);
         let blob = StoredBlob {
             bytes: buf.freeze(),
+            sha256: cache_ref.sha256.clone().unwrap_or_default(),
             modified: SystemTime::now(),
         };
         self.lock().blobs.insert(name.clone(), blob);
-        Ok(digest.into_ref(format!("{REF_PREFIX}{name}"), meta))
+        Ok(cache_ref)
+    }
+
+    async fn stat_blob(&self, reference: &str) -> Result<Option<BlobStat>> {
+        let Some(name) = parse_ref_name(reference, REF_PREFIX, "") else {
+            return Ok(None);
+        };
+        Ok(self.lock().blobs.get(name).map(|b| BlobStat {
+            size: b.bytes.len() as u64,
+            sha256: Some(b.sha256.clone()),
+        }))
     }
 
     async fn read_blob(&self, reference: &str) -> Result<Option<Bytes>> {

@@ -27,11 +27,12 @@ use serde_json::Value;
 use crate::blob::{BlobDigest, cascade_delete};
 use crate::error::{Error, Result};
 use crate::layout::{
-    blob_name, decode_row, decode_task_segment, encode_row, encode_task_segment, segment_may_match,
+    blob_name, corrupt_kind, decode_row, decode_task_segment, encode_row, encode_task_segment,
+    segment_may_match,
 };
 use crate::store::{
-    BlobEntry, BlobMeta, BlobState, ByteRange, ByteStream, Capabilities, CorruptEntry, OutputCache,
-    Row, RowEntry, Stats,
+    BlobEntry, BlobMeta, BlobStat, BlobState, ByteRange, ByteStream, Capabilities, CorruptEntry,
+    CorruptKind, OutputCache, Row, RowEntry, Stats,
 };
 use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in};
 
@@ -223,6 +224,7 @@ impl ObjectCache {
                         other => other.to_string(),
                     },
                     size: bytes.len() as u64,
+                    kind: corrupt_kind(&bytes),
                 });
                 Ok::<_, Error>(Some((path, decoded)))
             })
@@ -249,7 +251,7 @@ impl ObjectCache {
         for (path, record) in self.fetch_rows(candidates).await? {
             if pick(&record) {
                 self.delete_path(&path).await?;
-                cascade_delete(self, &record.output).await?;
+                cascade_delete(self, &record.key, &record.output).await?;
                 removed += 1;
             }
         }
@@ -316,7 +318,7 @@ impl OutputCache for ObjectCache {
         };
         self.delete_path(&path).await?;
         if let Ok(record) = decode_row(&bytes, key.task_type(), key.fingerprint()) {
-            cascade_delete(self, &record.output).await?;
+            cascade_delete(self, key, &record.output).await?;
         }
         Ok(true)
     }
@@ -391,8 +393,8 @@ impl OutputCache for ObjectCache {
         let Some(bytes) = self.fetch(&path).await? else {
             return Ok(false);
         };
-        if decode_row(&bytes, "?", "?").is_ok() {
-            return Ok(false); // rewritten since it was listed: keep it
+        if decode_row(&bytes, "?", "?").is_ok() || corrupt_kind(&bytes) != CorruptKind::Garbled {
+            return Ok(false); // rewritten since it was listed, or a newer version's: keep it
         }
         self.delete_path(&path).await?;
         Ok(true)
@@ -493,6 +495,20 @@ impl OutputCache for ObjectCache {
             .await
             .map_err(self.err(format!("complete upload of blob {name}")))?;
         Ok(digest.into_ref(format!("{REF_PREFIX}{name}"), meta))
+    }
+
+    async fn stat_blob(&self, reference: &str) -> Result<Option<BlobStat>> {
+        let Some(path) = self.blob_path(reference) else {
+            return Ok(None);
+        };
+        match self.store.head(&path).await {
+            Ok(meta) => Ok(Some(BlobStat {
+                size: meta.size,
+                sha256: None,
+            })),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(self.err(format!("stat {path}"))(e)),
+        }
     }
 
     async fn read_blob(&self, reference: &str) -> Result<Option<Bytes>> {

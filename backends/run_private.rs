@@ -25,10 +25,10 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::store::{
-    BlobEntry, BlobMeta, ByteRange, ByteStream, Capabilities, CorruptEntry, OutputCache, Row,
-    RowEntry, Stats,
+    BlobEntry, BlobMeta, BlobStat, ByteRange, ByteStream, Capabilities, CorruptEntry, OutputCache,
+    Row, RowEntry, RowVersion, Stats,
 };
-use crate::wire::{CacheRef, MAX_TASK_TYPE_LEN, RowKey, refs_in, sha256_hex};
+use crate::wire::{CacheRef, MAX_TASK_TYPE_LEN, RowKey, owned_refs, refs_in, sha256_hex};
 
 /// Longest run id accepted, in bytes.
 pub const MAX_RUN_ID_LEN: usize = 200;
@@ -96,11 +96,19 @@ impl RunPrivate {
         &self.inner
     }
 
-    /// Remove exactly this run's rows and blobs (one prefix delete on the backing store, which cascades
-    /// through the markers to every blob the run wrote). Safe to call twice or on a run that wrote nothing.
-    /// Returns the number of backing rows removed (rows and markers).
+    /// Remove exactly this run's rows and blobs: one prefix delete on the backing store (rows and
+    /// markers), then every blob a marker named, i.e. every blob the run wrote. Blobs of the shared tier
+    /// that the run's rows cite are not the run's and stay. Safe to call twice or on a run that wrote
+    /// nothing. Returns the number of backing rows removed (rows and markers).
     pub async fn clear_run(&self) -> Result<u64> {
-        self.inner.delete_prefix(&self.namespace).await
+        let written = self.owned_refs().await?;
+        let removed = self.inner.delete_prefix(&self.namespace).await?;
+        if self.inner.capabilities().ref_delete {
+            for reference in written {
+                self.inner.delete_blob(&reference).await?;
+            }
+        }
+        Ok(removed)
     }
 
     fn inner_key(&self, key: &RowKey) -> Result<RowKey> {
@@ -149,11 +157,12 @@ impl RunPrivate {
     }
 
     /// Drop the markers of the refs in `output` (after the row that held them was deleted).
-    async fn forget_refs(&self, output: &Value) -> Result<()> {
-        for r in refs_in(output) {
-            self.inner
-                .delete_row(&self.marker_key(&r.reference))
-                .await?;
+    /// Drop the markers of the blobs the deleted row `inner` owned (the backing store's cascade deleted
+    /// those blobs); refs it only cited keep their markers, since their owners still hold them.
+    async fn forget_refs(&self, inner: &RowKey, output: &Value) -> Result<()> {
+        let refs = refs_in(output);
+        for r in owned_refs(inner, refs.iter().map(|r| r.reference.as_str())) {
+            self.inner.delete_row(&self.marker_key(&r)).await?;
         }
         Ok(())
     }
@@ -164,6 +173,11 @@ impl RunPrivate {
 impl OutputCache for RunPrivate {
     fn capabilities(&self) -> Capabilities {
         self.inner.capabilities()
+    }
+
+    fn owns_ref(&self, key: &RowKey, reference: &str) -> bool {
+        self.inner_key(key)
+            .is_ok_and(|inner| self.inner.owns_ref(&inner, reference))
     }
 
     async fn save_row(&self, key: &RowKey, output: &Value) -> Result<()> {
@@ -179,7 +193,7 @@ impl OutputCache for RunPrivate {
         let output = self.inner.get_row(&inner).await?.map(|r| r.output);
         let existed = self.inner.delete_row(&inner).await?;
         if let Some(output) = output {
-            self.forget_refs(&output).await?;
+            self.forget_refs(&inner, &output).await?;
         }
         Ok(existed)
     }
@@ -191,6 +205,31 @@ impl OutputCache for RunPrivate {
             if self.delete_row(key).await? {
                 deleted += 1;
             }
+        }
+        Ok(deleted)
+    }
+
+    async fn delete_rows_listed(&self, rows: &[RowVersion]) -> Result<Vec<RowKey>> {
+        // One by one: each row's blob markers are dropped with it, and only if it was deleted.
+        let mut deleted = Vec::new();
+        for listed in rows {
+            let inner = self.inner_key(&listed.key)?;
+            let output = match self.inner.get_row(&inner).await {
+                Ok(row) => row.map(|r| r.output),
+                Err(Error::CorruptRow { .. }) => None,
+                Err(e) => return Err(e),
+            };
+            let version = RowVersion {
+                key: inner.clone(),
+                created_at: listed.created_at,
+            };
+            if self.inner.delete_rows_listed(&[version]).await?.is_empty() {
+                continue;
+            }
+            if let Some(output) = output {
+                self.forget_refs(&inner, &output).await?;
+            }
+            deleted.push(listed.key.clone());
         }
         Ok(deleted)
     }
@@ -290,6 +329,13 @@ impl OutputCache for RunPrivate {
             return Err(e);
         }
         Ok(written)
+    }
+
+    async fn stat_blob(&self, reference: &str) -> Result<Option<BlobStat>> {
+        if !self.owns(reference).await? {
+            return Ok(None);
+        }
+        self.inner.stat_blob(reference).await
     }
 
     async fn read_blob(&self, reference: &str) -> Result<Option<Bytes>> {

@@ -23,18 +23,20 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use serde_json::Value;
-use uuid::Uuid;
 
 use crate::blob::BlobDigest;
 use crate::error::{Error, Result};
+use crate::layout::millis;
 use crate::store::{
-    BlobEntry, BlobMeta, BlobState, ByteRange, ByteStream, Capabilities, CorruptEntry, OutputCache,
-    Row, RowEntry, Stats,
+    BlobEntry, BlobMeta, BlobStat, BlobState, ByteRange, ByteStream, Capabilities, CorruptEntry,
+    OutputCache, Row, RowEntry, RowVersion, Stats,
 };
 use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in};
 
 /// Prefix of every ref this backend hands out.
 pub const REF_PREFIX: &str = "sqlite://blobs/";
+/// Most a whole-blob read reserves up front from the manifest's size (it grows past it as chunks come).
+const READ_RESERVE_LIMIT: i64 = 64 << 20;
 /// Bytes per chunk row.
 pub const CHUNK_SIZE: usize = 256 * 1024;
 /// `PRAGMA application_id` of an outcache database ("outc").
@@ -268,20 +270,26 @@ impl SqliteCache {
     ) -> Result<u64> {
         self.write(move |this, w| {
             let tx = w.begin(this.inner.durable).map_err(this.err("begin"))?;
+            // The blobs the deleted rows own (the ownership rule): refs they only cite stay.
             let refs: Vec<String> = {
                 let mut stmt = tx
-                    .prepare(&format!("SELECT refs FROM rows WHERE {where_sql}"))
+                    .prepare(&format!(
+                        "SELECT task_type, fingerprint, refs FROM rows WHERE {where_sql}"
+                    ))
                     .map_err(this.err("select rows to delete"))?;
-                let lists = stmt
+                let rows = stmt
                     .query_map(rusqlite::params_from_iter(args.iter()), |r| {
-                        r.get::<_, String>(0)
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                        ))
                     })
                     .map_err(this.err("select rows to delete"))?
-                    .collect::<rusqlite::Result<Vec<String>>>()
+                    .collect::<rusqlite::Result<Vec<_>>>()
                     .map_err(this.err("select rows to delete"))?;
-                lists
-                    .iter()
-                    .flat_map(|l| serde_json::from_str::<Vec<String>>(l).unwrap_or_default())
+                rows.iter()
+                    .flat_map(|(task, fp, refs)| owned_in_column(task, fp, refs))
                     .collect()
             };
             let n = tx
@@ -496,6 +504,7 @@ fn scan_rows(cache: &SqliteCache, conn: &Connection) -> Result<(Vec<RowEntry>, V
                 id: rowid.to_string(),
                 reason,
                 size: size.max(0) as u64,
+                kind: crate::store::CorruptKind::Garbled,
             });
             continue;
         }
@@ -508,6 +517,15 @@ fn scan_rows(cache: &SqliteCache, conn: &Connection) -> Result<(Vec<RowEntry>, V
         });
     }
     Ok((rows_out, corrupt))
+}
+
+/// The refs in a row's `refs` column that the row `(task, fp)` owns (see [`crate::wire::ref_owned_by`]).
+fn owned_in_column(task: &str, fp: &str, refs: &str) -> Vec<String> {
+    let Ok(key) = RowKey::from_parts(task, fp) else {
+        return Vec::new();
+    };
+    let refs = serde_json::from_str::<Vec<String>>(refs).unwrap_or_default();
+    crate::wire::owned_refs(&key, refs.iter().map(String::as_str))
 }
 
 fn delete_blob_in(conn: &Connection, id: &str) -> rusqlite::Result<()> {
@@ -643,39 +661,17 @@ impl OutputCache for SqliteCache {
     }
 
     async fn delete_rows(&self, keys: &[RowKey]) -> Result<u64> {
-        let mut deleted = 0;
-        // A few hundred rows per transaction: one fsync for the batch, and the write lock is never held
-        // for long.
-        for batch in keys.chunks(DELETE_BATCH) {
-            let batch = batch.to_vec();
-            deleted += self
-                .write(move |this, w| {
-                    let tx = w.begin(this.inner.durable).map_err(this.err("begin"))?;
-                    let mut deleted = 0;
-                    for key in &batch {
-                        let refs: Option<String> = tx
-                            .prepare_cached(
-                                "DELETE FROM rows WHERE task_type = ?1 AND fingerprint = ?2 RETURNING refs",
-                            )
-                            .and_then(|mut stmt| {
-                                stmt.query_row(params![key.task_type(), key.fingerprint()], |r| r.get(0))
-                                    .optional()
-                            })
-                            .map_err(this.err(format!("delete row {key}")))?;
-                        let Some(refs) = refs else { continue };
-                        deleted += 1;
-                        for r in serde_json::from_str::<Vec<String>>(&refs).unwrap_or_default() {
-                            if let Some(id) = parse_ref_name(&r, REF_PREFIX, "") {
-                                delete_blob_in(&tx, id).map_err(this.err(format!("delete blob {r}")))?;
-                            }
-                        }
-                    }
-                    tx.commit().map_err(this.err("commit delete"))?;
-                    Ok(deleted)
-                })
-                .await?;
-        }
-        Ok(deleted)
+        let rows = keys.iter().map(|k| (k.clone(), None)).collect();
+        Ok(self.delete_batches(rows).await?.len() as u64)
+    }
+
+    async fn delete_rows_listed(&self, rows: &[RowVersion]) -> Result<Vec<RowKey>> {
+        // The version check and the delete are one statement, in one transaction per batch.
+        let rows = rows
+            .iter()
+            .map(|r| (r.key.clone(), Some(millis(r.created_at) as i64)))
+            .collect();
+        self.delete_batches(rows).await
     }
 
     async fn delete_prefix(&self, task_type_prefix: &str) -> Result<u64> {
@@ -847,7 +843,7 @@ impl OutputCache for SqliteCache {
     }
 
     async fn write_blob(&self, meta: &BlobMeta, mut data: ByteStream) -> Result<CacheRef> {
-        let id = Uuid::new_v4().simple().to_string();
+        let id = crate::layout::blob_name(meta);
         let mut guard = ChunkGuard {
             cache: self.clone(),
             id: id.clone(),
@@ -916,14 +912,38 @@ impl OutputCache for SqliteCache {
         let published = self
             .write(move |this, w| {
                 // FULL here also makes every chunk committed before it durable (WAL order).
-                w.set_full_sync(this.inner.durable).map_err(this.err("set synchronous"))?;
-                w.conn
-                    .execute(
-                        "INSERT INTO blobs (id, size, sha256, mime, port, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                        params![manifest_id, size, sha, mime, port, now_ms()],
+                let tx = w.begin(this.inner.durable).map_err(this.err("begin"))?;
+                // The manifest says the blob is whole, so check it is, in the same transaction: a
+                // producer that stalled past the janitor's grace may have had its chunks swept as a
+                // temp. Then the write fails and nothing is published (DESIGN §7 invariant 14).
+                let (count, first, last, total): (i64, Option<i64>, Option<i64>, i64) = tx
+                    .query_row(
+                        "SELECT count(*), min(seq), max(seq), coalesce(sum(length(bytes)), 0)
+                         FROM chunks WHERE blob_id = ?1",
+                        [&manifest_id],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
                     )
-                    .map_err(this.err(format!("publish blob {manifest_id}")))?;
-                Ok(())
+                    .map_err(this.err(format!("check blob {manifest_id}")))?;
+                let whole = total == size
+                    && first.is_none_or(|f| f == 0)
+                    && last.map_or(0, |l| l + 1) == count;
+                if !whole {
+                    return Err(Error::Backend {
+                        backend: this.to_string(),
+                        context: format!("publish blob {manifest_id}"),
+                        source: format!(
+                            "{count} chunk(s) of {total} bytes are left of {size} written: the write \
+                             stalled past the janitor's grace period and its chunks were swept as a temp"
+                        )
+                        .into(),
+                    });
+                }
+                tx.execute(
+                    "INSERT INTO blobs (id, size, sha256, mime, port, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![manifest_id, size, sha, mime, port, now_ms()],
+                )
+                .map_err(this.err(format!("publish blob {manifest_id}")))?;
+                tx.commit().map_err(this.err(format!("publish blob {manifest_id}")))
             })
             .await;
         if let Err(e) = published {
@@ -932,6 +952,21 @@ impl OutputCache for SqliteCache {
         }
         guard.armed = false;
         Ok(cache_ref)
+    }
+
+    async fn stat_blob(&self, reference: &str) -> Result<Option<BlobStat>> {
+        let Some(id) = parse_ref_name(reference, REF_PREFIX, "").map(str::to_owned) else {
+            return Ok(None);
+        };
+        self.read(move |this, conn| {
+            Ok(manifest(conn, &id)
+                .map_err(this.err(format!("stat blob {id}")))?
+                .map(|(size, sha256)| BlobStat {
+                    size: u64::try_from(size).unwrap_or(0),
+                    sha256: Some(sha256),
+                }))
+        })
+        .await
     }
 
     async fn read_blob(&self, reference: &str) -> Result<Option<Bytes>> {
@@ -944,7 +979,8 @@ impl OutputCache for SqliteCache {
             else {
                 return Ok(None);
             };
-            let mut out = BytesMut::with_capacity(size.max(0) as usize);
+            // The manifest's size is data on disk: a garbled one must not size an allocation.
+            let mut out = BytesMut::with_capacity(size.clamp(0, READ_RESERVE_LIMIT) as usize);
             let mut stmt = conn
                 .prepare_cached("SELECT bytes FROM chunks WHERE blob_id = ?1 ORDER BY seq")
                 .map_err(this.err(format!("read blob {id}")))?;
@@ -989,6 +1025,49 @@ impl OutputCache for SqliteCache {
 }
 
 impl SqliteCache {
+    /// Delete `rows` (each only if its `created_at` is the one given, when one is) with the blobs they own,
+    /// a few hundred per transaction: one fsync per batch, and the write lock is never held for long.
+    /// Returns the keys deleted.
+    async fn delete_batches(&self, rows: Vec<(RowKey, Option<i64>)>) -> Result<Vec<RowKey>> {
+        let mut deleted = Vec::new();
+        for batch in rows.chunks(DELETE_BATCH) {
+            let batch = batch.to_vec();
+            deleted.extend(
+                self.write(move |this, w| {
+                    let tx = w.begin(this.inner.durable).map_err(this.err("begin"))?;
+                    let mut deleted = Vec::new();
+                    for (key, version) in batch {
+                        let refs: Option<String> = tx
+                            .prepare_cached(
+                                "DELETE FROM rows WHERE task_type = ?1 AND fingerprint = ?2
+                                 AND (?3 IS NULL OR created_at = ?3) RETURNING refs",
+                            )
+                            .and_then(|mut stmt| {
+                                stmt.query_row(
+                                    params![key.task_type(), key.fingerprint(), version],
+                                    |r| r.get(0),
+                                )
+                                .optional()
+                            })
+                            .map_err(this.err(format!("delete row {key}")))?;
+                        let Some(refs) = refs else { continue };
+                        for r in owned_in_column(key.task_type(), key.fingerprint(), &refs) {
+                            if let Some(id) = parse_ref_name(&r, REF_PREFIX, "") {
+                                delete_blob_in(&tx, id)
+                                    .map_err(this.err(format!("delete blob {r}")))?;
+                            }
+                        }
+                        deleted.push(key);
+                    }
+                    tx.commit().map_err(this.err("commit delete"))?;
+                    Ok(deleted)
+                })
+                .await?,
+            );
+        }
+        Ok(deleted)
+    }
+
     /// Stream the blob behind `reference`, all of it or `range`: starts at the chunk holding the first
     /// byte and stops after the one holding the last, reading one chunk row per step (memory stays at
     /// one chunk, and no connection is held between steps).

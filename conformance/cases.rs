@@ -15,7 +15,7 @@ use super::{CaseResult, Failure};
 use crate::engine::{BlobOptions, Cache, CacheOptions};
 use crate::error::Error;
 use crate::janitor::{find_orphans, sweep_orphans};
-use crate::store::{BlobMeta, BlobState, ByteRange, MAX_READ_CHUNK, OutputCache};
+use crate::store::{BlobMeta, BlobState, ByteRange, ByteStream, MAX_READ_CHUNK, OutputCache};
 use crate::wire::{CacheRef, InlineBinary, RowKey, sha256_hex};
 
 type Backend = Arc<dyn OutputCache>;
@@ -921,9 +921,12 @@ pub async fn dropped_read_stream_releases_blob(cache: Backend) -> CaseResult {
 
 // -------------------------------------------------------------------------------------------- cascades
 
+/// A row with a blob written for it (so the row owns the blob: see [`crate::wire::ref_owned_by`]).
 async fn row_with_blob(cache: &Backend, task: &str, i: u64) -> Result<(RowKey, CacheRef), Failure> {
     let k = key(task, i)?;
-    let r = write(cache, &pattern(3000, i), 1000).await?;
+    let r = cache
+        .write_blob(&BlobMeta::for_key(&k), stream_of(pattern(3000, i), 1000))
+        .await?;
     cache
         .save_row(&k, &json!({"image": r.to_value(), "note": "with a blob"}))
         .await?;
@@ -1651,3 +1654,7 @@ pub async fn engine_resolve_hydrates_branded_refs_only(cache: Backend) -> CaseRe
     );
     Ok(())
 }
+
+#[path = "safety.rs"]
+mod safety;
+pub use safety::*;

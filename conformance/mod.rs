@@ -264,6 +264,12 @@ macro_rules! __conformance_each_case {
             engine_small_output_goes_inline,
             engine_large_output_becomes_verified_ref,
             engine_resolve_hydrates_branded_refs_only,
+            distinct_big_integers_are_distinct_rows,
+            borrowed_refs_survive_the_borrowers_delete,
+            hit_with_a_missing_blob_is_a_miss,
+            stalled_write_swept_never_reports_an_unreadable_blob,
+            janitor_keeps_rows_rewritten_after_its_listing,
+            orphan_grace_counts_from_when_it_became_one,
         }
     };
 }

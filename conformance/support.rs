@@ -155,6 +155,9 @@ impl OutputCache for FailingRows {
         }
         self.inner.save_row(key, output).await
     }
+    fn owns_ref(&self, key: &RowKey, reference: &str) -> bool {
+        self.inner.owns_ref(key, reference)
+    }
     async fn get_row(&self, key: &RowKey) -> Result<Option<Row>> {
         self.inner.get_row(key).await
     }
@@ -163,6 +166,9 @@ impl OutputCache for FailingRows {
     }
     async fn delete_rows(&self, keys: &[RowKey]) -> Result<u64> {
         self.inner.delete_rows(keys).await
+    }
+    async fn delete_rows_listed(&self, rows: &[crate::store::RowVersion]) -> Result<Vec<RowKey>> {
+        self.inner.delete_rows_listed(rows).await
     }
     async fn delete_prefix(&self, task_type_prefix: &str) -> Result<u64> {
         self.inner.delete_prefix(task_type_prefix).await
@@ -193,6 +199,9 @@ impl OutputCache for FailingRows {
     }
     async fn write_blob(&self, meta: &BlobMeta, data: ByteStream) -> Result<CacheRef> {
         self.inner.write_blob(meta, data).await
+    }
+    async fn stat_blob(&self, reference: &str) -> Result<Option<crate::store::BlobStat>> {
+        self.inner.stat_blob(reference).await
     }
     async fn read_blob(&self, reference: &str) -> Result<Option<Bytes>> {
         self.inner.read_blob(reference).await

@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::store::{BlobMeta, ByteStream, MAX_READ_CHUNK, OutputCache};
-use crate::wire::{CacheRef, hex, refs_in};
+use crate::wire::{CacheRef, RowKey, hex, refs_in};
 
 /// Size and SHA-256 of a blob, computed while its chunks stream past.
 #[derive(Clone, Debug, Default)]
@@ -104,13 +104,19 @@ where
     .boxed()
 }
 
-/// Delete the blobs that a removed row's `output` referenced. Refs of other backends never resolve, so
-/// deleting them does nothing; a backend without ref delete keeps its blobs (the janitor finds them).
-pub async fn cascade_delete(backend: &dyn OutputCache, output: &Value) -> Result<()> {
+/// Delete the blobs that the removed row `key` owned among the refs its `output` held: only those written
+/// for `key` (the ownership rule, [`crate::wire::ref_owned_by`]); refs it merely cited are left to the
+/// orphan sweep. Refs of other backends never resolve, so deleting them does nothing; a backend without
+/// ref delete keeps its blobs (the janitor finds them).
+pub async fn cascade_delete(backend: &dyn OutputCache, key: &RowKey, output: &Value) -> Result<()> {
     if !backend.capabilities().ref_delete {
         return Ok(());
     }
+    let mut done = std::collections::HashSet::new();
     for r in refs_in(output) {
+        if !backend.owns_ref(key, &r.reference) || !done.insert(r.reference.clone()) {
+            continue;
+        }
         match backend.delete_blob(&r.reference).await {
             Ok(()) | Err(Error::Unsupported { .. }) => {}
             Err(e) => return Err(e),

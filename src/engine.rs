@@ -141,19 +141,28 @@ impl Cache {
     }
 
     /// The output stored for `task_type` run on `inputs`, with refs smaller than the reference threshold
-    /// hydrated into inline envelopes. `None` on a miss. A small ref whose blob is gone stays a ref.
+    /// hydrated into inline envelopes. `None` on a miss — and a hit whose row references a blob that no
+    /// longer resolves is a miss too (DESIGN §7 invariant 13: the task runs again; nothing dangling is
+    /// served). The check is a stat per distinct ref (none for rows without refs); a backend that cannot
+    /// read refs at all serves the row as stored.
     pub async fn get(&self, task_type: &str, inputs: &Value) -> Result<Option<Value>> {
         let key = RowKey::new(task_type, inputs)?;
         let Some(row) = self.backend.get_row(&key).await? else {
             return Ok(None);
         };
+        let caps = self.backend.capabilities();
+        let output = if caps.ref_read || caps.stream_ref_read {
+            let threshold = self.options.reference_threshold;
+            let small = |r: &CacheRef| r.size.is_some_and(|s| s < threshold) && caps.ref_read;
+            match self.hydrate(row.output, small, Dangling::Miss).await? {
+                Some(output) => output,
+                None => return Ok(None),
+            }
+        } else {
+            row.output
+        };
         self.record_read(key).await?;
-        let threshold = self.options.reference_threshold;
-        if !self.backend.capabilities().ref_read {
-            return Ok(Some(row.output));
-        }
-        let small = |r: &CacheRef| r.size.is_some_and(|s| s < threshold);
-        self.hydrate(row.output, small, false).await.map(Some)
+        Ok(Some(output))
     }
 
     /// Note a hit for the backend's access times; every [`ACCESS_BATCH`] distinct keys are written in one
@@ -265,19 +274,49 @@ impl Cache {
         Ok(output)
     }
 
-    /// Stream the blob behind `cache_ref`, or `None` if it does not resolve. With verification on, a
-    /// blob that is longer or shorter than its recorded `size`, or whose SHA-256 differs from the recorded
-    /// one, ends the stream with [`Error::Integrity`]: a consumer must treat the stream's error as failure
+    /// What the backend knows of the blob behind `cache_ref` (stat, manifest, HEAD), merged into the ref:
+    /// a `size` or `sha256` the ref lacks (a bare ref string) is filled in from the store, so it can be
+    /// verified. `None` if the blob does not resolve; [`Error::Integrity`] at once, before a byte is read,
+    /// if the stored size differs from the one the ref records.
+    pub async fn stat(&self, cache_ref: &CacheRef) -> Result<Option<CacheRef>> {
+        let Some(stat) = self.backend.stat_blob(&cache_ref.reference).await? else {
+            return Ok(None);
+        };
+        let mut full = cache_ref.clone();
+        match full.size {
+            Some(claimed) if claimed != stat.size => {
+                return Err(Error::Integrity {
+                    reference: cache_ref.reference.clone(),
+                    expected: format!("size:{claimed}"),
+                    actual: format!("size:{}", stat.size),
+                });
+            }
+            Some(_) => {}
+            None => full.size = Some(stat.size),
+        }
+        if full.sha256.is_none() {
+            full.sha256 = stat.sha256;
+        }
+        Ok(Some(full))
+    }
+
+    /// Stream the blob behind `cache_ref`, or `None` if it does not resolve. With verification on (the
+    /// default), the stored size is checked first ([`Cache::stat`]; a bare ref gets its size and, where
+    /// the store records it, its SHA-256 from there), and a blob whose bytes run past the size or whose
+    /// SHA-256 differs ends the stream with [`Error::Integrity`] — as soon as it passes the size, so a
+    /// read never runs more than one chunk past it. A consumer must treat the stream's error as failure
     /// of the whole read.
     pub async fn open_stream(&self, cache_ref: &CacheRef) -> Result<Option<ByteStream>> {
+        if !self.options.verify_reads {
+            return self.backend.open_blob(&cache_ref.reference).await;
+        }
+        let Some(full) = self.stat(cache_ref).await? else {
+            return Ok(None);
+        };
         let Some(stream) = self.backend.open_blob(&cache_ref.reference).await? else {
             return Ok(None);
         };
-        Ok(Some(if self.options.verify_reads {
-            Verifying::new(stream, cache_ref).boxed()
-        } else {
-            stream
-        }))
+        Ok(Some(Verifying::new(stream, &full).boxed()))
     }
 
     /// A stream over `range` of the blob behind `cache_ref`, or `None` if it does not resolve. Not verified:
@@ -293,61 +332,97 @@ impl Cache {
             .await
     }
 
-    /// The whole blob behind `cache_ref`, verified (never returns bytes that fail the check).
+    /// The whole blob behind `cache_ref`, verified as [`Cache::open_stream`] verifies (never returns
+    /// bytes that fail the check, and never holds more than the stored size plus one chunk in memory).
     pub async fn read(&self, cache_ref: &CacheRef) -> Result<Option<Bytes>> {
+        if !self.options.verify_reads {
+            return self.backend.read_blob(&cache_ref.reference).await;
+        }
+        let Some(full) = self.stat(cache_ref).await? else {
+            return Ok(None);
+        };
         let Some(bytes) = self.backend.read_blob(&cache_ref.reference).await? else {
             return Ok(None);
         };
-        if self.options.verify_reads {
-            let mut digest = BlobDigest::new();
-            digest.update(&bytes);
-            check_digest(cache_ref, digest)?;
-        }
+        let mut digest = BlobDigest::new();
+        digest.update(&bytes);
+        check_digest(&full, digest)?;
         Ok(Some(bytes))
     }
 
     /// `value` with every branded ref replaced by an inline envelope of its bytes. Unbranded `$ref`s are
     /// left alone; a ref that does not resolve is an [`Error::DanglingRef`].
     pub async fn resolve(&self, value: &Value) -> Result<Value> {
-        self.hydrate(value.clone(), |_| true, true).await
+        Ok(self
+            .hydrate(value.clone(), |_| true, Dangling::Error)
+            .await?
+            .unwrap_or_else(|| unreachable!("Dangling::Error never misses")))
     }
 
-    /// Replace the refs in `value` that `pick` selects by envelopes of their bytes, reading up to
-    /// [`RESOLVE_CONCURRENCY`] blobs at once. A ref that does not resolve is an error if `strict`, else
-    /// left as it is.
+    /// Check every distinct ref in `value` still resolves, and replace those `pick` selects by envelopes
+    /// of their bytes, up to [`RESOLVE_CONCURRENCY`] at once. A ref that does not resolve makes the whole
+    /// value a miss (`Ok(None)`) or an [`Error::DanglingRef`], as `dangling` says.
     async fn hydrate(
         &self,
         value: Value,
         pick: impl Fn(&CacheRef) -> bool,
-        strict: bool,
-    ) -> Result<Value> {
+        dangling: Dangling,
+    ) -> Result<Option<Value>> {
         let mut seen = HashSet::new();
-        let wanted: Vec<CacheRef> = refs_in(&value)
+        let refs: Vec<CacheRef> = refs_in(&value)
             .into_iter()
-            .filter(|r| pick(r) && seen.insert(r.reference.clone()))
+            .filter(|r| seen.insert(r.reference.clone()))
             .collect();
-        if wanted.is_empty() {
-            return Ok(value);
+        if refs.is_empty() {
+            return Ok(Some(value));
         }
-        let fetched: HashMap<String, Value> = futures::stream::iter(wanted)
-            .map(|r| async move {
-                match self.read(&r).await? {
-                    Some(bytes) => Ok(Some((
-                        r.reference.clone(),
-                        InlineBinary::encode(&bytes, r.mime.as_deref()),
-                    ))),
-                    None if strict => Err(Error::DanglingRef {
-                        reference: r.reference.clone(),
-                    }),
-                    None => Ok(None),
+        let checked: Vec<Option<Option<(String, Value)>>> = futures::stream::iter(refs)
+            .map(|r| {
+                let hydrate = pick(&r);
+                async move {
+                    let found = if hydrate {
+                        self.read(&r).await?.map(|bytes| {
+                            Some((
+                                r.reference.clone(),
+                                InlineBinary::encode(&bytes, r.mime.as_deref()),
+                            ))
+                        })
+                    } else {
+                        self.backend.stat_blob(&r.reference).await?.map(|_| None)
+                    };
+                    match (found, dangling) {
+                        (Some(hydrated), _) => Ok(Some(hydrated)),
+                        (None, Dangling::Miss) => Ok(None),
+                        (None, Dangling::Error) => Err(Error::DanglingRef {
+                            reference: r.reference.clone(),
+                        }),
+                    }
                 }
             })
             .buffer_unordered(RESOLVE_CONCURRENCY)
-            .try_filter_map(|x| async move { Ok(x) })
             .try_collect()
             .await?;
-        Ok(replace_refs(value, &fetched))
+        let mut fetched: HashMap<String, Value> = HashMap::new();
+        for found in checked {
+            match found {
+                None => return Ok(None), // a dangling ref: the whole hit is a miss
+                Some(Some((reference, envelope))) => {
+                    fetched.insert(reference, envelope);
+                }
+                Some(None) => {}
+            }
+        }
+        Ok(Some(replace_refs(value, &fetched)))
     }
+}
+
+/// What [`Cache::hydrate`] makes of a ref that does not resolve.
+#[derive(Clone, Copy, Debug)]
+enum Dangling {
+    /// The value is a miss (a hit whose blob is gone).
+    Miss,
+    /// An [`Error::DanglingRef`] (resolving a value the caller holds).
+    Error,
 }
 
 fn replace_refs(value: Value, fetched: &HashMap<String, Value>) -> Value {

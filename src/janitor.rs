@@ -1,18 +1,67 @@
-//! The janitor: remove rows past an age, blobs no row references and dead temp objects (sparing anything
-//! younger than a grace period, so writes in flight are never hit), and least-recently-used rows beyond a
-//! size budget; plus the inventory behind `outcache stats`. Everything works through the trait's
-//! listings, so it serves every backend and wrapper alike.
+//! The janitor: remove rows past an age, blobs no row references and dead temp objects, and
+//! least-recently-used rows beyond a size budget; plus the inventory behind `outcache stats`. Everything
+//! works through the trait's listings, so it serves every backend and wrapper alike.
+//!
+//! ## Design
+//! One planner ([`plan`]) reads one listing — blobs first, then rows, so a blob whose row commits while
+//! the janitor runs is seen as referenced, and a blob written after the blob listing is no candidate at
+//! all — and decides everything; [`prune`] carries the plan out, and the public orphan sweeps
+//! ([`find_orphans`], [`sweep_orphans`]) are the same plan restricted to orphans, so no caller can skip a
+//! guard. A dry run reports the plan and changes nothing.
+//!
+//! ## Races with writers (nothing is locked; every rule below is what keeps that safe)
+//! - **Rows are deleted by version.** A row is deleted only if it is still the one listed (same commit
+//!   time, [`OutputCache::delete_rows_listed`]): a row rewritten between the listing and the delete is
+//!   a fresh row and stays.
+//! - **A row's delete takes only the blobs it owns** (the ownership rule, [`crate::wire::ref_owned_by`]):
+//!   blobs it only cites stay for their owners, and the report counts only what was removed.
+//! - **The grace period protects writes in flight and readers of replaced rows.** A blob is an orphan
+//!   candidate only if it is older than the grace period *and* the janitor first saw it unreferenced at
+//!   least the grace period ago. The first sighting is kept in a small ledger row
+//!   (`outcache/janitor`) written by non-dry runs, so a blob orphaned by an overwrite gets its grace from
+//!   (at the latest) the moment it became an orphan, not from when it was written: a reader still
+//!   holding the old row can read it for that long. A lost ledger only makes the next run more careful.
+//! - **Temps** (writes in flight or left by a crash) are removed only once untouched for the grace period.
+//!   The CLI refuses a grace below [`MIN_GRACE`] without `--force`: on a live cache a shorter one sweeps
+//!   the temps of writes still streaming.
+//! - **Rows it cannot read stop the orphan sweep**, since the blobs they reference cannot be seen:
+//!   garbled rows until removed with `--corrupt`, rows of a newer format version (a newer outcache
+//!   shares the cache) always — those are never removed. Foreign entries (links, FIFOs where the cache
+//!   keeps files) are reported and never touched.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
-use crate::error::Result;
-use crate::store::{BlobEntry, BlobState, CorruptEntry, OutputCache, RowEntry};
+use serde_json::{Value, json};
+
+use crate::error::{Error, Result};
+use crate::store::{
+    BlobEntry, BlobState, CorruptEntry, CorruptKind, OutputCache, RowEntry, RowVersion,
+};
+use crate::wire::{RowKey, sha256_hex};
+
+/// Default grace period for orphans and temps.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(3600);
+
+/// The shortest grace period the CLI accepts without `--force`: below it, the temps of writes still
+/// streaming on a live cache would be swept.
+pub const MIN_GRACE: Duration = Duration::from_secs(60);
+
+/// Task type of the janitor's own ledger row (first sightings of orphans). Never pruned, never counted.
+pub const LEDGER_TASK_TYPE: &str = "outcache/janitor";
+
+/// Rows handed to `delete_rows_listed` at once.
+const PRUNE_BATCH: usize = 256;
+
+fn ledger_key() -> RowKey {
+    RowKey::from_parts(LEDGER_TASK_TYPE, &sha256_hex(b"orphans first seen"))
+        .unwrap_or_else(|_| unreachable!("a constant, valid key"))
+}
 
 /// What an orphan sweep found (and, unless it was a dry run, removed).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct OrphanSweep {
-    /// Published blobs no row references, older than the grace period.
+    /// Published blobs no row references, past the grace period.
     pub blobs: Vec<BlobEntry>,
     /// Temp objects older than the grace period.
     pub temps: Vec<BlobEntry>,
@@ -22,42 +71,10 @@ pub struct OrphanSweep {
     pub dry_run: bool,
 }
 
-/// Find unreferenced blobs and temps last modified more than `grace` ago.
-///
-/// Blobs are listed *before* rows: a blob whose row commits while the sweep runs is then seen as
-/// referenced, and a blob written after the blob listing is not a candidate at all.
+/// Find unreferenced blobs and temps past `grace` (see the module docs for what "past" means), with every
+/// guard of [`prune`]: unreadable rows stop it with an error.
 pub async fn find_orphans(backend: &dyn OutputCache, grace: Duration) -> Result<OrphanSweep> {
-    let cutoff = SystemTime::now()
-        .checked_sub(grace)
-        .unwrap_or(SystemTime::UNIX_EPOCH);
-    let entries = backend.list_blobs().await?;
-    let referenced: HashSet<String> = backend
-        .list_rows()
-        .await?
-        .into_iter()
-        .flat_map(|r| r.refs)
-        .collect();
-    let mut sweep = OrphanSweep {
-        dry_run: true,
-        ..OrphanSweep::default()
-    };
-    for entry in entries {
-        if entry.modified > cutoff {
-            continue;
-        }
-        match entry.state {
-            BlobState::Published if !referenced.contains(&entry.id) => {
-                sweep.bytes += entry.size;
-                sweep.blobs.push(entry);
-            }
-            BlobState::Temp => {
-                sweep.bytes += entry.size;
-                sweep.temps.push(entry);
-            }
-            BlobState::Published => {}
-        }
-    }
-    Ok(sweep)
+    sweep_orphans(backend, grace, true).await
 }
 
 /// Find orphans as [`find_orphans`] does and, unless `dry_run`, remove them.
@@ -66,15 +83,19 @@ pub async fn sweep_orphans(
     grace: Duration,
     dry_run: bool,
 ) -> Result<OrphanSweep> {
-    let mut sweep = find_orphans(backend, grace).await?;
-    sweep.dry_run = dry_run;
+    let mut options = PruneOptions::new();
+    options.orphans = true;
+    options.grace = grace;
+    options.dry_run = dry_run;
+    let plan = plan(backend, &options).await?;
+    let sweep = OrphanSweep {
+        blobs: plan.orphan_blobs.clone(),
+        temps: plan.stale_temps.clone(),
+        bytes: plan.report.orphans.bytes,
+        dry_run,
+    };
     if !dry_run {
-        for blob in &sweep.blobs {
-            backend.delete_blob(&blob.id).await?;
-        }
-        for temp in &sweep.temps {
-            backend.remove_temp(&temp.id).await?;
-        }
+        execute(backend, plan, |_| {}).await?;
     }
     Ok(sweep)
 }
@@ -85,16 +106,17 @@ pub async fn sweep_orphans(
 pub struct PruneOptions {
     /// Rows committed more than this long ago, with their blobs.
     pub older_than: Option<Duration>,
-    /// Blobs no row references and temp objects, last modified more than `grace` ago.
+    /// Blobs no row references and temp objects, past the grace period.
     pub orphans: bool,
-    /// How old an orphan or temp must be before it is removed (writes in flight are younger).
+    /// How long an orphan or temp must have been one before it is removed (writes in flight and readers
+    /// of replaced rows are younger).
     pub grace: Duration,
     /// Evict least-recently-used rows (with their blobs) until the cache holds at most this many bytes.
     pub max_size: Option<u64>,
     /// Only rows whose task type starts with this (age and size eviction; orphans cannot be scoped).
     pub prefix: Option<String>,
-    /// Remove rows that cannot be decoded. Without it, their presence stops an orphan sweep: their blobs
-    /// cannot be told from orphans.
+    /// Remove garbled rows. Without it, their presence stops an orphan sweep: their blobs cannot be told
+    /// from orphans.
     pub corrupt: bool,
     /// Report what would be removed, remove nothing.
     pub dry_run: bool,
@@ -109,12 +131,6 @@ impl PruneOptions {
         }
     }
 }
-
-/// Rows handed to `delete_rows` at once.
-const PRUNE_BATCH: usize = 256;
-
-/// Default grace period for orphans and temps.
-pub const DEFAULT_GRACE: Duration = Duration::from_secs(3600);
 
 /// Counts for one reason of removal.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -143,7 +159,7 @@ impl Removed {
 pub struct PruneReport {
     /// Rows removed.
     pub rows_removed: u64,
-    /// Published blobs removed (with their rows, or as orphans).
+    /// Published blobs removed (with their owning rows, or as orphans).
     pub blobs_removed: u64,
     /// Temp objects removed.
     pub temps_removed: u64,
@@ -157,8 +173,24 @@ pub struct PruneReport {
     pub orphans: Removed,
     /// Least-recently-used rows evicted for `max_size`, with their blobs.
     pub by_size: Removed,
-    /// Rows that cannot be decoded, found (and removed if asked).
+    /// Garbled rows, found (and removed if asked).
     pub corrupt: Removed,
+    /// Listed rows that were rewritten before their delete, and so kept.
+    #[serde(default)]
+    pub rows_kept_rewritten: u64,
+}
+
+impl PruneReport {
+    fn total(&mut self) {
+        let mut all = Removed::default();
+        for part in [&self.by_age, &self.orphans, &self.by_size, &self.corrupt] {
+            all.add(part);
+        }
+        self.rows_removed = all.rows;
+        self.blobs_removed = all.blobs;
+        self.temps_removed = all.temps;
+        self.bytes_reclaimed = all.bytes;
+    }
 }
 
 /// What prune is doing, for a progress display.
@@ -170,17 +202,34 @@ pub struct Progress {
     pub total: u64,
 }
 
-/// Count row `r` and those of its blobs not already gone into `counts`; returns the bytes that frees.
+/// Everything one janitor run will do, decided from one listing.
+#[derive(Debug, Default)]
+struct Plan {
+    report: PruneReport,
+    corrupt: Vec<CorruptEntry>,
+    by_age: Vec<RowEntry>,
+    by_size: Vec<RowEntry>,
+    /// Sizes of published blobs, to recount what deleted rows freed.
+    blob_size: HashMap<String, u64>,
+    orphan_blobs: Vec<BlobEntry>,
+    stale_temps: Vec<BlobEntry>,
+    /// The orphan ledger to save after the run (`None`: leave it as it is).
+    ledger: Option<BTreeMap<String, u64>>,
+}
+
+/// Count row `r` and the blobs it owns (its delete cascades to no others) that are not already counted
+/// in `gone` into `counts`; returns the bytes that frees.
 fn take_row<'a>(
+    backend: &dyn OutputCache,
     r: &'a RowEntry,
-    blob_size: &HashMap<&'a str, u64>,
+    blob_size: &HashMap<String, u64>,
     gone: &mut HashSet<&'a str>,
     counts: &mut Removed,
 ) -> u64 {
     let mut freed = r.size;
     counts.rows += 1;
-    for id in &r.refs {
-        if let Some((&id, &size)) = blob_size.get_key_value(id.as_str()) {
+    for id in r.refs.iter().filter(|id| backend.owns_ref(&r.key, id)) {
+        if let Some(&size) = blob_size.get(id.as_str()) {
             if gone.insert(id) {
                 counts.blobs += 1;
                 freed += size;
@@ -191,16 +240,27 @@ fn take_row<'a>(
     freed
 }
 
-/// Remove what `options` select, reporting progress after each removal. The plan is made from one
-/// listing (blobs first, then rows, so a blob whose row commits meanwhile counts as referenced), and the
-/// report is the plan, so a dry run reports exactly what the same prune would remove from the same cache.
-pub async fn prune(
-    backend: &dyn OutputCache,
-    options: &PruneOptions,
-    mut progress: impl FnMut(Progress),
-) -> Result<PruneReport> {
+/// The orphan ledger: when the janitor first saw each blob unreferenced (ms since the epoch).
+async fn load_ledger(backend: &dyn OutputCache) -> Result<BTreeMap<String, u64>> {
+    let row = match backend.get_row(&ledger_key()).await {
+        Ok(row) => row,
+        Err(Error::CorruptRow { .. }) => None, // start afresh: only makes this run more careful
+        Err(e) => return Err(e),
+    };
+    Ok(row
+        .and_then(|r| r.output.get("orphans_first_seen_ms").cloned())
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default())
+}
+
+fn cutoff(now: SystemTime, age: Duration) -> SystemTime {
+    now.checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// Decide what `options` remove, from one listing.
+async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan> {
     if options.orphans && options.prefix.is_some() {
-        return Err(crate::Error::InvalidInput {
+        return Err(Error::InvalidInput {
             what: "prune options".into(),
             reason: "orphan blobs carry no task type, so --orphans cannot be scoped by --prefix \
                      (scope by run id instead, or drop --prefix)"
@@ -209,25 +269,60 @@ pub async fn prune(
     }
     let now = SystemTime::now();
     let blobs = backend.list_blobs().await?;
-    let rows = backend.list_rows().await?;
-    let corrupt = backend.list_corrupt().await?;
-    if options.orphans && !options.corrupt && !corrupt.is_empty() {
-        return Err(crate::Error::InvalidInput {
-            what: "prune".into(),
-            reason: format!(
-                "{} row(s) cannot be decoded (first: {}: {}); their blobs cannot be told from orphans, so \
-                 the orphan sweep stops here. Remove them with --corrupt (see them with --dry-run --corrupt)",
-                corrupt.len(),
-                corrupt[0].id,
-                corrupt[0].reason
-            ),
-        });
-    }
-    let blob_size: HashMap<&str, u64> = blobs
-        .iter()
-        .filter(|b| b.state == BlobState::Published)
-        .map(|b| (b.id.as_str(), b.size))
+    let rows: Vec<RowEntry> = backend
+        .list_rows()
+        .await?
+        .into_iter()
+        .filter(|r| r.key.task_type() != LEDGER_TASK_TYPE)
         .collect();
+    let unreadable = backend.list_corrupt().await?;
+    let first = |kind: CorruptKind| unreadable.iter().find(|c| c.kind == kind);
+    if options.orphans {
+        if let Some(c) = first(CorruptKind::NewerFormat) {
+            return Err(Error::InvalidInput {
+                what: "prune".into(),
+                reason: format!(
+                    "{} was written by a newer outcache (first: {}: {}); the blobs such rows \
+                     reference cannot be seen, so the orphan sweep stops here. Run the sweep with \
+                     the newer version",
+                    unreadable
+                        .iter()
+                        .filter(|c| c.kind == CorruptKind::NewerFormat)
+                        .count(),
+                    c.id,
+                    c.reason
+                ),
+            });
+        }
+        if let Some(c) = first(CorruptKind::Garbled).filter(|_| !options.corrupt) {
+            return Err(Error::InvalidInput {
+                what: "prune".into(),
+                reason: format!(
+                    "{} row(s) cannot be decoded (first: {}: {}); their blobs cannot be told from \
+                     orphans, so the orphan sweep stops here. Remove them with --corrupt (see them \
+                     with --dry-run --corrupt)",
+                    unreadable
+                        .iter()
+                        .filter(|c| c.kind == CorruptKind::Garbled)
+                        .count(),
+                    c.id,
+                    c.reason
+                ),
+            });
+        }
+    }
+    let mut plan = Plan {
+        report: PruneReport {
+            dry_run: options.dry_run,
+            ..PruneReport::default()
+        },
+        blob_size: blobs
+            .iter()
+            .filter(|b| b.state == BlobState::Published)
+            .map(|b| (b.id.clone(), b.size))
+            .collect(),
+        ..Plan::default()
+    };
     let in_scope = |r: &RowEntry| {
         options
             .prefix
@@ -236,146 +331,238 @@ pub async fn prune(
     };
 
     let mut gone_blobs: HashSet<&str> = HashSet::new();
-    let mut doomed_rows: Vec<&RowEntry> = Vec::new();
     let mut doomed: HashSet<usize> = HashSet::new();
-    let mut report = PruneReport {
-        dry_run: options.dry_run,
-        ..PruneReport::default()
-    };
     if let Some(age) = options.older_than {
-        let cutoff = now.checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH);
+        let cutoff = cutoff(now, age);
         for (i, r) in rows.iter().enumerate() {
             if in_scope(r) && r.created_at < cutoff {
                 doomed.insert(i);
-                doomed_rows.push(r);
-                take_row(r, &blob_size, &mut gone_blobs, &mut report.by_age);
+                take_row(
+                    backend,
+                    r,
+                    &plan.blob_size,
+                    &mut gone_blobs,
+                    &mut plan.report.by_age,
+                );
+                plan.by_age.push(r.clone());
             }
         }
     }
 
-    let mut orphan_blobs: Vec<&BlobEntry> = Vec::new();
-    let mut stale_temps: Vec<&BlobEntry> = Vec::new();
+    let mut stale_temps: HashSet<&str> = HashSet::new();
     if options.orphans {
-        let cutoff = now
-            .checked_sub(options.grace)
-            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let cutoff = cutoff(now, options.grace);
+        let cutoff_ms = crate::layout::millis(cutoff);
+        let now_ms = crate::layout::millis(now);
+        let seen = load_ledger(backend).await?;
+        let mut ledger = BTreeMap::new();
         let referenced: HashSet<&str> = rows
             .iter()
             .flat_map(|r| r.refs.iter().map(String::as_str))
             .collect();
         for b in &blobs {
-            if b.modified > cutoff {
-                continue;
-            }
             match b.state {
-                BlobState::Published
-                    if !referenced.contains(b.id.as_str()) && gone_blobs.insert(&b.id) =>
-                {
-                    report.orphans.blobs += 1;
-                    report.orphans.bytes += b.size;
-                    orphan_blobs.push(b);
+                BlobState::Published if !referenced.contains(b.id.as_str()) => {
+                    let first_seen = seen.get(&b.id).copied().unwrap_or(now_ms);
+                    if b.modified <= cutoff && first_seen <= cutoff_ms {
+                        if gone_blobs.insert(&b.id) {
+                            plan.report.orphans.blobs += 1;
+                            plan.report.orphans.bytes += b.size;
+                            plan.orphan_blobs.push(b.clone());
+                        }
+                    } else {
+                        ledger.insert(b.id.clone(), first_seen);
+                    }
                 }
-                BlobState::Temp => {
-                    report.orphans.temps += 1;
-                    report.orphans.bytes += b.size;
-                    stale_temps.push(b);
+                BlobState::Temp if b.modified <= cutoff => {
+                    stale_temps.insert(&b.id);
+                    plan.report.orphans.temps += 1;
+                    plan.report.orphans.bytes += b.size;
+                    plan.stale_temps.push(b.clone());
                 }
-                BlobState::Published => {}
+                BlobState::Published | BlobState::Temp | BlobState::Foreign => {}
             }
         }
+        plan.ledger = Some(ledger);
     }
 
     if let Some(budget) = options.max_size {
         let temps_left: u64 = blobs
             .iter()
-            .filter(|b| b.state == BlobState::Temp && !stale_temps.iter().any(|t| t.id == b.id))
+            .filter(|b| b.state == BlobState::Temp && !stale_temps.contains(b.id.as_str()))
             .map(|b| b.size)
             .sum();
-        let mut total: u64 = temps_left
-            + rows
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| !doomed.contains(i))
-                .map(|(_, r)| r.size)
-                .sum::<u64>()
-            + blob_size
-                .iter()
-                .filter(|(id, _)| !gone_blobs.contains(*id))
-                .map(|(_, s)| s)
-                .sum::<u64>();
+        let rows_left: u64 = rows
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !doomed.contains(i))
+            .map(|(_, r)| r.size)
+            .sum();
+        let blobs_left: u64 = plan
+            .blob_size
+            .iter()
+            .filter(|(id, _)| !gone_blobs.contains(id.as_str()))
+            .map(|(_, s)| s)
+            .sum();
+        let mut total = temps_left + rows_left + blobs_left;
         let mut candidates: Vec<(usize, &RowEntry)> = rows
             .iter()
             .enumerate()
             .filter(|(i, r)| !doomed.contains(i) && in_scope(r))
             .collect();
         candidates.sort_by_key(|(_, r)| (r.last_access.unwrap_or(r.created_at), r.created_at));
-        for (i, r) in candidates {
+        for (_, r) in candidates {
             if total <= budget {
                 break;
             }
-            doomed.insert(i);
-            doomed_rows.push(r);
-            total = total.saturating_sub(take_row(
+            let freed = take_row(
+                backend,
                 r,
-                &blob_size,
+                &plan.blob_size,
                 &mut gone_blobs,
-                &mut report.by_size,
-            ));
+                &mut plan.report.by_size,
+            );
+            total = total.saturating_sub(freed);
+            plan.by_size.push(r.clone());
         }
     }
 
     if options.corrupt {
-        for c in &corrupt {
-            report.corrupt.rows += 1;
-            report.corrupt.bytes += c.size;
+        plan.corrupt = unreadable
+            .into_iter()
+            .filter(|c| c.kind == CorruptKind::Garbled)
+            .collect();
+        for c in &plan.corrupt {
+            plan.report.corrupt.rows += 1;
+            plan.report.corrupt.bytes += c.size;
         }
     }
+    plan.report.total();
+    Ok(plan)
+}
 
-    let mut all = Removed::default();
-    for part in [
-        &report.by_age,
-        &report.orphans,
-        &report.by_size,
-        &report.corrupt,
-    ] {
-        all.add(part);
+/// Delete the listed `rows` by version and recount `counts` from the ones really deleted.
+async fn delete_listed(
+    backend: &dyn OutputCache,
+    rows: &[RowEntry],
+    blob_size: &HashMap<String, u64>,
+    counts: &mut Removed,
+    kept: &mut u64,
+    step: &mut (dyn FnMut(u64) + Send),
+) -> Result<()> {
+    let mut deleted: HashSet<RowKey> = HashSet::new();
+    for batch in rows.chunks(PRUNE_BATCH) {
+        let versions: Vec<RowVersion> = batch
+            .iter()
+            .map(|r| RowVersion {
+                key: r.key.clone(),
+                created_at: r.created_at,
+            })
+            .collect();
+        deleted.extend(backend.delete_rows_listed(&versions).await?);
+        step(batch.len() as u64);
     }
-    report.rows_removed = all.rows;
-    report.blobs_removed = all.blobs;
-    report.temps_removed = all.temps;
-    report.bytes_reclaimed = all.bytes;
-    if options.dry_run {
-        return Ok(report);
+    *counts = Removed::default();
+    let mut gone = HashSet::new();
+    for r in rows.iter().filter(|r| deleted.contains(&r.key)) {
+        take_row(backend, r, blob_size, &mut gone, counts);
     }
+    *kept += rows.len() as u64 - counts.rows;
+    Ok(())
+}
 
-    let doomed_corrupt: &[CorruptEntry] = if options.corrupt { &corrupt } else { &[] };
-    let total =
-        (doomed_rows.len() + orphan_blobs.len() + stale_temps.len() + doomed_corrupt.len()) as u64;
+/// Carry out `plan`, reporting progress after each step; returns the report of what was removed.
+async fn execute(
+    backend: &dyn OutputCache,
+    mut plan: Plan,
+    mut progress: impl FnMut(Progress) + Send,
+) -> Result<PruneReport> {
+    let total = (plan.corrupt.len()
+        + plan.by_age.len()
+        + plan.by_size.len()
+        + plan.orphan_blobs.len()
+        + plan.stale_temps.len()) as u64;
     let mut done = 0;
-    let mut step = |progress: &mut dyn FnMut(Progress)| {
-        done += 1;
+    let mut step = |n: u64| {
+        done += n;
         progress(Progress { done, total });
     };
-    for c in doomed_corrupt {
-        backend.remove_corrupt(&c.id).await?;
-        step(&mut progress);
-    }
-    let keys: Vec<crate::RowKey> = doomed_rows.iter().map(|r| r.key.clone()).collect();
-    for batch in keys.chunks(PRUNE_BATCH) {
-        backend.delete_rows(batch).await?;
-        for _ in batch {
-            step(&mut progress);
+    let mut removed_corrupt = Removed::default();
+    for c in &plan.corrupt {
+        if backend.remove_corrupt(&c.id).await? {
+            removed_corrupt.rows += 1;
+            removed_corrupt.bytes += c.size;
         }
+        step(1);
     }
-    for b in orphan_blobs {
+    plan.report.corrupt = removed_corrupt;
+    let report = &mut plan.report;
+    delete_listed(
+        backend,
+        &plan.by_age,
+        &plan.blob_size,
+        &mut report.by_age,
+        &mut report.rows_kept_rewritten,
+        &mut step,
+    )
+    .await?;
+    delete_listed(
+        backend,
+        &plan.by_size,
+        &plan.blob_size,
+        &mut report.by_size,
+        &mut report.rows_kept_rewritten,
+        &mut step,
+    )
+    .await?;
+    for b in &plan.orphan_blobs {
         backend.delete_blob(&b.id).await?;
-        step(&mut progress);
+        step(1);
     }
-    for t in stale_temps {
-        backend.remove_temp(&t.id).await?;
-        step(&mut progress);
+    let mut temps_removed = 0;
+    let mut temp_bytes = 0;
+    for t in &plan.stale_temps {
+        if backend.remove_temp(&t.id).await? {
+            temps_removed += 1;
+            temp_bytes += t.size;
+        }
+        step(1);
     }
-    Ok(report)
+    report.orphans.bytes =
+        report.orphans.bytes - plan.stale_temps.iter().map(|t| t.size).sum::<u64>() + temp_bytes;
+    report.orphans.temps = temps_removed;
+    if let Some(ledger) = plan.ledger {
+        save_ledger(backend, ledger).await?;
+    }
+    report.total();
+    Ok(plan.report)
+}
+
+async fn save_ledger(backend: &dyn OutputCache, ledger: BTreeMap<String, u64>) -> Result<()> {
+    let key = ledger_key();
+    if ledger.is_empty() {
+        if backend.get_row(&key).await.ok().flatten().is_some() {
+            backend.delete_row(&key).await?;
+        }
+        return Ok(());
+    }
+    let output: Value = json!({ "orphans_first_seen_ms": ledger });
+    backend.save_row(&key, &output).await
+}
+
+/// Remove what `options` select, reporting progress after each removal. The plan is made from one
+/// listing; a dry run reports exactly the plan, and a real run reports what it removed (rows rewritten
+/// since the listing are kept and counted apart).
+pub async fn prune(
+    backend: &dyn OutputCache,
+    options: &PruneOptions,
+    progress: impl FnMut(Progress) + Send,
+) -> Result<PruneReport> {
+    let plan = plan(backend, options).await?;
+    if options.dry_run {
+        return Ok(plan.report);
+    }
+    execute(backend, plan, progress).await
 }
 
 /// A cache's contents for `outcache stats`.
@@ -395,11 +582,17 @@ pub struct Inventory {
     pub temp_bytes: u64,
     /// Rows that cannot be decoded (`prune --corrupt` removes them).
     pub corrupt_rows: u64,
+    /// Rows of a newer format version (a newer outcache shares the cache; never removed).
+    #[serde(default)]
+    pub newer_format_rows: u64,
+    /// Entries the cache did not write (links, FIFOs …) where it keeps rows and blobs; never touched.
+    #[serde(default)]
+    pub foreign_entries: u64,
     /// Oldest row's commit time (ms since the epoch).
     pub oldest_ms: Option<u64>,
     /// Newest row's commit time (ms since the epoch).
     pub newest_ms: Option<u64>,
-    /// Task types with the most bytes (rows plus the blobs they reference), largest first.
+    /// Task types with the most bytes (rows plus the blobs they own), largest first.
     pub top_task_types: Vec<TaskTypeUsage>,
 }
 
@@ -410,7 +603,7 @@ pub struct TaskTypeUsage {
     pub task_type: String,
     /// Its rows.
     pub rows: u64,
-    /// Bytes of its rows and their blobs.
+    /// Bytes of its rows and the blobs they own.
     pub bytes: u64,
 }
 
@@ -418,8 +611,12 @@ pub struct TaskTypeUsage {
 pub async fn inventory(backend: &dyn OutputCache, top: usize) -> Result<Inventory> {
     let blobs = backend.list_blobs().await?;
     let rows = backend.list_rows().await?;
+    let unreadable = backend.list_corrupt().await?;
+    let count = |kind: CorruptKind| unreadable.iter().filter(|c| c.kind == kind).count() as u64;
     let mut inv = Inventory {
-        corrupt_rows: backend.list_corrupt().await?.len() as u64,
+        corrupt_rows: count(CorruptKind::Garbled),
+        newer_format_rows: count(CorruptKind::NewerFormat),
+        foreign_entries: count(CorruptKind::Foreign),
         ..Inventory::default()
     };
     let mut blob_size = HashMap::new();
@@ -434,10 +631,14 @@ pub async fn inventory(backend: &dyn OutputCache, top: usize) -> Result<Inventor
                 inv.temps += 1;
                 inv.temp_bytes += b.size;
             }
+            BlobState::Foreign => inv.foreign_entries += 1,
         }
     }
     let mut per_task: HashMap<&str, TaskTypeUsage> = HashMap::new();
-    for r in &rows {
+    for r in rows
+        .iter()
+        .filter(|r| r.key.task_type() != LEDGER_TASK_TYPE)
+    {
         inv.rows += 1;
         inv.row_bytes += r.size;
         let ms = crate::layout::millis(r.created_at);
@@ -453,6 +654,7 @@ pub async fn inventory(backend: &dyn OutputCache, top: usize) -> Result<Inventor
         usage.bytes += r.size
             + r.refs
                 .iter()
+                .filter(|id| backend.owns_ref(&r.key, id))
                 .filter_map(|id| blob_size.get(id.as_str()))
                 .sum::<u64>();
     }

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::store::BlobMeta;
-use crate::wire::{RowKey, sanitize_name, sha256_hex};
+use crate::wire::{RowKey, key_tag_of, sanitize_name, sha256_hex};
 
 /// Version of the row record format.
 pub const ROW_FORMAT_VERSION: u64 = 1;
@@ -101,6 +101,20 @@ pub fn encode_row(key: &RowKey, output: &Value, created_at: SystemTime) -> Resul
     })
 }
 
+/// What kind of unusable record `bytes` is: one of a newer format version (a newer outcache shares the
+/// cache; never removed) or garbled.
+pub fn corrupt_kind(bytes: &[u8]) -> crate::store::CorruptKind {
+    let newer = serde_json::from_slice::<Value>(bytes)
+        .ok()
+        .and_then(|v| v.get("v").and_then(Value::as_u64))
+        .is_some_and(|v| v > ROW_FORMAT_VERSION);
+    if newer {
+        crate::store::CorruptKind::NewerFormat
+    } else {
+        crate::store::CorruptKind::Garbled
+    }
+}
+
 /// A row record as read back.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RowRecord {
@@ -150,11 +164,12 @@ pub fn decode_row(bytes: &[u8], task_type: &str, fingerprint: &str) -> Result<Ro
     })
 }
 
-/// `<sanitized task type>_<hash of raw task type + fingerprint>[_<port>]_<uuid>`: readable, and unique per
-/// write whatever the sanitising merged. Only `[A-Za-z0-9_-]`, at most 123 characters.
+/// `<sanitized task type>_<key tag>[_<port>]_<uuid>`: readable, unique per write whatever the sanitising
+/// merged, and carrying the [`crate::wire::key_tag`] of the row it was written for (the ownership rule,
+/// [`crate::wire::ref_owned_by`]). Only `[A-Za-z0-9_-]`, at most 123 characters.
 pub fn blob_name(meta: &BlobMeta) -> String {
-    let key_hash = sha256_hex(format!("{}\0{}", meta.task_type, meta.fingerprint).as_bytes());
-    let mut name = format!("{}_{}", sanitize_name(&meta.task_type, 40), &key_hash[..16]);
+    let tag = key_tag_of(&meta.task_type, &meta.fingerprint);
+    let mut name = format!("{}_{tag}", sanitize_name(&meta.task_type, 40));
     if let Some(port) = &meta.port {
         name.push('_');
         name.push_str(&sanitize_name(port, 32));

@@ -61,8 +61,8 @@ pub mod conformance;
 pub use engine::{BlobOptions, Cache, CacheOptions};
 pub use error::{Error, Result};
 pub use store::{
-    BlobEntry, BlobMeta, BlobState, ByteRange, ByteStream, Capabilities, CorruptEntry, OutputCache,
-    Row, RowEntry, Stats,
+    BlobEntry, BlobMeta, BlobStat, BlobState, ByteRange, ByteStream, Capabilities, CorruptEntry,
+    CorruptKind, OutputCache, Row, RowEntry, RowVersion, Stats,
 };
 pub use wire::{CacheRef, InlineBinary, RowKey, fingerprint};
 pub use writer::{BlobWriter, WriterAbortHandle};

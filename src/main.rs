@@ -182,10 +182,7 @@ impl From<Error> for Failure {
 }
 
 fn parse_json(what: &str, text: &str) -> Result<Value, Error> {
-    serde_json::from_str(text).map_err(|e| Error::InvalidInput {
-        what: format!("{what} JSON"),
-        reason: e.to_string(),
-    })
+    outcache::wire::parse_json(&format!("{what} JSON"), text)
 }
 
 /// The cache the flags, environment and config file name, behind the run-private wrapper if a run id

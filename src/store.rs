@@ -113,9 +113,10 @@ pub struct Row {
 /// What a streaming write should record about its blob, and what makes its name readable.
 #[derive(Clone, Debug, Default)]
 pub struct BlobMeta {
-    /// The task type the blob belongs to (used in readable blob names; never trusted for uniqueness).
+    /// The task type of the row the blob is written for: readable in its name, and with `fingerprint`
+    /// the blob's owner (see [`crate::wire::ref_owned_by`]); never trusted for uniqueness.
     pub task_type: String,
-    /// The row's input fingerprint (also only for readable names).
+    /// The owning row's input fingerprint.
     pub fingerprint: String,
     /// The output port.
     pub port: Option<String>,
@@ -151,7 +152,7 @@ pub struct RowEntry {
     pub last_access: Option<SystemTime>,
 }
 
-/// A stored row that cannot be decoded (a garbled file, foreign content).
+/// A stored row that cannot be used, and why: the janitor treats each kind differently.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CorruptEntry {
     /// A backend-specific name for [`OutputCache::remove_corrupt`].
@@ -160,6 +161,22 @@ pub struct CorruptEntry {
     pub reason: String,
     /// Bytes it holds.
     pub size: u64,
+    /// What kind of unusable entry it is.
+    pub kind: CorruptKind,
+}
+
+/// Kinds of [`CorruptEntry`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CorruptKind {
+    /// Garbled: not a row this or any version wrote. `prune --corrupt` removes it.
+    Garbled,
+    /// A row of a newer format version: a newer outcache shares this cache. Never removed, and while one
+    /// exists the orphan sweep stops (the blobs it references cannot be seen).
+    NewerFormat,
+    /// Not a regular file where a row belongs (a symlink, FIFO, device, directory): never opened,
+    /// followed or removed by the cache; reported for the operator.
+    Foreign,
 }
 
 /// Whether a stored blob object is published or still being written (or left by a crashed writer).
@@ -169,6 +186,27 @@ pub enum BlobState {
     Published,
     /// A temporary object: a write in flight, or the remains of one that died.
     Temp,
+    /// Something in the blob area the cache did not write and never touches (a symlink, FIFO,
+    /// directory): reported, never removed.
+    Foreign,
+}
+
+/// What a backend knows about a stored blob without reading it (a stat, a manifest lookup, a HEAD).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobStat {
+    /// Bytes stored.
+    pub size: u64,
+    /// Lowercase hex SHA-256 of the bytes, where the backend recorded it (a manifest, the blob's name).
+    pub sha256: Option<String>,
+}
+
+/// A row as the janitor listed it: deleting by version spares a row rewritten since.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RowVersion {
+    /// The row's key.
+    pub key: RowKey,
+    /// Its commit time when listed.
+    pub created_at: SystemTime,
 }
 
 /// One blob or temp object as the janitor sees it.
@@ -213,6 +251,13 @@ pub trait OutputCache: Debug + Display + Send + Sync + 'static {
     /// What this backend supports beyond rows.
     fn capabilities(&self) -> Capabilities;
 
+    /// Whether the row `key` owns the blob `reference`, so that its delete cascades to it: the ownership
+    /// rule, [`crate::wire::ref_owned_by`]. Backends keep the default; a wrapper that maps keys (the
+    /// run-private one) answers for the key as the backing store sees it.
+    fn owns_ref(&self, key: &RowKey, reference: &str) -> bool {
+        crate::wire::ref_owned_by(reference, key)
+    }
+
     /// Store `output` under `key`, atomically replacing any earlier row (last writer wins). The blobs a
     /// replaced row referenced are left for the janitor's orphan sweep: another reader may still hold
     /// the old row.
@@ -231,6 +276,28 @@ pub trait OutputCache: Debug + Display + Send + Sync + 'static {
         for key in keys {
             if self.delete_row(key).await? {
                 deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Delete each listed row only if it is still the version listed (same commit time), with the blobs
+    /// it owns; a row rewritten since it was listed is kept. This is how the janitor deletes, so a row
+    /// committed during its run is never lost. Returns the keys deleted. The default checks each row
+    /// with [`OutputCache::get_row`] just before deleting it; a backend that can make the check and the
+    /// delete one step (a transaction, a lock) should.
+    async fn delete_rows_listed(&self, rows: &[RowVersion]) -> Result<Vec<RowKey>> {
+        let mut deleted = Vec::new();
+        for listed in rows {
+            let current = match self.get_row(&listed.key).await {
+                Ok(row) => row,
+                Err(Error::CorruptRow { .. }) => None, // replaced by garbage: not the row listed
+                Err(e) => return Err(e),
+            };
+            if current.is_some_and(|r| r.created_at == listed.created_at)
+                && self.delete_row(&listed.key).await?
+            {
+                deleted.push(listed.key.clone());
             }
         }
         Ok(deleted)
@@ -273,12 +340,29 @@ pub trait OutputCache: Debug + Display + Send + Sync + 'static {
     }
 
     /// Stream `data` into a new blob and return its ref (with `size`, `sha256` and the `mime`/`port` of
-    /// `meta`). Pulls chunks one at a time (memory bounded whatever the size); publishes atomically; on a
+    /// `meta`). The blob's name must carry the [`crate::wire::key_tag_of`] `meta`'s task type and
+    /// fingerprint (use [`crate::layout::blob_name`]): that is how the row it was written for owns it,
+    /// and only the owner's delete cascades to it ([`crate::wire::ref_owned_by`]). Pulls chunks one at a time (memory bounded whatever the size); publishes atomically; on a
     /// stream error or if the future is dropped, publishes nothing and leaves no temp object behind. Every
     /// call gets a fresh unique name.
     async fn write_blob(&self, meta: &BlobMeta, data: ByteStream) -> Result<CacheRef> {
         let _ = (meta, data);
         Err(Error::unsupported("write_blob", self))
+    }
+
+    /// Size (and SHA-256 where recorded) of the blob behind `reference`, or `None` if it does not resolve;
+    /// cheap (no read of the bytes). The engine calls it on every hit to turn a dangling ref into a miss,
+    /// and before a whole read to bound it by the stored size. Supported wherever
+    /// [`Capabilities::ref_read`] is. The default streams the blob to count it: correct, slow; override it.
+    async fn stat_blob(&self, reference: &str) -> Result<Option<BlobStat>> {
+        let Some(mut stream) = self.open_blob(reference).await? else {
+            return Ok(None);
+        };
+        let mut size = 0u64;
+        while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+            size += chunk?.len() as u64;
+        }
+        Ok(Some(BlobStat { size, sha256: None }))
     }
 
     /// The whole blob behind `reference`, or `None` (unknown, foreign, deleted or malformed).

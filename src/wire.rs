@@ -19,8 +19,8 @@ pub const ENVELOPE_MARKER: &str = "__binaryPortWire";
 /// Longest task type accepted, in bytes. Keys are stored in file and object names; keep them bounded.
 pub const MAX_TASK_TYPE_LEN: usize = 1024;
 
-/// Longest blob name (the part of a ref string after the backend's prefix).
-pub const MAX_REF_NAME_LEN: usize = 200;
+/// Longest blob name with its suffix (the part of a ref string after the backend's prefix): a file name.
+pub const MAX_REF_NAME_LEN: usize = 255;
 
 /// Lowercase hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
@@ -38,13 +38,309 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
 
-/// The RFC 8785 (JSON Canonicalization Scheme) form of `value`: keys sorted at every depth, no
-/// insignificant whitespace, numbers as ECMAScript prints them (so `1.0` and `1` are the same).
+/// Deepest nesting [`canonical_json`] accepts (serde_json's parser stops at 128 already; a value built in
+/// code could be deeper and overflow the stack).
+pub const MAX_INPUT_DEPTH: usize = 256;
+
+/// Largest integer magnitude below which every integer is exactly an IEEE double (2^53).
+const SAFE_INTEGER: u64 = 1 << 53;
+
+/// The canonical form of `value`: RFC 8785 (JSON Canonicalization Scheme) — keys sorted by UTF-16 code
+/// units at every depth, no insignificant whitespace, numbers as ECMAScript prints them (so `1.0` and `1`
+/// are the same) — with one extension that keeps distinct inputs apart: an integer that no IEEE double
+/// holds exactly (a 64-bit id above 2^53, say) is written as its exact decimal digits followed by `n`
+/// (ECMAScript's BigInt spelling), which no double ever prints as. Every number a double holds exactly
+/// (all of the safe range) canonicalises as RFC 8785 says, so existing fingerprints never change.
 pub fn canonical_json(value: &Value) -> Result<String> {
-    serde_json_canonicalizer::to_string(value).map_err(|e| Error::InvalidInput {
-        what: "inputs".into(),
-        reason: format!("cannot canonicalise: {e}"),
-    })
+    let mut out = String::with_capacity(64);
+    let mut path = Vec::new();
+    write_canonical(value, &mut out, &mut path)?;
+    Ok(out)
+}
+
+/// One step of the path to a value, for error messages (`$.a[3].b`).
+enum PathStep<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+fn json_path(path: &[PathStep<'_>]) -> String {
+    let mut out = String::from("$");
+    for step in path {
+        match step {
+            PathStep::Key(k) => {
+                out.push('.');
+                out.push_str(truncate(k, 40));
+            }
+            PathStep::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    out
+}
+
+fn write_canonical<'a>(
+    value: &'a Value,
+    out: &mut String,
+    path: &mut Vec<PathStep<'a>>,
+) -> Result<()> {
+    if path.len() >= MAX_INPUT_DEPTH {
+        return Err(Error::InvalidInput {
+            what: "inputs".into(),
+            reason: format!(
+                "nested deeper than {MAX_INPUT_DEPTH} levels at {}",
+                json_path(path)
+            ),
+        });
+    }
+    match value {
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Number(n) => write_number(n, out),
+        Value::String(s) => write_string(s, out),
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                path.push(PathStep::Index(i));
+                write_canonical(item, out, path)?;
+                path.pop();
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            // RFC 8785 sorts by UTF-16 code units; for keys that are all in the BMP below the surrogates
+            // (nearly all keys) that is the byte order, so only mixed keys pay for the conversion.
+            if entries
+                .iter()
+                .all(|(k, _)| k.chars().all(|c| (c as u32) < 0xD800))
+            {
+                entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            } else {
+                entries.sort_by_cached_key(|(k, _)| k.encode_utf16().collect::<Vec<u16>>());
+            }
+            out.push('{');
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_string(k, out);
+                out.push(':');
+                path.push(PathStep::Key(k));
+                write_canonical(v, out, path)?;
+                path.pop();
+            }
+            out.push('}');
+        }
+    }
+    Ok(())
+}
+
+fn write_number(n: &serde_json::Number, out: &mut String) {
+    let exact_integer = n
+        .as_u64()
+        .map(|u| (u, false))
+        .or_else(|| n.as_i64().map(|i| (i.unsigned_abs(), true)));
+    if let Some((magnitude, negative)) = exact_integer {
+        // Above 2^53 a double holds only some integers: one it does not hold is written exactly, with the
+        // BigInt marker, so it can never collide with the double next to it.
+        if magnitude > SAFE_INTEGER && (magnitude as f64) as u128 != u128::from(magnitude) {
+            if negative {
+                out.push('-');
+            }
+            out.push_str(&magnitude.to_string());
+            out.push('n');
+            return;
+        }
+        let value = if negative {
+            -(magnitude as f64)
+        } else {
+            magnitude as f64
+        };
+        out.push_str(ryu_js::Buffer::new().format_finite(value));
+        return;
+    }
+    // serde_json holds only finite doubles.
+    let value = n.as_f64().unwrap_or(0.0);
+    out.push_str(ryu_js::Buffer::new().format_finite(value));
+}
+
+/// A JSON string as RFC 8785 writes it: `"` and `\` escaped, control characters as `\b \t \n \f \r`
+/// or `\u00xx`, everything else verbatim.
+fn write_string(s: &str, out: &mut String) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\u{8}' => out.push_str("\\b"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\u{c}' => out.push_str("\\f"),
+            '\r' => out.push_str("\\r"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Parse JSON text handed in by a person or a file (the CLI's `--inputs`), refusing integer literals that
+/// `serde_json` would silently round to a double: anything outside the 64-bit range, so that
+/// `18446744073709551617` never reads as `18446744073709551616`. The error names the JSON path. Decimal
+/// and exponent literals are IEEE doubles, as RFC 8785 defines JSON numbers.
+pub fn parse_json(what: &str, text: &str) -> Result<Value> {
+    let value: Value = serde_json::from_str(text).map_err(|e| Error::InvalidInput {
+        what: what.into(),
+        reason: format!("not valid JSON: {e}"),
+    })?;
+    check_integer_literals(what, text, &value)?;
+    Ok(value)
+}
+
+/// Walk the text beside its parsed value: every integer literal must be held exactly.
+fn check_integer_literals(what: &str, text: &str, value: &Value) -> Result<()> {
+    // Fast path: a big literal needs at least 17 digits in a row.
+    let mut run = 0;
+    if !text.bytes().any(|b| {
+        run = if b.is_ascii_digit() { run + 1 } else { 0 };
+        run >= 17
+    }) {
+        return Ok(());
+    }
+    let mut scanner = LiteralScanner {
+        bytes: text.as_bytes(),
+        pos: 0,
+    };
+    let mut path = Vec::new();
+    scanner
+        .value(value, &mut path)
+        .map_err(|at| Error::InvalidInput {
+            what: what.into(),
+            reason: format!(
+                "the integer at {at} does not fit in 64 bits and cannot be fingerprinted exactly \
+             (pass it as a string)"
+            ),
+        })
+}
+
+/// A scanner over text already known to be valid JSON, matching it against its parsed value to find the
+/// path of an integer literal that was rounded.
+struct LiteralScanner<'t> {
+    bytes: &'t [u8],
+    pos: usize,
+}
+
+impl LiteralScanner<'_> {
+    fn skip_ws(&mut self) {
+        while self.pos < self.bytes.len() && self.bytes[self.pos].is_ascii_whitespace() {
+            self.pos += 1;
+        }
+    }
+
+    fn skip_string(&mut self) {
+        self.pos += 1; // the opening quote
+        while self.pos < self.bytes.len() {
+            match self.bytes[self.pos] {
+                b'\\' => self.pos += 2,
+                b'"' => {
+                    self.pos += 1;
+                    return;
+                }
+                _ => self.pos += 1,
+            }
+        }
+    }
+
+    /// Scan the value at the cursor; `Err(path)` names a rounded integer literal.
+    fn value<'v>(
+        &mut self,
+        value: &'v Value,
+        path: &mut Vec<PathStep<'v>>,
+    ) -> std::result::Result<(), String> {
+        self.skip_ws();
+        match value {
+            Value::Object(map) => {
+                self.pos += 1; // {
+                loop {
+                    self.skip_ws();
+                    if self.bytes.get(self.pos) == Some(&b'}') {
+                        self.pos += 1;
+                        return Ok(());
+                    }
+                    if self.bytes.get(self.pos) == Some(&b',') {
+                        self.pos += 1;
+                        self.skip_ws();
+                    }
+                    let start = self.pos;
+                    self.skip_string();
+                    let key: String =
+                        serde_json::from_slice(&self.bytes[start..self.pos]).unwrap_or_default();
+                    self.skip_ws();
+                    self.pos += 1; // :
+                    // With duplicate keys serde_json keeps the last; scanning an earlier duplicate against
+                    // the kept value is still safe for numbers (it checks the literal's own digits).
+                    let (k, child) = map
+                        .get_key_value(key.as_str())
+                        .ok_or_else(|| json_path(path))?;
+                    path.push(PathStep::Key(k));
+                    self.value(child, path)?;
+                    path.pop();
+                }
+            }
+            Value::Array(items) => {
+                self.pos += 1; // [
+                for (i, item) in items.iter().enumerate() {
+                    self.skip_ws();
+                    if self.bytes.get(self.pos) == Some(&b',') {
+                        self.pos += 1;
+                    }
+                    path.push(PathStep::Index(i));
+                    self.value(item, path)?;
+                    path.pop();
+                }
+                self.skip_ws();
+                self.pos += 1; // ]
+                Ok(())
+            }
+            Value::String(_) => {
+                self.skip_string();
+                Ok(())
+            }
+            Value::Number(_) => {
+                let start = self.pos;
+                while self.pos < self.bytes.len()
+                    && matches!(
+                        self.bytes[self.pos],
+                        b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'
+                    )
+                {
+                    self.pos += 1;
+                }
+                let literal = &self.bytes[start..self.pos];
+                let integer = !literal.iter().any(|b| matches!(b, b'.' | b'e' | b'E'));
+                if integer
+                    && std::str::from_utf8(literal)
+                        .ok()
+                        .and_then(|t| t.parse::<i128>().ok())
+                        .is_none_or(|n| u64::try_from(n).is_err() && i64::try_from(n).is_err())
+                {
+                    return Err(json_path(path));
+                }
+                Ok(())
+            }
+            Value::Bool(b) => {
+                self.pos += if *b { 4 } else { 5 };
+                Ok(())
+            }
+            Value::Null => {
+                self.pos += 4;
+                Ok(())
+            }
+        }
+    }
 }
 
 /// The fingerprint of a task's inputs: lowercase hex SHA-256 of their canonical JSON.
@@ -131,16 +427,60 @@ fn truncate(s: &str, max: usize) -> &str {
 }
 
 /// The strict check behind every backend's refs: `reference` must be `prefix` followed by exactly one name
-/// segment of `[A-Za-z0-9_-]` (1..=200 chars) and then `suffix`. Returns the name, or `None` for anything
-/// else: other schemes, `..`, `/`, `\`, NUL, absolute paths, empty or overlong names.
+/// segment of `[A-Za-z0-9_.-]` and then `suffix`, name and suffix together at most 255 bytes (a file name),
+/// the name not starting with `.` (so never `.`, `..` or a hidden file). The TypeScript original's names
+/// (`^fsfolder://blobs/([\w.-]+\.bin)$`) pass. Returns the name, or `None` for anything else: other
+/// schemes, `/`, `\`, NUL, absolute paths, empty or overlong names.
 pub fn parse_ref_name<'a>(reference: &'a str, prefix: &str, suffix: &str) -> Option<&'a str> {
     let name = reference.strip_prefix(prefix)?.strip_suffix(suffix)?;
     let ok = !name.is_empty()
-        && name.len() <= MAX_REF_NAME_LEN
+        && name.len() + suffix.len() <= MAX_REF_NAME_LEN
+        && !name.starts_with('.')
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
     ok.then_some(name)
+}
+
+/// The ownership tag of the row `key`: the first 16 hex digits of SHA-256(task type, NUL, fingerprint).
+/// Every blob name a backend makes carries the tag of the key it was written for (see
+/// [`crate::layout::blob_name`]), which is how a row's delete tells the blobs it wrote from the ones it
+/// only cites.
+pub fn key_tag(key: &RowKey) -> String {
+    key_tag_of(key.task_type(), key.fingerprint())
+}
+
+/// [`key_tag`] of a key given as its two parts (not validated: a blob's metadata names its key this way).
+pub fn key_tag_of(task_type: &str, fingerprint: &str) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(task_type.as_bytes());
+    hasher.update([0]);
+    hasher.update(fingerprint.as_bytes());
+    let mut tag = hex(&hasher.finalize());
+    tag.truncate(16);
+    tag
+}
+
+/// **The ownership rule**: a row owns a blob, and its delete cascades to it, only if the blob was written
+/// for that row's key, which the blob's name records as one of its `_`/`.`-separated parts (the
+/// [`key_tag`]). A ref a row merely cites (a pass-through of another task's output, a run-private row
+/// citing the shared tier, a blob written before names carried tags) is never deleted with the row; the
+/// janitor's orphan sweep frees it once no row references it.
+pub fn ref_owned_by(reference: &str, key: &RowKey) -> bool {
+    let name = reference.rsplit('/').next().unwrap_or(reference);
+    let tag = key_tag(key);
+    name.split(['_', '.']).any(|part| part == tag)
+}
+
+/// The refs in `output` that the row `key` owns (see [`ref_owned_by`]), each once.
+pub fn owned_refs<'a>(key: &RowKey, refs: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for r in refs {
+        if ref_owned_by(r, key) && !out.iter().any(|o| o == r) {
+            out.push(r.to_owned());
+        }
+    }
+    out
 }
 
 /// Map any text to the ref-name alphabet (`[A-Za-z0-9-]`, everything else `_`), keeping at most `max`

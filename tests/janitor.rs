@@ -58,6 +58,16 @@ async fn seed(cache: &Cache, old_temp: impl FnOnce(), fresh_temp: impl FnOnce())
             .await
             .unwrap();
     }
+    // An orphan's grace counts from when the janitor first saw it unreferenced: a first sweep sees the
+    // old orphans now (and removes nothing: everything is younger than the grace).
+    let first =
+        outcache::janitor::sweep_orphans(cache.backend().as_ref(), Duration::from_secs(2), false)
+            .await
+            .unwrap();
+    assert!(
+        first.blobs.is_empty() && first.temps.is_empty(),
+        "{first:?}"
+    );
     old_temp();
     tokio::time::sleep(Duration::from_millis(2200)).await;
     cache

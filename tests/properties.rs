@@ -68,8 +68,8 @@ proptest! {
     #[test]
     fn accepted_ref_names_are_single_clean_segments(reference in "\\PC{0,40}|fsfolder://blobs/[A-Za-z0-9_./\\\\-]{0,30}\\.bin") {
         if let Some(name) = parse_ref_name(&reference, "fsfolder://blobs/", ".bin") {
-            prop_assert!(!name.is_empty() && name.len() <= 200);
-            prop_assert!(!name.contains('/') && !name.contains('\\') && !name.contains('.'));
+            prop_assert!(!name.is_empty() && name.len() + 4 <= 255);
+            prop_assert!(!name.contains('/') && !name.contains('\\') && !name.starts_with('.'));
             let path = std::path::Path::new("/root/blobs").join(format!("{name}.bin"));
             prop_assert_eq!(path.parent(), Some(std::path::Path::new("/root/blobs")));
         }
@@ -121,5 +121,83 @@ proptest! {
     fn size_and_duration_parsing_never_panics(text in "\\PC{0,20}|[0-9]{1,25} ?(b|kb|KiB|MiB|GiB|TiB|x)") {
         let _ = parse_size(&text);
         let _ = parse_duration(&text);
+    }
+}
+
+/// Numbers around the edges where doubles stop holding every integer.
+fn arb_number() -> impl Strategy<Value = Value> {
+    let two53 = 1u64 << 53;
+    prop_oneof![
+        (0u64..4096).prop_map(move |d| json!(two53 - 2048 + d)),
+        (0u64..4096).prop_map(move |d| json!(-((two53 - 2048 + d) as i64))),
+        (0u64..4096).prop_map(|d| json!(u64::MAX - d)),
+        (0u64..4096).prop_map(|d| json!((1u64 << 60) + d * 7)),
+        any::<u64>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(|u| json!(u as f64)),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(|f| json!(f)),
+        (-1e6f64..1e6).prop_map(|f| json!(f)),
+    ]
+}
+
+/// The mathematical value of a JSON number, exactly: an integer where it is one.
+enum Exact {
+    Int(i128),
+    Float(f64),
+}
+
+fn exact(v: &Value) -> Exact {
+    let n = v.as_number().unwrap();
+    if let Some(u) = n.as_u64() {
+        return Exact::Int(u as i128);
+    }
+    if let Some(i) = n.as_i64() {
+        return Exact::Int(i as i128);
+    }
+    let f = n.as_f64().unwrap();
+    if f.fract() == 0.0 && f.abs() < 1e38 {
+        Exact::Int(f as i128)
+    } else {
+        Exact::Float(f)
+    }
+}
+
+fn same_value(a: &Value, b: &Value) -> bool {
+    match (exact(a), exact(b)) {
+        (Exact::Int(x), Exact::Int(y)) => x == y,
+        (Exact::Float(x), Exact::Float(y)) => x == y,
+        _ => false,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2048))]
+
+    /// DESIGN §7 invariant 11: two inputs share a fingerprint exactly when they are the same value.
+    #[test]
+    fn numbers_share_a_fingerprint_only_when_they_are_the_same_value(a in arb_number(), b in arb_number()) {
+        let (fa, fb) = (fingerprint(&json!({"n": a})).unwrap(), fingerprint(&json!({"n": b})).unwrap());
+        prop_assert_eq!(fa == fb, same_value(&a, &b), "{} vs {}", a, b);
+    }
+
+    /// Within what doubles hold exactly, the canonical form is RFC 8785's, as the reference crate writes it.
+    #[test]
+    fn canonical_form_matches_the_reference_implementation(value in arb_json()) {
+        // Round every number to the double nearest it, so all of them are in the shared domain.
+        fn doubles_only(v: Value) -> Value {
+            match v {
+                Value::Number(n) => json!(n.as_f64().unwrap()),
+                Value::Array(items) => Value::Array(items.into_iter().map(doubles_only).collect()),
+                Value::Object(map) => Value::Object(map.into_iter().map(|(k, v)| (k, doubles_only(v))).collect()),
+                other => other,
+            }
+        }
+        let value = doubles_only(value);
+        prop_assert_eq!(
+            outcache::wire::canonical_json(&value).unwrap(),
+            serde_json_canonicalizer::to_string(&value).unwrap()
+        );
     }
 }

@@ -205,7 +205,8 @@ fn ref_names_accept_exactly_one_clean_segment() {
         "fsfolder://blobs/a/b.bin",
         "fsfolder://blobs/a\\b.bin",
         "fsfolder://blobs/a\0.bin",
-        "fsfolder://blobs/a.b.bin",
+        "fsfolder://blobs/..bin",
+        "fsfolder://blobs/.hidden.bin",
         "fsfolder://blobs//etc/passwd.bin",
         "fsfolder://blobs/a.bin/",
         "FSFOLDER://blobs/a.bin",
@@ -214,8 +215,28 @@ fn ref_names_accept_exactly_one_clean_segment() {
     ] {
         assert_eq!(parse_ref_name(bad, p, ".bin"), None, "{bad:?}");
     }
-    let long = format!("fsfolder://blobs/{}.bin", "a".repeat(201));
+    // Names up to a file name's 255 bytes (with ".bin") pass; longer ones do not.
+    let longest = format!("fsfolder://blobs/{}.bin", "a".repeat(251));
+    assert!(parse_ref_name(&longest, p, ".bin").is_some());
+    let long = format!("fsfolder://blobs/{}.bin", "a".repeat(252));
     assert_eq!(parse_ref_name(&long, p, ".bin"), None);
+}
+
+/// DESIGN §2: refs the TypeScript original wrote (`^fsfolder://blobs/([\w.-]+\.bin)$`, dots allowed, as in
+/// its run-private names) resolve here too.
+#[test]
+fn typescript_ref_names_with_dots_are_accepted() {
+    let p = "fsfolder://blobs/";
+    for (r, name) in [
+        ("fsfolder://blobs/a.b.bin", "a.b"),
+        (
+            "fsfolder://blobs/__run.6a3f.image_render_0123.out.bin",
+            "__run.6a3f.image_render_0123.out",
+        ),
+        ("fsfolder://blobs/x..y.bin", "x..y"),
+    ] {
+        assert_eq!(parse_ref_name(r, p, ".bin"), Some(name), "{r}");
+    }
 }
 
 #[test]
@@ -255,4 +276,82 @@ fn ref_syntax_rejects_traversal_and_garbage_handed_in() {
         (r.reference.as_str(), r.size),
         ("fsfolder://blobs/a.bin", Some(1))
     );
+}
+
+/// Distinct inputs never share a fingerprint (DESIGN §7 invariant 11): integers a double cannot hold exactly
+/// are fingerprinted exactly, while every number a double holds keeps its RFC 8785 form.
+#[test]
+fn integers_beyond_2_pow_53_are_fingerprinted_exactly() {
+    let fp = |v: Value| fingerprint(&json!({ "user_id": v })).unwrap();
+    let two53: u64 = 1 << 53;
+    assert_ne!(fp(json!(two53)), fp(json!(two53 + 1)));
+    assert_ne!(fp(json!(u64::MAX)), fp(json!(u64::MAX - 1)));
+    assert_ne!(fp(json!(i64::MIN + 1)), fp(json!(i64::MIN + 2)));
+    assert_ne!(fp(json!(-(two53 as i64) - 1)), fp(json!(-(two53 as i64))));
+    // A double holds 2^53 + 2 and 2^60 exactly: the integer and the double are one value, one key.
+    assert_eq!(fp(json!(two53 + 2)), fp(json!((two53 + 2) as f64)));
+    assert_eq!(fp(json!(1u64 << 60)), fp(json!((1u64 << 60) as f64)));
+    // ... and the unrepresentable neighbour printed like the double's shortest form does not collide.
+    assert_ne!(
+        fp(json!(1_152_921_504_606_847_000u64)),
+        fp(json!((1u64 << 60) as f64))
+    );
+    assert_eq!(
+        canonical_json(&json!([9007199254740993u64, -9007199254740993i64])).unwrap(),
+        "[9007199254740993n,-9007199254740993n]"
+    );
+    // The safe range keeps its RFC 8785 spelling (golden vectors above pin whole documents).
+    assert_eq!(
+        canonical_json(&json!([9007199254740992u64, 1.0, -0.0, 1e21])).unwrap(),
+        "[9007199254740992,1,0,1e+21]"
+    );
+}
+
+#[test]
+fn text_inputs_refuse_integers_beyond_64_bits_naming_the_path() {
+    use outcache::wire::parse_json;
+    for text in [
+        r#"{"a":{"ids":[1,18446744073709551617]}}"#,
+        r#"{"a":{"ids":[1,-9223372036854775809]}}"#,
+        r#"{"a":{"ids":[1, 100000000000000000000000000000]}}"#,
+    ] {
+        match parse_json("--inputs JSON", text) {
+            Err(Error::InvalidInput { what, reason }) => {
+                assert_eq!(what, "--inputs JSON");
+                assert!(reason.contains("$.a.ids[1]"), "{reason}");
+            }
+            other => panic!("{text}: {other:?}"),
+        }
+    }
+    // Everything 64 bits hold, decimals and exponents (IEEE doubles), and digits inside strings pass.
+    for text in [
+        r#"{"a":18446744073709551615,"b":-9223372036854775808,"c":1e400000000000000000000}"#,
+        r#"{"s":"18446744073709551617123","d":1.8446744073709551617e19}"#,
+    ] {
+        if text.contains("1e4000") {
+            assert!(
+                parse_json("x", text).is_err(),
+                "an infinite double is refused"
+            );
+            continue;
+        }
+        parse_json("x", text).unwrap();
+    }
+    assert!(matches!(
+        parse_json("x", "{"),
+        Err(Error::InvalidInput { .. })
+    ));
+}
+
+#[test]
+fn absurdly_deep_inputs_are_refused_not_overflowed() {
+    let mut v = json!(1);
+    for _ in 0..1000 {
+        v = json!([v]);
+    }
+    assert!(matches!(fingerprint(&v), Err(Error::InvalidInput { .. })));
+    // Drop a deep value without recursion in serde_json's destructor.
+    while let Value::Array(mut items) = v {
+        v = items.pop().unwrap_or(Value::Null);
+    }
 }

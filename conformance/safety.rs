@@ -1,0 +1,312 @@
+//! Data-safety cases: invariants 11–15 of DESIGN §7 (and of `ARCHITECTURE.md`). Each is a way the cache
+//! could serve a wrong output, delete what it does not own, or report an unreadable blob as written,
+//! found by trying the cache as an adversary would; every backend and wrapper must hold against it.
+
+use super::*;
+use crate::janitor::{PruneOptions, prune};
+use crate::store::RowVersion;
+
+/// A producer that sends `first`, then waits until `go` fires (or is dropped), then sends `rest` and ends.
+fn gated_stream(first: Bytes, rest: Bytes, go: tokio::sync::oneshot::Receiver<()>) -> ByteStream {
+    stream_of(first, 65_536)
+        .chain(
+            futures::stream::once(async move {
+                let _ = go.await;
+                Ok(Bytes::new())
+            })
+            .filter(|c: &crate::Result<Bytes>| {
+                let keep = c.as_ref().map_or(true, |b| !b.is_empty());
+                async move { keep }
+            }),
+        )
+        .chain(stream_of(rest, 65_536))
+        .boxed()
+}
+
+/// Invariant 11: two inputs that differ as values never share a row, even where IEEE doubles cannot tell
+/// them apart (64-bit ids above 2^53); the same value spelled two ways (`1.0`, `1`) still does.
+pub async fn distinct_big_integers_are_distinct_rows(cache: Backend) -> CaseResult {
+    let engine = engine(&cache, 1024);
+    let task = "conformance/bigint";
+    let two53: u64 = 1 << 53;
+    engine
+        .put(task, &json!({"user_id": two53 + 1}), &json!("p993"))
+        .await?;
+    let hit = engine.get(task, &json!({"user_id": two53})).await?;
+    ensure!(
+        hit.is_none(),
+        "2^53 hit the row stored for 2^53 + 1: {hit:?}"
+    );
+    engine
+        .put(task, &json!({"seed": u64::MAX}), &json!("max"))
+        .await?;
+    let hit = engine.get(task, &json!({"seed": u64::MAX - 1})).await?;
+    ensure!(hit.is_none(), "u64::MAX - 1 hit u64::MAX's row: {hit:?}");
+    let same = engine.get(task, &json!({"seed": u64::MAX})).await?;
+    ensure!(same == Some(json!("max")), "u64::MAX missed its own row");
+    engine.put(task, &json!({"n": 1}), &json!("one")).await?;
+    let spelled = engine.get(task, &json!({"n": 1.0})).await?;
+    ensure!(spelled == Some(json!("one")), "1.0 missed the row of 1");
+    Ok(())
+}
+
+/// The prune options of a janitor run that targets rows only.
+fn prune_rows(older_than: Option<Duration>, max_size: Option<u64>, prefix: &str) -> PruneOptions {
+    let mut options = PruneOptions::new();
+    options.older_than = older_than;
+    options.max_size = max_size;
+    options.prefix = Some(prefix.to_owned());
+    options
+}
+
+/// Invariant 12: a row's delete cascades only to the blobs it owns (wrote). A row citing another row's
+/// blob (a pass-through output) never takes it along — not by `delete_row`, `delete_rows`,
+/// `delete_rows_listed`, `delete_prefix`, nor by the janitor's age or size prunes, whose reports count
+/// only what they removed — while the owner's delete still cascades.
+pub async fn borrowed_refs_survive_the_borrowers_delete(cache: Backend) -> CaseResult {
+    gate!(cache, BLOB_CAPS);
+    let (owner, blob) = row_with_blob(&cache, "conformance/producer", 1).await?;
+    let bundle = |i: u64| key("conformance/bundle", i);
+    let cite = json!({"parts": [blob.to_value()], "note": "passes the producer's output through"});
+    let still_there = |what: &str| {
+        let (cache, reference, what) = (cache.clone(), blob.reference.clone(), what.to_owned());
+        async move {
+            ensure!(
+                cache.read_blob(&reference).await?.is_some(),
+                "{what} deleted a blob the borrowing row does not own"
+            );
+            Ok::<(), Failure>(())
+        }
+    };
+
+    cache.save_row(&bundle(1)?, &cite).await?;
+    ensure!(cache.delete_row(&bundle(1)?).await?, "delete_row: no row");
+    still_there("delete_row").await?;
+
+    cache.save_row(&bundle(2)?, &cite).await?;
+    ensure!(cache.delete_rows(&[bundle(2)?]).await? == 1, "delete_rows");
+    still_there("delete_rows").await?;
+
+    cache.save_row(&bundle(3)?, &cite).await?;
+    let listed = cache
+        .list_rows()
+        .await?
+        .into_iter()
+        .find(|r| r.key == bundle(3).unwrap_or_else(|_| unreachable!()))
+        .ok_or_else(|| Failure("list_rows misses a saved row".into()))?;
+    let version = RowVersion {
+        key: listed.key,
+        created_at: listed.created_at,
+    };
+    ensure!(
+        cache.delete_rows_listed(&[version]).await?.len() == 1,
+        "delete_rows_listed did not delete an unchanged row"
+    );
+    still_there("delete_rows_listed").await?;
+
+    cache.save_row(&bundle(4)?, &cite).await?;
+    ensure!(
+        cache.delete_prefix("conformance/bundle").await? == 1,
+        "delete_prefix"
+    );
+    still_there("delete_prefix").await?;
+
+    cache.save_row(&bundle(5)?, &cite).await?;
+    let report = prune(
+        cache.as_ref(),
+        &prune_rows(Some(Duration::ZERO), None, "conformance/bundle"),
+        |_| {},
+    )
+    .await?;
+    ensure!(
+        report.rows_removed == 1 && report.blobs_removed == 0,
+        "age prune of the borrower reported {report:?}"
+    );
+    still_there("an age prune").await?;
+
+    cache.save_row(&bundle(6)?, &cite).await?;
+    let report = prune(
+        cache.as_ref(),
+        &prune_rows(None, Some(0), "conformance/bundle"),
+        |_| {},
+    )
+    .await?;
+    ensure!(
+        report.rows_removed == 1 && report.blobs_removed == 0,
+        "size prune of the borrower reported {report:?}"
+    );
+    still_there("a size prune").await?;
+
+    // The owner's delete still cascades, and the janitor counts the blob it removes.
+    let report = prune(
+        cache.as_ref(),
+        &prune_rows(Some(Duration::ZERO), None, "conformance/producer"),
+        |_| {},
+    )
+    .await?;
+    ensure!(
+        report.rows_removed == 1 && report.blobs_removed == 1,
+        "age prune of the owner reported {report:?}"
+    );
+    ensure!(
+        cache.get_row(&owner).await?.is_none() && cache.read_blob(&blob.reference).await?.is_none(),
+        "the owner's delete did not cascade to its blob"
+    );
+    Ok(())
+}
+
+/// Invariant 13: a hit whose referenced blob is gone is a miss (the task runs again), for large refs
+/// (checked by a stat) and small ones (hydrated) alike; a row whose refs all resolve is still a hit.
+pub async fn hit_with_a_missing_blob_is_a_miss(cache: Backend) -> CaseResult {
+    gate!(cache, BLOB_CAPS);
+    let engine = engine(&cache, 1024);
+    let inputs = json!({"n": 13});
+    let stored = engine
+        .put_stream(
+            "conformance/dangling",
+            &inputs,
+            stream_of(pattern(200_000, 13), 8192),
+            BlobOptions::default(),
+        )
+        .await?;
+    let r = CacheRef::from_value(&stored).ok_or_else(|| {
+        Failure(format!(
+            "200 kB above a 1 KiB threshold stayed inline: {stored}"
+        ))
+    })?;
+    ensure!(
+        engine.get("conformance/dangling", &inputs).await? == Some(stored.clone()),
+        "a hit with a resolvable ref did not come back as stored"
+    );
+    // A borrower citing it, large and hydrated (threshold above its size) alike.
+    engine
+        .put("conformance/borrower", &inputs, &json!({"parts": [stored]}))
+        .await?;
+    cache.delete_blob(&r.reference).await?;
+    ensure!(
+        engine.get("conformance/dangling", &inputs).await?.is_none(),
+        "a hit whose blob is gone was served"
+    );
+    ensure!(
+        engine.get("conformance/borrower", &inputs).await?.is_none(),
+        "a borrower whose cited blob is gone was served"
+    );
+    let hydrating = self::engine(&cache, 1 << 30);
+    ensure!(
+        hydrating
+            .get("conformance/borrower", &inputs)
+            .await?
+            .is_none(),
+        "a small dangling ref (hydrated on read) was served"
+    );
+    Ok(())
+}
+
+/// Invariant 14: a write reports success only if its blob reads back whole. A producer stalls while the
+/// janitor sweeps with a grace shorter than the stall; then it finishes. Either the write fails and
+/// nothing is published, or the blob reads back whole — never success with an unreadable blob.
+pub async fn stalled_write_swept_never_reports_an_unreadable_blob(cache: Backend) -> CaseResult {
+    gate!(cache, BLOB_CAPS);
+    let (first, rest) = (pattern(600_000, 141), pattern(300_000, 142));
+    let (go, wait) = tokio::sync::oneshot::channel();
+    let writer = {
+        let cache = cache.clone();
+        let stream = gated_stream(first.clone(), rest.clone(), wait);
+        tokio::spawn(async move { cache.write_blob(&meta("conformance/stall"), stream).await })
+    };
+    // Let the first part land, then sweep with no grace at all, as a careless operator might.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sweep_orphans(cache.as_ref(), Duration::ZERO, false).await?;
+    let _ = go.send(());
+    let result = writer
+        .await
+        .map_err(|e| Failure(format!("the writer panicked: {e}")))?;
+    let mut whole = first.to_vec();
+    whole.extend_from_slice(&rest);
+    let whole = Bytes::from(whole);
+    match result {
+        Ok(r) => check_blob(&cache, &r, &whole).await,
+        Err(_) => {
+            let left = published(&cache).await?;
+            ensure!(left.is_empty(), "the write failed but published {left:?}");
+            no_temps_soon(&cache).await
+        }
+    }
+}
+
+/// Invariant 15: the janitor deletes a row only if it is still the one it listed: a row rewritten after
+/// the listing survives `delete_rows_listed`, with the blob it now owns.
+pub async fn janitor_keeps_rows_rewritten_after_its_listing(cache: Backend) -> CaseResult {
+    let k = key("conformance/rewritten", 1)?;
+    cache.save_row(&k, &json!("old")).await?;
+    let listed = cache
+        .list_rows()
+        .await?
+        .into_iter()
+        .find(|r| r.key == k)
+        .ok_or_else(|| Failure("list_rows misses a saved row".into()))?;
+    // Commit times have millisecond resolution on some backends: make the rewrite a later one.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    cache.save_row(&k, &json!("new")).await?;
+    let deleted = cache
+        .delete_rows_listed(&[RowVersion {
+            key: k.clone(),
+            created_at: listed.created_at,
+        }])
+        .await?;
+    ensure!(
+        deleted.is_empty(),
+        "a row rewritten after the listing was deleted as the listed one"
+    );
+    let row = cache.get_row(&k).await?;
+    ensure!(
+        row.as_ref().map(|r| &r.output) == Some(&json!("new")),
+        "the rewritten row is gone or changed: {row:?}"
+    );
+    let fresh = cache
+        .list_rows()
+        .await?
+        .into_iter()
+        .find(|r| r.key == k)
+        .ok_or_else(|| Failure("list_rows misses the rewritten row".into()))?;
+    let deleted = cache
+        .delete_rows_listed(&[RowVersion {
+            key: k.clone(),
+            created_at: fresh.created_at,
+        }])
+        .await?;
+    ensure!(
+        deleted == [k.clone()],
+        "the current version was not deleted: {deleted:?}"
+    );
+    ensure!(cache.get_row(&k).await?.is_none(), "the row survived");
+    Ok(())
+}
+
+/// Invariant 15: an orphan gets its grace from the moment it became one, not from when it was written:
+/// a blob orphaned by an overwrite stays readable for the grace period (a reader may hold the old row).
+pub async fn orphan_grace_counts_from_when_it_became_one(cache: Backend) -> CaseResult {
+    gate!(cache, BLOB_CAPS);
+    let grace = Duration::from_millis(600);
+    let (k, old) = row_with_blob(&cache, "conformance/overwrite", 1).await?;
+    // The blob is now older than the grace period, but still referenced.
+    tokio::time::sleep(grace + Duration::from_millis(100)).await;
+    cache.save_row(&k, &json!("no blob any more")).await?;
+    let first = sweep_orphans(cache.as_ref(), grace, false).await?;
+    ensure!(
+        first.blobs.is_empty() && cache.read_blob(&old.reference).await?.is_some(),
+        "a blob orphaned a moment ago was swept: its grace counted from its write"
+    );
+    tokio::time::sleep(grace + Duration::from_millis(100)).await;
+    let second = sweep_orphans(cache.as_ref(), grace, false).await?;
+    let swept: Vec<&str> = second.blobs.iter().map(|b| b.id.as_str()).collect();
+    ensure!(
+        swept == [old.reference.as_str()],
+        "after its grace the orphan was not swept (swept {swept:?})"
+    );
+    ensure!(
+        cache.read_blob(&old.reference).await?.is_none(),
+        "the swept orphan still reads"
+    );
+    Ok(())
+}
