@@ -260,9 +260,24 @@ fn local_path_and_durability(text: &str, url: &Url) -> Result<(PathBuf, bool)> {
     Ok((path, durable))
 }
 
+/// Whether the path part of a URL's raw text has a `..` segment, plain or percent-encoded.
+fn has_dot_dot_segment(text: &str) -> bool {
+    let path = text.split(['?', '#']).next().unwrap_or(text);
+    let path = path.split_once("://").map_or(path, |(_, rest)| rest);
+    path.split(['/', '\\']).any(|segment| {
+        let decoded = segment.replace("%2e", ".").replace("%2E", ".");
+        decoded == ".."
+    })
+}
+
 impl Location {
     /// Parse a cache URL. Unknown schemes, relative paths and unknown options are errors.
     pub fn parse(text: &str) -> Result<Self> {
+        // URL parsing normalises `a/../b` (and `%2e%2e`) away before any check could see it: look at the
+        // raw text, so a `..` is refused as the docs say rather than silently resolved.
+        if has_dot_dot_segment(text) {
+            return Err(invalid(text, "'..' path segments are not allowed"));
+        }
         let url = Url::parse(text.trim()).map_err(|e| invalid(text, e.to_string()))?;
         match url.scheme() {
             "memory" => {

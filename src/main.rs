@@ -93,12 +93,21 @@ enum Command {
         #[arg(value_name = "FILE")]
         file: Option<PathBuf>,
     },
-    /// Stream a blob to stdout. REF is a CacheRef's JSON (verified against its size and sha256) or its
-    /// `$ref` string. Exit 1 if it does not resolve, 3 if its bytes fail verification.
+    /// Write a blob to stdout or a file, verified. REF is a CacheRef's JSON or its bare `$ref` string
+    /// (verified against the size and SHA-256 the store recorded, where it recorded one). To stdout, a
+    /// blob up to --max-buffer is verified before its first byte is written; a larger one streams and
+    /// a mismatch ends it with exit 3. With -o, bytes go to a temp file beside FILE, renamed into place
+    /// only once verified. Exit 1 if it does not resolve, 3 if its bytes fail verification.
     Cat {
         /// The CacheRef JSON or ref string.
         #[arg(value_name = "REF")]
         reference: String,
+        /// Write to FILE (atomically, only once verified) instead of stdout.
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Largest blob held in memory to verify before anything reaches stdout (e.g. 64MiB).
+        #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = outcache::config::parse_size)]
+        max_buffer: u64,
     },
     /// Count what the cache holds: rows, blobs, bytes, temp files, oldest and newest entry, and the task
     /// types with the most bytes.
@@ -119,10 +128,14 @@ enum Command {
         /// Remove blobs no row references and stale temp files, older than --grace.
         #[arg(long)]
         orphans: bool,
-        /// How old an orphan or temp file must be before it is removed, so writes in flight are spared
-        /// (default: the config file's janitor.grace, else 1h).
+        /// How long an orphan or temp file must have been one before it is removed, so writes in flight
+        /// and readers of replaced rows are spared (default: the config file's janitor.grace, else 1h;
+        /// below 1m only with --force).
         #[arg(long, value_name = "DURATION", value_parser = outcache::config::parse_duration)]
         grace: Option<std::time::Duration>,
+        /// Accept a --grace below one minute (on a live cache it sweeps the temps of writes in flight).
+        #[arg(long)]
+        force: bool,
         /// Evict least-recently-read rows (with their blobs) until the cache fits (e.g. 10GiB).
         #[arg(long, value_name = "SIZE", value_parser = outcache::config::parse_size)]
         max_size: Option<u64>,
@@ -264,31 +277,35 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .await?;
             println!("{stored}");
         }
-        Command::Cat { reference } => {
+        Command::Cat {
+            reference,
+            output,
+            max_buffer,
+        } => {
             let cache_ref = CacheRef::parse_arg(&reference)?;
             let cache = open(&config, run_id)?;
-            let Some(mut stream) = cache.open_stream(&cache_ref).await? else {
-                return Err(Failure::Miss(Some(format!(
+            let unresolved = || {
+                Failure::Miss(Some(format!(
                     "{} does not resolve in {}",
                     cache_ref.reference,
                     cache.backend()
-                ))));
+                )))
             };
-            let mut stdout = tokio::io::stdout();
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk?;
-                if let Err(e) = stdout.write_all(&chunk).await {
-                    // A closed pipe (`| head`) is the reader's choice, not our failure.
-                    if e.kind() == std::io::ErrorKind::BrokenPipe {
-                        return Ok(());
-                    }
-                    return Err(Error::io("write", "<stdout>", e).into());
+            let Some(full) = cache.stat(&cache_ref).await? else {
+                return Err(unresolved());
+            };
+            let Some(stream) = cache.open_stream(&full).await? else {
+                return Err(unresolved());
+            };
+            match output {
+                Some(path) => cat_to_file(stream, &path).await?,
+                None if full.size.is_some_and(|size| size <= max_buffer) => {
+                    // Small enough to hold: verify all of it before stdout sees a byte.
+                    let bytes = outcache::blob::collect(stream).await?;
+                    write_stdout(&bytes)?;
                 }
+                None => cat_streaming(stream).await?,
             }
-            stdout
-                .flush()
-                .await
-                .map_err(|e| Error::io("flush", "<stdout>", e))?;
         }
         Command::Stats { json, top } => {
             let cache = open(&config, run_id)?;
@@ -306,6 +323,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             older_than,
             orphans,
             grace,
+            force,
             max_size,
             prefix,
             corrupt,
@@ -320,11 +338,23 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 .into());
             }
+            let grace = grace.unwrap_or(config.janitor_grace);
+            if orphans && grace < outcache::janitor::MIN_GRACE && !force {
+                return Err(Error::InvalidInput {
+                    what: "--grace".into(),
+                    reason: format!(
+                        "{} is below one minute: on a live cache it sweeps the temps of writes still \
+                         in flight. Add --force if no writer is running",
+                        humantime::format_duration(grace)
+                    ),
+                }
+                .into());
+            }
             let cache = open(&config, run_id)?;
             let mut options = outcache::janitor::PruneOptions::new();
             options.older_than = older_than;
             options.orphans = orphans;
-            options.grace = grace.unwrap_or(config.janitor_grace);
+            options.grace = grace;
             options.max_size = max_size;
             options.prefix = prefix;
             options.corrupt = corrupt;
@@ -433,6 +463,72 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
     }
+    Ok(())
+}
+
+/// Write `bytes` to stdout; a closed pipe is the reader's choice and ends the command quietly.
+fn write_stdout(bytes: &[u8]) -> Result<(), Error> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(Error::io("write", "<stdout>", e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Stream a verified blob to stdout as it arrives (a blob too large to hold): a verification failure
+/// ends the stream with an error, after the bytes before it were written.
+async fn cat_streaming(mut stream: outcache::ByteStream) -> Result<(), Error> {
+    let mut stdout = tokio::io::stdout();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        if let Err(e) = stdout.write_all(&chunk).await {
+            // A closed pipe (`| head`) is the reader's choice, not our failure.
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                return Ok(());
+            }
+            return Err(Error::io("write", "<stdout>", e));
+        }
+    }
+    match stdout.flush().await {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(Error::io("flush", "<stdout>", e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Write a verified blob to `path`: into a temp file beside it, renamed into place only once every byte
+/// was verified and synced, so `path` never holds wrong or partial bytes. The temp goes on any failure.
+async fn cat_to_file(
+    mut stream: outcache::ByteStream,
+    path: &std::path::Path,
+) -> Result<(), Error> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix(".outcache-cat-")
+        .suffix(".tmp")
+        .tempfile_in(&dir)
+        .map_err(|e| Error::io("create a temp file beside", path, e))?;
+    let (file, tmp_path) = tmp.into_parts();
+    let mut file = tokio::fs::File::from_std(file);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?; // dropping `tmp_path` removes the temp file
+        file.write_all(&chunk)
+            .await
+            .map_err(|e| Error::io("write", &*tmp_path, e))?;
+    }
+    file.sync_all()
+        .await
+        .map_err(|e| Error::io("fsync", &*tmp_path, e))?;
+    drop(file);
+    tmp_path
+        .persist(path)
+        .map_err(|e| Error::io("rename into place", path, e.error))?;
     Ok(())
 }
 
