@@ -245,6 +245,55 @@ fn main() {
             })
         })
     });
+    // The data-safety checks on the hot path: a hit whose row holds a ref stats the blob (a dangling ref
+    // is a miss), and a bare ref's verified read takes its size and SHA-256 from a stat first.
+    let engine = Cache::new(durable.clone());
+    let plain = json!({ "i": "plain" });
+    rt.block_on(engine.put("bench/hit", &plain, &output))
+        .unwrap();
+    let with_ref = json!({ "i": "with a ref" });
+    let stored = rt
+        .block_on(engine.put_stream(
+            "bench/hit",
+            &with_ref,
+            futures::stream::iter(payload(100 << 10).into_iter().map(Ok)).boxed(),
+            Default::default(),
+        ))
+        .unwrap();
+    let full = CacheRef::from_value(&stored).expect("100 KiB is above the threshold");
+    let bare = CacheRef::new(full.reference.clone());
+    group.bench_function("hit_no_refs", |b| {
+        b.iter(|| {
+            s.time("hit", "row only", || {
+                rt.block_on(engine.get("bench/hit", &plain))
+                    .unwrap()
+                    .unwrap()
+            })
+        })
+    });
+    group.bench_function("hit_one_ref_checked", |b| {
+        b.iter(|| {
+            s.time("hit", "row + ref stat", || {
+                rt.block_on(engine.get("bench/hit", &with_ref))
+                    .unwrap()
+                    .unwrap()
+            })
+        })
+    });
+    group.bench_function("verified_read_full_ref", |b| {
+        b.iter(|| {
+            s.time("verified 100KiB", "full ref", || {
+                rt.block_on(engine.read(&full)).unwrap().unwrap()
+            })
+        })
+    });
+    group.bench_function("verified_read_bare_ref", |b| {
+        b.iter(|| {
+            s.time("verified 100KiB", "bare ref", || {
+                rt.block_on(engine.read(&bare)).unwrap().unwrap()
+            })
+        })
+    });
     group.finish();
     c.final_summary();
 
@@ -296,6 +345,20 @@ fn main() {
         "unverified read",
         "raw",
         "outcache",
+    );
+    samples.print_ratio(
+        "a hit whose row holds a ref: the existence check's cost",
+        &["hit"],
+        "row only",
+        "row + ref stat",
+        |_| (1.0, "ops"),
+    );
+    samples.print_ratio(
+        "a bare ref read verified from its name's digest, against a full CacheRef",
+        &["verified 100KiB"],
+        "full ref",
+        "bare ref",
+        |_| (0.1024, "MB"),
     );
     samples.print_ratio(
         "small rows, durable (target >= 0.90)",
