@@ -1111,11 +1111,23 @@ impl SqliteCache {
                         )
                         .optional()
                         .map_err(this.err(&context))?
-                        .ok_or_else(|| Error::Backend {
-                            backend: this.to_string(),
-                            context,
-                            source: "the chunk is gone (the blob was deleted while being read)"
-                                .into(),
+                        .ok_or_else(|| {
+                            // With the manifest still there, the blob is not being deleted: the
+                            // manifest claims bytes the chunks do not hold.
+                            match manifest(conn, &id) {
+                                Ok(Some((size, _))) => Error::Integrity {
+                                    reference: format!("{REF_PREFIX}{id}"),
+                                    expected: format!("size:{size}"),
+                                    actual: format!("chunks end before chunk {seq}"),
+                                },
+                                _ => Error::Backend {
+                                    backend: this.to_string(),
+                                    context,
+                                    source:
+                                        "the chunk is gone (the blob was deleted while being read)"
+                                            .into(),
+                                },
+                            }
                         })
                     })
                     .await?;

@@ -388,7 +388,13 @@ impl Cache {
                             ))
                         })
                     } else {
-                        self.backend.stat_blob(&r.reference).await?.map(|_| None)
+                        // A stored size other than the ref's means the blob is not the one the
+                        // row was written with: like a missing one, it cannot serve this hit.
+                        self.backend
+                            .stat_blob(&r.reference)
+                            .await?
+                            .filter(|stat| r.size.is_none_or(|size| size == stat.size))
+                            .map(|_| None)
                     };
                     match (found, dangling) {
                         (Some(hydrated), _) => Ok(Some(hydrated)),

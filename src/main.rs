@@ -180,8 +180,29 @@ enum Command {
     Conformance,
 }
 
+/// Print one line to stdout through [`emit`]; returns early from the command on a closed pipe or a failed
+/// write.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        emit(format_args!($($arg)*))?
+    };
+}
+
+/// Write one line to stdout. A closed pipe (`| head`) is the reader's choice: the command ends quietly.
+/// Any other failure (a full disk behind `> file`) is a one-line error, exit 1 — never a panic.
+fn emit(line: std::fmt::Arguments<'_>) -> Result<(), Failure> {
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(Failure::ClosedPipe),
+        Err(e) => Err(Failure::Error(Error::io("write", "<stdout>", e))),
+    }
+}
+
 /// What ends a command early, mapped to an exit code.
 enum Failure {
+    /// Stdout was closed by its reader: stop quietly (exit 0).
+    ClosedPipe,
     /// A miss or unresolved ref (exit 1, message optional).
     Miss(Option<String>),
     /// An error from the library.
@@ -247,7 +268,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let cache = open(&config, run_id)?;
             match cache.get(&task_type, &inputs).await? {
                 Some(value) => {
-                    println!("{value}");
+                    out!("{value}");
                     // Best effort: a failed access-time update must not turn a hit into an error.
                     let _ = cache.flush_access().await;
                 }
@@ -275,7 +296,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let stored = cache
                 .put_stream(&task_type, &inputs, data, BlobOptions { mime, port })
                 .await?;
-            println!("{stored}");
+            out!("{stored}");
         }
         Command::Cat {
             reference,
@@ -311,12 +332,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let cache = open(&config, run_id)?;
             let inv = outcache::janitor::inventory(cache.backend().as_ref(), top).await?;
             if json {
-                println!(
+                out!(
                     "{}",
                     serde_json::to_string(&inv).expect("inventory serialises")
                 );
             } else {
-                print_inventory(&inv, &cache.backend().to_string());
+                print_inventory(&inv, &cache.backend().to_string())?;
             }
         }
         Command::Prune {
@@ -372,12 +393,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 bar.finish_and_clear();
             }
             if json {
-                println!(
+                out!(
                     "{}",
                     serde_json::to_string(&report).expect("report serialises")
                 );
             } else {
-                print_report(&report);
+                print_report(&report)?;
             }
         }
         Command::Bench {
@@ -399,24 +420,24 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             outcache::conformance::remove_run_dir(&location, &tag);
             let report = result?;
             if json {
-                println!(
+                out!(
                     "{}",
                     serde_json::to_string(&report).expect("report serialises")
                 );
             } else {
-                println!("cache:                 {}", report.backend);
-                println!("row put:               {:>10.0} /s", report.row_put_per_s);
-                println!("row get:               {:>10.0} /s", report.row_get_per_s);
-                println!(
+                out!("cache:                 {}", report.backend);
+                out!("row put:               {:>10.0} /s", report.row_put_per_s);
+                out!("row get:               {:>10.0} /s", report.row_get_per_s);
+                out!(
                     "blob write ({:>8}):  {:>10.0} MB/s",
                     human_bytes(report.blob_bytes),
                     report.blob_write_mb_s
                 );
-                println!(
+                out!(
                     "blob read, verified:   {:>10.0} MB/s",
                     report.blob_read_verified_mb_s
                 );
-                println!(
+                out!(
                     "blob read, unverified: {:>10.0} MB/s",
                     report.blob_read_mb_s
                 );
@@ -429,10 +450,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     .into_iter()
                     .map(|(k, v, source)| (k, serde_json::json!({ "value": v, "source": source })))
                     .collect();
-                println!("{}", Value::Object(map));
+                out!("{}", Value::Object(map));
             } else {
                 for (key, value, source) in lines {
-                    println!("{key:<22} = {value:<50} ({source})");
+                    out!("{key:<22} = {value:<50} ({source})");
                 }
                 for var in [
                     "AWS_ACCESS_KEY_ID",
@@ -440,7 +461,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     "AWS_SESSION_TOKEN",
                 ] {
                     if std::env::var_os(var).is_some() {
-                        println!("{var:<22} = {:<50} (env {var})", "set (value hidden)");
+                        out!("{var:<22} = {:<50} (env {var})", "set (value hidden)");
                     }
                 }
             }
@@ -450,14 +471,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let report = |o: &CaseOutcome| {
                 let ms = o.elapsed.as_millis();
                 match &o.result {
-                    Ok(()) => println!("ok    {} ({ms} ms)", o.name),
-                    Err(f) => println!("FAIL  {} ({ms} ms): {f}", o.name),
+                    // The summary line below reports a closed or full stdout; a case line just goes.
+                    Ok(()) => {
+                        let _ = emit(format_args!("ok    {} ({ms} ms)", o.name));
+                    }
+                    Err(f) => {
+                        let _ = emit(format_args!("FAIL  {} ({ms} ms): {f}", o.name));
+                    }
                 }
-                let _ = std::io::stdout().flush();
             };
             let outcomes = run_suite(&location, |b| wrap_run(b, run_id), report).await?;
             let failed = outcomes.iter().filter(|o| o.result.is_err()).count();
-            println!("{} passed, {failed} failed", outcomes.len() - failed);
+            out!("{} passed, {failed} failed", outcomes.len() - failed);
             if failed > 0 {
                 return Err(Failure::Miss(None));
             }
@@ -548,32 +573,49 @@ fn human_bytes(n: u64) -> String {
 }
 
 fn human_time(ms: Option<u64>) -> String {
-    ms.map(|ms| {
-        humantime::format_rfc3339_seconds(
+    // RFC 3339 ends with the year 9999; a commit time beyond it is data on disk, not a reason to panic.
+    const LAST_RFC3339_MS: u64 = 253_402_300_799_999;
+    match ms {
+        None => "-".into(),
+        Some(ms) if ms > LAST_RFC3339_MS => {
+            format!("{ms} ms after the epoch (beyond the year 9999)")
+        }
+        Some(ms) => humantime::format_rfc3339_seconds(
             std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
         )
-        .to_string()
-    })
-    .unwrap_or_else(|| "-".into())
+        .to_string(),
+    }
 }
 
-fn print_inventory(inv: &outcache::janitor::Inventory, backend: &str) {
-    println!("cache:   {backend}");
-    println!("rows:    {} ({})", inv.rows, human_bytes(inv.row_bytes));
-    println!("blobs:   {} ({})", inv.blobs, human_bytes(inv.blob_bytes));
-    println!("temps:   {} ({})", inv.temps, human_bytes(inv.temp_bytes));
+fn print_inventory(inv: &outcache::janitor::Inventory, backend: &str) -> Result<(), Failure> {
+    out!("cache:   {backend}");
+    out!("rows:    {} ({})", inv.rows, human_bytes(inv.row_bytes));
+    out!("blobs:   {} ({})", inv.blobs, human_bytes(inv.blob_bytes));
+    out!("temps:   {} ({})", inv.temps, human_bytes(inv.temp_bytes));
     if inv.corrupt_rows > 0 {
-        println!(
+        out!(
             "corrupt: {} rows that cannot be decoded (prune --corrupt removes them)",
             inv.corrupt_rows
         );
     }
-    println!("oldest:  {}", human_time(inv.oldest_ms));
-    println!("newest:  {}", human_time(inv.newest_ms));
+    if inv.newer_format_rows > 0 {
+        out!(
+            "newer:   {} rows written by a newer outcache (never removed; they stop the orphan sweep)",
+            inv.newer_format_rows
+        );
+    }
+    if inv.foreign_entries > 0 {
+        out!(
+            "foreign: {} entries the cache did not write (links, FIFOs …; never touched)",
+            inv.foreign_entries
+        );
+    }
+    out!("oldest:  {}", human_time(inv.oldest_ms));
+    out!("newest:  {}", human_time(inv.newest_ms));
     if !inv.top_task_types.is_empty() {
-        println!("top task types by bytes:");
+        out!("top task types by bytes:");
         for t in &inv.top_task_types {
-            println!(
+            out!(
                 "  {:>10}  {:>6} rows  {}",
                 human_bytes(t.bytes),
                 t.rows,
@@ -581,11 +623,12 @@ fn print_inventory(inv: &outcache::janitor::Inventory, backend: &str) {
             );
         }
     }
+    Ok(())
 }
 
-fn print_report(r: &outcache::janitor::PruneReport) {
+fn print_report(r: &outcache::janitor::PruneReport) -> Result<(), Failure> {
     let verb = if r.dry_run { "would remove" } else { "removed" };
-    println!(
+    out!(
         "{verb}: {} rows, {} blobs, {} temp files; {} reclaimed{}",
         r.rows_removed,
         r.blobs_removed,
@@ -599,7 +642,7 @@ fn print_report(r: &outcache::janitor::PruneReport) {
         ("size budget", &r.by_size),
     ] {
         if part.rows + part.blobs + part.temps > 0 {
-            println!(
+            out!(
                 "  {label:<12} {} rows, {} blobs, {} temps, {}",
                 part.rows,
                 part.blobs,
@@ -608,6 +651,13 @@ fn print_report(r: &outcache::janitor::PruneReport) {
             );
         }
     }
+    if r.rows_kept_rewritten > 0 {
+        out!(
+            "  kept {} rows rewritten since they were listed",
+            r.rows_kept_rewritten
+        );
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -623,7 +673,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) | Err(Failure::ClosedPipe) => ExitCode::SUCCESS,
         Err(Failure::Miss(message)) => {
             if let Some(message) = message {
                 eprintln!("outcache: {message}");

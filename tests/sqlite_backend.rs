@@ -282,3 +282,42 @@ async fn garbage_written_into_the_database_gives_typed_errors_never_wrong_bytes(
     }
     assert!(db.exists(), "the damaged database must not be deleted");
 }
+
+/// A manifest whose size is absurd (9e18 bytes, garbage on disk) is an integrity failure, never an
+/// allocation that aborts the process: by full ref, by bare ref, and through a hit that hydrates it.
+#[test]
+fn an_absurd_manifest_size_is_an_error_not_an_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("c.db");
+    let u = format!("sqlite://{}", db.display());
+    let run = |args: &[&str], stdin: Option<&[u8]>| common::outcache(&u, args, stdin);
+    let put = run(
+        &["put-blob", "t", "--inputs", "{}"],
+        Some(&vec![9u8; 200_000]),
+    );
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    let full = String::from_utf8_lossy(&put.stdout).trim().to_owned();
+    let r: serde_json::Value = serde_json::from_str(&full).unwrap();
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute("UPDATE blobs SET size = 9000000000000000000", [])
+        .unwrap();
+    for reference in [full.as_str(), r["$ref"].as_str().unwrap()] {
+        let cat = run(&["cat", reference], None);
+        let err = String::from_utf8_lossy(&cat.stderr);
+        assert_eq!(cat.status.code(), Some(3), "{err}");
+        assert!(!err.contains("memory allocation"), "{err}");
+    }
+    // The hit's ref names a blob whose stored size is not its own: a miss, so the task runs again.
+    let get = run(&["get", "t", "--inputs", "{}"], None);
+    assert_eq!(
+        get.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&get.stderr)
+    );
+}

@@ -1,0 +1,148 @@
+//! The CLI as operators run it from cron, CI scripts and pipes: a closed pipe ends a command quietly, a
+//! full disk is a one-line error (exit 1), and data on disk never makes it panic.
+
+mod common;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+
+use common::outcache;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_outcache"));
+    c.env_remove("OUTCACHE_URL").env_remove("OUTCACHE_CONFIG");
+    c
+}
+
+/// A cache with a row whose output is 1 MB (more than a pipe holds), and its URL.
+fn big_row() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let u = format!("fs://{}", dir.path().display());
+    let output = serde_json::to_string(&"x".repeat(1 << 20)).unwrap();
+    let file = dir.path().join("out.json");
+    std::fs::write(&file, &output).unwrap();
+    let args = [
+        "put",
+        "t",
+        "--inputs",
+        "{}",
+        "--output-file",
+        file.to_str().unwrap(),
+    ];
+    let put = outcache(&u, &args, None);
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    (dir, u)
+}
+
+/// Every command that prints, with its stdout a pipe whose reader is already gone (`| head -c0`): the
+/// first write fails with EPIPE, and the command ends quietly with exit 0, nothing on stderr.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_closed_pipe_ends_commands_quietly() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (_dir, u) = big_row();
+    for args in [
+        vec!["get", "t", "--inputs", "{}"],
+        vec!["stats"],
+        vec!["stats", "--json"],
+        vec!["config"],
+        vec!["prune", "--older-than", "30d"],
+    ] {
+        let mut fds = [0; 2];
+        // SAFETY: pipe(2) fills the two descriptors, which we then own.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let (reader, writer) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        drop(reader);
+        let out = bin()
+            .arg("--url")
+            .arg(&u)
+            .args(&args)
+            .stdout(Stdio::from(writer))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?} printed on a closed pipe: {err}");
+    }
+}
+
+/// A reader that stops after one byte of a large output (`| head -c1`).
+#[test]
+fn a_reader_that_stops_early_ends_get_quietly() {
+    let (_dir, u) = big_row();
+    let mut child = bin()
+        .arg("--url")
+        .arg(&u)
+        .args(["get", "t", "--inputs", "{}"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut one = [0u8; 1];
+    assert_eq!(stdout.read(&mut one).unwrap(), 1);
+    drop(stdout);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!((out.status.code(), err.as_ref()), (Some(0), ""));
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_full_disk_is_a_one_line_error() {
+    let (_dir, u) = big_row();
+    for args in [
+        vec!["get", "t", "--inputs", "{}"],
+        vec!["stats"],
+        vec!["config"],
+    ] {
+        let full = std::fs::File::options()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let out = bin()
+            .arg("--url")
+            .arg(&u)
+            .args(&args)
+            .stdout(full)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(err.contains("No space left"), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+    }
+}
+
+/// A row committed after the year 9999 (data on disk, or a clock gone wrong) does not crash `stats`.
+#[test]
+fn stats_survives_commit_times_beyond_the_year_9999() {
+    let dir = tempfile::tempdir().unwrap();
+    let u = format!("fs://{}", dir.path().display());
+    assert!(
+        outcache(&u, &["put", "t", "--inputs", "{}", "--output", "1"], None)
+            .status
+            .success()
+    );
+    let row = std::fs::read_dir(dir.path().join("rows/t"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&row).unwrap()).unwrap();
+    record["created_at_ms"] = 400_000_000_000_000u64.into();
+    std::fs::write(&row, record.to_string()).unwrap();
+    let out = outcache(&u, &["stats"], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("beyond the year 9999"));
+}
