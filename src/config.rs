@@ -17,16 +17,23 @@ use crate::store::OutputCache;
 /// The environment variable that names the cache when no URL is given.
 pub const URL_ENV: &str = "OUTCACHE_URL";
 
-/// Parse a byte size: a whole number with an optional unit (`B`, `KB`, `MB`, `GB`, `TB` decimal;
-/// `KiB`, `MiB`, `GiB`, `TiB` binary; case-insensitive, spaces allowed), e.g. `10GiB`, `512 MB`, `4096`.
+/// Parse a byte size: a number (whole or decimal) with an optional unit (`B`, `KB`, `MB`, `GB`, `TB`
+/// decimal; `KiB`, `MiB`, `GiB`, `TiB` binary; case-insensitive, spaces allowed), e.g. `10GiB`, `1.5GiB`,
+/// `512 MB`, `4096`. A fraction of a byte rounds down.
 pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let bad = || format!("{text:?} is not a size like 10GiB, 1.5GiB or 512MB");
     let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size like 10GiB or 512MB"))?;
-    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if whole.is_empty() || fraction.contains('.') || fraction.len() > 9 {
+        return Err(bad());
+    }
+    let digits = format!("{whole}{fraction}");
+    let mantissa: u128 = digits.parse().map_err(|_| bad())?;
+    let factor: u128 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "kb" => 1_000,
         "mb" => 1_000_000,
@@ -42,8 +49,11 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
             ));
         }
     };
-    number
+    let scale = 10u128.pow(fraction.len() as u32);
+    mantissa
         .checked_mul(factor)
+        .map(|bytes| bytes / scale)
+        .and_then(|bytes| u64::try_from(bytes).ok())
         .ok_or_else(|| format!("{text:?} is too large"))
 }
 
@@ -555,14 +565,34 @@ impl Config {
         };
         let (file, path) = match file_path {
             Some((path, _required)) => {
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|e| Error::io("read config file", &path, e))?;
+                // A config file that cannot be read is bad input (exit 2), like a malformed one.
+                let text = std::fs::read_to_string(&path).map_err(|e| Error::InvalidInput {
+                    what: format!("config file {}", path.display()),
+                    reason: match e.kind() {
+                        std::io::ErrorKind::InvalidData => "is not UTF-8 text".to_owned(),
+                        _ if path.is_dir() => "is a directory".to_owned(),
+                        _ => format!("cannot be read: {e}"),
+                    },
+                })?;
                 let file: ConfigFile = toml::from_str(&text).map_err(|e| {
-                    // One line: the message, and the offending line with its number.
+                    // One line: the message and the line number, never the line itself (it may
+                    // hold a secret).
                     let at = e.span().map(|span| {
                         let line = text[..span.start.min(text.len())].matches('\n').count();
-                        let content = text.lines().nth(line).unwrap_or("").trim();
-                        format!(" (line {}: {content})", line + 1)
+                        let key = text
+                            .lines()
+                            .nth(line)
+                            .and_then(|l| l.split_once('='))
+                            .map(|(k, _)| k.trim())
+                            .filter(|k| {
+                                k.len() <= 64
+                                    && k.bytes()
+                                        .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+                            });
+                        match key {
+                            Some(key) => format!(" (line {}, key {key})", line + 1),
+                            None => format!(" (line {})", line + 1),
+                        }
                     });
                     Error::InvalidInput {
                         what: format!("config file {}", path.display()),

@@ -146,3 +146,72 @@ fn stats_survives_commit_times_beyond_the_year_9999() {
     assert!(out.status.success(), "{err}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("beyond the year 9999"));
 }
+
+/// Every usage error is one line on stderr, exit 2; what people type (`1.5GiB`) is accepted.
+#[test]
+fn usage_errors_are_one_line_exit_2() {
+    for args in [
+        vec!["prune", "--older-than", "-5d"],
+        vec!["prune", "--orphans", "--grace", "abc"],
+        vec!["prune", "--max-size", "1.5XB"],
+        vec!["put", "t"],
+        vec!["frobnicate"],
+        vec!["stats", "--bogus"],
+    ] {
+        let out = bin()
+            .arg("--url")
+            .arg("memory://")
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err:?}");
+        assert!(
+            err.starts_with("outcache: error: ") && err.contains("(see --help)"),
+            "{err}"
+        );
+    }
+    let ok = bin()
+        .args([
+            "--url",
+            "memory://",
+            "prune",
+            "--max-size",
+            "1.5GiB",
+            "--dry-run",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(outcache::config::parse_size("1.5GiB"), Ok(1_610_612_736));
+    assert_eq!(outcache::config::parse_size("0.5 KB"), Ok(500));
+    assert!(outcache::config::parse_size("1.2.3GiB").is_err());
+    let help = bin().arg("--help").output().unwrap();
+    assert!(help.status.success() && !help.stdout.is_empty());
+}
+
+/// `--config` naming a missing file, a directory or a file that is not UTF-8 is bad input: exit 2.
+#[test]
+fn unreadable_config_files_are_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = dir.path().join("binary.toml");
+    std::fs::write(&binary, [0xff, 0xfe, 0x00, 0x80]).unwrap();
+    let missing = dir.path().join("missing.toml");
+    for path in [missing.as_path(), dir.path(), binary.as_path()] {
+        let out = bin()
+            .arg("--config")
+            .arg(path)
+            .arg("stats")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{}: {err}", path.display());
+        assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
+    }
+}
