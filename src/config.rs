@@ -168,50 +168,117 @@ fn invalid(url: &str, reason: impl Into<String>) -> Error {
     }
 }
 
-/// Whether an option key names a secret (its value is never shown).
-pub fn is_secret_key(key: &str) -> bool {
-    const SECRET: [&str; 7] = [
-        "secret",
-        "token",
-        "password",
-        "key_id",
-        "access_key",
-        "sas",
-        "credential",
+/// What a redacted value prints as.
+pub const REDACTED: &str = "<redacted>";
+
+/// **The redaction rule**: a value is printed only if its key is on this allow-list of options known to
+/// hold no secret (region, bucket, endpoint, timeouts, sizes, flags); every other value — credentials,
+/// SSE-C keys, proxy URLs, anything unknown or misspelt — prints as [`REDACTED`]. Errors name keys, never
+/// values. The check is on the percent-decoded, lowercased key with object_store's `aws_` prefix removed.
+pub fn is_public_option(key: &str) -> bool {
+    const PUBLIC: &[&str] = &[
+        "region",
+        "default_region",
+        "bucket",
+        "bucket_name",
+        "endpoint",
+        "endpoint_url",
+        "allow_http",
+        "allow_invalid_certificates",
+        "virtual_hosted_style_request",
+        "skip_signature",
+        "unsigned_payload",
+        "checksum_algorithm",
+        "s3_express",
+        "request_payer",
+        "conditional_put",
+        "disable_tagging",
+        "imdsv1_fallback",
+        "timeout",
+        "connect_timeout",
+        "max_retries",
+        "retry_timeout",
+        "durable",
     ];
-    let lower = key.to_ascii_lowercase();
-    SECRET.iter().any(|s| lower.contains(s))
+    let decoded = percent_decode(key).to_ascii_lowercase();
+    let bare = decoded.strip_prefix("aws_").unwrap_or(&decoded);
+    PUBLIC.contains(&bare)
 }
 
-/// `url` with the values of secret-looking query options and any password replaced by `REDACTED`, for
-/// messages and logs.
+/// Whether an option key's value must never be shown: everything not on the allow-list
+/// ([`is_public_option`]).
+pub fn is_secret_key(key: &str) -> bool {
+    !is_public_option(key)
+}
+
+fn percent_decode(text: &str) -> String {
+    url::form_urlencoded::parse(format!("k={text}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_else(|| text.to_owned())
+}
+
+/// How a public option's value prints: an endpoint without its userinfo (a password or token may sit
+/// there) or query; anything else as it is.
+fn public_value(key: &str, value: &str) -> String {
+    let decoded = percent_decode(key).to_ascii_lowercase();
+    if decoded.contains("endpoint") {
+        return strip_userinfo_and_query(value);
+    }
+    value.to_owned()
+}
+
+fn strip_userinfo_and_query(url: &str) -> String {
+    let url = url.split(['?', '#']).next().unwrap_or(url);
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let host = authority
+                .rsplit_once('@')
+                .map_or(authority, |(_, host)| host);
+            let hidden = if authority.contains('@') {
+                format!("{REDACTED}@")
+            } else {
+                String::new()
+            };
+            format!("{scheme}://{hidden}{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// `url` for messages and logs: any userinfo (`user:password@`, a bare `TOKEN@`) replaced by
+/// [`REDACTED`], and the value of every query option not on the allow-list ([`is_public_option`]) too.
 pub fn redact_url(url: &str) -> String {
+    let url = url.trim();
     let (base, query) = match url.split_once('?') {
         Some((base, query)) => (base, Some(query)),
         None => (url, None),
     };
+    let base = base.split('#').next().unwrap_or(base);
     let base = match base.split_once("://") {
-        // user:password@host → user:REDACTED@host
-        Some((scheme, rest)) => match rest.split_once('@') {
-            Some((userinfo, host)) if userinfo.contains(':') && !userinfo.contains('/') => {
-                let user = userinfo.split(':').next().unwrap_or_default();
-                format!("{scheme}://{user}:REDACTED@{host}")
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            match authority.rsplit_once('@') {
+                Some((_, host)) => format!("{scheme}://{REDACTED}@{host}{path}"),
+                None => base.to_owned(),
             }
-            _ => base.to_owned(),
-        },
+        }
         None => base.to_owned(),
     };
     let Some(query) = query else {
         return base;
     };
+    let query = query.split('#').next().unwrap_or(query);
     let pairs: Vec<String> = query
         .split('&')
+        .filter(|pair| !pair.is_empty())
         .map(|pair| {
-            let key = pair.split('=').next().unwrap_or_default();
-            if is_secret_key(key) {
-                format!("{key}=REDACTED")
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if is_public_option(key) {
+                format!("{key}={}", public_value(key, &percent_decode(value)))
             } else {
-                pair.to_owned()
+                format!("{key}={REDACTED}")
             }
         })
         .collect();
@@ -404,12 +471,13 @@ mod tests {
             redact_url(
                 "s3://b/p?endpoint=http://h:1&aws_secret_access_key=S&access_key_id=K&token=T&region=r"
             ),
-            "s3://b/p?endpoint=http://h:1&aws_secret_access_key=REDACTED&access_key_id=REDACTED&token=REDACTED&region=r"
+            "s3://b/p?endpoint=http://h:1&aws_secret_access_key=<redacted>&access_key_id=<redacted>&token=<redacted>&region=r"
         );
         assert_eq!(
-            redact_url("s3://user:pw@host/x"),
-            "s3://user:REDACTED@host/x"
+            redact_url("s3://TOKEN@b/p?endpoint=http://u:pw@h:1/x?q=1&%73ecret%5Faccess%5Fkey=S"),
+            "s3://<redacted>@b/p?endpoint=http://<redacted>@h:1/x&%73ecret%5Faccess%5Fkey=<redacted>"
         );
+        assert_eq!(redact_url("s3://user:pw@host/x"), "s3://<redacted>@host/x");
         assert_eq!(redact_url("fs:///tmp/x"), "fs:///tmp/x");
     }
 
@@ -739,16 +807,15 @@ impl Config {
                 "janitor.grace" => humantime::format_duration(self.janitor_grace).to_string(),
                 other => {
                     let k = other.trim_start_matches("object_store.");
-                    let secret = is_secret_key(k);
                     let v = self
                         .object_store
                         .iter()
                         .find(|(key, _)| key == k)
                         .map(|(_, v)| v.clone());
-                    if secret {
-                        "REDACTED".into()
+                    if is_public_option(k) {
+                        public_value(k, &v.unwrap_or_default())
                     } else {
-                        v.unwrap_or_default()
+                        REDACTED.into()
                     }
                 }
             }
