@@ -305,6 +305,14 @@ impl OutputCache for RunPrivate {
         Ok(false)
     }
 
+    async fn reclaim_space(&self) -> Result<()> {
+        self.inner.reclaim_space().await
+    }
+
+    async fn storage_bytes(&self) -> Result<Option<u64>> {
+        self.inner.storage_bytes().await
+    }
+
     async fn touch_rows(&self, keys: &[RowKey], at: SystemTime) -> Result<()> {
         let inner: Vec<RowKey> = keys
             .iter()

@@ -391,6 +391,12 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
             "its schema version {version} is newer than this build's {SCHEMA_VERSION}; upgrade outcache"
         )));
     }
+    if tables == 0 {
+        // Only a database without tables can take it: freed pages then go back to the file system
+        // through `PRAGMA incremental_vacuum` (run after every prune) instead of staying in the file.
+        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")
+            .map_err(err("set auto_vacuum"))?;
+    }
     let mode = enable_wal(conn).map_err(err("enable WAL"))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(refuse(format!(
@@ -519,6 +525,15 @@ fn scan_rows(cache: &SqliteCache, conn: &Connection) -> Result<(Vec<RowEntry>, V
     Ok((rows_out, corrupt))
 }
 
+/// Return every free page to the file system. Each step of the pragma frees one page, so it is stepped
+/// until done (a single `execute` frees one).
+fn incremental_vacuum(conn: &Connection) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached("PRAGMA incremental_vacuum")?;
+    let mut rows = stmt.query([])?;
+    while rows.next()?.is_some() {}
+    Ok(())
+}
+
 /// The refs in a row's `refs` column that the row `(task, fp)` owns (see [`crate::wire::ref_owned_by`]).
 fn owned_in_column(task: &str, fp: &str, refs: &str) -> Vec<String> {
     let Ok(key) = RowKey::from_parts(task, fp) else {
@@ -564,6 +579,8 @@ impl ChunkGuard {
                 let _ = w
                     .conn
                     .execute("DELETE FROM chunks WHERE blob_id = ?1", [&id]);
+                // Give the failed write's pages back now, not at the next prune.
+                let _ = incremental_vacuum(&w.conn);
                 Ok(())
             })
             .await;
@@ -585,6 +602,8 @@ impl Drop for ChunkGuard {
                     let _ = w
                         .conn
                         .execute("DELETE FROM chunks WHERE blob_id = ?1", [&id]);
+                    // Give the failed write's pages back now, not at the next prune.
+                    let _ = incremental_vacuum(&w.conn);
                     Ok(())
                 })
                 .await;
@@ -813,6 +832,30 @@ impl OutputCache for SqliteCache {
                 )
                 .map_err(this.err(format!("remove temp {id}")))?;
             Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn reclaim_space(&self) -> Result<()> {
+        self.write(|this, w| {
+            // Free pages go back to the file system (with auto_vacuum=INCREMENTAL, which new databases
+            // have), and the log is checkpointed into the database and truncated.
+            incremental_vacuum(&w.conn).map_err(this.err("incremental vacuum"))?;
+            w.conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                .map_err(this.err("checkpoint"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn storage_bytes(&self) -> Result<Option<u64>> {
+        let path = self.inner.path.clone();
+        blocking(move || {
+            let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+            let mut wal = path.clone().into_os_string();
+            wal.push("-wal");
+            Ok(Some(size(&path) + size(Path::new(&wal))))
         })
         .await
     }

@@ -194,6 +194,14 @@ impl OutputCache for FailingRows {
     async fn remove_temp(&self, id: &str) -> Result<bool> {
         self.inner.remove_temp(id).await
     }
+    async fn reclaim_space(&self) -> Result<()> {
+        self.inner.reclaim_space().await
+    }
+
+    async fn storage_bytes(&self) -> Result<Option<u64>> {
+        self.inner.storage_bytes().await
+    }
+
     async fn touch_rows(&self, keys: &[RowKey], at: SystemTime) -> Result<()> {
         self.inner.touch_rows(keys, at).await
     }

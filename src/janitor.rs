@@ -535,6 +535,9 @@ async fn execute(
         save_ledger(backend, ledger).await?;
     }
     report.total();
+    if report.rows_removed + report.blobs_removed + report.temps_removed > 0 {
+        backend.reclaim_space().await?;
+    }
     Ok(plan.report)
 }
 
@@ -588,6 +591,10 @@ pub struct Inventory {
     /// Entries the cache did not write (links, FIFOs …) where it keeps rows and blobs; never touched.
     #[serde(default)]
     pub foreign_entries: u64,
+    /// Bytes the store occupies on disk where the backend can tell (SQLite: the database file and its
+    /// log), beside the logical bytes above.
+    #[serde(default)]
+    pub storage_bytes: Option<u64>,
     /// Oldest row's commit time (ms since the epoch).
     pub oldest_ms: Option<u64>,
     /// Newest row's commit time (ms since the epoch).
@@ -617,6 +624,7 @@ pub async fn inventory(backend: &dyn OutputCache, top: usize) -> Result<Inventor
         corrupt_rows: count(CorruptKind::Garbled),
         newer_format_rows: count(CorruptKind::NewerFormat),
         foreign_entries: count(CorruptKind::Foreign),
+        storage_bytes: backend.storage_bytes().await?,
         ..Inventory::default()
     };
     let mut blob_size = HashMap::new();

@@ -592,6 +592,12 @@ fn print_inventory(inv: &outcache::janitor::Inventory, backend: &str) -> Result<
     out!("rows:    {} ({})", inv.rows, human_bytes(inv.row_bytes));
     out!("blobs:   {} ({})", inv.blobs, human_bytes(inv.blob_bytes));
     out!("temps:   {} ({})", inv.temps, human_bytes(inv.temp_bytes));
+    if let Some(storage) = inv.storage_bytes {
+        out!(
+            "on disk: {} (the database file and its log)",
+            human_bytes(storage)
+        );
+    }
     if inv.corrupt_rows > 0 {
         out!(
             "corrupt: {} rows that cannot be decoded (prune --corrupt removes them)",

@@ -332,6 +332,20 @@ pub trait OutputCache: Debug + Display + Send + Sync + 'static {
     /// only for temps older than its grace period. Unknown names do nothing. Returns whether one was removed.
     async fn remove_temp(&self, id: &str) -> Result<bool>;
 
+    /// Give space that deletes freed back to the operating system, where the backend holds on to it
+    /// (SQLite's free pages and write-ahead log). The janitor calls it after every prune that removed
+    /// something. The default has nothing to give back.
+    async fn reclaim_space(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Bytes the store occupies on its medium (a database file with its log), where the backend can
+    /// tell; `None` where it cannot or it equals the logical size. `stats` shows it beside the logical
+    /// bytes.
+    async fn storage_bytes(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
+
     /// Record that the rows `keys` were read at `at` (one batched update; keys without a row are
     /// ignored). Coarse by design: the engine calls it for batches of reads, not per read.
     async fn touch_rows(&self, keys: &[RowKey], at: SystemTime) -> Result<()> {

@@ -321,3 +321,65 @@ fn an_absurd_manifest_size_is_an_error_not_an_abort() {
         String::from_utf8_lossy(&get.stderr)
     );
 }
+
+/// SQLite gives disk space back: after a prune that frees half the logical bytes, the database file (with
+/// its log) shrinks to within 10% of the logical size plus one checkpoint's worth; a failed write's pages
+/// go back at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prune_gives_disk_space_back() {
+    use outcache::janitor::{PruneOptions, inventory, prune};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("c.db");
+    let backend: Arc<dyn OutputCache> = open(&db);
+    let cache = Cache::new(backend.clone());
+    for (task, seed) in [("keep", 1u8), ("drop", 2u8)] {
+        for i in 0..8u8 {
+            cache
+                .put_stream(
+                    task,
+                    &json!({ "i": i }),
+                    stream(vec![seed ^ i; 2 << 20]),
+                    BlobOptions::default(),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let before = inventory(backend.as_ref(), 0).await.unwrap();
+    let mut options = PruneOptions::new();
+    options.older_than = Some(Duration::ZERO);
+    options.prefix = Some("drop".into());
+    let report = prune(backend.as_ref(), &options, |_| {}).await.unwrap();
+    assert_eq!(report.blobs_removed, 8);
+    let after = inventory(backend.as_ref(), 0).await.unwrap();
+    let logical = after.row_bytes + after.blob_bytes;
+    assert!(
+        logical * 2 <= before.row_bytes + before.blob_bytes + (1 << 20),
+        "{before:?} {after:?}"
+    );
+    let on_disk = after.storage_bytes.expect("SQLite knows its file size");
+    let checkpoint = 4 << 20; // SQLite's default autocheckpoint: 1000 pages of 4 KiB
+    assert!(
+        on_disk as f64 <= logical as f64 * 1.1 + checkpoint as f64,
+        "{on_disk} bytes on disk for {logical} logical"
+    );
+
+    // A failed 8 MiB write leaves no pages behind either.
+    let failing = futures::stream::iter(vec![Ok(bytes::Bytes::from(vec![7u8; 8 << 20]))])
+        .chain(futures::stream::once(async {
+            Err(Error::stream("producer died"))
+        }))
+        .boxed();
+    assert!(
+        cache
+            .put_stream("fail", &json!({}), failing, BlobOptions::default())
+            .await
+            .is_err()
+    );
+    backend.reclaim_space().await.unwrap();
+    let after_fail = backend.storage_bytes().await.unwrap().unwrap();
+    assert!(
+        after_fail as f64 <= logical as f64 * 1.1 + checkpoint as f64,
+        "a failed write left {after_fail} bytes on disk for {logical} logical"
+    );
+}
