@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt, TryStreamExt};
@@ -13,6 +14,7 @@ use serde_json::Value;
 
 use crate::blob::BlobDigest;
 use crate::error::{Error, Result};
+use crate::metrics::{Counters, Metrics};
 use crate::store::{BlobMeta, ByteStream, OutputCache};
 use crate::wire::{CacheRef, InlineBinary, RowKey, refs_in};
 
@@ -93,6 +95,8 @@ pub struct Cache {
     options: CacheOptions,
     /// Keys read since the last flush (see [`Cache::flush_access`]).
     reads: Arc<std::sync::Mutex<HashSet<RowKey>>>,
+    /// What this engine (and its clones) did.
+    counters: Arc<Counters>,
 }
 
 impl Cache {
@@ -107,7 +111,14 @@ impl Cache {
             backend,
             options,
             reads: Arc::default(),
+            counters: Arc::default(),
         }
+    }
+
+    /// What this engine and its clones have done since it was created: hits, misses, puts, bytes in and
+    /// out, verification failures.
+    pub fn metrics(&self) -> Metrics {
+        self.counters.snapshot()
     }
 
     /// Open the backend named by `url` (see [`crate::config::open_backend`]) with default options.
@@ -135,9 +146,35 @@ impl Cache {
 
     /// Store `output` for `task_type` run on `inputs`.
     pub async fn put(&self, task_type: &str, inputs: &Value, output: &Value) -> Result<()> {
-        self.backend
-            .save_row(&RowKey::new(task_type, inputs)?, output)
-            .await
+        let key = RowKey::new(task_type, inputs)?;
+        let started = Instant::now();
+        let result = self.backend.save_row(&key, output).await;
+        self.committed(&key, "put", 0, started, &result);
+        result
+    }
+
+    /// Count and trace a row commit (`bytes`: binary bytes the row carries or references).
+    fn committed<T>(
+        &self,
+        key: &RowKey,
+        op: &str,
+        bytes: u64,
+        started: Instant,
+        result: &Result<T>,
+    ) {
+        if result.is_ok() {
+            Counters::add(&self.counters.puts, 1);
+            Counters::add(&self.counters.bytes_in, bytes);
+        }
+        tracing::debug!(
+            target: "outcache::engine",
+            op,
+            task_type = key.task_type(),
+            fingerprint = &key.fingerprint()[..12],
+            bytes,
+            outcome = if result.is_ok() { "ok" } else { "error" },
+            micros = started.elapsed().as_micros() as u64,
+        );
     }
 
     /// The output stored for `task_type` run on `inputs`, with refs smaller than the reference threshold
@@ -147,22 +184,53 @@ impl Cache {
     /// read refs at all serves the row as stored.
     pub async fn get(&self, task_type: &str, inputs: &Value) -> Result<Option<Value>> {
         let key = RowKey::new(task_type, inputs)?;
-        let Some(row) = self.backend.get_row(&key).await? else {
-            return Ok(None);
+        let started = Instant::now();
+        let outcome = self.lookup(&key).await;
+        let (label, counter) = match &outcome {
+            Ok(Lookup::Hit(_)) => ("hit", Some(&self.counters.hits)),
+            Ok(Lookup::Miss) => ("miss", Some(&self.counters.misses)),
+            Ok(Lookup::Dangling) => {
+                Counters::add(&self.counters.dangling_misses, 1);
+                ("dangling-ref miss", Some(&self.counters.misses))
+            }
+            Err(_) => ("error", None),
+        };
+        if let Some(counter) = counter {
+            Counters::add(counter, 1);
+        }
+        tracing::debug!(
+            target: "outcache::engine",
+            op = "get",
+            task_type,
+            fingerprint = &key.fingerprint()[..12],
+            outcome = label,
+            micros = started.elapsed().as_micros() as u64,
+        );
+        match outcome? {
+            Lookup::Hit(output) => {
+                self.record_read(key).await?;
+                Ok(Some(output))
+            }
+            Lookup::Miss | Lookup::Dangling => Ok(None),
+        }
+    }
+
+    async fn lookup(&self, key: &RowKey) -> Result<Lookup> {
+        let Some(row) = self.backend.get_row(key).await? else {
+            return Ok(Lookup::Miss);
         };
         let caps = self.backend.capabilities();
-        let output = if caps.ref_read || caps.stream_ref_read {
-            let threshold = self.options.reference_threshold;
-            let small = |r: &CacheRef| r.size.is_some_and(|s| s < threshold) && caps.ref_read;
+        if !(caps.ref_read || caps.stream_ref_read) {
+            return Ok(Lookup::Hit(row.output));
+        }
+        let threshold = self.options.reference_threshold;
+        let small = |r: &CacheRef| r.size.is_some_and(|s| s < threshold) && caps.ref_read;
+        Ok(
             match self.hydrate(row.output, small, Dangling::Miss).await? {
-                Some(output) => output,
-                None => return Ok(None),
-            }
-        } else {
-            row.output
-        };
-        self.record_read(key).await?;
-        Ok(Some(output))
+                Some(output) => Lookup::Hit(output),
+                None => Lookup::Dangling,
+            },
+        )
     }
 
     /// Note a hit for the backend's access times; every [`ACCESS_BATCH`] distinct keys are written in one
@@ -218,6 +286,7 @@ impl Cache {
         blob: BlobOptions,
     ) -> Result<Value> {
         let key = RowKey::new(task_type, inputs)?;
+        let started = Instant::now();
         let threshold = self.options.reference_threshold;
         let can_stream = self.backend.capabilities().stream_write;
         // Without streaming, everything must fit inline; with it, only outputs below the threshold do.
@@ -247,7 +316,9 @@ impl Cache {
             let mut bytes = BytesMut::with_capacity(head_len as usize);
             head.iter().for_each(|c| bytes.extend_from_slice(c));
             let output = InlineBinary::encode(&bytes, blob.mime.as_deref());
-            self.backend.save_row(&key, &output).await?;
+            let result = self.backend.save_row(&key, &output).await;
+            self.committed(&key, "put_stream inline", head_len, started, &result);
+            result?;
             return Ok(output);
         }
         if !can_stream {
@@ -266,7 +337,15 @@ impl Cache {
         };
         let cache_ref = self.backend.write_blob(&meta, rest.boxed()).await?;
         let output = cache_ref.to_value();
-        if let Err(commit_error) = self.backend.save_row(&key, &output).await {
+        let result = self.backend.save_row(&key, &output).await;
+        self.committed(
+            &key,
+            "put_stream blob",
+            cache_ref.size.unwrap_or(0),
+            started,
+            &result,
+        );
+        if let Err(commit_error) = result {
             // In-band orphan cleanup: the blob is ours alone (its name is unique to this write).
             let _ = self.backend.delete_blob(&cache_ref.reference).await;
             return Err(commit_error);
@@ -285,6 +364,7 @@ impl Cache {
         let mut full = cache_ref.clone();
         match full.size {
             Some(claimed) if claimed != stat.size => {
+                Counters::add(&self.counters.verification_failures, 1);
                 return Err(Error::Integrity {
                     reference: cache_ref.reference.clone(),
                     expected: format!("size:{claimed}"),
@@ -316,7 +396,9 @@ impl Cache {
         let Some(stream) = self.backend.open_blob(&cache_ref.reference).await? else {
             return Ok(None);
         };
-        Ok(Some(Verifying::new(stream, &full).boxed()))
+        Ok(Some(
+            Verifying::new(stream, &full, self.counters.clone()).boxed(),
+        ))
     }
 
     /// A stream over `range` of the blob behind `cache_ref`, or `None` if it does not resolve. Not verified:
@@ -335,18 +417,28 @@ impl Cache {
     /// The whole blob behind `cache_ref`, verified as [`Cache::open_stream`] verifies (never returns
     /// bytes that fail the check, and never holds more than the stored size plus one chunk in memory).
     pub async fn read(&self, cache_ref: &CacheRef) -> Result<Option<Bytes>> {
-        if !self.options.verify_reads {
-            return self.backend.read_blob(&cache_ref.reference).await;
-        }
-        let Some(full) = self.stat(cache_ref).await? else {
-            return Ok(None);
+        let bytes = if self.options.verify_reads {
+            let Some(full) = self.stat(cache_ref).await? else {
+                return Ok(None);
+            };
+            let Some(bytes) = self.backend.read_blob(&cache_ref.reference).await? else {
+                return Ok(None);
+            };
+            let mut digest = BlobDigest::new();
+            digest.update(&bytes);
+            if let Err(e) = check_digest(&full, digest) {
+                Counters::add(&self.counters.verification_failures, 1);
+                tracing::warn!(target: "outcache::engine", reference = %cache_ref.reference, "{e}");
+                return Err(e);
+            }
+            bytes
+        } else {
+            match self.backend.read_blob(&cache_ref.reference).await? {
+                Some(bytes) => bytes,
+                None => return Ok(None),
+            }
         };
-        let Some(bytes) = self.backend.read_blob(&cache_ref.reference).await? else {
-            return Ok(None);
-        };
-        let mut digest = BlobDigest::new();
-        digest.update(&bytes);
-        check_digest(&full, digest)?;
+        Counters::add(&self.counters.bytes_out, bytes.len() as u64);
         Ok(Some(bytes))
     }
 
@@ -422,6 +514,14 @@ impl Cache {
     }
 }
 
+/// What a `get` found.
+enum Lookup {
+    Hit(Value),
+    Miss,
+    /// The row exists but references a blob that no longer resolves.
+    Dangling,
+}
+
 /// What [`Cache::hydrate`] makes of a ref that does not resolve.
 #[derive(Clone, Copy, Debug)]
 enum Dangling {
@@ -488,15 +588,27 @@ struct Verifying {
     inner: ByteStream,
     cache_ref: CacheRef,
     digest: Option<BlobDigest>,
+    counters: Arc<Counters>,
 }
 
 impl Verifying {
-    fn new(inner: ByteStream, cache_ref: &CacheRef) -> Self {
+    fn new(inner: ByteStream, cache_ref: &CacheRef, counters: Arc<Counters>) -> Self {
         Verifying {
             inner,
             cache_ref: cache_ref.clone(),
             digest: Some(BlobDigest::new()),
+            counters,
         }
+    }
+
+    /// The verdict on the whole stream, counted and traced when it fails.
+    fn verdict(&self, digest: BlobDigest) -> Result<()> {
+        let verdict = check_digest(&self.cache_ref, digest);
+        if let Err(e) = &verdict {
+            Counters::add(&self.counters.verification_failures, 1);
+            tracing::warn!(target: "outcache::engine", reference = %self.cache_ref.reference, "{e}");
+        }
+        verdict
     }
 }
 
@@ -512,12 +624,10 @@ impl Stream for Verifying {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(chunk))) => {
                 digest.update(&chunk);
-                if let Some(size) = this.cache_ref.size {
-                    if digest.size() > size {
-                        let digest = this.digest.take().expect("checked above");
-                        return Poll::Ready(Some(
-                            check_digest(&this.cache_ref, digest).map(|_| chunk),
-                        ));
+                Counters::add(&this.counters.bytes_out, chunk.len() as u64);
+                if this.cache_ref.size.is_some_and(|size| digest.size() > size) {
+                    if let Some(digest) = this.digest.take() {
+                        return Poll::Ready(Some(this.verdict(digest).map(|()| chunk)));
                     }
                 }
                 Poll::Ready(Some(Ok(chunk)))
@@ -526,10 +636,10 @@ impl Stream for Verifying {
                 this.digest = None;
                 Poll::Ready(Some(Err(e)))
             }
-            Poll::Ready(None) => {
-                let digest = this.digest.take().expect("checked above");
-                Poll::Ready(check_digest(&this.cache_ref, digest).err().map(Err))
-            }
+            Poll::Ready(None) => match this.digest.take() {
+                Some(digest) => Poll::Ready(this.verdict(digest).err().map(Err)),
+                None => Poll::Ready(None),
+            },
         }
     }
 }

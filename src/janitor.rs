@@ -276,6 +276,13 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
         .filter(|r| r.key.task_type() != LEDGER_TASK_TYPE)
         .collect();
     let unreadable = backend.list_corrupt().await?;
+    tracing::debug!(
+        target: "outcache::janitor",
+        blobs = blobs.len(),
+        rows = rows.len(),
+        unreadable = unreadable.len(),
+        "listed"
+    );
     let first = |kind: CorruptKind| unreadable.iter().find(|c| c.kind == kind);
     if options.orphans {
         if let Some(c) = first(CorruptKind::NewerFormat) {
@@ -561,11 +568,26 @@ pub async fn prune(
     options: &PruneOptions,
     progress: impl FnMut(Progress) + Send,
 ) -> Result<PruneReport> {
+    let started = std::time::Instant::now();
     let plan = plan(backend, options).await?;
-    if options.dry_run {
-        return Ok(plan.report);
-    }
-    execute(backend, plan, progress).await
+    let report = if options.dry_run {
+        plan.report
+    } else {
+        execute(backend, plan, progress).await?
+    };
+    tracing::info!(
+        target: "outcache::janitor",
+        backend = %backend,
+        dry_run = report.dry_run,
+        rows_removed = report.rows_removed,
+        blobs_removed = report.blobs_removed,
+        temps_removed = report.temps_removed,
+        bytes_reclaimed = report.bytes_reclaimed,
+        rows_kept_rewritten = report.rows_kept_rewritten,
+        millis = started.elapsed().as_millis() as u64,
+        "prune"
+    );
+    Ok(report)
 }
 
 /// A cache's contents for `outcache stats`.

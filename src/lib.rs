@@ -47,6 +47,7 @@ pub mod engine;
 pub mod error;
 pub mod janitor;
 pub mod layout;
+pub mod metrics;
 pub mod store;
 pub mod wire;
 pub mod writer;
@@ -60,6 +61,7 @@ pub mod conformance;
 
 pub use engine::{BlobOptions, Cache, CacheOptions};
 pub use error::{Error, Result};
+pub use metrics::Metrics;
 pub use store::{
     BlobEntry, BlobMeta, BlobStat, BlobState, ByteRange, ByteStream, Capabilities, CorruptEntry,
     CorruptKind, OutputCache, Row, RowEntry, RowVersion, Stats,

@@ -42,6 +42,12 @@ struct Cli {
     #[arg(long, global = true, value_name = "ID")]
     run_id: Option<String>,
 
+    /// Log what the engine, backends and janitor do to stderr: -v for the janitor's summaries, -vv for
+    /// every operation (task type, fingerprint prefix, bytes, duration, outcome; never values or
+    /// secrets). RUST_LOG (e.g. `outcache=debug`) overrides it.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -666,6 +672,25 @@ fn print_report(r: &outcache::janitor::PruneReport) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Logging to stderr: off unless asked for (`-v`, or `RUST_LOG`), so errors stay one line.
+fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => EnvFilter::new(spec),
+        _ => EnvFilter::new(match verbose {
+            0 => "off",
+            1 => "outcache=info",
+            2 => "outcache=debug",
+            _ => "outcache=trace",
+        }),
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -689,6 +714,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    init_logging(cli.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
