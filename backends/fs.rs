@@ -723,6 +723,12 @@ impl OutputCache for FsCache {
     }
 
     async fn remove_temp(&self, id: &str) -> Result<bool> {
+        if id.starts_with(crate::layout::SCRATCH_ID_PREFIX) {
+            let this = self.clone();
+            let id = id.to_owned();
+            return blocking(move || crate::layout::remove_scratch(&this.work_dir("tmp")?, &id))
+                .await;
+        }
         // Same strictness as refs: one segment, no traversal.
         let ok = !id.is_empty()
             && id.len() <= 200
@@ -1063,9 +1069,17 @@ impl FsCache {
                     continue;
                 }
             }
+            if state == BlobState::Temp {
+                out.extend(crate::layout::scratch_dirs(&dir));
+            }
             for entry in read_dir(&dir)? {
                 // DirEntry::metadata does not follow links.
                 let Ok(meta) = entry.metadata() else { continue };
+                if meta.is_dir()
+                    && crate::layout::is_scratch_name(&entry.file_name().to_string_lossy())
+                {
+                    continue; // listed above
+                }
                 if !meta.is_file() {
                     out.push(foreign(&entry.path(), Some(&meta)));
                     continue;

@@ -816,12 +816,19 @@ impl OutputCache for SqliteCache {
                     out.push(entry.map_err(this.err("list blobs"))?);
                 }
             }
+            // Scratch databases an interrupted `conformance` or `bench` left beside this one.
+            out.extend(crate::layout::scratch_dirs(&this.scratch_parent()));
             Ok(out)
         })
         .await
     }
 
     async fn remove_temp(&self, id: &str) -> Result<bool> {
+        if id.starts_with(crate::layout::SCRATCH_ID_PREFIX) {
+            let dir = self.scratch_parent();
+            let id = id.to_owned();
+            return blocking(move || crate::layout::remove_scratch(&dir, &id)).await;
+        }
         let id = id.to_owned();
         self.write(move |this, w| {
             let n = w
@@ -1068,6 +1075,15 @@ impl OutputCache for SqliteCache {
 }
 
 impl SqliteCache {
+    /// Where `outcache conformance` and `outcache bench` put their scratch databases: beside this one.
+    fn scratch_parent(&self) -> PathBuf {
+        self.inner
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+    }
+
     /// Delete `rows` (each only if its `created_at` is the one given, when one is) with the blobs they own,
     /// a few hundred per transaction: one fsync per batch, and the write lock is never held for long.
     /// Returns the keys deleted.

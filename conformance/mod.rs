@@ -325,13 +325,28 @@ pub const CASE_TIMEOUT: Duration = Duration::from_secs(300);
 pub async fn run_suite(
     location: &Location,
     wrap: impl Fn(Arc<dyn OutputCache>) -> Result<Arc<dyn OutputCache>>,
+    report: impl FnMut(&CaseOutcome),
+) -> Result<Vec<CaseOutcome>> {
+    run_suite_in(location, &new_run_tag(), wrap, report).await
+}
+
+/// A fresh run tag, `outcache-conformance-<uuid>`: the scratch directory (or key prefix) of one run.
+pub fn new_run_tag() -> String {
+    format!("outcache-conformance-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// [`run_suite`] under a run tag the caller chose (from [`new_run_tag`]), so that it can remove the
+/// run's scratch space with [`remove_run_dir`] if it stops the run early (a signal).
+pub async fn run_suite_in(
+    location: &Location,
+    run_tag: &str,
+    wrap: impl Fn(Arc<dyn OutputCache>) -> Result<Arc<dyn OutputCache>>,
     mut report: impl FnMut(&CaseOutcome),
 ) -> Result<Vec<CaseOutcome>> {
-    let run_tag = format!("outcache-conformance-{}", uuid::Uuid::new_v4().simple());
     let mut outcomes = Vec::new();
     for case in all_cases() {
         let started = Instant::now();
-        let fixture = isolated_fixture(location, &run_tag, case.name)?.wrapped(&wrap)?;
+        let fixture = isolated_fixture(location, run_tag, case.name)?.wrapped(&wrap)?;
         let future = std::panic::AssertUnwindSafe(case.run(fixture.cache())).catch_unwind();
         let result = match tokio::time::timeout(CASE_TIMEOUT, future).await {
             Ok(Ok(result)) => result,
@@ -347,7 +362,7 @@ pub async fn run_suite(
         report(&outcome);
         outcomes.push(outcome);
     }
-    remove_run_dir(location, &run_tag);
+    remove_run_dir(location, run_tag);
     Ok(outcomes)
 }
 
@@ -371,7 +386,8 @@ impl Drop for RemoveDir {
 }
 
 /// A fresh backend for `case` inside `location` that never sees existing entries: a new memory cache;
-/// for fs a new directory `<root>/<run_tag>/<case>`, for SQLite a database in `<dir>/<run_tag>/<case>/`
+/// for fs a new directory `<root>/tmp/<run_tag>/<case>` (the janitor counts a scratch directory left
+/// by an interrupted run as a temp and removes it past its grace), for SQLite a database in `<dir>/<run_tag>/<case>/`
 /// beside the named file, both removed when the fixture is dropped; for an object store the key prefix
 /// `<prefix>/<run_tag>/<case>`, emptied when the fixture finishes.
 pub fn isolated_fixture(location: &Location, run_tag: &str, case: &str) -> Result<Fixture> {
@@ -380,7 +396,7 @@ pub fn isolated_fixture(location: &Location, run_tag: &str, case: &str) -> Resul
         Location::Memory => Ok(fixtures::memory()),
         #[cfg(feature = "fs")]
         Location::Fs { root, durable } => {
-            let dir = root.join(run_tag).join(case);
+            let dir = root.join("tmp").join(run_tag).join(case);
             let child = Location::Fs {
                 root: dir.clone(),
                 durable: *durable,
@@ -442,7 +458,12 @@ pub fn remove_run_dir(location: &Location, run_tag: &str) {
         Location::Memory => {}
         #[cfg(feature = "fs")]
         Location::Fs { root, .. } => {
-            let _ = std::fs::remove_dir_all(root.join(run_tag));
+            let tmp = root.join("tmp");
+            let _ = std::fs::remove_dir_all(tmp.join(run_tag));
+            // Where the location is not (yet) a cache, the run made `tmp/` itself: leave no trace.
+            if !root.join("rows").exists() {
+                let _ = std::fs::remove_dir(&tmp);
+            }
         }
         #[cfg(feature = "sqlite")]
         Location::Sqlite { path, .. } => {

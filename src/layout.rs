@@ -179,6 +179,92 @@ pub fn blob_name(meta: &BlobMeta) -> String {
     name
 }
 
+/// Prefix of the temp ids that name a scratch directory (see [`scratch_dirs`]).
+pub const SCRATCH_ID_PREFIX: &str = "scratch/";
+
+/// Whether `name` is a scratch directory name `outcache-conformance-<32 hex>` or
+/// `outcache-bench-<32 hex>`: where `outcache conformance` and `outcache bench` work (a child of a
+/// cache, removed when they end).
+pub fn is_scratch_name(name: &str) -> bool {
+    ["outcache-conformance-", "outcache-bench-"]
+        .iter()
+        .any(|p| {
+            name.strip_prefix(p).is_some_and(|hex| {
+                hex.len() == 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            })
+        })
+}
+
+/// The scratch directories directly in `dir` that an interrupted `conformance` or `bench` run left
+/// (a signal is handled, a SIGKILL is not), as temps: id `scratch/<name>`, the bytes under them, and
+/// their newest modification, so the janitor counts them and removes stale ones past its grace like any
+/// temp. Links are never followed.
+pub fn scratch_dirs(dir: &std::path::Path) -> Vec<crate::store::BlobEntry> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            is_scratch_name(&name).then(|| {
+                let (size, modified) = tree_usage(&e.path());
+                crate::store::BlobEntry {
+                    id: format!("{SCRATCH_ID_PREFIX}{name}"),
+                    state: crate::store::BlobState::Temp,
+                    size,
+                    modified,
+                }
+            })
+        })
+        .collect()
+}
+
+/// Bytes of the regular files under `dir` and the newest modification time in it (links not followed).
+fn tree_usage(dir: &std::path::Path) -> (u64, SystemTime) {
+    let mut size = 0;
+    let mut newest = std::fs::symlink_metadata(dir)
+        .and_then(|m| m.modified())
+        .unwrap_or(UNIX_EPOCH);
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.filter_map(|e| e.ok()) {
+            let Ok(meta) = entry.metadata() else { continue };
+            if let Ok(m) = meta.modified() {
+                newest = newest.max(m);
+            }
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else if meta.is_file() {
+                size += meta.len();
+            }
+        }
+    }
+    (size, newest)
+}
+
+/// Remove the scratch directory a [`scratch_dirs`] id names, inside `dir`. Anything else does nothing.
+pub fn remove_scratch(dir: &std::path::Path, id: &str) -> Result<bool> {
+    let Some(name) = id
+        .strip_prefix(SCRATCH_ID_PREFIX)
+        .filter(|n| is_scratch_name(n))
+    else {
+        return Ok(false);
+    };
+    let path = dir.join(name);
+    match std::fs::symlink_metadata(&path) {
+        // remove_dir_all never follows links inside the tree.
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(&path)
+            .map(|()| true)
+            .map_err(|e| Error::io("remove scratch directory", &path, e)),
+        _ => Ok(false),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,7 @@ use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
 use outcache::config::Config;
-use outcache::conformance::{CaseOutcome, run_suite};
+use outcache::conformance::{CaseOutcome, run_suite_in};
 use std::sync::Arc;
 
 use outcache::backends::run_private::RunPrivate;
@@ -209,6 +209,8 @@ fn emit(line: std::fmt::Arguments<'_>) -> Result<(), Failure> {
 enum Failure {
     /// Stdout was closed by its reader: stop quietly (exit 0).
     ClosedPipe,
+    /// A signal stopped the command after it cleaned up (exit 128 + the signal's number).
+    Interrupted(Signal),
     /// A miss or unresolved ref (exit 1, message optional).
     Miss(Option<String>),
     /// An error from the library.
@@ -413,6 +415,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             runs,
             json,
         } => {
+            let stop = stop_signals();
             let location = config.location()?;
             let tag = format!("outcache-bench-{}", uuid::Uuid::new_v4().simple());
             let fixture = outcache::conformance::isolated_fixture(&location, &tag, "bench")?
@@ -421,7 +424,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             options.blob_size = usize::try_from(size).unwrap_or(usize::MAX);
             options.rows = rows;
             options.blob_runs = runs;
-            let result = outcache::bench::run(fixture.cache(), &options).await;
+            let result = tokio::select! {
+                result = outcache::bench::run(fixture.cache(), &options) => result,
+                signal = stop => {
+                    drop(fixture); // removes the fixture's directory
+                    outcache::conformance::remove_run_dir(&location, &tag);
+                    return Err(Failure::Interrupted(signal));
+                }
+            };
             fixture.finish().await;
             outcache::conformance::remove_run_dir(&location, &tag);
             let report = result?;
@@ -486,7 +496,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     }
                 }
             };
-            let outcomes = run_suite(&location, |b| wrap_run(b, run_id), report).await?;
+            let stop = stop_signals();
+            let tag = outcache::conformance::new_run_tag();
+            let outcomes = tokio::select! {
+                outcomes = run_suite_in(&location, &tag, |b| wrap_run(b, run_id), report) => outcomes?,
+                signal = stop => {
+                    // The running case's fixture was dropped with the suite's future: its directory
+                    // is gone; the run's own directory goes now.
+                    outcache::conformance::remove_run_dir(&location, &tag);
+                    return Err(Failure::Interrupted(signal));
+                }
+            };
             let failed = outcomes.iter().filter(|o| o.result.is_err()).count();
             out!("{} passed, {failed} failed", outcomes.len() - failed);
             if failed > 0 {
@@ -672,6 +692,61 @@ fn print_report(r: &outcache::janitor::PruneReport) -> Result<(), Failure> {
     Ok(())
 }
 
+/// A signal that stops a long command.
+#[derive(Clone, Copy, Debug)]
+enum Signal {
+    Interrupt,
+    Terminate,
+}
+
+impl Signal {
+    fn name(self) -> &'static str {
+        match self {
+            Signal::Interrupt => "SIGINT",
+            Signal::Terminate => "SIGTERM",
+        }
+    }
+
+    fn number(self) -> u8 {
+        match self {
+            Signal::Interrupt => 2,
+            Signal::Terminate => 15,
+        }
+    }
+}
+
+/// Install SIGINT and SIGTERM handlers now, and return a future that resolves when either arrives
+/// (never, if they cannot be installed). Installing before the work starts matters: until then a signal
+/// would kill the process the default way, leaving its scratch space behind.
+fn stop_signals() -> impl std::future::Future<Output = Signal> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let handlers = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        );
+        async move {
+            match handlers {
+                (Ok(mut int), Ok(mut term)) => tokio::select! {
+                    _ = int.recv() => Signal::Interrupt,
+                    _ = term.recv() => Signal::Terminate,
+                },
+                _ => std::future::pending().await,
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        async {
+            match tokio::signal::ctrl_c().await {
+                Ok(()) => Signal::Interrupt,
+                Err(_) => std::future::pending().await,
+            }
+        }
+    }
+}
+
 /// Logging to stderr: off unless asked for (`-v`, or `RUST_LOG`), so errors stay one line.
 fn init_logging(verbose: u8) {
     use tracing_subscriber::EnvFilter;
@@ -727,6 +802,13 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) | Err(Failure::ClosedPipe) => ExitCode::SUCCESS,
+        Err(Failure::Interrupted(signal)) => {
+            eprintln!(
+                "outcache: interrupted by {}; its scratch space was removed",
+                signal.name()
+            );
+            ExitCode::from(128 + signal.number())
+        }
         Err(Failure::Miss(message)) => {
             if let Some(message) = message {
                 eprintln!("outcache: {message}");

@@ -99,6 +99,7 @@ async fn check_dry_run_matches_prune(url: &str, expect_temps: u64) {
         "--orphans",
         "--grace",
         "2s",
+        "--force",
         "--json",
     ];
     let before: Inventory = serde_json::from_value(cli(url, &["stats", "--json"])).unwrap();
@@ -394,7 +395,15 @@ async fn corrupt_rows_are_removed_only_when_asked(url: &str, garble: impl FnOnce
     garble();
 
     let out = Command::new(env!("CARGO_BIN_EXE_outcache"))
-        .args(["--url", url, "prune", "--orphans", "--grace", "0s"])
+        .args([
+            "--url",
+            url,
+            "prune",
+            "--orphans",
+            "--grace",
+            "0s",
+            "--force",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -418,6 +427,7 @@ async fn corrupt_rows_are_removed_only_when_asked(url: &str, garble: impl FnOnce
             "--orphans",
             "--grace",
             "0s",
+            "--force",
             "--dry-run",
             "--json",
         ],
@@ -425,7 +435,15 @@ async fn corrupt_rows_are_removed_only_when_asked(url: &str, garble: impl FnOnce
     .unwrap();
     let real: PruneReport = serde_json::from_value(cli(
         url,
-        &["prune", "--corrupt", "--orphans", "--grace", "0s", "--json"],
+        &[
+            "prune",
+            "--corrupt",
+            "--orphans",
+            "--grace",
+            "0s",
+            "--force",
+            "--json",
+        ],
     ))
     .unwrap();
     assert_eq!(

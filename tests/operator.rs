@@ -215,3 +215,116 @@ fn unreadable_config_files_are_bad_input() {
         assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
     }
 }
+
+/// SIGTERM or SIGINT in the middle of `conformance` or `bench`: the command removes its scratch directory
+/// and exits 128 + the signal's number.
+#[cfg(unix)]
+#[test]
+fn an_interrupted_conformance_or_bench_leaves_nothing_behind() {
+    for (args, signal, code) in [
+        (vec!["conformance"], libc::SIGTERM, 143),
+        (
+            vec!["bench", "--size", "256MiB", "--rows", "100000"],
+            libc::SIGINT,
+            130,
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let u = format!("fs://{}", dir.path().display());
+        let child = bin()
+            .arg("--url")
+            .arg(&u)
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait until the run's scratch directory exists, then interrupt it.
+        let scratch = || -> Vec<String> {
+            std::fs::read_dir(dir.path().join("tmp"))
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        for _ in 0..200 {
+            if !scratch().is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        assert!(
+            !scratch().is_empty(),
+            "{args:?} never made its scratch directory"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        // SAFETY: kill(2) on the child we spawned.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        assert!(err.contains("interrupted"), "{args:?}: {err}");
+        assert!(scratch().is_empty(), "{args:?} left {:?}", scratch());
+    }
+}
+
+/// A scratch directory a SIGKILLed `conformance` or `bench` left is counted by `stats` as a temp and
+/// removed by `prune --orphans` once past its grace (fs in its `tmp/`, SQLite beside the database).
+#[test]
+fn stale_scratch_directories_are_counted_and_pruned() {
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    let age = |path: &std::path::Path| {
+        for entry in walk(path) {
+            let f = std::fs::File::open(&entry).unwrap();
+            f.set_modified(old).unwrap();
+        }
+    };
+    fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut out = vec![dir.to_path_buf()];
+        for e in std::fs::read_dir(dir).unwrap().filter_map(|e| e.ok()) {
+            if e.file_type().unwrap().is_dir() {
+                out.extend(walk(&e.path()));
+            } else {
+                out.push(e.path());
+            }
+        }
+        out
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("outcache-bench-{}", "ab".repeat(16));
+    for (u, parent) in [
+        (
+            format!("fs://{}/fs", dir.path().display()),
+            dir.path().join("fs/tmp"),
+        ),
+        (
+            format!("sqlite://{}/db/c.db", dir.path().display()),
+            dir.path().join("db"),
+        ),
+    ] {
+        assert!(outcache(&u, &["stats"], None).status.success());
+        let scratch = parent.join(&name).join("bench");
+        std::fs::create_dir_all(&scratch).unwrap();
+        std::fs::write(scratch.join("junk"), vec![0u8; 5000]).unwrap();
+        age(&parent.join(&name));
+        let stats: serde_json::Value =
+            serde_json::from_slice(&outcache(&u, &["stats", "--json"], None).stdout).unwrap();
+        assert_eq!(
+            (stats["temps"].as_u64(), stats["temp_bytes"].as_u64()),
+            (Some(1), Some(5000)),
+            "{u}"
+        );
+        let prune = outcache(&u, &["prune", "--orphans", "--grace", "1h"], None);
+        assert!(
+            prune.status.success(),
+            "{}",
+            String::from_utf8_lossy(&prune.stderr)
+        );
+        assert!(
+            !parent.join(&name).exists(),
+            "{u}: the stale scratch directory survived"
+        );
+    }
+}
