@@ -48,6 +48,10 @@ struct Cli {
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
 
+    /// No progress bars (they show on stderr for long transfers and prunes when it is a terminal).
+    #[arg(short, long, global = true)]
+    quiet: bool,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -292,19 +296,32 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         } => {
             let inputs = parse_json("--inputs", &inputs)?;
             let cache = open(&config, run_id)?;
-            let data = match file.filter(|f| f.as_os_str() != "-") {
+            let (data, size) = match file.filter(|f| f.as_os_str() != "-") {
                 Some(path) => {
                     let f = tokio::fs::File::open(&path)
                         .await
                         .map_err(|e| Error::io("open", &path, e))?;
-                    outcache::blob::reader_stream(f, READ_CHUNK)
+                    let size = f.metadata().await.ok().map(|m| m.len());
+                    (outcache::blob::reader_stream(f, READ_CHUNK), size)
                 }
-                None => outcache::blob::reader_stream(tokio::io::stdin(), READ_CHUNK),
+                None => (
+                    outcache::blob::reader_stream(tokio::io::stdin(), READ_CHUNK),
+                    None,
+                ),
             };
+            let bar = transfer_bar(cli.quiet, size);
             let stored = cache
-                .put_stream(&task_type, &inputs, data, BlobOptions { mime, port })
-                .await?;
-            out!("{stored}");
+                .put_stream(
+                    &task_type,
+                    &inputs,
+                    counted(data, &bar),
+                    BlobOptions { mime, port },
+                )
+                .await;
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            out!("{}", stored?);
         }
         Command::Cat {
             reference,
@@ -326,6 +343,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let Some(stream) = cache.open_stream(&full).await? else {
                 return Err(unresolved());
             };
+            let bar = transfer_bar(cli.quiet, full.size);
+            let stream = counted(stream, &bar);
             match output {
                 Some(path) => cat_to_file(stream, &path).await?,
                 None if full.size.is_some_and(|size| size <= max_buffer) => {
@@ -334,6 +353,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     write_stdout(&bytes)?;
                 }
                 None => cat_streaming(stream).await?,
+            }
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
             }
         }
         Command::Stats { json, top } => {
@@ -388,7 +410,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             options.prefix = prefix;
             options.corrupt = corrupt;
             options.dry_run = dry_run;
-            let bar = (!json && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            let bar = (!json && !cli.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .then(indicatif::ProgressBar::no_length);
             let report = outcache::janitor::prune(cache.backend().as_ref(), &options, |p| {
                 if let Some(bar) = &bar {
@@ -515,6 +537,45 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// A progress bar on stderr for a transfer of `size` bytes (bytes, rate, ETA), or `None` when stderr is
+/// not a terminal or `--quiet` was given. Never on stdout.
+fn transfer_bar(quiet: bool, size: Option<u64>) -> Option<indicatif::ProgressBar> {
+    if quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return None;
+    }
+    let bar = match size {
+        Some(size) => indicatif::ProgressBar::new(size),
+        None => indicatif::ProgressBar::no_length(),
+    };
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    let template = if size.is_some() {
+        "{bytes}/{total_bytes} {wide_bar} {bytes_per_sec} eta {eta}"
+    } else {
+        "{bytes} {bytes_per_sec} {elapsed}"
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+        bar.set_style(style);
+    }
+    Some(bar)
+}
+
+/// `stream`, advancing `bar` by each chunk's length.
+fn counted(
+    stream: outcache::ByteStream,
+    bar: &Option<indicatif::ProgressBar>,
+) -> outcache::ByteStream {
+    match bar.clone() {
+        Some(bar) => stream
+            .inspect(move |chunk| {
+                if let Ok(chunk) = chunk {
+                    bar.inc(chunk.len() as u64);
+                }
+            })
+            .boxed(),
+        None => stream,
+    }
 }
 
 /// Write `bytes` to stdout; a closed pipe is the reader's choice and ends the command quietly.

@@ -328,3 +328,54 @@ fn stale_scratch_directories_are_counted_and_pruned() {
         );
     }
 }
+
+/// Long transfers show bytes, rate and ETA on a terminal's stderr (here a pseudo-terminal from
+/// util-linux `script`); nothing with `--quiet`, and nothing when stderr is not a terminal.
+#[cfg(target_os = "linux")]
+#[test]
+fn long_transfers_show_progress_on_a_terminal_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let u = format!("fs://{}/c", dir.path().display());
+    let file = dir.path().join("big.bin");
+    std::fs::write(&file, vec![1u8; 200 << 20]).unwrap();
+    let exe = env!("CARGO_BIN_EXE_outcache");
+    let on_tty = |args: &str| {
+        let out = Command::new("script")
+            .args(["-qec", &format!("{exe} --url {u} {args}"), "/dev/null"])
+            .output()
+            .expect("util-linux `script` runs the command on a pseudo-terminal");
+        String::from_utf8_lossy(&out.stdout).replace('\r', "\n")
+    };
+    let put = on_tty(&format!("put-blob t --inputs '{{}}' {}", file.display()));
+    assert!(put.contains("eta"), "no progress on a terminal: {put}");
+    let quiet = on_tty(&format!(
+        "put-blob t --inputs '{{}}' {} --quiet",
+        file.display()
+    ));
+    assert!(!quiet.contains("eta"), "progress despite --quiet: {quiet}");
+    let stored = quiet
+        .lines()
+        .rev()
+        .find(|l| l.contains("CacheRef"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let cat = on_tty(&format!(
+        "cat '{stored}' -o {}/copy.bin",
+        dir.path().display()
+    ));
+    assert!(
+        cat.contains("eta"),
+        "no progress for cat on a terminal: {cat}"
+    );
+    let piped = outcache(
+        &u,
+        &["put-blob", "t", "--inputs", "{}", file.to_str().unwrap()],
+        None,
+    );
+    assert!(
+        piped.status.success() && piped.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&piped.stderr)
+    );
+}
