@@ -864,7 +864,7 @@ impl OutputCache for FsCache {
             fs::rename(&tmp_for_publish, &dest_for_publish)
                 .map_err(|e| Error::io("rename into place", &dest_for_publish, e))?;
             if durable {
-                let dir = dest_for_publish.parent().expect("blob paths have a parent");
+                let dir = dest_for_publish.parent().unwrap_or(&this.root);
                 sync_dir(dir).map_err(|e| Error::io("fsync directory", dir, e))?;
             }
             Ok(())

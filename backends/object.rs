@@ -466,8 +466,10 @@ impl OutputCache for ObjectCache {
             .put_multipart(&path)
             .await
             .map_err(self.err(format!("start upload of blob {name}")))?;
-        let mut guard = AbortOnDrop(Some(WriteMultipart::new_with_chunk_size(upload, PART_SIZE)));
-        let writer = guard.0.as_mut().expect("just set");
+        let mut guard = AbortOnDrop(None);
+        let writer = guard
+            .0
+            .insert(WriteMultipart::new_with_chunk_size(upload, PART_SIZE));
         writer.write(&head);
         drop(head);
         loop {
@@ -489,7 +491,9 @@ impl OutputCache for ObjectCache {
                 None => break,
             }
         }
-        let upload = guard.0.take().expect("still held");
+        let Some(upload) = guard.0.take() else {
+            return Err(Error::stream("the upload was given up before it finished"));
+        };
         upload
             .finish()
             .await

@@ -630,7 +630,7 @@ impl OutputCache for SqliteCache {
             reason: e.to_string(),
         })?;
         let refs: Vec<String> = refs_in(output).into_iter().map(|r| r.reference).collect();
-        let refs = serde_json::to_string(&refs).expect("a list of strings serialises");
+        let refs = serde_json::to_string(&refs).unwrap_or_else(|_| "[]".into());
         let key = key.clone();
         self.write(move |this, w| {
             w.set_full_sync(this.inner.durable).map_err(this.err("set synchronous"))?;

@@ -143,8 +143,10 @@ pub mod fixtures {
         Fixture::new(Arc::new(crate::backends::memory::MemoryCache::new()))
     }
 
-    /// A fresh fs backend in a temp directory that is removed afterwards.
+    /// A fresh fs backend in a temp directory that is removed afterwards. Panics if the temp directory
+    /// cannot be made: it is a test fixture, and a test cannot go on without it.
     #[cfg(feature = "fs")]
+    #[allow(clippy::expect_used)]
     pub fn fs_temp() -> Fixture {
         let dir = tempfile::Builder::new()
             .prefix("outcache-conformance-")
@@ -155,8 +157,10 @@ pub mod fixtures {
         Fixture::with_guard(Arc::new(cache), dir)
     }
 
-    /// A fresh SQLite backend in a temp directory that is removed afterwards.
+    /// A fresh SQLite backend in a temp directory that is removed afterwards. Panics if it cannot be
+    /// made: it is a test fixture.
     #[cfg(feature = "sqlite")]
+    #[allow(clippy::expect_used)]
     pub fn sqlite_temp() -> Fixture {
         let dir = tempfile::Builder::new()
             .prefix("outcache-conformance-")

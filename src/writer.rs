@@ -139,6 +139,8 @@ impl BlobWriter {
     }
 
     /// A handle that aborts this write from elsewhere.
+    // `task` is `Some` from construction until `finish` or `abort`, which consume the writer.
+    #[allow(clippy::expect_used)]
     pub fn abort_handle(&self) -> WriterAbortHandle {
         WriterAbortHandle {
             shared: self.shared.clone(),

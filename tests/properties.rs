@@ -201,3 +201,47 @@ proptest! {
         );
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Garbage where a row record belongs (bytes, or JSON of any shape, including near-miss records with
+    /// wrong types and huge numbers) is a typed error or a record, never a panic; the kind is never
+    /// "newer format" unless `v` says so.
+    #[test]
+    fn garbage_row_records_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..200), value in arb_json(),
+                                       v in any::<u64>(), created in any::<u64>()) {
+        let _ = outcache::layout::decode_row(&bytes, "t", "f");
+        let _ = outcache::layout::corrupt_kind(&bytes);
+        let text = serde_json::to_vec(&value).unwrap();
+        let _ = outcache::layout::decode_row(&text, "t", "f");
+        let near = json!({"v": v, "task_type": value, "fingerprint": "a".repeat(64),
+                          "created_at_ms": created, "output": value});
+        let near = serde_json::to_vec(&near).unwrap();
+        match outcache::layout::decode_row(&near, "t", "f") {
+            Ok(_) => prop_assert_eq!(v, 1),
+            Err(_) => {
+                let kind = outcache::layout::corrupt_kind(&near);
+                prop_assert_eq!(kind == outcache::CorruptKind::NewerFormat, v > 1);
+            }
+        }
+    }
+
+    /// Any JSON value goes through the ref and envelope readers without a panic.
+    #[test]
+    fn any_json_through_the_ref_readers_never_panics(value in arb_json()) {
+        let _ = CacheRef::from_value(&value);
+        let _ = outcache::wire::refs_in(&value);
+        let _ = InlineBinary::decode(&value);
+        let _ = outcache::wire::canonical_json(&value);
+    }
+
+    /// Any directory name goes through the task-segment decoder without a panic, and a decoded one
+    /// encodes back to itself.
+    #[test]
+    fn task_segments_decode_garbage_safely(name in "\\PC{0,40}|[A-Za-z0-9._=-]{0,40}") {
+        if let Some(task) = outcache::layout::decode_task_segment(&name) {
+            prop_assert_eq!(outcache::layout::encode_task_segment(&task), name);
+        }
+    }
+}
