@@ -89,10 +89,12 @@ impl ObjectCache {
 
     fn err(&self, context: impl Into<String>) -> impl FnOnce(object_store::Error) -> Error {
         let (backend, context) = (self.to_string(), context.into());
+        // object_store's messages quote request URLs: whatever credentials a URL carried (userinfo,
+        // signed query parameters) never reach our output.
         move |e| Error::Backend {
             backend,
             context,
-            source: Box::new(e),
+            source: crate::config::scrub_urls(&e.to_string()).into(),
         }
     }
 
@@ -633,6 +635,12 @@ pub mod s3 {
                         format!("max_retries must be a whole number, not {value:?}")
                     })?;
                 }
+                other if other.to_ascii_lowercase().contains("endpoint") && has_userinfo(value) => {
+                    return Err(format!(
+                        "{other} must not carry credentials (user:password@); give them as \
+                         access_key_id / secret_access_key or in the AWS_* variables"
+                    ));
+                }
                 other => {
                     other.to_ascii_lowercase().parse::<AmazonS3ConfigKey>().map_err(|_| {
                         format!(
@@ -645,6 +653,15 @@ pub mod s3 {
             }
         }
         Ok(())
+    }
+
+    /// Whether a URL's authority holds userinfo (`user@`, `user:password@`).
+    fn has_userinfo(url: &str) -> bool {
+        url.split_once("://").is_some_and(|(_, rest)| {
+            rest.split(['/', '?', '#'])
+                .next()
+                .is_some_and(|authority| authority.contains('@'))
+        })
     }
 
     /// Open `s3://bucket/prefix` with `options` (already validated by [`validate_options`]).

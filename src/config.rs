@@ -247,6 +247,27 @@ fn strip_userinfo_and_query(url: &str) -> String {
     }
 }
 
+/// `text` (an error message from a client library) with every URL in it passed through [`redact_url`]:
+/// userinfo and non-public query values become [`REDACTED`].
+pub fn scrub_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        // The URL starts at the scheme before `://` and ends at whitespace or a quote.
+        let start = rest[..at]
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || "+.-".contains(c)))
+            .map_or(0, |i| i + 1);
+        let end = rest[at..]
+            .find(|c: char| c.is_whitespace() || "\"'<>`".contains(c))
+            .map_or(rest.len(), |i| at + i);
+        out.push_str(&rest[..start]);
+        out.push_str(&redact_url(&rest[start..end]));
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// `url` for messages and logs: any userinfo (`user:password@`, a bare `TOKEN@`) replaced by
 /// [`REDACTED`], and the value of every query option not on the allow-list ([`is_public_option`]) too.
 pub fn redact_url(url: &str) -> String {
@@ -479,6 +500,13 @@ mod tests {
         );
         assert_eq!(redact_url("s3://user:pw@host/x"), "s3://<redacted>@host/x");
         assert_eq!(redact_url("fs:///tmp/x"), "fs:///tmp/x");
+        assert_eq!(
+            scrub_urls(
+                "Error performing GET http://u:pw@h:9/b?list-type=2&X-Amz-Signature=S in 2ms"
+            ),
+            "Error performing GET http://<redacted>@h:9/b?list-type=<redacted>&X-Amz-Signature=<redacted> in 2ms"
+        );
+        assert_eq!(scrub_urls("no url here"), "no url here");
     }
 
     #[test]
