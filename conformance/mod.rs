@@ -46,8 +46,60 @@ impl From<crate::Error> for Failure {
     }
 }
 
-/// The outcome of one case.
+/// What a case function returns: `Ok(())` if it held (or was waived: see [`Verdict`]), or why not.
 pub type CaseResult = std::result::Result<(), Failure>;
+
+tokio::task_local! {
+    /// The capabilities the running case found missing (and refused, as they must be).
+    static WAIVERS: std::cell::RefCell<Vec<&'static str>>;
+}
+
+/// Record that the running case was waived for want of `capability` (its gate calls this after checking
+/// that the missing method refuses with `Unsupported`).
+pub(crate) fn note_waiver(capability: &'static str) {
+    let _ = WAIVERS.try_with(|w| w.borrow_mut().push(capability));
+}
+
+/// How one case ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The case ran and its invariant held.
+    Passed,
+    /// The case needs capabilities the backend does not claim; it only checked that each refuses with
+    /// `Unsupported`. Not a pass: nothing else was tested.
+    Waived {
+        /// The capability flags it needs (names of [`Capabilities`](crate::Capabilities) fields).
+        needs: Vec<&'static str>,
+    },
+    /// The case failed (or the backend claims fewer capabilities than the fixture expects).
+    Failed(Failure),
+}
+
+/// Run one case future (a `conformance::cases::*` function called with `fixture.cache()`) and tell
+/// passed, waived and failed apart. A fixture that states what it expects ([`Fixture::expect`]) fails
+/// every case when the backend claims less.
+pub async fn run_case(
+    fixture: &Fixture,
+    case: impl std::future::Future<Output = CaseResult>,
+) -> Verdict {
+    if let Some(missing) = fixture.missing_expected() {
+        return Verdict::Failed(Failure(format!(
+            "the backend does not claim {missing}, which the fixture expects"
+        )));
+    }
+    let waivers = std::cell::RefCell::new(Vec::new());
+    let (result, waivers) = WAIVERS
+        .scope(waivers, async {
+            let result = case.await;
+            (result, WAIVERS.with(|w| w.take()))
+        })
+        .await;
+    match result {
+        Err(failure) => Verdict::Failed(failure),
+        Ok(()) if waivers.is_empty() => Verdict::Passed,
+        Ok(()) => Verdict::Waived { needs: waivers },
+    }
+}
 
 /// A backend under test, plus whatever must stay alive while it is used (a temp dir) and is cleaned up
 /// when the fixture is dropped.
@@ -58,6 +110,7 @@ pub struct Fixture {
     _guard: Option<Box<dyn Any + Send + Sync>>,
     empty_afterwards: bool,
     skip: Option<String>,
+    expected: Option<crate::Capabilities>,
 }
 
 impl std::fmt::Debug for Fixture {
@@ -77,7 +130,27 @@ impl Fixture {
             _guard: None,
             empty_afterwards: false,
             skip: None,
+            expected: None,
         }
+    }
+
+    /// State the capabilities the backend must claim: if it claims fewer, every case fails (instead of
+    /// the cases that need them being waived), so a backend that loses a capability cannot pass quietly.
+    pub fn expect(mut self, capabilities: crate::Capabilities) -> Self {
+        self.expected = Some(capabilities);
+        self
+    }
+
+    /// The first expected capability the backend does not claim, if any.
+    fn missing_expected(&self) -> Option<&'static str> {
+        let expected = self.expected?;
+        let claimed = self.cache.capabilities();
+        expected
+            .flags()
+            .into_iter()
+            .zip(claimed.flags())
+            .find(|((_, want), (_, have))| *want && !*have)
+            .map(|((name, _), _)| name)
     }
 
     /// A fixture that tells the test to skip, with the reason printed (for suites that need a server the
@@ -299,10 +372,22 @@ macro_rules! __conformance_test_fns {
                     eprintln!("SKIPPED conformance case {}: {}", stringify!($case), reason);
                     return;
                 }
-                let result = $crate::conformance::cases::$case(fixture.cache()).await;
+                let verdict = $crate::conformance::run_case(
+                    &fixture,
+                    $crate::conformance::cases::$case(fixture.cache()),
+                )
+                .await;
                 fixture.finish().await;
-                if let Err(failure) = result {
-                    panic!("conformance case {} failed: {}", stringify!($case), failure);
+                match verdict {
+                    $crate::conformance::Verdict::Passed => {}
+                    $crate::conformance::Verdict::Waived { needs } => eprintln!(
+                        "WAIVED conformance case {}: needs {}",
+                        stringify!($case),
+                        needs.join(", ")
+                    ),
+                    $crate::conformance::Verdict::Failed(failure) => {
+                        panic!("conformance case {} failed: {}", stringify!($case), failure)
+                    }
                 }
             }
         )*
@@ -314,10 +399,143 @@ macro_rules! __conformance_test_fns {
 pub struct CaseOutcome {
     /// The case.
     pub name: &'static str,
-    /// Pass or the failure.
-    pub result: CaseResult,
+    /// Passed, waived or failed.
+    pub verdict: Verdict,
     /// How long it took.
     pub elapsed: Duration,
+}
+
+impl CaseOutcome {
+    /// The report line for this case, as the CLI and [`run`] print it: `ok`, `skip` (with the
+    /// capabilities it needs) or `FAIL` (with why).
+    pub fn line(&self) -> String {
+        let ms = self.elapsed.as_millis();
+        match &self.verdict {
+            Verdict::Passed => format!("ok    {} ({ms} ms)", self.name),
+            Verdict::Waived { needs } => {
+                format!("skip  {} (needs {})", self.name, needs.join(", "))
+            }
+            Verdict::Failed(f) => format!("FAIL  {} ({ms} ms): {f}", self.name),
+        }
+    }
+}
+
+/// The outcomes of a suite run.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// One per case, in the suite's order.
+    pub outcomes: Vec<CaseOutcome>,
+}
+
+impl Report {
+    fn count(&self, pick: impl Fn(&Verdict) -> bool) -> usize {
+        self.outcomes.iter().filter(|o| pick(&o.verdict)).count()
+    }
+
+    /// Cases that ran and held.
+    pub fn passed(&self) -> usize {
+        self.count(|v| matches!(v, Verdict::Passed))
+    }
+
+    /// Cases that failed.
+    pub fn failed(&self) -> usize {
+        self.count(|v| matches!(v, Verdict::Failed(_)))
+    }
+
+    /// Cases waived for capabilities the backend does not claim.
+    pub fn skipped(&self) -> usize {
+        self.count(|v| matches!(v, Verdict::Waived { .. }))
+    }
+
+    /// The closing line CI reads: `N passed, N failed, N skipped`.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} passed, {} failed, {} skipped",
+            self.passed(),
+            self.failed(),
+            self.skipped()
+        )
+    }
+}
+
+/// Options for [`run`].
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct RunOptions {
+    /// Run only the cases whose name contains this.
+    pub filter: Option<String>,
+    /// Print each case's line and the closing line to stdout as the run goes (as the CLI does).
+    pub print: bool,
+}
+
+impl RunOptions {
+    /// Set [`RunOptions::filter`].
+    pub fn filter(mut self, filter: impl Into<String>) -> Self {
+        self.filter = Some(filter.into());
+        self
+    }
+
+    /// Set [`RunOptions::print`].
+    pub fn print(mut self, print: bool) -> Self {
+        self.print = print;
+        self
+    }
+}
+
+/// Run the suite against fixtures from `factory` (a fresh backend per case): the runner for a
+/// third-party backend's own test or `conformance` binary. A panicking or hung case is a failure.
+///
+/// ```no_run
+/// # async fn demo() {
+/// use outcache::conformance::{Fixture, RunOptions, run};
+/// let report = run(|| async { Fixture::new(std::sync::Arc::new(outcache::backends::memory::MemoryCache::new())) },
+///                  RunOptions::default().print(true)).await;
+/// assert_eq!(report.failed(), 0, "{}", report.summary());
+/// # }
+/// ```
+pub async fn run<F, Fut>(factory: F, options: RunOptions) -> Report
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Fixture>,
+{
+    let mut report = Report::default();
+    for case in all_cases() {
+        if options
+            .filter
+            .as_deref()
+            .is_some_and(|f| !case.name.contains(f))
+        {
+            continue;
+        }
+        let fixture = factory().await;
+        let outcome = run_one(&case, fixture).await;
+        if options.print {
+            println!("{}", outcome.line());
+        }
+        report.outcomes.push(outcome);
+    }
+    if options.print {
+        println!("{}", report.summary());
+    }
+    report
+}
+
+/// Run `case` on `fixture` with a timeout and panic capture, then clean the fixture up.
+async fn run_one(case: &Case, fixture: Fixture) -> CaseOutcome {
+    let started = Instant::now();
+    let future =
+        std::panic::AssertUnwindSafe(run_case(&fixture, case.run(fixture.cache()))).catch_unwind();
+    let verdict = match tokio::time::timeout(CASE_TIMEOUT, future).await {
+        Ok(Ok(verdict)) => verdict,
+        Ok(Err(panic)) => Verdict::Failed(Failure(format!("panicked: {}", panic_message(&panic)))),
+        Err(_) => Verdict::Failed(Failure(format!("timed out after {CASE_TIMEOUT:?}"))),
+    };
+    fixture.finish().await;
+    CaseOutcome {
+        name: case.name,
+        verdict,
+        elapsed: started.elapsed(),
+    }
 }
 
 /// Longest a single case may run before it counts as failed (hung).
@@ -349,20 +567,8 @@ pub async fn run_suite_in(
 ) -> Result<Vec<CaseOutcome>> {
     let mut outcomes = Vec::new();
     for case in all_cases() {
-        let started = Instant::now();
         let fixture = isolated_fixture(location, run_tag, case.name)?.wrapped(&wrap)?;
-        let future = std::panic::AssertUnwindSafe(case.run(fixture.cache())).catch_unwind();
-        let result = match tokio::time::timeout(CASE_TIMEOUT, future).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(panic)) => Err(Failure(format!("panicked: {}", panic_message(&panic)))),
-            Err(_) => Err(Failure(format!("timed out after {CASE_TIMEOUT:?}"))),
-        };
-        fixture.finish().await;
-        let outcome = CaseOutcome {
-            name: case.name,
-            result,
-            elapsed: started.elapsed(),
-        };
+        let outcome = run_one(&case, fixture).await;
         report(&outcome);
         outcomes.push(outcome);
     }

@@ -499,17 +499,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Conformance => {
             let location = config.location()?;
+            // Each case's line as it finishes; the summary line below reports a closed or full stdout.
             let report = |o: &CaseOutcome| {
-                let ms = o.elapsed.as_millis();
-                match &o.result {
-                    // The summary line below reports a closed or full stdout; a case line just goes.
-                    Ok(()) => {
-                        let _ = emit(format_args!("ok    {} ({ms} ms)", o.name));
-                    }
-                    Err(f) => {
-                        let _ = emit(format_args!("FAIL  {} ({ms} ms): {f}", o.name));
-                    }
-                }
+                let _ = emit(format_args!("{}", o.line()));
             };
             let stop = stop_signals();
             let tag = outcache::conformance::new_run_tag();
@@ -522,9 +514,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     return Err(Failure::Interrupted(signal));
                 }
             };
-            let failed = outcomes.iter().filter(|o| o.result.is_err()).count();
-            out!("{} passed, {failed} failed", outcomes.len() - failed);
-            if failed > 0 {
+            let report = outcache::conformance::Report { outcomes };
+            out!("{}", report.summary());
+            if report.failed() > 0 {
                 return Err(Failure::Miss(None));
             }
         }

@@ -41,6 +41,64 @@ pub struct Capabilities {
 }
 
 impl Capabilities {
+    /// The row store only: start here and add what the backend does.
+    pub const fn rows_only() -> Self {
+        Capabilities::ROWS_ONLY
+    }
+
+    /// Every capability.
+    pub const fn all() -> Self {
+        Capabilities::ALL
+    }
+
+    /// Add [`Capabilities::stream_write`].
+    pub const fn with_stream_write(mut self) -> Self {
+        self.stream_write = true;
+        self
+    }
+
+    /// Add [`Capabilities::ref_read`].
+    pub const fn with_ref_read(mut self) -> Self {
+        self.ref_read = true;
+        self
+    }
+
+    /// Add [`Capabilities::stream_ref_read`].
+    pub const fn with_stream_ref_read(mut self) -> Self {
+        self.stream_ref_read = true;
+        self
+    }
+
+    /// Add [`Capabilities::ref_delete`].
+    pub const fn with_ref_delete(mut self) -> Self {
+        self.ref_delete = true;
+        self
+    }
+
+    /// Add [`Capabilities::range_read`].
+    pub const fn with_range_read(mut self) -> Self {
+        self.range_read = true;
+        self
+    }
+
+    /// Add [`Capabilities::access_tracking`].
+    pub const fn with_access_tracking(mut self) -> Self {
+        self.access_tracking = true;
+        self
+    }
+
+    /// Every flag with its name, in declaration order (so tools iterate instead of re-declaring them).
+    pub fn flags(&self) -> [(&'static str, bool); 6] {
+        [
+            ("stream_write", self.stream_write),
+            ("ref_read", self.ref_read),
+            ("stream_ref_read", self.stream_ref_read),
+            ("ref_delete", self.ref_delete),
+            ("range_read", self.range_read),
+            ("access_tracking", self.access_tracking),
+        ]
+    }
+
     /// Every capability.
     pub const ALL: Capabilities = Capabilities {
         stream_write: true,

@@ -47,3 +47,55 @@ async fn a_correct_backend_passes_the_same_cases() {
     cases::stream_multi_chunk(backend.clone()).await.unwrap();
     cases::capabilities_are_truthful(backend).await.unwrap();
 }
+
+/// A rows-only backend's run reports its waivers: every case that needs blobs is `skip`ped with the
+/// capabilities it needs, not counted as passed; stating the expected capabilities turns a backend that
+/// claims fewer into failures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waived_cases_are_reported_as_skipped_not_passed() {
+    use outcache::conformance::{Fixture, RunOptions, Verdict, run};
+    let rows_only = || async { Fixture::new(Arc::new(common::RowsOnly::default())) };
+    let report = run(rows_only, RunOptions::default()).await;
+    assert_eq!(report.failed(), 0, "{}", report.summary());
+    assert!(report.skipped() >= 20, "{}", report.summary());
+    assert!(report.passed() >= 8, "{}", report.summary());
+    let waived = report
+        .outcomes
+        .iter()
+        .find(|o| o.name == "stream_one_byte")
+        .unwrap();
+    assert_eq!(
+        waived.verdict,
+        Verdict::Waived {
+            needs: vec!["stream_write", "ref_read", "stream_ref_read", "ref_delete"]
+        }
+    );
+    assert!(
+        waived
+            .line()
+            .starts_with("skip  stream_one_byte (needs stream_write")
+    );
+    assert_eq!(
+        report.summary(),
+        format!(
+            "{} passed, 0 failed, {} skipped",
+            report.passed(),
+            report.skipped()
+        )
+    );
+
+    let expecting_all = || async {
+        Fixture::new(Arc::new(common::RowsOnly::default())).expect(outcache::Capabilities::all())
+    };
+    let report = run(
+        expecting_all,
+        RunOptions::default().filter("row_round_trip"),
+    )
+    .await;
+    assert_eq!(
+        (report.failed(), report.passed()),
+        (1, 0),
+        "{}",
+        report.summary()
+    );
+}
