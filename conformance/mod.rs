@@ -82,6 +82,11 @@ pub async fn run_case(
     fixture: &Fixture,
     case: impl std::future::Future<Output = CaseResult>,
 ) -> Verdict {
+    if let Err(incoherent) = fixture.cache.capabilities().check() {
+        return Verdict::Failed(Failure(format!(
+            "the backend claims an incoherent capability set: {incoherent}"
+        )));
+    }
     if let Some(missing) = fixture.missing_expected() {
         return Verdict::Failed(Failure(format!(
             "the backend does not claim {missing}, which the fixture expects"

@@ -23,6 +23,13 @@ pub const MAX_READ_CHUNK: usize = 1 << 20;
 
 /// What a backend can do beyond the row store. Truthful both ways: a `true` flag means the method works, a
 /// `false` flag means it returns [`Error::Unsupported`] (the conformance suite checks both).
+///
+/// **Valid sets.** Rows only; or blobs, which come as a set — `stream_write` needs `ref_read`,
+/// `stream_ref_read` and `ref_delete` (the engine reads back and verifies what it writes, hydrates small
+/// refs, and deletes the blob whose row failed to commit); `range_read` needs `stream_ref_read`.
+/// `access_tracking` goes with either. [`Capabilities::check`] names the first missing flag of an
+/// incoherent set, and the conformance suite refuses one up front. Build a set with
+/// `Capabilities::rows_only().with_stream_write()…`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Capabilities {
@@ -85,6 +92,28 @@ impl Capabilities {
     pub const fn with_access_tracking(mut self) -> Self {
         self.access_tracking = true;
         self
+    }
+
+    /// `Err` naming the first flag an incoherent set lacks (see the type's docs for the valid sets).
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let needs = |flag: &str, have: bool, needed: &str| {
+            if have {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{flag} needs {needed} (blob capabilities come as a set)"
+                ))
+            }
+        };
+        if self.stream_write {
+            needs("stream_write", self.ref_read, "ref_read")?;
+            needs("stream_write", self.stream_ref_read, "stream_ref_read")?;
+            needs("stream_write", self.ref_delete, "ref_delete")?;
+        }
+        if self.range_read {
+            needs("range_read", self.stream_ref_read, "stream_ref_read")?;
+        }
+        Ok(())
     }
 
     /// Every flag with its name, in declaration order (so tools iterate instead of re-declaring them).

@@ -99,3 +99,28 @@ async fn waived_cases_are_reported_as_skipped_not_passed() {
         report.summary()
     );
 }
+
+/// An incoherent capability set (streaming writes without reads) is refused up front by every case, with
+/// one message naming the missing flag; valid sets pass `check`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incoherent_capabilities_are_refused_up_front() {
+    use outcache::Capabilities;
+    let write_only = Capabilities::rows_only().with_stream_write();
+    assert_eq!(
+        write_only.check(),
+        Err("stream_write needs ref_read (blob capabilities come as a set)".into())
+    );
+    assert!(Capabilities::all().check().is_ok() && Capabilities::rows_only().check().is_ok());
+    assert!(Capabilities::rows_only().with_range_read().check().is_err());
+    let fixture =
+        || async { outcache::conformance::Fixture::new(Arc::new(common::Claims::new(write_only))) };
+    let report = outcache::conformance::run(fixture, Default::default()).await;
+    assert_eq!(
+        report.failed(),
+        report.outcomes.len(),
+        "{}",
+        report.summary()
+    );
+    let line = report.outcomes[0].line();
+    assert!(line.contains("stream_write needs ref_read"), "{line}");
+}

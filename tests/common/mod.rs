@@ -371,3 +371,59 @@ impl OutputCache for Sink {
         self.inner.delete_blob(reference).await
     }
 }
+
+/// A rows-only backend that claims the capabilities it is given (to test how claims are checked).
+#[derive(Debug)]
+pub struct Claims(pub Capabilities, pub RowsOnly);
+
+impl Claims {
+    pub fn new(claimed: Capabilities) -> Self {
+        Claims(claimed, RowsOnly::default())
+    }
+}
+
+impl std::fmt::Display for Claims {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "claims({:?})", self.0)
+    }
+}
+
+#[async_trait]
+impl OutputCache for Claims {
+    fn capabilities(&self) -> Capabilities {
+        self.0
+    }
+    async fn save_row(&self, key: &RowKey, output: &Value) -> Result<()> {
+        self.1.save_row(key, output).await
+    }
+    async fn get_row(&self, key: &RowKey) -> Result<Option<Row>> {
+        self.1.get_row(key).await
+    }
+    async fn delete_row(&self, key: &RowKey) -> Result<bool> {
+        self.1.delete_row(key).await
+    }
+    async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
+        self.1.delete_prefix(prefix).await
+    }
+    async fn clear_older_than(&self, cutoff: SystemTime) -> Result<u64> {
+        self.1.clear_older_than(cutoff).await
+    }
+    async fn stats(&self) -> Result<Stats> {
+        self.1.stats().await
+    }
+    async fn list_rows(&self) -> Result<Vec<RowEntry>> {
+        self.1.list_rows().await
+    }
+    async fn list_corrupt(&self) -> Result<Vec<outcache::CorruptEntry>> {
+        self.1.list_corrupt().await
+    }
+    async fn remove_corrupt(&self, id: &str) -> Result<bool> {
+        self.1.remove_corrupt(id).await
+    }
+    async fn list_blobs(&self) -> Result<Vec<BlobEntry>> {
+        self.1.list_blobs().await
+    }
+    async fn remove_temp(&self, id: &str) -> Result<bool> {
+        self.1.remove_temp(id).await
+    }
+}
