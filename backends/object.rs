@@ -38,6 +38,8 @@ use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in};
 
 /// Prefix of every ref this backend hands out.
 pub const REF_PREFIX: &str = "object://blobs/";
+/// Prefix of the temp ids of this process's writes in flight.
+const INFLIGHT_PREFIX: &str = "inflight/";
 /// Multipart part size (the S3 minimum).
 pub const PART_SIZE: usize = 5 << 20;
 /// Parts uploading at once.
@@ -55,6 +57,8 @@ pub struct ObjectCache {
     prefix: Path,
     /// What Display shows: the store URL without options, so no secret ever appears.
     label: String,
+    /// This process's writes in flight, listed as temps (the store cannot list multipart uploads).
+    inflight: crate::blob::InFlight,
 }
 
 impl std::fmt::Display for ObjectCache {
@@ -74,6 +78,7 @@ impl ObjectCache {
             store,
             prefix,
             label: label.into(),
+            inflight: Default::default(),
         }
     }
 
@@ -422,20 +427,22 @@ impl OutputCache for ObjectCache {
                     modified: m.last_modified.into(),
                 })
             })
+            .chain(self.inflight.entries())
             .collect())
     }
 
     async fn remove_temp(&self, id: &str) -> Result<bool> {
-        // Incomplete multipart uploads are not objects and cannot be listed through object_store; the
-        // bucket's lifecycle rule removes them. There are no other temps.
-        let _ = id;
-        Ok(false)
+        // The temps listed are this process's writes in flight: removing one only hides it (its future
+        // aborts the upload if it fails). Uploads a crashed process left are not objects and cannot be
+        // listed through object_store; the bucket's lifecycle rule removes them.
+        Ok(self.inflight.forget(id))
     }
 
     async fn write_blob(&self, meta: &BlobMeta, mut data: ByteStream) -> Result<CacheRef> {
         let name = blob_name(meta);
         let path = self.blobs_root().join(name.as_str());
         let mut digest = BlobDigest::new();
+        let inflight = self.inflight.start(&format!("{INFLIGHT_PREFIX}{name}"));
 
         // Gather the first part: a blob that ends within it goes up in one PUT. Bytes are copied into
         // our own buffers (here and by `WriteMultipart::write`), so no producer buffer is kept alive by
@@ -447,6 +454,7 @@ impl OutputCache for ObjectCache {
                 Some(chunk) => {
                     let chunk = chunk.map_err(as_stream_error)?;
                     digest.update(&chunk);
+                    inflight.advance(chunk.len() as u64);
                     head.extend_from_slice(&chunk);
                 }
                 None => {
@@ -482,6 +490,7 @@ impl OutputCache for ObjectCache {
             match data.next().await {
                 Some(Ok(chunk)) => {
                     digest.update(&chunk);
+                    inflight.advance(chunk.len() as u64);
                     writer.write(&chunk);
                 }
                 Some(Err(e)) => {

@@ -12,8 +12,8 @@
 //! marker in its own namespace, so another run's refs and the shared tier's never resolve through it
 //! (reads give `None`, deletes do nothing), and a forged ref does not either. The marker also keeps the
 //! run's blobs referenced in the backing store until the run is cleared, so a janitor on the shared tier
-//! never removes them. Incomplete writes of a run cannot be attributed: temps are listed and removed on
-//! the backing store only.
+//! never removes them. Incomplete writes cannot be attributed to a run: every temp of the backing store
+//! is listed through the wrapper, and removed (past the janitor's grace) like anywhere else.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -292,20 +292,20 @@ impl OutputCache for RunPrivate {
     }
 
     async fn list_blobs(&self) -> Result<Vec<BlobEntry>> {
+        // Published blobs: only the run's. Temps cannot be attributed to a run, and a stale one is
+        // garbage whoever left it: they are listed (and removed past the grace) through any run.
         let owned = self.owned_refs().await?;
         Ok(self
             .inner
             .list_blobs()
             .await?
             .into_iter()
-            .filter(|b| owned.contains(&b.id))
+            .filter(|b| b.state == crate::store::BlobState::Temp || owned.contains(&b.id))
             .collect())
     }
 
     async fn remove_temp(&self, id: &str) -> Result<bool> {
-        // A temp cannot be attributed to a run; the backing store's janitor removes stale ones.
-        let _ = id;
-        Ok(false)
+        self.inner.remove_temp(id).await
     }
 
     async fn reclaim_space(&self) -> Result<()> {

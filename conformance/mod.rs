@@ -352,6 +352,7 @@ macro_rules! __conformance_each_case {
             stalled_write_swept_never_reports_an_unreadable_blob,
             janitor_keeps_rows_rewritten_after_its_listing,
             orphan_grace_counts_from_when_it_became_one,
+            in_flight_write_is_listed_as_a_temp,
         }
     };
 }

@@ -310,3 +310,36 @@ pub async fn orphan_grace_counts_from_when_it_became_one(cache: Backend) -> Case
     );
     Ok(())
 }
+
+/// Invariant 7 (temps are visible): a write in flight that has taken in bytes is listed as a temp while
+/// it stalls — so `stats` sees it and a janitor can clean up after a crash — and once it is dropped,
+/// no temp is left in the listing.
+pub async fn in_flight_write_is_listed_as_a_temp(cache: Backend) -> CaseResult {
+    gate!(cache, &[Cap::StreamWrite]);
+    let writer = {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            cache
+                .write_blob(
+                    &meta("conformance/inflight-temp"),
+                    stalling_stream(pattern(600_000, 71), 65_536),
+                )
+                .await
+        })
+    };
+    let mut listed = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if temps(&cache).await? > 0 {
+            listed = true;
+            break;
+        }
+    }
+    writer.abort();
+    let _ = writer.await;
+    ensure!(
+        listed,
+        "a write in flight (600 kB taken in, then stalled) was never listed as a temp"
+    );
+    no_temps_soon(&cache).await
+}

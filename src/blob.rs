@@ -124,3 +124,74 @@ pub async fn cascade_delete(backend: &dyn OutputCache, key: &RowKey, output: &Va
     }
     Ok(())
 }
+
+/// Writes in flight in this process, for a backend whose store cannot list its unfinished writes (object
+/// stores cannot list multipart uploads): each write registers here while it runs, and the backend lists
+/// the entries as temps, so in-flight work is visible to `stats` and the janitor like everywhere else.
+/// Removing one only hides it (a live future owns the write; its own guard cleans up).
+#[derive(Clone, Debug, Default)]
+pub struct InFlight(
+    std::sync::Arc<
+        std::sync::Mutex<std::collections::HashMap<String, (u64, std::time::SystemTime)>>,
+    >,
+);
+
+impl InFlight {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (u64, std::time::SystemTime)>>
+    {
+        // Every update is one insert or remove: a poisoned lock is still consistent.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Register the write `id`; it stays listed until the returned guard is dropped.
+    pub fn start(&self, id: &str) -> InFlightWrite {
+        self.lock()
+            .insert(id.to_owned(), (0, std::time::SystemTime::now()));
+        InFlightWrite {
+            registry: self.clone(),
+            id: id.to_owned(),
+        }
+    }
+
+    /// The writes in flight, as temp entries.
+    pub fn entries(&self) -> Vec<crate::store::BlobEntry> {
+        self.lock()
+            .iter()
+            .map(|(id, (size, modified))| crate::store::BlobEntry {
+                id: id.clone(),
+                state: crate::store::BlobState::Temp,
+                size: *size,
+                modified: *modified,
+            })
+            .collect()
+    }
+
+    /// Stop listing `id`. Returns whether it was listed.
+    pub fn forget(&self, id: &str) -> bool {
+        self.lock().remove(id).is_some()
+    }
+}
+
+/// One registered write in flight (see [`InFlight`]); unlisted when dropped.
+#[derive(Debug)]
+pub struct InFlightWrite {
+    registry: InFlight,
+    id: String,
+}
+
+impl InFlightWrite {
+    /// Record `n` more bytes taken in (and that the write is alive now).
+    pub fn advance(&self, n: u64) {
+        if let Some(entry) = self.registry.lock().get_mut(&self.id) {
+            *entry = (entry.0 + n, std::time::SystemTime::now());
+        }
+    }
+}
+
+impl Drop for InFlightWrite {
+    fn drop(&mut self) {
+        self.registry.forget(&self.id);
+    }
+}

@@ -32,6 +32,7 @@ async fn each_bug_is_caught_by_its_case() {
         (Bug::DropsLastChunk, "stream_multi_chunk"),
         (Bug::DropsLastChunk, "stream_one_byte"),
         (Bug::HoardsChunks, "stream_large_blob_bounded_memory"),
+        (Bug::HidesTemps, "in_flight_write_is_listed_as_a_temp"),
     ];
     for (bug, case) in expectations {
         let result = run_case(case, bug).await;

@@ -134,6 +134,8 @@ pub enum Bug {
     DropsLastChunk,
     /// Keeps every chunk it was handed until the write ends (no bounded memory).
     HoardsChunks,
+    /// Never lists a temp (a write in flight, or the remains of a dead one), though it claims everything.
+    HidesTemps,
 }
 
 /// The memory backend with one [`Bug`].
@@ -210,7 +212,14 @@ impl OutputCache for Broken {
         self.inner.remove_corrupt(id).await
     }
     async fn list_blobs(&self) -> Result<Vec<BlobEntry>> {
-        self.inner.list_blobs().await
+        let all = self.inner.list_blobs().await?;
+        Ok(if self.bug == Bug::HidesTemps {
+            all.into_iter()
+                .filter(|b| b.state != outcache::BlobState::Temp)
+                .collect()
+        } else {
+            all
+        })
     }
     async fn remove_temp(&self, id: &str) -> Result<bool> {
         self.inner.remove_temp(id).await
