@@ -1479,7 +1479,7 @@ pub async fn touch_rows_moves_last_access(cache: Backend) -> CaseResult {
     let before_b = access(cache.clone(), b.clone()).await?;
     ensure!(
         before_b.is_some(),
-        "a tracking backend lists no access time"
+        "a tracking backend must report last_access for a row never read (its commit time), got None"
     );
     let later = SystemTime::now() + Duration::from_secs(3600);
     let ghost = key("conformance/lru", 404)?;

@@ -1,6 +1,6 @@
 //! The conformance suite: every invariant of the design (rows, streaming, atomic publish, ref safety,
 //! cascades, orphan cleanup, concurrent writers, truthful capabilities) as a named case that any backend or
-//! wrapper can run. Backend authors call it from their own tests through [`conformance_tests!`]
+//! wrapper can run. Backend authors call it from their own tests through [`conformance_tests!`](crate::conformance_tests)
 //! (one `#[tokio::test]` per case); operators run it against a live endpoint with `outcache conformance`.
 //!
 //! ```text
@@ -358,7 +358,10 @@ macro_rules! __conformance_each_case {
 }
 
 /// Expand to one `#[tokio::test]` per conformance case, each calling `$factory().await` for a fresh
-/// [`Fixture`]. The calling crate needs `tokio` (with `macros` and `rt-multi-thread`) as a dev-dependency.
+/// [`Fixture`]. Tokio is reached through this crate: the caller needs no tokio dependency of its own. The
+/// test functions are named after the cases, so give each call its own module (`mod memory {
+/// outcache::conformance_tests!(…); }`) to run the suite on several backends from one file. A waived
+/// case passes with a `WAIVED … needs …` line on stderr; [`run`] gives the table and the closing line.
 #[macro_export]
 macro_rules! conformance_tests {
     ($factory:expr) => {
@@ -371,7 +374,11 @@ macro_rules! conformance_tests {
 macro_rules! __conformance_test_fns {
     ($factory:expr ; $($case:ident),* $(,)?) => {
         $(
-            #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            #[$crate::__private::tokio::test(
+                flavor = "multi_thread",
+                worker_threads = 4,
+                crate = "outcache::__private::tokio"
+            )]
             async fn $case() {
                 let fixture: $crate::conformance::Fixture = ($factory)().await;
                 if let Some(reason) = fixture.skip_reason() {

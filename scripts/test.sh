@@ -10,6 +10,9 @@ cargo fmt --all -- --check
 echo "== cargo clippy (all targets, all features, warnings are errors)"
 cargo clippy --all-targets --all-features -- -D warnings
 
+echo "== cargo doc (broken intra-doc links are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --quiet --no-deps --all-features
+
 echo "== feature subsets compile (users pick backends by feature)"
 for features in "" "fs" "sqlite" "object-store" "conformance"; do
   cargo check --quiet --lib --no-default-features --features "$features"

@@ -13,7 +13,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 ///
 /// A cache **miss is not an error**: reads return `Ok(None)`. Unknown, foreign and malformed refs are misses
 /// too when read through a backend; [`Error::InvalidRef`] is only raised where a caller *hands in* a ref to be
-/// parsed (the CLI's `cat`, [`crate::CacheRef::from_json`]).
+/// parsed (the CLI's `cat`, [`crate::CacheRef::parse_arg`]).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {

@@ -3,7 +3,7 @@
 //! works through the trait's listings, so it serves every backend and wrapper alike.
 //!
 //! ## Design
-//! One planner ([`plan`]) reads one listing — blobs first, then rows, so a blob whose row commits while
+//! One planner (`plan`) reads one listing — blobs first, then rows, so a blob whose row commits while
 //! the janitor runs is seen as referenced, and a blob written after the blob listing is no candidate at
 //! all — and decides everything; [`prune`] carries the plan out, and the public orphan sweeps
 //! ([`find_orphans`], [`sweep_orphans`]) are the same plan restricted to orphans, so no caller can skip a

@@ -62,6 +62,9 @@ pub mod backends;
 #[path = "../conformance/mod.rs"]
 pub mod conformance;
 
+/// The attribute to implement [`OutputCache`] with (`#[outcache::async_trait]`), re-exported so a backend
+/// crate needs no dependency of its own for it.
+pub use async_trait::async_trait;
 pub use engine::{BlobOptions, Cache, CacheOptions};
 pub use error::{Error, Result};
 pub use metrics::Metrics;
@@ -70,4 +73,11 @@ pub use store::{
     CorruptKind, OutputCache, Row, RowEntry, RowVersion, Stats,
 };
 pub use wire::{CacheRef, InlineBinary, RowKey, fingerprint};
+
+#[doc(hidden)]
+#[cfg(feature = "conformance")]
+pub mod __private {
+    //! What `conformance_tests!` expands to, reached through this crate so its callers need nothing else.
+    pub use tokio;
+}
 pub use writer::{BlobWriter, WriterAbortHandle};

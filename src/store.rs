@@ -235,7 +235,7 @@ pub struct RowEntry {
     /// The branded ref strings its output holds.
     pub refs: Vec<String>,
     /// When it was last read, as far as the backend tracks it (coarse: the engine records reads in
-    /// batches); `None` where the backend keeps no access time.
+    /// batches); for a row never read, its commit time. `None` where the backend keeps no access time.
     pub last_access: Option<SystemTime>,
 }
 
@@ -326,6 +326,9 @@ pub struct Stats {
 }
 
 /// The storage trait: a row store keyed by [`RowKey`], plus optional blob capabilities.
+///
+/// Writing one: see `WRITING_A_BACKEND.md` in the repository (a complete, tested skeleton backend is
+/// `examples/skeleton_backend.rs`), and implement it with `#[outcache::async_trait]`.
 ///
 /// Object safe: use it as `Arc<dyn OutputCache>`. Misses are `Ok(None)`. Every blob method takes the ref
 /// *string*; a ref that does not match the backend's own strict pattern (another backend's, a traversal

@@ -1,0 +1,318 @@
+//! A complete third-party backend, as the guide (`WRITING_A_BACKEND.md`) builds it: rows in memory, blobs
+//! as files in a directory of its own. It uses the helpers the crate ships — `layout::blob_name` (unique
+//! names carrying the owner's key tag), `blob::BlobDigest`, `wire::parse_ref_name`, `blob::cascade_delete`
+//! (the ownership rule), `blob::reader_stream` — and passes the whole conformance suite, which the test
+//! command runs (`cargo test --all-features --example skeleton_backend`).
+//!
+//! Run it as a program to see the suite's report: `cargo run --all-features --example skeleton_backend`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use outcache::blob::{BlobDigest, cascade_delete, reader_stream};
+use outcache::layout::blob_name;
+use outcache::wire::{parse_ref_name, refs_in};
+use outcache::{
+    BlobEntry, BlobMeta, BlobStat, BlobState, ByteStream, CacheRef, Capabilities, CorruptEntry,
+    Error, OutputCache, Result, Row, RowEntry, RowKey, Stats, async_trait,
+};
+use serde_json::Value;
+
+/// Every ref this backend hands out starts with its own scheme, so no other backend's ref resolves here.
+const REF_PREFIX: &str = "skeleton://blobs/";
+
+#[derive(Debug)]
+struct StoredRow {
+    output: Value,
+    created_at: SystemTime,
+}
+
+/// Rows in memory, blobs as files in `dir`: `<name>` published, `tmp-<name>` while a write is in flight.
+#[derive(Debug, Clone)]
+pub struct SkeletonBackend {
+    rows: Arc<Mutex<BTreeMap<RowKey, StoredRow>>>,
+    dir: PathBuf,
+}
+
+impl std::fmt::Display for SkeletonBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "skeleton({})", self.dir.display())
+    }
+}
+
+fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.to_owned();
+    move |e| Error::io(action, path, e)
+}
+
+impl SkeletonBackend {
+    /// A backend keeping its blobs in `dir` (created if missing).
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+        Ok(SkeletonBackend {
+            rows: Arc::default(),
+            dir,
+        })
+    }
+
+    fn rows(&self) -> std::sync::MutexGuard<'_, BTreeMap<RowKey, StoredRow>> {
+        self.rows.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The file of a ref, if the ref is one of ours (strictly: one clean name segment).
+    fn blob_path(&self, reference: &str) -> Option<PathBuf> {
+        parse_ref_name(reference, REF_PREFIX, "").map(|name| self.dir.join(name))
+    }
+
+    /// Remove the rows `pick` selects and delete the blobs they own.
+    async fn remove_rows(&self, pick: impl Fn(&RowKey, &StoredRow) -> bool) -> Result<u64> {
+        let removed: Vec<(RowKey, Value)> = {
+            let mut rows = self.rows();
+            let doomed: Vec<RowKey> = rows
+                .iter()
+                .filter(|(k, r)| pick(k, r))
+                .map(|(k, _)| k.clone())
+                .collect();
+            doomed
+                .into_iter()
+                .filter_map(|k| rows.remove(&k).map(|r| (k, r.output)))
+                .collect()
+        };
+        for (key, output) in &removed {
+            cascade_delete(self, key, output).await?;
+        }
+        Ok(removed.len() as u64)
+    }
+}
+
+/// Removes a temp file if the write does not get as far as publishing it (error or dropped future).
+struct TempFile(Option<PathBuf>);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[async_trait]
+impl OutputCache for SkeletonBackend {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::rows_only()
+            .with_stream_write()
+            .with_ref_read()
+            .with_stream_ref_read()
+            .with_ref_delete()
+    }
+
+    async fn save_row(&self, key: &RowKey, output: &Value) -> Result<()> {
+        let row = StoredRow {
+            output: output.clone(),
+            created_at: SystemTime::now(),
+        };
+        self.rows().insert(key.clone(), row);
+        Ok(())
+    }
+
+    async fn get_row(&self, key: &RowKey) -> Result<Option<Row>> {
+        Ok(self.rows().get(key).map(|r| Row {
+            output: r.output.clone(),
+            created_at: r.created_at,
+        }))
+    }
+
+    async fn delete_row(&self, key: &RowKey) -> Result<bool> {
+        Ok(self.remove_rows(|k, _| k == key).await? == 1)
+    }
+
+    async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
+        self.remove_rows(|k, _| k.task_type().starts_with(prefix))
+            .await
+    }
+
+    async fn clear_older_than(&self, cutoff: SystemTime) -> Result<u64> {
+        self.remove_rows(|_, r| r.created_at < cutoff).await
+    }
+
+    async fn stats(&self) -> Result<Stats> {
+        let rows = self.list_rows().await?;
+        let blobs = self.list_blobs().await?;
+        let published = blobs.iter().filter(|b| b.state == BlobState::Published);
+        Ok(Stats {
+            rows: rows.len() as u64,
+            row_bytes: rows.iter().map(|r| r.size).sum(),
+            blobs: published.clone().count() as u64,
+            blob_bytes: published.map(|b| b.size).sum(),
+            temps: blobs.iter().filter(|b| b.state == BlobState::Temp).count() as u64,
+        })
+    }
+
+    async fn list_rows(&self) -> Result<Vec<RowEntry>> {
+        Ok(self
+            .rows()
+            .iter()
+            .map(|(key, r)| RowEntry {
+                key: key.clone(),
+                created_at: r.created_at,
+                size: r.output.to_string().len() as u64,
+                refs: refs_in(&r.output)
+                    .into_iter()
+                    .map(|r| r.reference)
+                    .collect(),
+                last_access: None, // no access tracking: the janitor falls back to commit times
+            })
+            .collect())
+    }
+
+    async fn list_corrupt(&self) -> Result<Vec<CorruptEntry>> {
+        Ok(Vec::new()) // rows are decoded values: nothing can be garbled
+    }
+
+    async fn remove_corrupt(&self, _id: &str) -> Result<bool> {
+        Ok(false)
+    }
+
+    async fn list_blobs(&self) -> Result<Vec<BlobEntry>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(io("list", &self.dir))? {
+            let entry = entry.map_err(io("list", &self.dir))?;
+            let meta = entry.metadata().map_err(io("stat", &entry.path()))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let (id, state) = match name.strip_prefix("tmp-") {
+                // Temps must be listed: `stats` counts them and the janitor removes dead ones.
+                Some(_) => (name, BlobState::Temp),
+                None => (format!("{REF_PREFIX}{name}"), BlobState::Published),
+            };
+            out.push(BlobEntry {
+                id,
+                state,
+                size: meta.len(),
+                modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn remove_temp(&self, id: &str) -> Result<bool> {
+        if !id.starts_with("tmp-") || parse_ref_name(id, "", "").is_none() {
+            return Ok(false); // not one of our temp names: never touch it
+        }
+        let path = self.dir.join(id);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io("remove", path, e)),
+        }
+    }
+
+    async fn write_blob(&self, meta: &BlobMeta, mut data: ByteStream) -> Result<CacheRef> {
+        use tokio::io::AsyncWriteExt;
+        // The name carries the owning row's key tag (the ownership rule) and is unique per write.
+        let name = blob_name(meta);
+        let tmp = self.dir.join(format!("tmp-{name}"));
+        let mut file = tokio::fs::File::create_new(&tmp)
+            .await
+            .map_err(io("create", &tmp))?;
+        let guard = TempFile(Some(tmp.clone()));
+        let mut digest = BlobDigest::new();
+        while let Some(chunk) = data.next().await {
+            let chunk = chunk?; // the producer's error; the guard removes the temp
+            digest.update(&chunk);
+            file.write_all(&chunk).await.map_err(io("write", &tmp))?;
+        }
+        file.sync_all().await.map_err(io("fsync", &tmp))?;
+        drop(file);
+        let dest = self.dir.join(&name);
+        tokio::fs::rename(&tmp, &dest)
+            .await
+            .map_err(io("publish", &dest))?;
+        std::mem::forget(guard); // published: nothing to remove
+        Ok(digest.into_ref(format!("{REF_PREFIX}{name}"), meta))
+    }
+
+    async fn stat_blob(&self, reference: &str) -> Result<Option<BlobStat>> {
+        let Some(path) = self.blob_path(reference) else {
+            return Ok(None);
+        };
+        match tokio::fs::metadata(&path).await {
+            Ok(m) => Ok(Some(BlobStat {
+                size: m.len(),
+                sha256: None,
+            })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("stat", path, e)),
+        }
+    }
+
+    async fn read_blob(&self, reference: &str) -> Result<Option<Bytes>> {
+        let Some(path) = self.blob_path(reference) else {
+            return Ok(None);
+        };
+        match tokio::fs::read(&path).await {
+            Ok(bytes) => Ok(Some(bytes.into())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("read", path, e)),
+        }
+    }
+
+    async fn open_blob(&self, reference: &str) -> Result<Option<ByteStream>> {
+        let Some(path) = self.blob_path(reference) else {
+            return Ok(None);
+        };
+        match tokio::fs::File::open(&path).await {
+            // Chunks of at most 1 MiB (`MAX_READ_CHUNK`); dropping the stream closes the file.
+            Ok(file) => Ok(Some(reader_stream(file, outcache::store::MAX_READ_CHUNK))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("open", path, e)),
+        }
+    }
+
+    async fn delete_blob(&self, reference: &str) -> Result<()> {
+        let Some(path) = self.blob_path(reference) else {
+            return Ok(()); // not ours: nothing to do
+        };
+        match tokio::fs::remove_file(&path).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io("remove", path, e)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The runner a backend crate ships: every case against a fresh backend, one line each, a closing line.
+#[tokio::main]
+async fn main() {
+    let report = outcache::conformance::run(
+        || async {
+            let dir = tempfile::tempdir().expect("a temp dir");
+            let backend = SkeletonBackend::open(dir.path()).expect("open the backend");
+            outcache::conformance::Fixture::with_guard(Arc::new(backend), dir)
+        },
+        outcache::conformance::RunOptions::default().print(true),
+    )
+    .await;
+    std::process::exit(i32::from(report.failed() > 0));
+}
+
+#[cfg(test)]
+mod conformance {
+    use super::*;
+
+    outcache::conformance_tests!(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = SkeletonBackend::open(dir.path()).unwrap();
+        // State what the backend claims, so that losing a capability fails instead of waiving cases.
+        outcache::conformance::Fixture::with_guard(Arc::new(backend), dir).expect(
+            Capabilities::rows_only()
+                .with_stream_write()
+                .with_ref_read()
+                .with_stream_ref_read()
+                .with_ref_delete(),
+        )
+    });
+}
