@@ -224,6 +224,25 @@ async fn no_temps_soon(cache: &Backend) -> CaseResult {
     )))
 }
 
+/// Wait (up to 5 s) until the backend stores exactly what it stored `before` (by its fixture's storage
+/// probe, if the fixture gave one): a failed or dropped write leaves nothing on the medium, listed or not.
+async fn nothing_stored_soon(before: &Option<Vec<String>>) -> CaseResult {
+    let Some(before) = before else {
+        return Ok(());
+    };
+    for _ in 0..100 {
+        if super::stored_now().as_ref() == Some(before) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let now = super::stored_now().unwrap_or_default();
+    let left: Vec<&String> = now.iter().filter(|n| !before.contains(n)).collect();
+    Err(Failure(format!(
+        "a failed or dropped write left {left:?} in storage (not in the backend's listing)"
+    )))
+}
+
 fn engine(cache: &Backend, threshold: u64) -> Cache {
     Cache::with_options(
         cache.clone(),
@@ -558,6 +577,7 @@ pub async fn stream_names_are_unique(cache: Backend) -> CaseResult {
 /// leaves no temp, and the error names its cause.
 pub async fn failed_stream_publishes_nothing(cache: Backend) -> CaseResult {
     gate!(cache, &[Cap::StreamWrite]);
+    let before = super::stored_now();
     let data = pattern(3 << 20, 9);
     for fail_at in [0, 1, 100_000, 3 << 20] {
         let result = cache
@@ -580,6 +600,7 @@ pub async fn failed_stream_publishes_nothing(cache: Backend) -> CaseResult {
         let blobs = published(&cache).await?;
         ensure!(blobs.is_empty(), "failing at {fail_at} published {blobs:?}");
         no_temps_soon(&cache).await?;
+        nothing_stored_soon(&before).await?;
     }
     Ok(())
 }
@@ -587,13 +608,15 @@ pub async fn failed_stream_publishes_nothing(cache: Backend) -> CaseResult {
 /// Invariant 3: dropping the write future mid-stream publishes nothing and leaves no temp.
 pub async fn dropped_write_publishes_nothing(cache: Backend) -> CaseResult {
     gate!(cache, &[Cap::StreamWrite]);
+    let before = super::stored_now();
     let m = meta("conformance/drop");
     let write = cache.write_blob(&m, stalling_stream(pattern(2 << 20, 4), 256 * 1024));
     let result = tokio::time::timeout(Duration::from_millis(300), write).await;
     ensure!(result.is_err(), "a stalled stream finished: {result:?}");
     let blobs = published(&cache).await?;
     ensure!(blobs.is_empty(), "a dropped write published {blobs:?}");
-    no_temps_soon(&cache).await
+    no_temps_soon(&cache).await?;
+    nothing_stored_soon(&before).await
 }
 
 /// Invariant 3: while a write is in flight, no published blob is visible.

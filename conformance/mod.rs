@@ -52,6 +52,20 @@ pub type CaseResult = std::result::Result<(), Failure>;
 tokio::task_local! {
     /// The capabilities the running case found missing (and refused, as they must be).
     static WAIVERS: std::cell::RefCell<Vec<&'static str>>;
+    /// The fixture's view of everything the backend stores, if it gave one ([`Fixture::with_storage`]).
+    static STORAGE: Option<StorageProbe>;
+}
+
+/// Lists everything a backend stores (files, objects, records: names the fixture chooses), so cases can
+/// check that nothing was left behind that the backend's own listing hides.
+pub type StorageProbe = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
+
+/// Everything the backend under test stores, if its fixture said how to see it.
+pub(crate) fn stored_now() -> Option<Vec<String>> {
+    STORAGE
+        .try_with(|probe| probe.as_ref().map(|p| p()))
+        .ok()
+        .flatten()
 }
 
 /// Record that the running case was waived for want of `capability` (its gate calls this after checking
@@ -93,11 +107,14 @@ pub async fn run_case(
         )));
     }
     let waivers = std::cell::RefCell::new(Vec::new());
-    let (result, waivers) = WAIVERS
-        .scope(waivers, async {
-            let result = case.await;
-            (result, WAIVERS.with(|w| w.take()))
-        })
+    let (result, waivers) = STORAGE
+        .scope(
+            fixture.storage.clone(),
+            WAIVERS.scope(waivers, async {
+                let result = case.await;
+                (result, WAIVERS.with(|w| w.take()))
+            }),
+        )
         .await;
     match result {
         Err(failure) => Verdict::Failed(failure),
@@ -116,6 +133,7 @@ pub struct Fixture {
     empty_afterwards: bool,
     skip: Option<String>,
     expected: Option<crate::Capabilities>,
+    storage: Option<StorageProbe>,
 }
 
 impl std::fmt::Debug for Fixture {
@@ -136,7 +154,16 @@ impl Fixture {
             empty_afterwards: false,
             skip: None,
             expected: None,
+            storage: None,
         }
+    }
+
+    /// Say how to see everything the backend stores (file names under its directory, object keys …):
+    /// the cases for failed and dropped writes then check that nothing was left behind on the medium,
+    /// not only in the backend's own listing.
+    pub fn with_storage(mut self, probe: impl Fn() -> Vec<String> + Send + Sync + 'static) -> Self {
+        self.storage = Some(Arc::new(probe));
+        self
     }
 
     /// State the capabilities the backend must claim: if it claims fewer, every case fails (instead of
@@ -212,6 +239,28 @@ impl Fixture {
     }
 }
 
+/// Every file under `dir` (relative paths), for [`Fixture::with_storage`] of directory-backed stores.
+pub fn files_under(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.filter_map(|e| e.ok()) {
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(path);
+            } else {
+                let rel = path.strip_prefix(dir).unwrap_or(&path);
+                out.push(rel.to_string_lossy().into_owned());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 /// Ready-made fixtures for the built-in backends.
 pub mod fixtures {
     use super::*;
@@ -232,7 +281,8 @@ pub mod fixtures {
             .expect("create a temp dir for the fs backend");
         let cache = crate::backends::fs::FsCache::open(dir.path(), Default::default())
             .expect("open the fs backend in a temp dir");
-        Fixture::with_guard(Arc::new(cache), dir)
+        let root = dir.path().to_path_buf();
+        Fixture::with_guard(Arc::new(cache), dir).with_storage(move || files_under(&root))
     }
 
     /// A fresh SQLite backend in a temp directory that is removed afterwards. Panics if it cannot be

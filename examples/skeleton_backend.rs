@@ -306,13 +306,17 @@ mod conformance {
     outcache::conformance_tests!(|| async {
         let dir = tempfile::tempdir().unwrap();
         let backend = SkeletonBackend::open(dir.path()).unwrap();
-        // State what the backend claims, so that losing a capability fails instead of waiving cases.
-        outcache::conformance::Fixture::with_guard(Arc::new(backend), dir).expect(
-            Capabilities::rows_only()
-                .with_stream_write()
-                .with_ref_read()
-                .with_stream_ref_read()
-                .with_ref_delete(),
-        )
+        let root = dir.path().to_path_buf();
+        // State what the backend claims, so that losing a capability fails instead of waiving cases,
+        // and show the suite everything it stores, so a leaked temp cannot hide from the listing.
+        outcache::conformance::Fixture::with_guard(Arc::new(backend), dir)
+            .with_storage(move || outcache::conformance::files_under(&root))
+            .expect(
+                Capabilities::rows_only()
+                    .with_stream_write()
+                    .with_ref_read()
+                    .with_stream_ref_read()
+                    .with_ref_delete(),
+            )
     });
 }

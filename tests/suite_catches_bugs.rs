@@ -125,3 +125,33 @@ async fn incoherent_capabilities_are_refused_up_front() {
     let line = report.outcomes[0].line();
     assert!(line.contains("stream_write needs ref_read"), "{line}");
 }
+
+/// A backend that leaks a temp into its storage on a failed write but leaves it out of its listing passes
+/// a listing-only check; with the fixture's storage probe, the suite catches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn temps_leaked_outside_the_listing_are_caught_by_the_storage_probe() {
+    use outcache::conformance::{Fixture, Verdict, run_case};
+    let broken = Arc::new(Broken::new(Bug::LeaksHiddenTemps));
+    let leaked = broken.leaked.clone();
+    let fixture = Fixture::new(broken.clone()).with_storage(move || leaked.lock().unwrap().clone());
+    let verdict = run_case(
+        &fixture,
+        cases::failed_stream_publishes_nothing(fixture.cache()),
+    )
+    .await;
+    match verdict {
+        Verdict::Failed(f) => assert!(f.0.contains("left"), "{f}"),
+        other => panic!("the leak was not caught: {other:?}"),
+    }
+    let blind = Fixture::new(Arc::new(Broken::new(Bug::LeaksHiddenTemps)));
+    let verdict = run_case(
+        &blind,
+        cases::failed_stream_publishes_nothing(blind.cache()),
+    )
+    .await;
+    assert_eq!(
+        verdict,
+        Verdict::Passed,
+        "without a probe the listing is all the suite can see"
+    );
+}

@@ -136,6 +136,8 @@ pub enum Bug {
     HoardsChunks,
     /// Never lists a temp (a write in flight, or the remains of a dead one), though it claims everything.
     HidesTemps,
+    /// Leaves a temp behind in its storage when a write fails, and leaves it out of its listing.
+    LeaksHiddenTemps,
 }
 
 /// The memory backend with one [`Bug`].
@@ -143,6 +145,8 @@ pub enum Bug {
 pub struct Broken {
     inner: Arc<MemoryCache>,
     bug: Bug,
+    /// What `LeaksHiddenTemps` left in its "storage" (seen only through the fixture's probe).
+    pub leaked: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Broken {
@@ -150,6 +154,7 @@ impl Broken {
         Broken {
             inner: Arc::new(MemoryCache::new()),
             bug,
+            leaked: Arc::default(),
         }
     }
 
@@ -240,6 +245,12 @@ impl OutputCache for Broken {
             (Bug::PublishesPartialBlobs, Some(e)) => {
                 let partial = futures::stream::iter(chunks.into_iter().map(Ok)).boxed();
                 self.inner.write_blob(meta, partial).await?;
+                Err(e)
+            }
+            (Bug::LeaksHiddenTemps, Some(e)) => {
+                let mut leaked = self.leaked.lock().unwrap();
+                let n = leaked.len();
+                leaked.push(format!("tmp/blob-{n}.tmp"));
                 Err(e)
             }
             (_, Some(e)) => Err(e),
