@@ -11,11 +11,15 @@
 //!   value, and `writer` for producers that push bytes (with a high-water mark).
 //! - [`OutputCache`] — the object-safe storage trait every backend implements, with optional blob
 //!   capabilities advertised in [`Capabilities`].
-//! - [`backends`] — `memory` (always) and `fs` (feature `fs`, default).
+//! - [`backends`] — `memory` (always), `fs`, `sqlite` and `object` (S3 and other object stores), each
+//!   behind its feature, and the run-private wrapper [`RunPrivate`].
 //! - [`wire`] — the stable formats: canonical fingerprints, [`CacheRef`], the inline binary envelope.
-//! - [`config`] — cache URLs (`fs:///abs/dir`, `memory://`) and the embedded default.
-//! - [`janitor`] — finding and removing orphan blobs and dead temp files.
-//! - `conformance` (feature `conformance`) — the suite every backend passes, for backend authors.
+//! - [`config`] — cache URLs (`fs://`, `sqlite://`, `s3://`, `memory://`), the TOML config file, the
+//!   redaction rule, and the embedded default.
+//! - [`janitor`] — pruning by age, orphans (with the ownership rule and race rules), size budget; stats.
+//! - [`metrics`] — the engine's counters ([`Cache::metrics`]).
+//! - `conformance` (feature `conformance`) — the suite every backend passes, for backend authors; see
+//!   `WRITING_A_BACKEND.md` for the guide.
 //!
 //! ## Example
 //! ```
@@ -65,6 +69,7 @@ pub mod conformance;
 /// The attribute to implement [`OutputCache`] with (`#[outcache::async_trait]`), re-exported so a backend
 /// crate needs no dependency of its own for it.
 pub use async_trait::async_trait;
+pub use backends::run_private::RunPrivate;
 pub use engine::{BlobOptions, Cache, CacheOptions};
 pub use error::{Error, Result};
 pub use metrics::Metrics;

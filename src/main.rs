@@ -30,8 +30,9 @@ const READ_CHUNK: usize = 1 << 20;
     about = "A storage engine for the outputs of cacheable tasks"
 )]
 struct Cli {
-    /// The cache: fs:///abs/dir, file:///abs/dir or memory://. Default: $OUTCACHE_URL, else the fs
-    /// backend under $XDG_CACHE_HOME/outcache (or ~/.cache/outcache).
+    /// The cache: fs:///abs/dir, file:///abs/dir, sqlite:///abs/file.db, s3://bucket/prefix?… or
+    /// memory://. Default: $OUTCACHE_URL, else the config file's url, else the fs backend under
+    /// $XDG_CACHE_HOME/outcache (or ~/.cache/outcache).
     #[arg(long, global = true, value_name = "URL")]
     url: Option<String>,
 
@@ -188,7 +189,9 @@ enum Command {
         json: bool,
     },
     /// Run the conformance suite against the cache in an isolated child location (existing entries are
-    /// never touched; everything created is removed). Exit 1 if any case fails.
+    /// never touched; everything created is removed): one line per case (ok, skip with the capabilities
+    /// it needs, FAIL) and `N passed, N failed, N skipped`. Exit 1 if any case fails. Built-in schemes
+    /// only: a third-party backend runs the suite with `outcache::conformance::run` from its own crate.
     Conformance,
 }
 
