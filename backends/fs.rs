@@ -32,7 +32,7 @@ use crate::layout::{
 };
 use crate::store::{
     BlobEntry, BlobMeta, BlobStat, BlobState, ByteRange, ByteStream, Capabilities, CorruptEntry,
-    CorruptKind, MAX_READ_CHUNK, OutputCache, Row, RowEntry, Stats,
+    CorruptKind, MAX_READ_CHUNK, OutputCache, Row, RowEntry,
 };
 use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in};
 
@@ -639,35 +639,6 @@ impl OutputCache for FsCache {
         })
         .await?;
         self.cascade(outputs).await
-    }
-
-    async fn clear_older_than(&self, cutoff: SystemTime) -> Result<u64> {
-        let this = self.clone();
-        let outputs =
-            blocking(move || this.remove_rows(|_| true, |r| r.created_at < cutoff)).await?;
-        self.cascade(outputs).await
-    }
-
-    async fn stats(&self) -> Result<Stats> {
-        let this = self.clone();
-        blocking(move || {
-            let mut stats = Stats::default();
-            let (rows, _) = this.scan_rows()?;
-            stats.rows = rows.len() as u64;
-            stats.row_bytes = rows.iter().map(|r| r.size).sum();
-            for entry in this.list_blob_files()? {
-                match entry.state {
-                    BlobState::Published => {
-                        stats.blobs += 1;
-                        stats.blob_bytes += entry.size;
-                    }
-                    BlobState::Temp => stats.temps += 1,
-                    BlobState::Foreign => {}
-                }
-            }
-            Ok(stats)
-        })
-        .await
     }
 
     async fn list_rows(&self) -> Result<Vec<RowEntry>> {

@@ -14,7 +14,7 @@ use crate::blob::{BlobDigest, cascade_delete, chunked};
 use crate::error::Result;
 use crate::store::{
     BlobEntry, BlobMeta, BlobStat, BlobState, ByteRange, ByteStream, Capabilities, CorruptEntry,
-    OutputCache, Row, RowEntry, Stats,
+    OutputCache, Row, RowEntry,
 };
 use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in};
 
@@ -141,22 +141,6 @@ impl OutputCache for MemoryCache {
     async fn delete_prefix(&self, task_type_prefix: &str) -> Result<u64> {
         let outputs = self.remove_rows(|k, _| k.task_type().starts_with(task_type_prefix));
         self.cascade(outputs).await
-    }
-
-    async fn clear_older_than(&self, cutoff: SystemTime) -> Result<u64> {
-        let outputs = self.remove_rows(|_, r| r.created_at < cutoff);
-        self.cascade(outputs).await
-    }
-
-    async fn stats(&self) -> Result<Stats> {
-        let state = self.lock();
-        Ok(Stats {
-            rows: state.rows.len() as u64,
-            row_bytes: state.rows.values().map(|r| r.size).sum(),
-            blobs: state.blobs.len() as u64,
-            blob_bytes: state.blobs.values().map(|b| b.bytes.len() as u64).sum(),
-            temps: state.temps.len() as u64,
-        })
     }
 
     async fn list_rows(&self) -> Result<Vec<RowEntry>> {

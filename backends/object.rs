@@ -15,7 +15,7 @@
 //! cannot list multipart uploads): give the bucket an `AbortIncompleteMultipartUpload` lifecycle rule.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -32,7 +32,7 @@ use crate::layout::{
 };
 use crate::store::{
     BlobEntry, BlobMeta, BlobStat, BlobState, ByteRange, ByteStream, Capabilities, CorruptEntry,
-    CorruptKind, OutputCache, Row, RowEntry, Stats,
+    CorruptKind, OutputCache, Row, RowEntry,
 };
 use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in};
 
@@ -44,9 +44,6 @@ const INFLIGHT_PREFIX: &str = "inflight/";
 pub const PART_SIZE: usize = 5 << 20;
 /// Parts uploading at once.
 pub const PARTS_IN_FLIGHT: usize = 3;
-/// Rows whose listing time is this far after a `clear_older_than` cutoff are not fetched to check their
-/// own `created_at` (tolerates clock skew between hosts and the store).
-const CLOCK_SKEW: Duration = Duration::from_secs(300);
 /// Concurrent GETs when reading many rows (listings, deletes by prefix or age).
 const FETCH_CONCURRENCY: usize = 16;
 
@@ -337,31 +334,6 @@ impl OutputCache for ObjectCache {
         let paths = objects.into_iter().map(|m| m.location).collect();
         self.remove_rows(paths, |r| r.key.task_type().starts_with(task_type_prefix))
             .await
-    }
-
-    async fn clear_older_than(&self, cutoff: SystemTime) -> Result<u64> {
-        let latest = cutoff + CLOCK_SKEW;
-        let paths = self
-            .row_objects(|_| true)
-            .await?
-            .into_iter()
-            .filter(|m| SystemTime::from(m.last_modified) < latest)
-            .map(|m| m.location)
-            .collect();
-        self.remove_rows(paths, |r| r.created_at < cutoff).await
-    }
-
-    async fn stats(&self) -> Result<Stats> {
-        let mut stats = Stats::default();
-        for row in self.row_objects(|_| true).await? {
-            stats.rows += 1;
-            stats.row_bytes += row.size;
-        }
-        for blob in self.list_blobs().await? {
-            stats.blobs += 1;
-            stats.blob_bytes += blob.size;
-        }
-        Ok(stats)
     }
 
     async fn list_rows(&self) -> Result<Vec<RowEntry>> {

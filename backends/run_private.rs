@@ -26,7 +26,7 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::store::{
     BlobEntry, BlobMeta, BlobStat, ByteRange, ByteStream, Capabilities, CorruptEntry, OutputCache,
-    Row, RowEntry, RowVersion, Stats,
+    Row, RowEntry, RowVersion,
 };
 use crate::wire::{CacheRef, MAX_TASK_TYPE_LEN, RowKey, owned_refs, refs_in, sha256_hex};
 
@@ -241,28 +241,6 @@ impl OutputCache for RunPrivate {
         self.inner
             .delete_prefix(&format!("{}{task_type_prefix}", self.rows))
             .await
-    }
-
-    async fn clear_older_than(&self, cutoff: SystemTime) -> Result<u64> {
-        let mut removed = 0;
-        for row in self.list_rows().await? {
-            if row.created_at < cutoff && self.delete_row(&row.key).await? {
-                removed += 1;
-            }
-        }
-        Ok(removed)
-    }
-
-    async fn stats(&self) -> Result<Stats> {
-        let rows = self.list_rows().await?;
-        let blobs = self.list_blobs().await?;
-        Ok(Stats {
-            rows: rows.len() as u64,
-            row_bytes: rows.iter().map(|r| r.size).sum(),
-            blobs: blobs.len() as u64,
-            blob_bytes: blobs.iter().map(|b| b.size).sum(),
-            temps: 0,
-        })
     }
 
     async fn list_rows(&self) -> Result<Vec<RowEntry>> {

@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::layout::millis;
 use crate::store::{
     BlobEntry, BlobMeta, BlobStat, BlobState, ByteRange, ByteStream, Capabilities, CorruptEntry,
-    OutputCache, Row, RowEntry, RowVersion, Stats,
+    OutputCache, Row, RowEntry, RowVersion,
 };
 use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in};
 
@@ -705,44 +705,6 @@ impl OutputCache for SqliteCache {
                 self.delete_rows_where("task_type >= ?1", args).await
             }
         }
-    }
-
-    async fn clear_older_than(&self, cutoff: SystemTime) -> Result<u64> {
-        let ms = cutoff
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        self.delete_rows_where("created_at < ?1", vec![ms.into()])
-            .await
-    }
-
-    async fn stats(&self) -> Result<Stats> {
-        self.read(|this, conn| {
-            let (rows, row_bytes): (i64, i64) = conn
-                .query_row("SELECT count(*), coalesce(sum(size), 0) FROM rows", [], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })
-                .map_err(this.err("count rows"))?;
-            let (blobs, blob_bytes): (i64, i64) = conn
-                .query_row("SELECT count(*), coalesce(sum(size), 0) FROM blobs", [], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })
-                .map_err(this.err("count blobs"))?;
-            let temps: i64 = conn
-                .query_row(
-                    "SELECT count(DISTINCT blob_id) FROM chunks WHERE blob_id NOT IN (SELECT id FROM blobs)",
-                    [],
-                    |r| r.get(0),
-                )
-                .map_err(this.err("count temps"))?;
-            Ok(Stats {
-                rows: rows as u64,
-                row_bytes: row_bytes as u64,
-                blobs: blobs as u64,
-                blob_bytes: blob_bytes as u64,
-                temps: temps as u64,
-            })
-        })
-        .await
     }
 
     async fn list_rows(&self) -> Result<Vec<RowEntry>> {

@@ -1107,16 +1107,23 @@ pub async fn delete_prefix_respects_boundaries(cache: Backend) -> CaseResult {
     Ok(())
 }
 
-/// Invariant 6: `clear_older_than` removes old rows with their blobs and spares newer ones.
-pub async fn clear_older_than_cascades_and_spares_newer(cache: Backend) -> CaseResult {
+/// Invariant 6: an age prune (the janitor's `older_than`, planned from `list_rows` and carried out with
+/// `delete_rows_listed`) removes old rows with their blobs and spares newer ones.
+pub async fn age_prune_cascades_and_spares_newer(cache: Backend) -> CaseResult {
     gate!(cache, BLOB_CAPS);
     let (old_key, old_ref) = row_with_blob(&cache, "conformance/age", 1).await?;
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let cutoff = SystemTime::now();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = SystemTime::now();
     let (new_key, new_ref) = row_with_blob(&cache, "conformance/age", 2).await?;
-    let n = cache.clear_older_than(cutoff).await?;
-    ensure!(n == 1, "clear_older_than removed {n} rows, expected 1");
+    let mut options = crate::janitor::PruneOptions::new();
+    // Older than the moment just before the new row, measured now.
+    options.older_than = Some(started.elapsed().unwrap_or_default() + Duration::from_millis(150));
+    let report = crate::janitor::prune(cache.as_ref(), &options, |_| {}).await?;
+    let n = report.rows_removed;
+    ensure!(
+        n == 1,
+        "the age prune removed {n} rows, expected 1 ({report:?})"
+    );
     ensure!(
         cache.get_row(&old_key).await?.is_none(),
         "the old row survived"
@@ -1531,9 +1538,10 @@ pub async fn touch_rows_moves_last_access(cache: Backend) -> CaseResult {
     Ok(())
 }
 
-/// Stats count rows and blobs and their bytes.
+/// The inventory (`outcache stats`, from the listings) counts rows and blobs and their bytes.
 pub async fn stats_count_rows_and_blobs(cache: Backend) -> CaseResult {
-    let empty = cache.stats().await?;
+    let stats = || async { crate::janitor::inventory(cache.as_ref(), 0).await };
+    let empty = stats().await?;
     ensure!(
         empty.rows == 0 && empty.blobs == 0,
         "a fresh cache has {empty:?}"
@@ -1549,7 +1557,7 @@ pub async fn stats_count_rows_and_blobs(cache: Backend) -> CaseResult {
         write(&cache, &pattern(12_345, 1), 1000).await?;
         expected_blobs = 1;
     }
-    let stats = cache.stats().await?;
+    let stats = stats().await?;
     ensure!(stats.rows == 2 && stats.row_bytes > 0, "rows: {stats:?}");
     ensure!(stats.blobs == expected_blobs, "blobs: {stats:?}");
     ensure!(

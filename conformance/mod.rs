@@ -383,7 +383,7 @@ macro_rules! __conformance_each_case {
             delete_rows_removes_each_with_blobs,
             delete_prefix_cascades_to_blobs,
             delete_prefix_respects_boundaries,
-            clear_older_than_cascades_and_spares_newer,
+            age_prune_cascades_and_spares_newer,
             row_commit_failure_removes_blob,
             janitor_sees_unreferenced_blob,
             janitor_sweep_keeps_referenced_blobs,

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::store::{
-    BlobEntry, BlobMeta, ByteRange, ByteStream, Capabilities, OutputCache, Row, RowEntry, Stats,
+    BlobEntry, BlobMeta, ByteRange, ByteStream, Capabilities, OutputCache, Row, RowEntry,
 };
 use crate::wire::{CacheRef, RowKey};
 
@@ -172,12 +172,6 @@ impl OutputCache for FailingRows {
     }
     async fn delete_prefix(&self, task_type_prefix: &str) -> Result<u64> {
         self.inner.delete_prefix(task_type_prefix).await
-    }
-    async fn clear_older_than(&self, cutoff: SystemTime) -> Result<u64> {
-        self.inner.clear_older_than(cutoff).await
-    }
-    async fn stats(&self) -> Result<Stats> {
-        self.inner.stats().await
     }
     async fn list_rows(&self) -> Result<Vec<RowEntry>> {
         self.inner.list_rows().await

@@ -18,7 +18,7 @@ use outcache::layout::blob_name;
 use outcache::wire::{parse_ref_name, refs_in};
 use outcache::{
     BlobEntry, BlobMeta, BlobStat, BlobState, ByteStream, CacheRef, Capabilities, CorruptEntry,
-    Error, OutputCache, Result, Row, RowEntry, RowKey, Stats, async_trait,
+    Error, OutputCache, Result, Row, RowEntry, RowKey, async_trait,
 };
 use serde_json::Value;
 
@@ -134,23 +134,6 @@ impl OutputCache for SkeletonBackend {
     async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
         self.remove_rows(|k, _| k.task_type().starts_with(prefix))
             .await
-    }
-
-    async fn clear_older_than(&self, cutoff: SystemTime) -> Result<u64> {
-        self.remove_rows(|_, r| r.created_at < cutoff).await
-    }
-
-    async fn stats(&self) -> Result<Stats> {
-        let rows = self.list_rows().await?;
-        let blobs = self.list_blobs().await?;
-        let published = blobs.iter().filter(|b| b.state == BlobState::Published);
-        Ok(Stats {
-            rows: rows.len() as u64,
-            row_bytes: rows.iter().map(|r| r.size).sum(),
-            blobs: published.clone().count() as u64,
-            blob_bytes: published.map(|b| b.size).sum(),
-            temps: blobs.iter().filter(|b| b.state == BlobState::Temp).count() as u64,
-        })
     }
 
     async fn list_rows(&self) -> Result<Vec<RowEntry>> {

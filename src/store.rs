@@ -310,21 +310,6 @@ pub struct BlobEntry {
     pub modified: SystemTime,
 }
 
-/// Counts and sizes for `outcache stats` and the janitor.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Stats {
-    /// Number of rows.
-    pub rows: u64,
-    /// Bytes stored in rows.
-    pub row_bytes: u64,
-    /// Number of published blobs.
-    pub blobs: u64,
-    /// Bytes in published blobs.
-    pub blob_bytes: u64,
-    /// Number of temp objects (in-flight or abandoned writes).
-    pub temps: u64,
-}
-
 /// The storage trait: a row store keyed by [`RowKey`], plus optional blob capabilities.
 ///
 /// Writing one: see `WRITING_A_BACKEND.md` in the repository (a complete, tested skeleton backend is
@@ -396,12 +381,6 @@ pub trait OutputCache: Debug + Display + Send + Sync + 'static {
     /// Delete every row whose task type starts with `task_type_prefix` (all rows for `""`), with their
     /// blobs. Returns the number of rows deleted.
     async fn delete_prefix(&self, task_type_prefix: &str) -> Result<u64>;
-
-    /// Delete every row committed before `cutoff`, with their blobs. Returns the number of rows deleted.
-    async fn clear_older_than(&self, cutoff: SystemTime) -> Result<u64>;
-
-    /// Counts and sizes.
-    async fn stats(&self) -> Result<Stats>;
 
     /// Every row with the refs it holds (for the janitor). Rows that cannot be decoded are left out;
     /// [`OutputCache::list_corrupt`] lists them.

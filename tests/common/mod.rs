@@ -13,7 +13,7 @@ use futures::StreamExt;
 use outcache::backends::memory::MemoryCache;
 use outcache::{
     BlobEntry, BlobMeta, ByteStream, CacheRef, Capabilities, OutputCache, Result, Row, RowEntry,
-    RowKey, Stats,
+    RowKey,
 };
 use serde_json::Value;
 
@@ -93,12 +93,6 @@ impl OutputCache for RowsOnly {
     }
     async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
         self.0.delete_prefix(prefix).await
-    }
-    async fn clear_older_than(&self, cutoff: SystemTime) -> Result<u64> {
-        self.0.clear_older_than(cutoff).await
-    }
-    async fn stats(&self) -> Result<Stats> {
-        self.0.stats().await
     }
     async fn list_rows(&self) -> Result<Vec<RowEntry>> {
         self.0.list_rows().await
@@ -200,12 +194,6 @@ impl OutputCache for Broken {
             prefix
         };
         self.inner.delete_prefix(prefix).await
-    }
-    async fn clear_older_than(&self, cutoff: SystemTime) -> Result<u64> {
-        self.inner.clear_older_than(cutoff).await
-    }
-    async fn stats(&self) -> Result<Stats> {
-        self.inner.stats().await
     }
     async fn list_rows(&self) -> Result<Vec<RowEntry>> {
         self.inner.list_rows().await
@@ -331,12 +319,6 @@ impl OutputCache for Sink {
     async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
         self.inner.delete_prefix(prefix).await
     }
-    async fn clear_older_than(&self, cutoff: SystemTime) -> Result<u64> {
-        self.inner.clear_older_than(cutoff).await
-    }
-    async fn stats(&self) -> Result<Stats> {
-        self.inner.stats().await
-    }
     async fn list_rows(&self) -> Result<Vec<RowEntry>> {
         self.inner.list_rows().await
     }
@@ -424,12 +406,6 @@ impl OutputCache for Claims {
     }
     async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
         self.1.delete_prefix(prefix).await
-    }
-    async fn clear_older_than(&self, cutoff: SystemTime) -> Result<u64> {
-        self.1.clear_older_than(cutoff).await
-    }
-    async fn stats(&self) -> Result<Stats> {
-        self.1.stats().await
     }
     async fn list_rows(&self) -> Result<Vec<RowEntry>> {
         self.1.list_rows().await
