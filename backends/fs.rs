@@ -32,7 +32,7 @@ use crate::layout::{
 };
 use crate::store::{
     BlobEntry, BlobMeta, BlobStat, BlobState, ByteRange, ByteStream, Capabilities, CorruptEntry,
-    CorruptKind, MAX_READ_CHUNK, OutputCache, Row, RowEntry,
+    CorruptKind, MAX_READ_CHUNK, OutputCache, Row, RowEntry, RowScan,
 };
 use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in};
 
@@ -641,14 +641,13 @@ impl OutputCache for FsCache {
         self.cascade(outputs).await
     }
 
-    async fn list_rows(&self) -> Result<Vec<RowEntry>> {
+    async fn scan_rows(&self) -> Result<RowScan> {
         let this = self.clone();
-        blocking(move || this.scan_rows().map(|(rows, _)| rows)).await
-    }
-
-    async fn list_corrupt(&self) -> Result<Vec<CorruptEntry>> {
-        let this = self.clone();
-        blocking(move || this.scan_rows().map(|(_, corrupt)| corrupt)).await
+        blocking(move || {
+            let (rows, unreadable) = this.scan_rows()?;
+            Ok(RowScan { rows, unreadable })
+        })
+        .await
     }
 
     async fn remove_corrupt(&self, id: &str) -> Result<bool> {

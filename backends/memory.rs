@@ -13,8 +13,8 @@ use serde_json::Value;
 use crate::blob::{BlobDigest, cascade_delete, chunked};
 use crate::error::Result;
 use crate::store::{
-    BlobEntry, BlobMeta, BlobStat, BlobState, ByteRange, ByteStream, Capabilities, CorruptEntry,
-    OutputCache, Row, RowEntry,
+    BlobEntry, BlobMeta, BlobStat, BlobState, ByteRange, ByteStream, Capabilities, OutputCache,
+    Row, RowEntry, RowScan,
 };
 use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in};
 
@@ -143,8 +143,9 @@ impl OutputCache for MemoryCache {
         self.cascade(outputs).await
     }
 
-    async fn list_rows(&self) -> Result<Vec<RowEntry>> {
-        Ok(self
+    async fn scan_rows(&self) -> Result<RowScan> {
+        // Rows are kept as decoded values: nothing can be unreadable.
+        let rows = self
             .lock()
             .rows
             .iter()
@@ -158,11 +159,11 @@ impl OutputCache for MemoryCache {
                     .collect(),
                 last_access: Some(r.last_access),
             })
-            .collect())
-    }
-
-    async fn list_corrupt(&self) -> Result<Vec<CorruptEntry>> {
-        Ok(Vec::new()) // rows are kept as decoded values: nothing can be garbled
+            .collect();
+        Ok(RowScan {
+            rows,
+            unreadable: Vec::new(),
+        })
     }
 
     async fn remove_corrupt(&self, id: &str) -> Result<bool> {

@@ -32,7 +32,7 @@ use crate::layout::{
 };
 use crate::store::{
     BlobEntry, BlobMeta, BlobStat, BlobState, ByteRange, ByteStream, Capabilities, CorruptEntry,
-    CorruptKind, OutputCache, Row, RowEntry,
+    CorruptKind, OutputCache, Row, RowEntry, RowScan,
 };
 use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in};
 
@@ -336,11 +336,10 @@ impl OutputCache for ObjectCache {
             .await
     }
 
-    async fn list_rows(&self) -> Result<Vec<RowEntry>> {
+    async fn scan_rows(&self) -> Result<RowScan> {
         let paths = self.all_row_paths().await?;
-        Ok(self
-            .fetch_rows(paths)
-            .await?
+        let (rows, unreadable) = self.scan_rows(paths).await?;
+        let rows = rows
             .into_iter()
             .map(|(_, r)| RowEntry {
                 refs: refs_in(&r.output)
@@ -353,12 +352,8 @@ impl OutputCache for ObjectCache {
                 // Object stores have no cheap access time; eviction falls back to the write time.
                 last_access: None,
             })
-            .collect())
-    }
-
-    async fn list_corrupt(&self) -> Result<Vec<CorruptEntry>> {
-        let paths = self.all_row_paths().await?;
-        Ok(self.scan_rows(paths).await?.1)
+            .collect();
+        Ok(RowScan { rows, unreadable })
     }
 
     async fn remove_corrupt(&self, id: &str) -> Result<bool> {

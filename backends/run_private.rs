@@ -25,8 +25,8 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::store::{
-    BlobEntry, BlobMeta, BlobStat, ByteRange, ByteStream, Capabilities, CorruptEntry, OutputCache,
-    Row, RowEntry, RowVersion,
+    BlobEntry, BlobMeta, BlobStat, ByteRange, ByteStream, Capabilities, OutputCache, Row, RowEntry,
+    RowScan, RowVersion,
 };
 use crate::wire::{CacheRef, MAX_TASK_TYPE_LEN, RowKey, owned_refs, refs_in, sha256_hex};
 
@@ -151,8 +151,9 @@ impl RunPrivate {
     async fn owned_refs(&self) -> Result<HashSet<String>> {
         Ok(self
             .inner
-            .list_rows()
+            .scan_rows()
             .await?
+            .rows
             .into_iter()
             .filter(|r| r.key.task_type() == self.markers)
             .flat_map(|r| r.refs)
@@ -243,11 +244,14 @@ impl OutputCache for RunPrivate {
             .await
     }
 
-    async fn list_rows(&self) -> Result<Vec<RowEntry>> {
-        Ok(self
+    async fn scan_rows(&self) -> Result<RowScan> {
+        // A row that cannot be decoded cannot be attributed to a run: unreadable rows are reported and
+        // removed on the backing store.
+        let rows = self
             .inner
-            .list_rows()
+            .scan_rows()
             .await?
+            .rows
             .into_iter()
             .filter_map(|r| {
                 Some(RowEntry {
@@ -255,13 +259,11 @@ impl OutputCache for RunPrivate {
                     ..r
                 })
             })
-            .collect())
-    }
-
-    async fn list_corrupt(&self) -> Result<Vec<CorruptEntry>> {
-        // A row that cannot be decoded cannot be attributed to a run: corrupt rows are reported and
-        // removed on the backing store.
-        Ok(Vec::new())
+            .collect();
+        Ok(RowScan {
+            rows,
+            unreadable: Vec::new(),
+        })
     }
 
     async fn remove_corrupt(&self, id: &str) -> Result<bool> {

@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::layout::millis;
 use crate::store::{
     BlobEntry, BlobMeta, BlobStat, BlobState, ByteRange, ByteStream, Capabilities, CorruptEntry,
-    OutputCache, Row, RowEntry, RowVersion,
+    OutputCache, Row, RowEntry, RowScan, RowVersion,
 };
 use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in};
 
@@ -707,14 +707,12 @@ impl OutputCache for SqliteCache {
         }
     }
 
-    async fn list_rows(&self) -> Result<Vec<RowEntry>> {
-        self.read(|this, conn| scan_rows(this, conn).map(|(rows, _)| rows))
-            .await
-    }
-
-    async fn list_corrupt(&self) -> Result<Vec<CorruptEntry>> {
-        self.read(|this, conn| scan_rows(this, conn).map(|(_, corrupt)| corrupt))
-            .await
+    async fn scan_rows(&self) -> Result<RowScan> {
+        self.read(|this, conn| {
+            let (rows, unreadable) = scan_rows(this, conn)?;
+            Ok(RowScan { rows, unreadable })
+        })
+        .await
     }
 
     async fn remove_corrupt(&self, id: &str) -> Result<bool> {

@@ -15,7 +15,9 @@ use super::{CaseResult, Failure};
 use crate::engine::{BlobOptions, Cache, CacheOptions};
 use crate::error::Error;
 use crate::janitor::{find_orphans, sweep_orphans};
-use crate::store::{BlobMeta, BlobState, ByteRange, ByteStream, MAX_READ_CHUNK, OutputCache};
+use crate::store::{
+    BlobMeta, BlobState, ByteRange, ByteStream, MAX_READ_CHUNK, OutputCache, OutputCacheExt,
+};
 use crate::wire::{CacheRef, InlineBinary, RowKey, sha256_hex};
 
 type Backend = Arc<dyn OutputCache>;

@@ -11,9 +11,7 @@ use futures::StreamExt;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::store::{
-    BlobEntry, BlobMeta, ByteRange, ByteStream, Capabilities, OutputCache, Row, RowEntry,
-};
+use crate::store::{BlobEntry, BlobMeta, ByteRange, ByteStream, Capabilities, OutputCache, Row};
 use crate::wire::{CacheRef, RowKey};
 
 /// `len` pseudo-random bytes from `seed` (xorshift; distinct seeds give distinct contents).
@@ -173,11 +171,8 @@ impl OutputCache for FailingRows {
     async fn delete_prefix(&self, task_type_prefix: &str) -> Result<u64> {
         self.inner.delete_prefix(task_type_prefix).await
     }
-    async fn list_rows(&self) -> Result<Vec<RowEntry>> {
-        self.inner.list_rows().await
-    }
-    async fn list_corrupt(&self) -> Result<Vec<crate::store::CorruptEntry>> {
-        self.inner.list_corrupt().await
+    async fn scan_rows(&self) -> Result<crate::store::RowScan> {
+        self.inner.scan_rows().await
     }
     async fn remove_corrupt(&self, id: &str) -> Result<bool> {
         self.inner.remove_corrupt(id).await

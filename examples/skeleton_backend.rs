@@ -17,8 +17,8 @@ use outcache::blob::{BlobDigest, cascade_delete, reader_stream};
 use outcache::layout::blob_name;
 use outcache::wire::{parse_ref_name, refs_in};
 use outcache::{
-    BlobEntry, BlobMeta, BlobStat, BlobState, ByteStream, CacheRef, Capabilities, CorruptEntry,
-    Error, OutputCache, Result, Row, RowEntry, RowKey, async_trait,
+    BlobEntry, BlobMeta, BlobStat, BlobState, ByteStream, CacheRef, Capabilities, Error,
+    OutputCache, Result, Row, RowEntry, RowKey, RowScan, async_trait,
 };
 use serde_json::Value;
 
@@ -136,8 +136,8 @@ impl OutputCache for SkeletonBackend {
             .await
     }
 
-    async fn list_rows(&self) -> Result<Vec<RowEntry>> {
-        Ok(self
+    async fn scan_rows(&self) -> Result<RowScan> {
+        let rows = self
             .rows()
             .iter()
             .map(|(key, r)| RowEntry {
@@ -150,11 +150,13 @@ impl OutputCache for SkeletonBackend {
                     .collect(),
                 last_access: None, // no access tracking: the janitor falls back to commit times
             })
-            .collect())
-    }
-
-    async fn list_corrupt(&self) -> Result<Vec<CorruptEntry>> {
-        Ok(Vec::new()) // rows are decoded values: nothing can be garbled
+            .collect();
+        // Rows are decoded values here: nothing can be unreadable. A backend that stores bytes lists
+        // what it cannot decode in `unreadable` (see `CorruptKind`).
+        Ok(RowScan {
+            rows,
+            unreadable: Vec::new(),
+        })
     }
 
     async fn remove_corrupt(&self, _id: &str) -> Result<bool> {

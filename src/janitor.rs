@@ -269,13 +269,14 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
     }
     let now = SystemTime::now();
     let blobs = backend.list_blobs().await?;
-    let rows: Vec<RowEntry> = backend
-        .list_rows()
-        .await?
+    // One pass over the rows: the readable ones and the ones that stop an orphan sweep.
+    let scan = backend.scan_rows().await?;
+    let rows: Vec<RowEntry> = scan
+        .rows
         .into_iter()
         .filter(|r| r.key.task_type() != LEDGER_TASK_TYPE)
         .collect();
-    let unreadable = backend.list_corrupt().await?;
+    let unreadable = scan.unreadable;
     tracing::debug!(
         target: "outcache::janitor",
         blobs = blobs.len(),
@@ -639,8 +640,8 @@ pub struct TaskTypeUsage {
 /// Count what the cache holds; `top` task types by bytes.
 pub async fn inventory(backend: &dyn OutputCache, top: usize) -> Result<Inventory> {
     let blobs = backend.list_blobs().await?;
-    let rows = backend.list_rows().await?;
-    let unreadable = backend.list_corrupt().await?;
+    let scan = backend.scan_rows().await?;
+    let (rows, unreadable) = (scan.rows, scan.unreadable);
     let count = |kind: CorruptKind| unreadable.iter().filter(|c| c.kind == kind).count() as u64;
     let mut inv = Inventory {
         corrupt_rows: count(CorruptKind::Garbled),

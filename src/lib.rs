@@ -75,7 +75,7 @@ pub use error::{Error, Result};
 pub use metrics::Metrics;
 pub use store::{
     BlobEntry, BlobMeta, BlobStat, BlobState, ByteRange, ByteStream, Capabilities, CorruptEntry,
-    CorruptKind, OutputCache, Row, RowEntry, RowVersion,
+    CorruptKind, OutputCache, OutputCacheExt, Row, RowEntry, RowScan, RowVersion,
 };
 pub use wire::{CacheRef, InlineBinary, RowKey, fingerprint};
 

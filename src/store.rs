@@ -239,6 +239,31 @@ pub struct RowEntry {
     pub last_access: Option<SystemTime>,
 }
 
+/// What one pass over a backend's rows found.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RowScan {
+    /// Rows that decode, with the refs they hold.
+    pub rows: Vec<RowEntry>,
+    /// Rows that cannot be used (the janitor reports them and removes only garbled ones, when asked).
+    pub unreadable: Vec<CorruptEntry>,
+}
+
+/// Conveniences over [`OutputCache`] for every backend (nobody overrides them).
+#[async_trait]
+pub trait OutputCacheExt: OutputCache {
+    /// Every row that decodes ([`OutputCache::scan_rows`] without the unreadable ones).
+    async fn list_rows(&self) -> Result<Vec<RowEntry>> {
+        Ok(self.scan_rows().await?.rows)
+    }
+
+    /// Every stored row that cannot be used ([`OutputCache::scan_rows`] without the readable ones).
+    async fn list_corrupt(&self) -> Result<Vec<CorruptEntry>> {
+        Ok(self.scan_rows().await?.unreadable)
+    }
+}
+
+impl<T: OutputCache + ?Sized> OutputCacheExt for T {}
+
 /// A stored row that cannot be used, and why: the janitor treats each kind differently.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CorruptEntry {
@@ -382,13 +407,9 @@ pub trait OutputCache: Debug + Display + Send + Sync + 'static {
     /// blobs. Returns the number of rows deleted.
     async fn delete_prefix(&self, task_type_prefix: &str) -> Result<u64>;
 
-    /// Every row with the refs it holds (for the janitor). Rows that cannot be decoded are left out;
-    /// [`OutputCache::list_corrupt`] lists them.
-    async fn list_rows(&self) -> Result<Vec<RowEntry>>;
-
-    /// Rows that exist but cannot be decoded. The janitor reports them and removes them only when asked
-    /// (their blobs cannot be told from orphans while they exist).
-    async fn list_corrupt(&self) -> Result<Vec<CorruptEntry>>;
+    /// Every row with the refs it holds, and every stored row that cannot be used (garbled, of a newer
+    /// format, foreign), in **one pass** over the store: the janitor and `stats` scan once.
+    async fn scan_rows(&self) -> Result<RowScan>;
 
     /// Remove the corrupt row named by a [`CorruptEntry::id`], if it is still corrupt (a row rewritten
     /// since it was listed is kept). Unknown or malformed ids do nothing. Returns whether one was removed.

@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
+use outcache::OutputCacheExt as _;
 use outcache::config::Location;
 use outcache::janitor::sweep_orphans;
 use outcache::{BlobOptions, BlobState, Cache, CacheOptions};

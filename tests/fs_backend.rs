@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
+use outcache::OutputCacheExt as _;
 use outcache::backends::fs::{FsCache, FsOptions};
 use outcache::janitor::{find_orphans, sweep_orphans};
 use outcache::{BlobOptions, BlobState, Cache, CacheRef, Error, OutputCache, RowKey};

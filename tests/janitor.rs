@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
+use outcache::OutputCacheExt as _;
 use outcache::config::Location;
 use outcache::janitor::{Inventory, PruneOptions, PruneReport, inventory, prune};
 use outcache::{BlobOptions, Cache, CacheOptions, OutputCache};

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use futures::StreamExt;
+use outcache::OutputCacheExt as _;
 use outcache::backends::memory::MemoryCache;
 use outcache::backends::run_private::{RunPrivate, run_namespace};
 use outcache::{BlobOptions, Cache, CacheOptions, CacheRef, OutputCache};

@@ -12,8 +12,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use outcache::backends::memory::MemoryCache;
 use outcache::{
-    BlobEntry, BlobMeta, ByteStream, CacheRef, Capabilities, OutputCache, Result, Row, RowEntry,
-    RowKey,
+    BlobEntry, BlobMeta, ByteStream, CacheRef, Capabilities, OutputCache, Result, Row, RowKey,
 };
 use serde_json::Value;
 
@@ -94,11 +93,8 @@ impl OutputCache for RowsOnly {
     async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
         self.0.delete_prefix(prefix).await
     }
-    async fn list_rows(&self) -> Result<Vec<RowEntry>> {
-        self.0.list_rows().await
-    }
-    async fn list_corrupt(&self) -> Result<Vec<outcache::CorruptEntry>> {
-        self.0.list_corrupt().await
+    async fn scan_rows(&self) -> Result<outcache::RowScan> {
+        self.0.scan_rows().await
     }
     async fn remove_corrupt(&self, id: &str) -> Result<bool> {
         self.0.remove_corrupt(id).await
@@ -195,11 +191,8 @@ impl OutputCache for Broken {
         };
         self.inner.delete_prefix(prefix).await
     }
-    async fn list_rows(&self) -> Result<Vec<RowEntry>> {
-        self.inner.list_rows().await
-    }
-    async fn list_corrupt(&self) -> Result<Vec<outcache::CorruptEntry>> {
-        self.inner.list_corrupt().await
+    async fn scan_rows(&self) -> Result<outcache::RowScan> {
+        self.inner.scan_rows().await
     }
     async fn remove_corrupt(&self, id: &str) -> Result<bool> {
         self.inner.remove_corrupt(id).await
@@ -319,11 +312,8 @@ impl OutputCache for Sink {
     async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
         self.inner.delete_prefix(prefix).await
     }
-    async fn list_rows(&self) -> Result<Vec<RowEntry>> {
-        self.inner.list_rows().await
-    }
-    async fn list_corrupt(&self) -> Result<Vec<outcache::CorruptEntry>> {
-        self.inner.list_corrupt().await
+    async fn scan_rows(&self) -> Result<outcache::RowScan> {
+        self.inner.scan_rows().await
     }
     async fn remove_corrupt(&self, id: &str) -> Result<bool> {
         self.inner.remove_corrupt(id).await
@@ -407,11 +397,8 @@ impl OutputCache for Claims {
     async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
         self.1.delete_prefix(prefix).await
     }
-    async fn list_rows(&self) -> Result<Vec<RowEntry>> {
-        self.1.list_rows().await
-    }
-    async fn list_corrupt(&self) -> Result<Vec<outcache::CorruptEntry>> {
-        self.1.list_corrupt().await
+    async fn scan_rows(&self) -> Result<outcache::RowScan> {
+        self.1.scan_rows().await
     }
     async fn remove_corrupt(&self, id: &str) -> Result<bool> {
         self.1.remove_corrupt(id).await
