@@ -674,7 +674,7 @@ pub fn isolated_fixture(location: &Location, run_tag: &str, case: &str) -> Resul
                 root: dir.clone(),
                 durable: *durable,
             };
-            let cache = child.open()?;
+            let cache = crate::backends::open(&child)?;
             Ok(Fixture::with_guard(cache, RemoveDir(dir)))
         }
         #[cfg(feature = "sqlite")]
@@ -684,7 +684,7 @@ pub fn isolated_fixture(location: &Location, run_tag: &str, case: &str) -> Resul
                 path: dir.join("cache.db"),
                 durable: *durable,
             };
-            let cache = child.open()?;
+            let cache = crate::backends::open(&child)?;
             Ok(Fixture::with_guard(cache, RemoveDir(dir)))
         }
         #[cfg(feature = "s3")]
@@ -713,7 +713,7 @@ fn object_fixture(location: &Location, run_tag: &str, case: &str) -> Result<Fixt
             .join("/"),
         options: options.clone(),
     };
-    Ok(Fixture::new(child.open()?).empty_afterwards())
+    Ok(Fixture::new(crate::backends::open(&child)?).empty_afterwards())
 }
 
 /// For a database file, the run's directory beside it (never inside the database).

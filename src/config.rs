@@ -1,18 +1,13 @@
-//! Naming a backend: cache URLs (`fs:///abs/dir`, `file:///abs/dir`, `memory://`), the `OUTCACHE_URL`
-//! variable and the embedded default on local disk. One parser, so the library and the CLI agree.
+//! Naming a backend: cache URLs (`fs:///abs/dir`, `file:///abs/dir`, `sqlite:///…`, `s3://…`,
+//! `memory://`) parsed into a [`Location`], the `OUTCACHE_URL` variable, the TOML config file with its
+//! precedence, sizes and durations, the redaction rule, and the embedded default on local disk. One
+//! parser, so the library and the CLI agree; [`crate::backends::open`] turns a location into a backend.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use url::Url;
 
-#[cfg(feature = "fs")]
-use crate::backends::fs::{FsCache, FsOptions};
-use crate::backends::memory::MemoryCache;
-#[cfg(feature = "sqlite")]
-use crate::backends::sqlite::{SqliteCache, SqliteOptions};
 use crate::error::{Error, Result};
-use crate::store::OutputCache;
 
 /// The environment variable that names the cache when no URL is given.
 pub const URL_ENV: &str = "OUTCACHE_URL";
@@ -431,35 +426,6 @@ impl Location {
             )),
         }
     }
-
-    /// Open the backend at this location.
-    pub fn open(&self) -> Result<Arc<dyn OutputCache>> {
-        Ok(match self {
-            Location::Memory => Arc::new(MemoryCache::new()),
-            #[cfg(feature = "fs")]
-            Location::Fs { root, durable } => {
-                Arc::new(FsCache::open(root, FsOptions::default().durable(*durable))?)
-            }
-            #[cfg(feature = "sqlite")]
-            Location::Sqlite { path, durable } => Arc::new(SqliteCache::open(
-                path,
-                SqliteOptions::default().durable(*durable),
-            )?),
-            #[cfg(feature = "s3")]
-            Location::S3 {
-                bucket,
-                prefix,
-                options,
-            } => Arc::new(crate::backends::object::s3::open(
-                bucket, prefix, &options.0,
-            )?),
-        })
-    }
-}
-
-/// Open the backend named by `url`.
-pub fn open_backend(url: &str) -> Result<Arc<dyn OutputCache>> {
-    Location::parse(url)?.open()
 }
 
 #[cfg(test)]
@@ -635,7 +601,7 @@ pub struct Config {
     /// The cache URL (may hold secrets in its query: show it through [`redact_url`]).
     pub url: String,
     /// Engine options.
-    pub options: crate::engine::CacheOptions,
+    pub options: crate::options::CacheOptions,
     /// Durability for fs and SQLite when the URL does not say (`durable=` in the URL wins).
     pub durable: Option<bool>,
     /// Object-store options added to an object-store URL's own (the URL's win).
@@ -714,7 +680,7 @@ impl Config {
         };
         sources.push(("url".to_owned(), url.1));
 
-        let mut options = crate::engine::CacheOptions::default();
+        let mut options = crate::options::CacheOptions::default();
         let mut size = |key: &str, value: &Option<SizeValue>, target: &mut u64| -> Result<()> {
             let source = match value {
                 Some(v) => {
@@ -768,7 +734,7 @@ impl Config {
             }
             None => {
                 sources.push(("janitor.grace".to_owned(), Source::Default));
-                crate::janitor::DEFAULT_GRACE
+                crate::options::DEFAULT_GRACE
             }
         };
         for key in file.object_store.keys() {

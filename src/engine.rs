@@ -15,66 +15,12 @@ use serde_json::Value;
 use crate::blob::BlobDigest;
 use crate::error::{Error, Result};
 use crate::metrics::{Counters, Metrics};
+pub use crate::options::{CacheOptions, DEFAULT_INLINE_LIMIT, DEFAULT_REFERENCE_THRESHOLD};
 use crate::store::{BlobMeta, ByteStream, OutputCache};
 use crate::wire::{CacheRef, InlineBinary, RowKey, refs_in};
 
-/// Default reference threshold: binary outputs below this size are kept inline in the row.
-pub const DEFAULT_REFERENCE_THRESHOLD: u64 = 64 * 1024;
-/// Default inline limit: the most a backend without blob streaming will hold inline in one row.
-pub const DEFAULT_INLINE_LIMIT: u64 = 16 * 1024 * 1024;
 /// How many refs [`Cache::resolve`] reads at once.
 const RESOLVE_CONCURRENCY: usize = 8;
-
-/// Engine settings.
-#[derive(Clone, Debug)]
-#[non_exhaustive]
-pub struct CacheOptions {
-    /// Binary outputs smaller than this go inline; refs smaller than this are hydrated by [`Cache::get`].
-    /// 0 keeps every binary output as a ref.
-    pub reference_threshold: u64,
-    /// Largest binary output kept inline when the backend cannot stream blobs; above it,
-    /// [`Error::TooLarge`].
-    pub inline_limit: u64,
-    /// Check every blob read against the ref's `size` and `sha256` (default true).
-    pub verify_reads: bool,
-    /// Bytes a [`Cache::writer`] lets a producer push ahead of the backend before `push` waits
-    /// (default 8 MiB).
-    pub high_water_mark: usize,
-}
-
-impl Default for CacheOptions {
-    fn default() -> Self {
-        CacheOptions {
-            reference_threshold: DEFAULT_REFERENCE_THRESHOLD,
-            inline_limit: DEFAULT_INLINE_LIMIT,
-            verify_reads: true,
-            high_water_mark: crate::writer::DEFAULT_HIGH_WATER_MARK,
-        }
-    }
-}
-
-impl CacheOptions {
-    /// Set [`CacheOptions::reference_threshold`].
-    pub fn reference_threshold(mut self, bytes: u64) -> Self {
-        self.reference_threshold = bytes;
-        self
-    }
-    /// Set [`CacheOptions::inline_limit`].
-    pub fn inline_limit(mut self, bytes: u64) -> Self {
-        self.inline_limit = bytes;
-        self
-    }
-    /// Set [`CacheOptions::high_water_mark`].
-    pub fn high_water_mark(mut self, bytes: usize) -> Self {
-        self.high_water_mark = bytes;
-        self
-    }
-    /// Set [`CacheOptions::verify_reads`].
-    pub fn verify_reads(mut self, verify: bool) -> Self {
-        self.verify_reads = verify;
-        self
-    }
-}
 
 /// Media type and port of a streamed binary output.
 #[derive(Clone, Debug, Default)]
@@ -121,15 +67,15 @@ impl Cache {
         self.counters.snapshot()
     }
 
-    /// Open the backend named by `url` (see [`crate::config::open_backend`]) with default options.
+    /// Open the backend named by `url` (see [`crate::backends::open_url`]) with default options.
     pub fn open(url: &str) -> Result<Self> {
-        Ok(Self::new(crate::config::open_backend(url)?))
+        Ok(Self::new(crate::backends::open_url(url)?))
     }
 
     /// Open the cache an effective [`crate::config::Config`] describes, with its options.
     pub fn from_config(config: &crate::config::Config) -> Result<Self> {
         Ok(Self::with_options(
-            config.location()?.open()?,
+            crate::backends::open(&config.location()?)?,
             config.options.clone(),
         ))
     }

@@ -40,8 +40,7 @@ use crate::store::{
 };
 use crate::wire::{RowKey, sha256_hex};
 
-/// Default grace period for orphans and temps.
-pub const DEFAULT_GRACE: Duration = Duration::from_secs(3600);
+pub use crate::options::DEFAULT_GRACE;
 
 /// The shortest grace period the CLI accepts without `--force`: below it, the temps of writes still
 /// streaming on a live cache would be swept.

@@ -55,6 +55,7 @@ pub mod error;
 pub mod janitor;
 pub mod layout;
 pub mod metrics;
+pub mod options;
 pub mod store;
 pub mod wire;
 pub mod writer;

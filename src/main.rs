@@ -239,7 +239,7 @@ fn parse_json(what: &str, text: &str) -> Result<Value, Error> {
 /// The cache the flags, environment and config file name, behind the run-private wrapper if a run id
 /// was given.
 fn open(config: &Config, run_id: Option<&str>) -> Result<Cache, Error> {
-    let backend = config.location()?.open()?;
+    let backend = outcache::backends::open(&config.location()?)?;
     Ok(Cache::with_options(
         wrap_run(backend, run_id)?,
         config.options.clone(),

@@ -15,8 +15,7 @@ use tokio::task::JoinHandle;
 use crate::engine::{BlobOptions, Cache};
 use crate::error::{Error, Result};
 
-/// Default high-water mark: bytes pushed and not yet taken by the backend before `push` waits.
-pub const DEFAULT_HIGH_WATER_MARK: usize = 8 * 1024 * 1024;
+pub use crate::options::DEFAULT_HIGH_WATER_MARK;
 
 /// A pushed chunk and the credits it took.
 type Msg = (Bytes, u32);

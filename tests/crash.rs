@@ -27,7 +27,7 @@ fn xorshift(state: &mut u64) -> u64 {
 }
 
 fn engine(url: &str) -> Cache {
-    let backend = Location::parse(url).unwrap().open().unwrap();
+    let backend = outcache::backends::open(&Location::parse(url).unwrap()).unwrap();
     Cache::with_options(backend, CacheOptions::default().reference_threshold(4096))
 }
 

@@ -162,7 +162,7 @@ async fn fs_dry_run_reports_exactly_what_prune_removes() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("fs://{}", dir.path().display());
     let cache = Cache::with_options(
-        Location::parse(&url).unwrap().open().unwrap(),
+        outcache::backends::open(&Location::parse(&url).unwrap()).unwrap(),
         CacheOptions::default().reference_threshold(1024),
     );
     let tmp = dir.path().join("tmp");
@@ -189,7 +189,7 @@ async fn sqlite_dry_run_reports_exactly_what_prune_removes() {
     let db = dir.path().join("c.db");
     let url = format!("sqlite://{}", db.display());
     let cache = Cache::with_options(
-        Location::parse(&url).unwrap().open().unwrap(),
+        outcache::backends::open(&Location::parse(&url).unwrap()).unwrap(),
         CacheOptions::default().reference_threshold(1024),
     );
     let insert_chunk = |id: &str, at: i64| {
@@ -223,7 +223,7 @@ async fn s3_dry_run_reports_exactly_what_prune_removes() {
     };
     let url = common::s3_child(&base, &format!("janitor-{}", uuid::Uuid::new_v4().simple()));
     let cache = Cache::with_options(
-        Location::parse(&url).unwrap().open().unwrap(),
+        outcache::backends::open(&Location::parse(&url).unwrap()).unwrap(),
         CacheOptions::default().reference_threshold(1024),
     );
     // Object stores have no temps (incomplete uploads are not objects).
@@ -236,7 +236,7 @@ async fn s3_dry_run_reports_exactly_what_prune_removes() {
 }
 
 async fn lru_evicts_least_recently_read_first(url: &str) {
-    let cache = Location::parse(url).unwrap().open().unwrap();
+    let cache = outcache::backends::open(&Location::parse(url).unwrap()).unwrap();
     let engine = Cache::with_options(
         cache.clone(),
         CacheOptions::default().reference_threshold(1024),
@@ -357,10 +357,7 @@ async fn prune_alongside_writers(backend: Arc<dyn OutputCache>) {
 async fn pruning_alongside_writers_never_breaks_a_surviving_row_fs() {
     let dir = tempfile::tempdir().unwrap();
     prune_alongside_writers(
-        Location::parse(&format!("fs://{}", dir.path().display()))
-            .unwrap()
-            .open()
-            .unwrap(),
+        outcache::backends::open_url(&format!("fs://{}", dir.path().display())).unwrap(),
     )
     .await;
 }
@@ -370,10 +367,7 @@ async fn pruning_alongside_writers_never_breaks_a_surviving_row_fs() {
 async fn pruning_alongside_writers_never_breaks_a_surviving_row_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     prune_alongside_writers(
-        Location::parse(&format!("sqlite://{}/c.db", dir.path().display()))
-            .unwrap()
-            .open()
-            .unwrap(),
+        outcache::backends::open_url(&format!("sqlite://{}/c.db", dir.path().display())).unwrap(),
     )
     .await;
 }
@@ -382,7 +376,7 @@ async fn pruning_alongside_writers_never_breaks_a_surviving_row_sqlite() {
 /// given; then the row and its now unreferenced blob go, and the dry run said so first.
 async fn corrupt_rows_are_removed_only_when_asked(url: &str, garble: impl FnOnce()) {
     let cache = Cache::with_options(
-        Location::parse(url).unwrap().open().unwrap(),
+        outcache::backends::open(&Location::parse(url).unwrap()).unwrap(),
         CacheOptions::default().reference_threshold(1024),
     );
     cache

@@ -72,7 +72,7 @@ async fn a_dead_endpoint_fails_quickly_with_a_clear_error() {
         std::env::set_var("AWS_ACCESS_KEY_ID", "outcache-test");
         std::env::set_var("AWS_SECRET_ACCESS_KEY", "outcache-test");
     }
-    let cache = Location::parse(&url).unwrap().open().unwrap();
+    let cache = outcache::backends::open(&Location::parse(&url).unwrap()).unwrap();
     let started = Instant::now();
     let err = cache
         .get_row(&RowKey::new("t", &json!({})).unwrap())
@@ -158,7 +158,7 @@ async fn a_server_killed_mid_upload_fails_the_put_and_leaves_nothing() {
         std::env::set_var("AWS_ACCESS_KEY_ID", "outcache-test");
         std::env::set_var("AWS_SECRET_ACCESS_KEY", "outcache-test");
     }
-    let cache = Location::parse(&url).unwrap().open().unwrap();
+    let cache = outcache::backends::open(&Location::parse(&url).unwrap()).unwrap();
     let blobs: Vec<_> = cache.list_blobs().await.unwrap();
     assert!(
         blobs.iter().all(|b| b.state != BlobState::Published),
