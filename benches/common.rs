@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 type Timings = BTreeMap<(String, &'static str), Vec<Duration>>;
 
 /// Timings per (size or case, contender).
-#[derive(Clone, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Samples(Arc<Mutex<Timings>>);
 
 impl Samples {

@@ -13,6 +13,7 @@ const GIB: usize = 1 << 30;
 const LIMIT_KIB: i64 = 64 * 1024;
 
 fn children_peak_rss_kib() -> i64 {
+    // SAFETY: rusage is plain old data; all zeroes is a valid value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: getrusage only writes into the struct we pass.
     let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };

@@ -55,6 +55,7 @@ fn a_closed_pipe_ends_commands_quietly() {
         let mut fds = [0; 2];
         // SAFETY: pipe(2) fills the two descriptors, which we then own.
         assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: the two descriptors pipe(2) just opened, owned by nothing else.
         let (reader, writer) =
             unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         drop(reader);

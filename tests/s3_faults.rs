@@ -67,7 +67,8 @@ const FAST_FAIL: &str = "timeout=5s&connect_timeout=2s&max_retries=2&retry_timeo
 async fn a_dead_endpoint_fails_quickly_with_a_clear_error() {
     let port = free_port(); // nothing listens here
     let url = format!("s3://bucket/x?endpoint=http://127.0.0.1:{port}&allow_http=true&{FAST_FAIL}");
-    // SAFETY (env): this test binary sets the same dummy credentials in every test that sets any.
+    // SAFETY: this test binary sets the same dummy credentials in every test that sets any, so a
+    // concurrent reader of the environment sees the same values either way.
     unsafe {
         std::env::set_var("AWS_ACCESS_KEY_ID", "outcache-test");
         std::env::set_var("AWS_SECRET_ACCESS_KEY", "outcache-test");
@@ -153,7 +154,7 @@ async fn a_server_killed_mid_upload_fails_the_put_and_leaves_nothing() {
     eprintln!("killed server: put-blob failed after {took:?}: {stderr}");
 
     let _server = start_s3s(&bin, root.path(), port);
-    // SAFETY (env): see above; same values.
+    // SAFETY: see above; the same values.
     unsafe {
         std::env::set_var("AWS_ACCESS_KEY_ID", "outcache-test");
         std::env::set_var("AWS_SECRET_ACCESS_KEY", "outcache-test");

@@ -155,3 +155,13 @@ async fn temps_leaked_outside_the_listing_are_caught_by_the_storage_probe() {
         "without a probe the listing is all the suite can see"
     );
 }
+
+/// A wrapper that forgets to forward one method (here `delete_blob`) silently loses the inner backend's
+/// ability while still claiming it: the capability check catches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrapper_that_forgets_a_method_is_caught() {
+    let result =
+        cases::capabilities_are_truthful(Arc::new(common::ForgetfulWrapper::default())).await;
+    let failure = result.expect_err("the forgotten delete_blob was not caught");
+    assert!(failure.0.contains("delete_blob"), "{failure}");
+}
