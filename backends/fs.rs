@@ -51,11 +51,18 @@ pub struct FsOptions {
     /// fsync files and directories on every write (default true). Off, a power loss can lose recent
     /// writes (never tear them: renames stay atomic).
     pub durable: bool,
+    /// Read rows (small files) and stat blobs on the calling thread instead of the blocking pool
+    /// (default true): a hit then costs a page-cache read, not a thread hop. Turn it off for a cache on
+    /// a slow or remote file system, where such a call may stall the async runtime.
+    pub inline_small_reads: bool,
 }
 
 impl Default for FsOptions {
     fn default() -> Self {
-        FsOptions { durable: true }
+        FsOptions {
+            durable: true,
+            inline_small_reads: true,
+        }
     }
 }
 
@@ -65,6 +72,12 @@ impl FsOptions {
         self.durable = durable;
         self
     }
+
+    /// Set [`FsOptions::inline_small_reads`].
+    pub fn inline_small_reads(mut self, inline: bool) -> Self {
+        self.inline_small_reads = inline;
+        self
+    }
 }
 
 /// A cache in a directory.
@@ -72,6 +85,7 @@ impl FsOptions {
 pub struct FsCache {
     root: PathBuf,
     durable: bool,
+    inline_small_reads: bool,
 }
 
 impl std::fmt::Display for FsCache {
@@ -245,6 +259,7 @@ impl FsCache {
         Ok(FsCache {
             root,
             durable: options.durable,
+            inline_small_reads: options.inline_small_reads,
         })
     }
 
@@ -295,6 +310,41 @@ impl FsCache {
         self.root
             .join("tmp")
             .join(format!("{kind}-{}.tmp", Uuid::new_v4().simple()))
+    }
+
+    /// The blob file at `path`, stat'ed here and now (blocking); `None` unless a regular file.
+    fn stat_blob_now(&self, path: &Path, sha256: Option<String>) -> Result<Option<BlobStat>> {
+        self.work_dir("blobs")?;
+        match fs::symlink_metadata(path) {
+            Ok(m) if m.is_file() => Ok(Some(BlobStat {
+                size: m.len(),
+                sha256,
+            })),
+            Ok(_) => Ok(None), // not a blob the cache wrote: never resolves
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(Error::io("stat blob", path, e)),
+        }
+    }
+
+    /// The row under `key`, read here and now (blocking).
+    fn get_row_now(&self, key: &RowKey) -> Result<Option<Row>> {
+        let Some(path) = self.checked_row_path(key)? else {
+            return Ok(None);
+        };
+        let Some(row) = self.read_row(&path, key.task_type(), key.fingerprint())? else {
+            return Ok(None);
+        };
+        if &row.key != key {
+            return Err(Error::CorruptRow {
+                task_type: key.task_type().into(),
+                fingerprint: key.fingerprint().into(),
+                reason: format!("file holds the row for {}", row.key),
+            });
+        }
+        Ok(Some(Row {
+            output: row.output,
+            created_at: row.created_at,
+        }))
     }
 
     /// Write `bytes` to `dest` atomically (temp file, fsync, rename, fsync dir).
@@ -577,28 +627,15 @@ impl OutputCache for FsCache {
     }
 
     async fn get_row(&self, key: &RowKey) -> Result<Option<Row>> {
+        // A row is a small file, read on the calling thread: the hop to the blocking pool costs several
+        // times a page-cache read of a few KiB (the SQLite backend's point reads do the same). A
+        // cache on a slow or remote disk can turn this off (`FsOptions::inline_small_reads`).
+        if self.inline_small_reads {
+            return self.get_row_now(key);
+        }
         let this = self.clone();
         let key = key.clone();
-        blocking(move || {
-            let Some(path) = this.checked_row_path(&key)? else {
-                return Ok(None);
-            };
-            let Some(row) = this.read_row(&path, key.task_type(), key.fingerprint())? else {
-                return Ok(None);
-            };
-            if row.key != key {
-                return Err(Error::CorruptRow {
-                    task_type: key.task_type().into(),
-                    fingerprint: key.fingerprint().into(),
-                    reason: format!("file holds the row for {}", row.key),
-                });
-            }
-            Ok(Some(Row {
-                output: row.output,
-                created_at: row.created_at,
-            }))
-        })
-        .await
+        blocking(move || this.get_row_now(&key)).await
     }
 
     async fn delete_row(&self, key: &RowKey) -> Result<bool> {
@@ -863,20 +900,11 @@ impl OutputCache for FsCache {
             return Ok(None);
         };
         let sha256 = digest_in_name(reference).map(str::to_owned);
+        if self.inline_small_reads {
+            return self.stat_blob_now(&path, sha256);
+        }
         let this = self.clone();
-        blocking(move || {
-            this.work_dir("blobs")?;
-            match fs::symlink_metadata(&path) {
-                Ok(m) if m.is_file() => Ok(Some(BlobStat {
-                    size: m.len(),
-                    sha256,
-                })),
-                Ok(_) => Ok(None), // not a blob the cache wrote: never resolves
-                Err(e) if is_not_found(&e) => Ok(None),
-                Err(e) => Err(Error::io("stat blob", &path, e)),
-            }
-        })
-        .await
+        blocking(move || this.stat_blob_now(&path, sha256)).await
     }
 
     async fn open_blob(&self, reference: &str) -> Result<Option<ByteStream>> {

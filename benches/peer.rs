@@ -262,6 +262,28 @@ fn main() {
         .unwrap();
     let full = CacheRef::from_value(&stored).expect("100 KiB is above the threshold");
     let bare = CacheRef::new(full.reference.clone());
+    // The same 1 KiB row as a raw file and in cacache, read and parsed: the hit's two baselines.
+    std::fs::write(raw_dir.join("hit.json"), &text).unwrap();
+    cacache::write_sync(&cacache_dir, "hit", &text).unwrap();
+    group.bench_function("hit_raw_read_parse", |b| {
+        b.iter(|| {
+            s.time("hit", "raw read + parse", || {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&fs::read(raw_dir.join("hit.json")).unwrap()).unwrap();
+                v
+            })
+        })
+    });
+    group.bench_function("hit_cacache_read_parse", |b| {
+        b.iter(|| {
+            s.time("hit", "cacache read_sync + parse", || {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&cacache::read_sync(&cacache_dir, "hit").unwrap())
+                        .unwrap();
+                v
+            })
+        })
+    });
     group.bench_function("hit_no_refs", |b| {
         b.iter(|| {
             s.time("hit", "row only", || {
@@ -345,6 +367,20 @@ fn main() {
         "unverified read",
         "raw",
         "outcache",
+    );
+    samples.print_ratio(
+        "1 KiB hit, Cache::get vs cacache (target >= 1.5)",
+        &["hit"],
+        "cacache read_sync + parse",
+        "row only",
+        |_| (1.0, "ops"),
+    );
+    samples.print_ratio(
+        "1 KiB hit, Cache::get vs a raw read (target >= 0.5)",
+        &["hit"],
+        "raw read + parse",
+        "row only",
+        |_| (1.0, "ops"),
     );
     samples.print_ratio(
         "a hit whose row holds a ref: the existence check's cost",

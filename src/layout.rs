@@ -142,27 +142,36 @@ pub fn decode_row(bytes: &[u8], task_type: &str, fingerprint: &str) -> Result<Ro
     };
     let value: Value =
         serde_json::from_slice(bytes).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-    let field = |name: &str| {
-        value
+    let Value::Object(mut record) = value else {
+        return Err(bad("not a JSON object".into()));
+    };
+    let field = |record: &serde_json::Map<String, Value>, name: &str| {
+        record
             .get(name)
+            .cloned()
             .ok_or_else(|| bad(format!("missing {name:?}")))
     };
-    if field("v")?.as_u64() != Some(ROW_FORMAT_VERSION) {
-        return Err(bad(format!("unknown row format {}", field("v")?)));
+    let version = field(&record, "v")?;
+    if version.as_u64() != Some(ROW_FORMAT_VERSION) {
+        return Err(bad(format!("unknown row format {version}")));
     }
-    let text = |name: &str| {
-        field(name)?
-            .as_str()
-            .ok_or_else(|| bad(format!("{name} is not a string")))
+    let text = |name: &str| match record.get(name) {
+        Some(Value::String(s)) => Ok(s.as_str()),
+        Some(_) => Err(bad(format!("{name} is not a string"))),
+        None => Err(bad(format!("missing {name:?}"))),
     };
     let key = RowKey::from_parts(text("task_type")?, text("fingerprint")?)
         .map_err(|e| bad(e.to_string()))?;
-    let created = field("created_at_ms")?
+    let created = field(&record, "created_at_ms")?
         .as_u64()
         .ok_or_else(|| bad("created_at_ms is not a number".into()))?;
+    // Moved out, not cloned: a hit pays for one parse of the output, no copy.
+    let output = record
+        .remove("output")
+        .ok_or_else(|| bad("missing \"output\"".into()))?;
     Ok(RowRecord {
         key,
-        output: field("output")?.clone(),
+        output,
         created_at: from_millis(created),
         size: bytes.len() as u64,
     })
