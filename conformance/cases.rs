@@ -245,6 +245,22 @@ async fn nothing_stored_soon(before: &Option<Vec<String>>) -> CaseResult {
     )))
 }
 
+/// A write of `len` bytes whose producer then stalls forever, running on its own task (abort it to drop
+/// the write).
+fn spawn_stalled_writer(
+    cache: &Backend,
+    task: &'static str,
+    len: usize,
+    seed: u64,
+) -> tokio::task::JoinHandle<crate::Result<CacheRef>> {
+    let cache = cache.clone();
+    tokio::spawn(async move {
+        cache
+            .write_blob(&meta(task), stalling_stream(pattern(len, seed), 65_536))
+            .await
+    })
+}
+
 fn engine(cache: &Backend, threshold: u64) -> Cache {
     Cache::with_options(
         cache.clone(),

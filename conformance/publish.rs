@@ -51,17 +51,7 @@ pub async fn dropped_write_publishes_nothing(cache: Backend) -> CaseResult {
 /// Invariant 3: while a write is in flight, no published blob is visible.
 pub async fn in_flight_write_is_not_published(cache: Backend) -> CaseResult {
     gate!(cache, &[Cap::StreamWrite]);
-    let writer = {
-        let cache = cache.clone();
-        tokio::spawn(async move {
-            cache
-                .write_blob(
-                    &meta("conformance/inflight"),
-                    stalling_stream(pattern(1 << 20, 8), 65_536),
-                )
-                .await
-        })
-    };
+    let writer = spawn_stalled_writer(&cache, "conformance/inflight", 1 << 20, 8);
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(30)).await;
         let blobs = published(&cache).await?;

@@ -316,17 +316,7 @@ pub async fn orphan_grace_counts_from_when_it_became_one(cache: Backend) -> Case
 /// no temp is left in the listing.
 pub async fn in_flight_write_is_listed_as_a_temp(cache: Backend) -> CaseResult {
     gate!(cache, &[Cap::StreamWrite]);
-    let writer = {
-        let cache = cache.clone();
-        tokio::spawn(async move {
-            cache
-                .write_blob(
-                    &meta("conformance/inflight-temp"),
-                    stalling_stream(pattern(600_000, 71), 65_536),
-                )
-                .await
-        })
-    };
+    let writer = spawn_stalled_writer(&cache, "conformance/inflight-temp", 600_000, 71);
     let mut listed = false;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(20)).await;

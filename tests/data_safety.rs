@@ -526,12 +526,7 @@ mod links_and_fifos {
             &["put", "t", "--inputs", "{}", "--output", "1"],
             None,
         ));
-        let row = std::fs::read_dir(dir.path().join("rows/t"))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
+        let row = common::only_file_in(&dir.path().join("rows/t"));
         let (_outside, precious) = victim();
         // The file outside holds a valid row, so following the link would make a hit and touch it.
         std::fs::copy(&row, &precious).unwrap();
@@ -565,12 +560,7 @@ mod links_and_fifos {
             &["put", "t", "--inputs", "{}", "--output", "1"],
             None,
         ));
-        let row = std::fs::read_dir(dir.path().join("rows/t"))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
+        let row = common::only_file_in(&dir.path().join("rows/t"));
         std::fs::remove_file(&row).unwrap();
         fifo(&row);
         let blob = dir.path().join("blobs/x_0123456789abcdef_00.bin");

@@ -132,12 +132,7 @@ fn stats_survives_commit_times_beyond_the_year_9999() {
             .status
             .success()
     );
-    let row = std::fs::read_dir(dir.path().join("rows/t"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let row = common::only_file_in(&dir.path().join("rows/t"));
     let mut record: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&row).unwrap()).unwrap();
     record["created_at_ms"] = 400_000_000_000_000u64.into();

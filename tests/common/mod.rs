@@ -474,3 +474,15 @@ impl OutputCache for ForgetfulWrapper {
         self.0.open_blob_range(reference, range).await
     }
 }
+
+/// The one file in `dir` (a task's row directory in a test cache).
+pub fn only_file_in(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut entries = std::fs::read_dir(dir).unwrap();
+    let first = entries.next().unwrap().unwrap().path();
+    assert!(
+        entries.next().is_none(),
+        "more than one file in {}",
+        dir.display()
+    );
+    first
+}
