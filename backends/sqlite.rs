@@ -134,6 +134,22 @@ struct Inner {
     readers: Mutex<Vec<Connection>>,
     /// A reader with no busy timeout for inline point reads (see `get_row`).
     fast_reader: Mutex<Connection>,
+    /// Rows waiting for the next group commit (see `save_row`).
+    pending: Mutex<Vec<PendingRow>>,
+}
+
+/// A row `save_row` queued for the next group commit, and where to tell its caller how it went.
+struct PendingRow {
+    key: RowKey,
+    text: String,
+    refs: String,
+    done: tokio::sync::oneshot::Sender<Result<()>>,
+}
+
+impl std::fmt::Debug for PendingRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PendingRow({})", self.key)
+    }
 }
 
 /// A cache in one SQLite database file. Cloning shares the connections.
@@ -213,6 +229,7 @@ impl SqliteCache {
                 writer: Mutex::new(Writer { conn, full_sync }),
                 readers: Mutex::new(Vec::new()),
                 fast_reader: Mutex::new(fast_reader),
+                pending: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -631,25 +648,26 @@ impl OutputCache for SqliteCache {
         })?;
         let refs: Vec<String> = refs_in(output).into_iter().map(|r| r.reference).collect();
         let refs = serde_json::to_string(&refs).unwrap_or_else(|_| "[]".into());
-        let key = key.clone();
-        self.write(move |this, w| {
-            w.set_full_sync(this.inner.durable).map_err(this.err("set synchronous"))?;
-            let now = now_ms();
-            w.conn
-                .prepare_cached(
-                    "INSERT INTO rows (task_type, fingerprint, output, refs, size, created_at, last_access)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
-                     ON CONFLICT (task_type, fingerprint) DO UPDATE SET
-                       output = excluded.output, refs = excluded.refs, size = excluded.size,
-                       created_at = excluded.created_at, last_access = excluded.last_access",
-                )
-                .and_then(|mut stmt| {
-                    stmt.execute(params![key.task_type(), key.fingerprint(), text, refs, text.len() as i64, now])
-                })
-                .map_err(this.err(format!("save row {key}")))?;
+        // Group commit: queue the row, then try to commit the queue. Whoever takes the write lock first
+        // commits every row queued by then in one transaction (one fsync); the others find the queue
+        // empty and only wait for their answer. No caller hears "written" before its commit returned.
+        let (done, answer) = tokio::sync::oneshot::channel();
+        lock(&self.inner.pending).push(PendingRow {
+            key: key.clone(),
+            text,
+            refs,
+            done,
+        });
+        self.write(|this, w| {
+            this.commit_pending(w);
             Ok(())
         })
-        .await
+        .await?;
+        answer.await.unwrap_or_else(|_| {
+            Err(Error::stream(format!(
+                "the commit of row {key} was abandoned"
+            )))
+        })
     }
 
     async fn get_row(&self, key: &RowKey) -> Result<Option<Row>> {
@@ -1035,6 +1053,58 @@ impl OutputCache for SqliteCache {
 }
 
 impl SqliteCache {
+    /// Commit every queued row in one transaction and answer each caller (under the write lock).
+    fn commit_pending(&self, w: &mut Writer) {
+        let batch = std::mem::take(&mut *lock(&self.inner.pending));
+        if batch.is_empty() {
+            return; // a committer before us took our rows along
+        }
+        let mut results: Vec<Result<()>> = Vec::with_capacity(batch.len());
+        let committed = (|| -> Result<()> {
+            let tx = w.begin(self.inner.durable).map_err(self.err("begin"))?;
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO rows (task_type, fingerprint, output, refs, size, created_at, last_access)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+                         ON CONFLICT (task_type, fingerprint) DO UPDATE SET
+                           output = excluded.output, refs = excluded.refs, size = excluded.size,
+                           created_at = excluded.created_at, last_access = excluded.last_access",
+                    )
+                    .map_err(self.err("prepare row insert"))?;
+                let now = now_ms();
+                for row in &batch {
+                    let (key, text) = (&row.key, &row.text);
+                    results.push(
+                        stmt.execute(params![
+                            key.task_type(),
+                            key.fingerprint(),
+                            text,
+                            row.refs,
+                            text.len() as i64,
+                            now
+                        ])
+                        .map(|_| ())
+                        .map_err(self.err(format!("save row {key}"))),
+                    );
+                }
+            }
+            tx.commit().map_err(self.err("commit rows"))
+        })();
+        for (i, row) in batch.into_iter().enumerate() {
+            let result = match (&committed, results.get_mut(i)) {
+                (Err(e), _) => Err(Error::Backend {
+                    backend: self.to_string(),
+                    context: format!("save row {}", row.key),
+                    source: e.to_string().into(),
+                }),
+                (Ok(()), Some(result)) => std::mem::replace(result, Ok(())),
+                (Ok(()), None) => Err(Error::stream("the group commit lost a row")),
+            };
+            let _ = row.done.send(result);
+        }
+    }
+
     /// Where `outcache conformance` and `outcache bench` put their scratch databases: beside this one.
     fn scratch_parent(&self) -> PathBuf {
         self.inner

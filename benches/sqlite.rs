@@ -84,6 +84,21 @@ fn rows(c: &mut Criterion, samples: &Samples) {
             });
         })
     });
+    // 16 writers at once (tasks on one runtime): group commit puts them in one transaction, one fsync.
+    let writers = 16;
+    group.bench_function("outcache_put_1KiB_16_writers", |b| {
+        b.iter(|| {
+            n += writers;
+            let base = n;
+            samples.time("put x16", "outcache", || {
+                rt.block_on(futures::future::join_all((0..writers).map(|w| {
+                    let (cache, output) = (cache.clone(), &output);
+                    let k = keys[(base + w) % keys.len()].clone();
+                    async move { cache.save_row(&k, output).await.unwrap() }
+                })))
+            });
+        })
+    });
     group.bench_function("raw_rusqlite_get", |b| {
         b.iter(|| {
             n += 1;
@@ -172,6 +187,16 @@ fn main() {
         "outcache",
         |_| (1.0, "ops"),
     );
+    if let (Some(one), Some(sixteen)) = (
+        samples.median("put", "outcache"),
+        samples.median("put x16", "outcache"),
+    ) {
+        let (r1, r16) = (1.0 / one.as_secs_f64(), 16.0 / sixteen.as_secs_f64());
+        println!(
+            "\nSQLite durable puts, 16 concurrent writers vs 1 (target >= 4.0): {r16:.0} vs {r1:.0} rows/s, ratio {:.2}",
+            r16 / r1
+        );
+    }
     samples.print_ratio("Blob write", &["256MiB"], "fs", "sqlite", |_| {
         (256.0 * 1.048576, "MB")
     });
