@@ -25,6 +25,8 @@ pub struct BenchOptions {
     pub blob_size: usize,
     /// Blob writes and reads to take the median of.
     pub blob_runs: usize,
+    /// Concurrent writers for the concurrent-put measurement.
+    pub writers: usize,
 }
 
 impl Default for BenchOptions {
@@ -33,6 +35,7 @@ impl Default for BenchOptions {
             rows: 200,
             blob_size: 64 << 20,
             blob_runs: 3,
+            writers: 16,
         }
     }
 }
@@ -46,6 +49,15 @@ pub struct BenchReport {
     pub row_put_per_s: f64,
     /// Row gets per second, one at a time.
     pub row_get_per_s: f64,
+    /// Hits per second through the engine (`Cache::get`: fingerprint, read, existence checks).
+    #[serde(default)]
+    pub hits_per_s: f64,
+    /// Rows per second put by `writers` concurrent writers.
+    #[serde(default)]
+    pub row_put_concurrent_per_s: f64,
+    /// The concurrent writers.
+    #[serde(default)]
+    pub writers: usize,
     /// Blob size measured, in bytes.
     pub blob_bytes: u64,
     /// Streaming blob write, MB/s.
@@ -95,6 +107,28 @@ pub async fn run(backend: Arc<dyn OutputCache>, options: &BenchOptions) -> Resul
         backend.get_row(key).await?;
     }
     report.row_get_per_s = keys.len() as f64 / started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    for i in 0..keys.len() {
+        cache.get("outcache/bench", &json!({ "i": i })).await?;
+    }
+    report.hits_per_s = keys.len() as f64 / started.elapsed().as_secs_f64();
+
+    // The same rows again, put by concurrent writers (a backend that batches commits shows it here).
+    let writers = options.writers.max(1);
+    report.writers = writers;
+    let started = Instant::now();
+    let results = futures::future::join_all((0..writers).map(|w| {
+        let (backend, output, keys) = (backend.clone(), &output, &keys);
+        async move {
+            for key in keys.iter().skip(w).step_by(writers) {
+                backend.save_row(key, output).await?;
+            }
+            Ok::<(), crate::Error>(())
+        }
+    }))
+    .await;
+    results.into_iter().collect::<Result<Vec<()>>>()?;
+    report.row_put_concurrent_per_s = keys.len() as f64 / started.elapsed().as_secs_f64();
     backend.delete_prefix("outcache/bench").await?;
 
     if backend.capabilities().stream_write {

@@ -178,6 +178,9 @@ enum Command {
         /// Blob runs to take the median of.
         #[arg(long, value_name = "N", default_value_t = 3)]
         runs: usize,
+        /// Concurrent writers for the concurrent durable-put figure.
+        #[arg(long, value_name = "N", default_value_t = 16)]
+        writers: usize,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -434,6 +437,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             size,
             rows,
             runs,
+            writers,
             json,
         } => {
             let stop = stop_signals();
@@ -445,6 +449,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             options.blob_size = usize::try_from(size).unwrap_or(usize::MAX);
             options.rows = rows;
             options.blob_runs = runs;
+            options.writers = writers;
             let result = tokio::select! {
                 result = outcache::bench::run(fixture.cache(), &options) => result,
                 signal = stop => {
@@ -462,6 +467,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 out!("cache:                 {}", report.backend);
                 out!("row put:               {:>10.0} /s", report.row_put_per_s);
                 out!("row get:               {:>10.0} /s", report.row_get_per_s);
+                out!("hit (Cache::get):      {:>10.0} /s", report.hits_per_s);
+                out!(
+                    "row put, {:>2} writers:   {:>10.0} /s",
+                    report.writers,
+                    report.row_put_concurrent_per_s
+                );
                 out!(
                     "blob write ({:>8}):  {:>10.0} MB/s",
                     human_bytes(report.blob_bytes),

@@ -403,6 +403,8 @@ fn bench_measures_in_an_isolated_child_and_cleans_up() {
         for key in [
             "row_put_per_s",
             "row_get_per_s",
+            "hits_per_s",
+            "row_put_concurrent_per_s",
             "blob_write_mb_s",
             "blob_read_verified_mb_s",
             "blob_read_mb_s",
