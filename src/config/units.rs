@@ -1,0 +1,47 @@
+//! Sizes and durations as people type them (`10GiB`, `1.5GiB`, `30d`, `1h 30m`).
+
+/// Parse a byte size: a number (whole or decimal) with an optional unit (`B`, `KB`, `MB`, `GB`, `TB`
+/// decimal; `KiB`, `MiB`, `GiB`, `TiB` binary; case-insensitive, spaces allowed), e.g. `10GiB`, `1.5GiB`,
+/// `512 MB`, `4096`. A fraction of a byte rounds down.
+pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let bad = || format!("{text:?} is not a size like 10GiB, 1.5GiB or 512MB");
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if whole.is_empty() || fraction.contains('.') || fraction.len() > 9 {
+        return Err(bad());
+    }
+    let digits = format!("{whole}{fraction}");
+    let mantissa: u128 = digits.parse().map_err(|_| bad())?;
+    let factor: u128 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "kib" | "k" => 1 << 10,
+        "mib" | "m" => 1 << 20,
+        "gib" | "g" => 1 << 30,
+        "tib" | "t" => 1 << 40,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {text:?} (use B, KB, MB, GB, KiB, MiB, GiB …)"
+            ));
+        }
+    };
+    let scale = 10u128.pow(fraction.len() as u32);
+    mantissa
+        .checked_mul(factor)
+        .map(|bytes| bytes / scale)
+        .and_then(|bytes| u64::try_from(bytes).ok())
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// Parse a duration like `30d`, `1h 30m`, `90s` (humantime).
+pub fn parse_duration(text: &str) -> std::result::Result<std::time::Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{text:?} is not a duration like 30d or 1h: {e}"))
+}

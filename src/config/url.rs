@@ -1,0 +1,338 @@
+//! Cache URLs: `fs://`, `file://`, `sqlite://`, `s3://`, `memory://` parsed into a [`Location`] (the raw
+//! text checked for `..` first), the schemes this build knows, and the embedded default.
+
+use std::path::PathBuf;
+
+use url::Url;
+
+use super::redact::redact_url;
+use crate::error::{Error, Result};
+
+/// The environment variable that names the cache when no URL is given.
+pub const URL_ENV: &str = "OUTCACHE_URL";
+
+/// The URL schemes this build understands.
+pub fn supported_schemes() -> &'static [&'static str] {
+    &[
+        "memory",
+        #[cfg(feature = "fs")]
+        "fs",
+        #[cfg(feature = "fs")]
+        "file",
+        #[cfg(feature = "sqlite")]
+        "sqlite",
+        #[cfg(feature = "s3")]
+        "s3",
+    ]
+}
+
+/// The embedded default: the fs backend under `$XDG_CACHE_HOME/outcache`, else `~/.cache/outcache`.
+pub fn default_url() -> Result<String> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .ok_or_else(|| Error::InvalidUrl {
+            url: String::new(),
+            reason: "no URL given, OUTCACHE_URL unset, and neither XDG_CACHE_HOME nor HOME is set"
+                .into(),
+        })?;
+    let dir = base.join("outcache");
+    Url::from_directory_path(&dir)
+        .map(|u| {
+            u.as_str()
+                .trim_end_matches('/')
+                .replacen("file://", "fs://", 1)
+        })
+        .map_err(|()| Error::InvalidUrl {
+            url: dir.display().to_string(),
+            reason: "the default cache directory is not an absolute path".into(),
+        })
+}
+
+/// The URL to use: `explicit` if given, else `OUTCACHE_URL`, else [`default_url`].
+pub fn effective_url(explicit: Option<&str>) -> Result<String> {
+    match explicit {
+        Some(url) => Ok(url.to_owned()),
+        None => match std::env::var(URL_ENV) {
+            Ok(url) if !url.trim().is_empty() => Ok(url),
+            _ => default_url(),
+        },
+    }
+}
+
+/// Object-store options from a URL's query, in object_store's key conventions (`endpoint`, `region`,
+/// `allow_http`, …) plus outcache's own `timeout`, `connect_timeout`, `max_retries` and `retry_timeout`.
+/// Debug shows keys only: values may be secrets.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct StoreOptions(pub Vec<(String, String)>);
+
+impl std::fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(k, _)| format!("{k}=<redacted>")))
+            .finish()
+    }
+}
+
+/// A parsed cache URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Location {
+    /// `memory://`: a fresh in-process cache.
+    Memory,
+    /// `fs:///abs/dir` or `file:///abs/dir`.
+    #[cfg(feature = "fs")]
+    Fs {
+        /// The root directory (absolute).
+        root: PathBuf,
+        /// `?durable=false` turns fsync off.
+        durable: bool,
+    },
+    /// `sqlite:///abs/path/cache.db`.
+    #[cfg(feature = "sqlite")]
+    Sqlite {
+        /// The database file (absolute).
+        path: PathBuf,
+        /// `?durable=false` commits with `synchronous=NORMAL`.
+        durable: bool,
+    },
+    /// `s3://bucket/optional/prefix?endpoint=…&region=…&allow_http=true`.
+    #[cfg(feature = "s3")]
+    S3 {
+        /// The bucket.
+        bucket: String,
+        /// The key prefix inside the bucket (may be empty).
+        prefix: String,
+        /// Query options (validated).
+        options: StoreOptions,
+    },
+}
+
+pub(super) fn invalid(url: &str, reason: impl Into<String>) -> Error {
+    Error::InvalidUrl {
+        url: redact_url(url),
+        reason: reason.into(),
+    }
+}
+
+#[cfg(any(feature = "fs", feature = "sqlite"))]
+fn parse_bool(url: &str, key: &str, value: &str) -> Result<bool> {
+    match value {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(invalid(
+            url,
+            format!("{key} must be true or false, not {value:?}"),
+        )),
+    }
+}
+
+/// The absolute local path of an `fs:`/`file:`/`sqlite:` URL and its `durable` option.
+#[cfg(any(feature = "fs", feature = "sqlite"))]
+fn local_path_and_durability(text: &str, url: &Url) -> Result<(PathBuf, bool)> {
+    let scheme = url.scheme();
+    if url
+        .host_str()
+        .is_some_and(|h| !h.is_empty() && h != "localhost")
+    {
+        return Err(invalid(
+            text,
+            format!(
+                "{scheme}:// needs an absolute path with three slashes, e.g. {scheme}:///var/cache/outcache"
+            ),
+        ));
+    }
+    let mut durable = true;
+    for (key, value) in url.query_pairs() {
+        match key.as_ref() {
+            "durable" => durable = parse_bool(text, "durable", &value)?,
+            other => {
+                return Err(invalid(
+                    text,
+                    format!("unknown option {other:?} (known: durable)"),
+                ));
+            }
+        }
+    }
+    // `url` only turns `file:` URLs into paths; the path part is still percent-encoded.
+    let path = Url::parse(&format!("file://{}", url.path()))
+        .ok()
+        .filter(|_| !url.cannot_be_a_base())
+        .ok_or_else(|| invalid(text, "not an absolute local path"))?
+        .to_file_path()
+        .map_err(|()| invalid(text, "not an absolute local path"))?;
+    if !path.is_absolute() || path.components().any(|c| c.as_os_str() == "..") {
+        return Err(invalid(text, "the path must be absolute and free of '..'"));
+    }
+    Ok((path, durable))
+}
+
+/// Whether the path part of a URL's raw text has a `..` segment, plain or percent-encoded.
+fn has_dot_dot_segment(text: &str) -> bool {
+    let path = text.split(['?', '#']).next().unwrap_or(text);
+    let path = path.split_once("://").map_or(path, |(_, rest)| rest);
+    path.split(['/', '\\']).any(|segment| {
+        let decoded = segment.replace("%2e", ".").replace("%2E", ".");
+        decoded == ".."
+    })
+}
+
+impl Location {
+    /// Parse a cache URL. Unknown schemes, relative paths and unknown options are errors.
+    pub fn parse(text: &str) -> Result<Self> {
+        // URL parsing normalises `a/../b` (and `%2e%2e`) away before any check could see it: look at the
+        // raw text, so a `..` is refused as the docs say rather than silently resolved.
+        if has_dot_dot_segment(text) {
+            return Err(invalid(text, "'..' path segments are not allowed"));
+        }
+        let url = Url::parse(text.trim()).map_err(|e| invalid(text, e.to_string()))?;
+        match url.scheme() {
+            "memory" => {
+                if url.query().is_some() {
+                    return Err(invalid(text, "memory:// takes no options"));
+                }
+                Ok(Location::Memory)
+            }
+            #[cfg(feature = "fs")]
+            "fs" | "file" => {
+                let (root, durable) = local_path_and_durability(text, &url)?;
+                Ok(Location::Fs { root, durable })
+            }
+            #[cfg(feature = "sqlite")]
+            "sqlite" => {
+                let (path, durable) = local_path_and_durability(text, &url)?;
+                if url.path().ends_with('/') {
+                    return Err(invalid(
+                        text,
+                        "names a directory; give the database file, e.g. sqlite:///var/cache/outcache.db",
+                    ));
+                }
+                Ok(Location::Sqlite { path, durable })
+            }
+            #[cfg(feature = "s3")]
+            "s3" => {
+                let bucket = url
+                    .host_str()
+                    .filter(|b| !b.is_empty())
+                    .ok_or_else(|| {
+                        invalid(text, "s3:// needs a bucket: s3://bucket/optional/prefix")
+                    })?
+                    .to_owned();
+                let prefix = url.path().trim_matches('/').to_owned();
+                let options: Vec<(String, String)> = url
+                    .query_pairs()
+                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                    .collect();
+                crate::backends::object::s3::validate_options(&options)
+                    .map_err(|reason| invalid(text, reason))?;
+                Ok(Location::S3 {
+                    bucket,
+                    prefix,
+                    options: StoreOptions(options),
+                })
+            }
+            other => Err(invalid(
+                text,
+                format!(
+                    "unknown scheme {other:?} (supported: {})",
+                    supported_schemes().join(", ")
+                ),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{parse_duration, parse_size, scrub_urls};
+
+    #[cfg(feature = "fs")]
+    #[test]
+    fn parses_the_supported_forms() {
+        assert_eq!(Location::parse("memory://").unwrap(), Location::Memory);
+        assert_eq!(
+            Location::parse("fs:///tmp/x").unwrap(),
+            Location::Fs {
+                root: "/tmp/x".into(),
+                durable: true
+            }
+        );
+        assert_eq!(
+            Location::parse("file:///tmp/a%20b?durable=false").unwrap(),
+            Location::Fs {
+                root: "/tmp/a b".into(),
+                durable: false
+            }
+        );
+    }
+
+    #[test]
+    fn redacts_secrets_and_keeps_the_rest() {
+        assert_eq!(
+            redact_url(
+                "s3://b/p?endpoint=http://h:1&aws_secret_access_key=S&access_key_id=K&token=T&region=r"
+            ),
+            "s3://b/p?endpoint=http://h:1&aws_secret_access_key=<redacted>&access_key_id=<redacted>&token=<redacted>&region=r"
+        );
+        assert_eq!(
+            redact_url("s3://TOKEN@b/p?endpoint=http://u:pw@h:1/x?q=1&%73ecret%5Faccess%5Fkey=S"),
+            "s3://<redacted>@b/p?endpoint=http://<redacted>@h:1/x&%73ecret%5Faccess%5Fkey=<redacted>"
+        );
+        assert_eq!(redact_url("s3://user:pw@host/x"), "s3://<redacted>@host/x");
+        assert_eq!(redact_url("fs:///tmp/x"), "fs:///tmp/x");
+        assert_eq!(
+            scrub_urls(
+                "Error performing GET http://u:pw@h:9/b?list-type=2&X-Amz-Signature=S in 2ms"
+            ),
+            "Error performing GET http://<redacted>@h:9/b?list-type=<redacted>&X-Amz-Signature=<redacted> in 2ms"
+        );
+        assert_eq!(scrub_urls("no url here"), "no url here");
+    }
+
+    #[test]
+    fn parses_sizes_and_durations() {
+        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_size("512 MB"), Ok(512_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        for bad in ["", "GiB", "10 parsecs", "-1", "99999999999999999999TiB"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            parse_duration("30d"),
+            Ok(std::time::Duration::from_secs(30 * 86400))
+        );
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn parses_sqlite_urls() {
+        assert_eq!(
+            Location::parse("sqlite:///tmp/c.db?durable=false").unwrap(),
+            Location::Sqlite {
+                path: "/tmp/c.db".into(),
+                durable: false
+            }
+        );
+    }
+
+    #[test]
+    fn refuses_bad_urls_with_a_reason() {
+        for bad in [
+            "fs://relative/dir",
+            "fs:relative",
+            "ftp://x",
+            "fs:///tmp/x?speed=fast",
+            "fs:///tmp/x?durable=maybe",
+            "sqlite://relative.db",
+            "sqlite:///tmp/dir/",
+            "not a url",
+            "",
+        ] {
+            let err = Location::parse(bad).unwrap_err();
+            assert!(matches!(err, Error::InvalidUrl { .. }), "{bad}: {err}");
+        }
+    }
+}
