@@ -58,10 +58,14 @@ enum Command {
     Put(rows::PutArgs),
     /// Print the stored output JSON; exit 1 (printing nothing) on a miss.
     Get(rows::GetArgs),
-    /// Stream a file (or stdin) as the task's binary output and print the stored output JSON: a CacheRef
-    /// with size and sha256, or an inline envelope below the reference threshold.
+    /// Stream a file (or stdin) as the task's binary output and print the stored output JSON.
+    ///
+    /// The output is a CacheRef with size and sha256, or an inline envelope below the reference
+    /// threshold.
     PutBlob(rows::PutBlobArgs),
-    /// Write a blob to stdout or a file, verified. REF is a CacheRef's JSON or its bare `$ref` string
+    /// Write a blob to stdout or a file, verified.
+    ///
+    /// REF is a CacheRef's JSON or its bare `$ref` string
     /// (verified against the size and SHA-256 the store recorded, where it recorded one). To stdout, a
     /// blob up to --max-buffer is verified before its first byte is written; a larger one streams and
     /// a mismatch ends it with exit 3. With -o, bytes go to a temp file beside FILE, renamed into place
@@ -73,14 +77,16 @@ enum Command {
     /// Remove stale entries: rows past an age, orphan blobs and dead temp files, and least-recently-used
     /// rows beyond a size budget. Safe to run while writers write.
     Prune(janitor::PruneArgs),
-    /// Measure the cache: row put/get, blob write, verified and unverified blob read. Works in an
-    /// isolated child location (like `conformance`) and removes what it wrote.
+    /// Measure the cache: puts, gets, hits, concurrent puts, blob write and read.
+    ///
+    /// Works in an isolated child location (like `conformance`) and removes what it wrote.
     Bench(bench::BenchArgs),
     /// Print the effective configuration, each value with where it came from (secrets redacted).
     Config(show_config::ConfigArgs),
-    /// Run the conformance suite against the cache in an isolated child location (existing entries are
-    /// never touched; everything created is removed): one line per case (ok, skip with the capabilities
-    /// it needs, FAIL) and `N passed, N failed, N skipped`. Exit 1 if any case fails. Built-in schemes
+    /// Run the conformance suite against the cache in an isolated child location.
+    ///
+    /// Existing entries are never touched; everything created is removed. Prints one line per case (ok,
+    /// skip with the capabilities it needs, FAIL) and `N passed, N failed, N skipped`. Exit 1 if any case fails. Built-in schemes
     /// only: a third-party backend runs the suite with `outcache::conformance::run` from its own crate.
     Conformance,
 }
