@@ -10,9 +10,12 @@
 //! `synchronous=NORMAL` and the manifest with `FULL`: in WAL mode the manifest's fsync also makes every
 //! earlier chunk durable, so a blob costs one fsync, not one per chunk.
 //!
-//! All SQLite calls run on the blocking pool. One writer connection (behind a mutex) and a small pool of
-//! reader connections: WAL lets readers proceed while the writer writes; other processes wait on
-//! `busy_timeout`.
+//! All SQLite calls run on the blocking pool (point reads of rows inline, see `get_row`). One writer
+//! connection (behind a mutex) and a small pool of reader connections: WAL lets readers proceed while the
+//! writer writes; other processes wait on `busy_timeout`. Concurrent row puts share one transaction (group
+//! commit). Laid out as cacache splits content from index: `schema.rs` (the file, migrations, WAL),
+//! `rows.rs` (reads, decoding, the scan), `blobs.rs` (chunks, manifests, cleanup), and this file (the
+//! connections and the trait).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -33,49 +36,24 @@ use crate::store::{
 };
 use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in};
 
+mod blobs;
+mod rows;
+mod schema;
+
+use blobs::*;
+use rows::*;
+use schema::*;
+
 /// Prefix of every ref this backend hands out.
 pub const REF_PREFIX: &str = "sqlite://blobs/";
 /// Most a whole-blob read reserves up front from the manifest's size (it grows past it as chunks come).
 const READ_RESERVE_LIMIT: i64 = 64 << 20;
 /// Bytes per chunk row.
 pub const CHUNK_SIZE: usize = 256 * 1024;
-/// `PRAGMA application_id` of an outcache database ("outc").
-const APPLICATION_ID: i64 = 0x6F75_7463;
-/// The schema this build writes.
-const SCHEMA_VERSION: i64 = 1;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_IDLE_READERS: usize = 4;
 /// Rows deleted per transaction by `delete_rows`.
 const DELETE_BATCH: usize = 500;
-
-const SCHEMA_V1: &str = "
-CREATE TABLE rows (
-    task_type   TEXT    NOT NULL,
-    fingerprint TEXT    NOT NULL,
-    output      TEXT    NOT NULL,
-    refs        TEXT    NOT NULL,  -- JSON array of the ref strings in output (for the janitor)
-    size        INTEGER NOT NULL,  -- bytes of output
-    created_at  INTEGER NOT NULL,  -- ms since the epoch
-    last_access INTEGER NOT NULL,  -- ms since the epoch (coarse; for size-budget eviction)
-    PRIMARY KEY (task_type, fingerprint)  -- also the task-type index prefix deletes range over
-);
-CREATE INDEX rows_created_at ON rows (created_at);
-CREATE TABLE blobs (
-    id         TEXT    PRIMARY KEY,
-    size       INTEGER NOT NULL,
-    sha256     TEXT    NOT NULL,
-    mime       TEXT,
-    port       TEXT,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE chunks (
-    blob_id    TEXT    NOT NULL,
-    seq        INTEGER NOT NULL,
-    bytes      BLOB    NOT NULL,
-    written_at INTEGER NOT NULL,
-    PRIMARY KEY (blob_id, seq)
-);
-";
 
 /// Options for [`SqliteCache`].
 #[derive(Clone, Debug)]
@@ -178,20 +156,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section leaves the connection usable (a failed statement rolls back its
     // transaction when the Transaction is dropped), so a poisoned lock is still safe to use.
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The smallest string greater than every string that starts with `prefix` (`None`: no upper bound).
-/// SQLite compares TEXT bytewise, and UTF-8 byte order is code point order.
-fn prefix_upper_bound(prefix: &str) -> Option<String> {
-    let mut chars: Vec<char> = prefix.chars().collect();
-    while let Some(last) = chars.pop() {
-        let next = (last as u32 + 1..=char::MAX as u32).find_map(char::from_u32);
-        if let Some(next) = next {
-            chars.push(next);
-            return Some(chars.into_iter().collect());
-        }
-    }
-    None
 }
 
 impl SqliteCache {
@@ -344,294 +308,6 @@ fn sql_error(path: &Path, context: &str, e: rusqlite::Error) -> Error {
             context: context.to_owned(),
             source: Box::new(e),
         },
-    }
-}
-
-fn open_connection(path: &Path, read_only: bool) -> Result<Connection> {
-    let flags = if read_only {
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
-    } else {
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX
-    };
-    let conn =
-        Connection::open_with_flags(path, flags).map_err(|e| match e.sqlite_error_code() {
-            Some(ErrorCode::CannotOpen | ErrorCode::ReadOnly | ErrorCode::PermissionDenied) => {
-                Error::Io {
-                    op: "open database",
-                    path: path.to_owned(),
-                    source: std::io::Error::other(e),
-                }
-            }
-            _ => sql_error(path, "open database", e),
-        })?;
-    conn.busy_timeout(BUSY_TIMEOUT)
-        .map_err(|e| sql_error(path, "set busy_timeout", e))?;
-    Ok(conn)
-}
-
-/// Bring a new database to the current schema; refuse foreign, corrupt or newer ones untouched.
-fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
-    let refuse = |reason: String| Error::NotACache {
-        location: path.display().to_string(),
-        reason,
-    };
-    let err = |context: &str| {
-        let context = context.to_owned();
-        move |e| sql_error(path, &context, e)
-    };
-    // One read transaction, so the three values come from one snapshot even while another process is
-    // migrating the same file.
-    let read_header = |conn: &mut Connection| -> rusqlite::Result<(i64, i64, i64)> {
-        let tx = conn.transaction()?;
-        let tables: i64 = tx.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
-        let app: i64 = tx.query_row("PRAGMA application_id", [], |r| r.get(0))?;
-        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        tx.commit()?;
-        Ok((app, version, tables))
-    };
-    let (app, version, tables) = read_header(conn).map_err(err("read the database header"))?;
-    if app != 0 && app != APPLICATION_ID {
-        return Err(refuse(format!(
-            "it belongs to another application (application_id {app:#x})"
-        )));
-    }
-    if app == 0 && tables > 0 {
-        return Err(refuse(
-            "it is a SQLite database of another application (it has tables but no outcache mark)"
-                .into(),
-        ));
-    }
-    if version > SCHEMA_VERSION {
-        return Err(refuse(format!(
-            "its schema version {version} is newer than this build's {SCHEMA_VERSION}; upgrade outcache"
-        )));
-    }
-    if tables == 0 {
-        // Only a database without tables can take it: freed pages then go back to the file system
-        // through `PRAGMA incremental_vacuum` (run after every prune) instead of staying in the file.
-        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")
-            .map_err(err("set auto_vacuum"))?;
-    }
-    let mode = enable_wal(conn).map_err(err("enable WAL"))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(refuse(format!(
-            "cannot enable WAL (journal mode stays {mode})"
-        )));
-    }
-    if version == SCHEMA_VERSION {
-        return Ok(());
-    }
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Exclusive)
-        .map_err(err("begin migration"))?;
-    // Another process may have migrated between our check and the lock.
-    let version: i64 = tx
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(err("read user_version"))?;
-    if version == 0 {
-        tx.execute_batch(SCHEMA_V1)
-            .map_err(err("create schema v1"))?;
-        tx.execute_batch(&format!(
-            "PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION};"
-        ))
-        .map_err(err("mark schema"))?;
-    }
-    tx.commit().map_err(err("commit migration"))
-}
-
-/// Switch to WAL (persistent in the file, so usually already on). The switch needs a moment with no
-/// other connection in a transaction, and SQLite does not run the busy handler for it: retry within the
-/// busy timeout, since several processes may open a fresh database at once.
-fn enable_wal(conn: &Connection) -> rusqlite::Result<String> {
-    let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
-    if mode.eq_ignore_ascii_case("wal") {
-        return Ok(mode);
-    }
-    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
-    loop {
-        match conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get::<_, String>(0)) {
-            Err(e)
-                if e.sqlite_error_code() == Some(ErrorCode::DatabaseBusy)
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            other => return other,
-        }
-    }
-}
-
-fn read_row(conn: &Connection, key: &RowKey) -> rusqlite::Result<Option<(String, i64)>> {
-    conn.prepare_cached(
-        "SELECT output, created_at FROM rows WHERE task_type = ?1 AND fingerprint = ?2",
-    )?
-    .query_row(params![key.task_type(), key.fingerprint()], |r| {
-        Ok((r.get(0)?, r.get(1)?))
-    })
-    .optional()
-}
-
-fn decode_row(
-    cache: &SqliteCache,
-    key: &RowKey,
-    found: rusqlite::Result<Option<(String, i64)>>,
-) -> Result<Option<Row>> {
-    let Some((text, created)) = found.map_err(cache.err(format!("get row {key}")))? else {
-        return Ok(None);
-    };
-    let output = serde_json::from_str(&text).map_err(|e| Error::CorruptRow {
-        task_type: key.task_type().into(),
-        fingerprint: key.fingerprint().into(),
-        reason: format!("stored output is not valid JSON: {e}"),
-    })?;
-    Ok(Some(Row {
-        output,
-        created_at: from_ms(created),
-    }))
-}
-
-/// Why a stored row cannot be used, or `None` if it can: a bad key, a refs column that is not a JSON
-/// list of strings, or an output that is not valid JSON.
-fn corruption(task: &str, fp: &str, refs: &str, output_valid: bool) -> Option<String> {
-    if let Err(e) = RowKey::from_parts(task, fp) {
-        return Some(e.to_string());
-    }
-    if let Err(e) = serde_json::from_str::<Vec<String>>(refs) {
-        return Some(format!("refs column is not a JSON list: {e}"));
-    }
-    (!output_valid).then(|| "stored output is not valid JSON".to_owned())
-}
-
-/// Every row as a listing entry or, if it cannot be used, as a corrupt entry (id: its rowid).
-fn scan_rows(cache: &SqliteCache, conn: &Connection) -> Result<(Vec<RowEntry>, Vec<CorruptEntry>)> {
-    let mut stmt = conn
-        .prepare(
-            "SELECT rowid, task_type, fingerprint, created_at, size, refs, last_access, json_valid(output)
-             FROM rows",
-        )
-        .map_err(cache.err("list rows"))?;
-    let mut rows_out = Vec::new();
-    let mut corrupt = Vec::new();
-    let mut rows = stmt.query([]).map_err(cache.err("list rows"))?;
-    while let Some(r) = rows.next().map_err(cache.err("list rows"))? {
-        let err = |e| cache.err("list rows")(e);
-        let rowid: i64 = r.get(0).map_err(err)?;
-        let (task, fp): (String, String) = (r.get(1).map_err(err)?, r.get(2).map_err(err)?);
-        let (created, size): (i64, i64) = (r.get(3).map_err(err)?, r.get(4).map_err(err)?);
-        let refs: String = r.get(5).map_err(err)?;
-        let (accessed, valid): (i64, bool) = (r.get(6).map_err(err)?, r.get(7).map_err(err)?);
-        if let Some(reason) = corruption(&task, &fp, &refs, valid) {
-            corrupt.push(CorruptEntry {
-                id: rowid.to_string(),
-                reason,
-                size: size.max(0) as u64,
-                kind: crate::store::CorruptKind::Garbled,
-            });
-            continue;
-        }
-        rows_out.push(RowEntry {
-            key: RowKey::from_parts(&task, &fp)?,
-            created_at: from_ms(created),
-            size: size.max(0) as u64,
-            refs: serde_json::from_str(&refs).unwrap_or_default(),
-            last_access: Some(from_ms(accessed)),
-        });
-    }
-    Ok((rows_out, corrupt))
-}
-
-/// Return every free page to the file system. Each step of the pragma frees one page, so it is stepped
-/// until done (a single `execute` frees one).
-fn incremental_vacuum(conn: &Connection) -> rusqlite::Result<()> {
-    let mut stmt = conn.prepare_cached("PRAGMA incremental_vacuum")?;
-    let mut rows = stmt.query([])?;
-    while rows.next()?.is_some() {}
-    Ok(())
-}
-
-/// The refs in a row's `refs` column that the row `(task, fp)` owns (see [`crate::wire::ref_owned_by`]).
-fn owned_in_column(task: &str, fp: &str, refs: &str) -> Vec<String> {
-    let Ok(key) = RowKey::from_parts(task, fp) else {
-        return Vec::new();
-    };
-    let refs = serde_json::from_str::<Vec<String>>(refs).unwrap_or_default();
-    crate::wire::owned_refs(&key, refs.iter().map(String::as_str))
-}
-
-fn delete_blob_in(conn: &Connection, id: &str) -> rusqlite::Result<()> {
-    conn.execute("DELETE FROM blobs WHERE id = ?1", [id])?;
-    conn.execute("DELETE FROM chunks WHERE blob_id = ?1", [id])?;
-    Ok(())
-}
-
-/// The manifest of blob `id`: (size, sha256).
-fn manifest(conn: &Connection, id: &str) -> rusqlite::Result<Option<(i64, String)>> {
-    conn.query_row("SELECT size, sha256 FROM blobs WHERE id = ?1", [id], |r| {
-        Ok((r.get(0)?, r.get(1)?))
-    })
-    .optional()
-}
-
-/// Deletes a blob's chunks if its write does not reach the manifest (error, failed stream, dropped
-/// future). On drop it finishes in the background, after any chunk insert still in flight.
-struct ChunkGuard {
-    cache: SqliteCache,
-    id: String,
-    pending: Option<tokio::task::JoinHandle<Result<()>>>,
-    armed: bool,
-}
-
-impl ChunkGuard {
-    async fn cleanup_now(&mut self) {
-        self.armed = false;
-        if let Some(p) = self.pending.take() {
-            let _ = p.await;
-        }
-        let id = self.id.clone();
-        let _ = self
-            .cache
-            .write(move |_, w| {
-                let _ = w
-                    .conn
-                    .execute("DELETE FROM chunks WHERE blob_id = ?1", [&id]);
-                // Give the failed write's pages back now, not at the next prune.
-                let _ = incremental_vacuum(&w.conn);
-                Ok(())
-            })
-            .await;
-    }
-}
-
-impl Drop for ChunkGuard {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let (cache, id, pending) = (self.cache.clone(), self.id.clone(), self.pending.take());
-        let cleanup = async move {
-            if let Some(p) = pending {
-                let _ = p.await;
-            }
-            let _ = cache
-                .write(move |_, w| {
-                    let _ = w
-                        .conn
-                        .execute("DELETE FROM chunks WHERE blob_id = ?1", [&id]);
-                    // Give the failed write's pages back now, not at the next prune.
-                    let _ = incremental_vacuum(&w.conn);
-                    Ok(())
-                })
-                .await;
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                rt.spawn(cleanup);
-            }
-            // No runtime (dropped outside one): the janitor removes the chunks later.
-            Err(_) => drop(cleanup),
-        }
     }
 }
 
