@@ -282,7 +282,7 @@ impl Drop for AbortOnDrop {
 impl OutputCache for ObjectCache {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            access_tracking: false,
+            touch_rows: false,
             ..Capabilities::ALL
         }
     }

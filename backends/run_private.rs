@@ -103,7 +103,7 @@ impl RunPrivate {
     pub async fn clear_run(&self) -> Result<u64> {
         let written = self.owned_refs().await?;
         let removed = self.inner.delete_prefix(&self.namespace).await?;
-        if self.inner.capabilities().ref_delete {
+        if self.inner.capabilities().delete_blob {
             for reference in written {
                 self.inner.delete_blob(&reference).await?;
             }

@@ -21,7 +21,7 @@ pub async fn capabilities_are_truthful(cache: Backend) -> CaseResult {
 /// `touch_rows` moves a row's access time forward (never back) and touches nothing else; unknown keys
 /// are ignored. Backends without access tracking report `None` and refuse the call.
 pub async fn touch_rows_moves_last_access(cache: Backend) -> CaseResult {
-    gate!(cache, &[Cap::AccessTracking]);
+    gate!(cache, &[Cap::TouchRows]);
     let (a, b) = (key("conformance/lru", 1)?, key("conformance/lru", 2)?);
     cache.save_row(&a, &json!("a")).await?;
     cache.save_row(&b, &json!("b")).await?;
@@ -80,7 +80,7 @@ pub async fn stats_count_rows_and_blobs(cache: Backend) -> CaseResult {
         .save_row(&key("conformance/stats", 2)?, &json!("two"))
         .await?;
     let mut expected_blobs = 0;
-    if has(&cache, Cap::StreamWrite) {
+    if has(&cache, Cap::WriteBlob) {
         write(&cache, &pattern(12_345, 1), 1000).await?;
         expected_blobs = 1;
     }

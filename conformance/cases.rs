@@ -33,39 +33,39 @@ macro_rules! ensure {
 /// A capability a case relies on.
 #[derive(Clone, Copy, Debug)]
 enum Cap {
-    StreamWrite,
-    RefRead,
-    StreamRefRead,
-    RefDelete,
-    RangeRead,
-    AccessTracking,
+    WriteBlob,
+    ReadBlob,
+    OpenBlob,
+    DeleteBlob,
+    OpenBlobRange,
+    TouchRows,
 }
 
 const BLOB_CAPS: &[Cap] = &[
-    Cap::StreamWrite,
-    Cap::RefRead,
-    Cap::StreamRefRead,
-    Cap::RefDelete,
+    Cap::WriteBlob,
+    Cap::ReadBlob,
+    Cap::OpenBlob,
+    Cap::DeleteBlob,
 ];
 const ALL_CAPS: &[Cap] = &[
-    Cap::StreamWrite,
-    Cap::RefRead,
-    Cap::StreamRefRead,
-    Cap::RefDelete,
-    Cap::RangeRead,
-    Cap::AccessTracking,
+    Cap::WriteBlob,
+    Cap::ReadBlob,
+    Cap::OpenBlob,
+    Cap::DeleteBlob,
+    Cap::OpenBlobRange,
+    Cap::TouchRows,
 ];
 
 impl Cap {
     /// The [`crate::Capabilities`] field this is.
     fn flag(self) -> &'static str {
         match self {
-            Cap::StreamWrite => "stream_write",
-            Cap::RefRead => "ref_read",
-            Cap::StreamRefRead => "stream_ref_read",
-            Cap::RefDelete => "ref_delete",
-            Cap::RangeRead => "range_read",
-            Cap::AccessTracking => "access_tracking",
+            Cap::WriteBlob => "write_blob",
+            Cap::ReadBlob => "read_blob",
+            Cap::OpenBlob => "open_blob",
+            Cap::DeleteBlob => "delete_blob",
+            Cap::OpenBlobRange => "open_blob_range",
+            Cap::TouchRows => "touch_rows",
         }
     }
 }
@@ -73,38 +73,38 @@ impl Cap {
 fn has(cache: &Backend, cap: Cap) -> bool {
     let caps = cache.capabilities();
     match cap {
-        Cap::StreamWrite => caps.stream_write,
-        Cap::RefRead => caps.ref_read,
-        Cap::StreamRefRead => caps.stream_ref_read,
-        Cap::RefDelete => caps.ref_delete,
-        Cap::RangeRead => caps.range_read,
-        Cap::AccessTracking => caps.access_tracking,
+        Cap::WriteBlob => caps.write_blob,
+        Cap::ReadBlob => caps.read_blob,
+        Cap::OpenBlob => caps.open_blob,
+        Cap::DeleteBlob => caps.delete_blob,
+        Cap::OpenBlobRange => caps.open_blob_range,
+        Cap::TouchRows => caps.touch_rows,
     }
 }
 
 /// Call the method behind `cap` with harmless arguments.
 async fn call(cache: &Backend, cap: Cap) -> crate::Result<()> {
     match cap {
-        Cap::StreamWrite => {
+        Cap::WriteBlob => {
             let r = cache
                 .write_blob(
                     &meta("conformance/caps"),
                     stream_of(Bytes::from_static(b"x"), 1),
                 )
                 .await?;
-            if cache.capabilities().ref_delete {
+            if cache.capabilities().delete_blob {
                 cache.delete_blob(&r.reference).await?;
             }
             Ok(())
         }
-        Cap::RefRead => cache.read_blob("none://blobs/none").await.map(|_| ()),
-        Cap::StreamRefRead => cache.open_blob("none://blobs/none").await.map(|_| ()),
-        Cap::RefDelete => cache.delete_blob("none://blobs/none").await,
-        Cap::RangeRead => cache
+        Cap::ReadBlob => cache.read_blob("none://blobs/none").await.map(|_| ()),
+        Cap::OpenBlob => cache.open_blob("none://blobs/none").await.map(|_| ()),
+        Cap::DeleteBlob => cache.delete_blob("none://blobs/none").await,
+        Cap::OpenBlobRange => cache
             .open_blob_range("none://blobs/none", ByteRange::Offset(0))
             .await
             .map(|_| ()),
-        Cap::AccessTracking => {
+        Cap::TouchRows => {
             let nobody = RowKey::new("conformance/caps", &json!("no such row"))?;
             cache.touch_rows(&[nobody], SystemTime::now()).await
         }

@@ -219,7 +219,7 @@ pub async fn concurrent_cleanup_spares_other_writers(cache: Backend) -> CaseResu
         written.len()
     );
     check_written(&cache, &written).await?;
-    if has(&cache, Cap::StreamWrite) {
+    if has(&cache, Cap::WriteBlob) {
         let refs: HashSet<String> = written
             .iter()
             .filter_map(|(_, _, o, _)| CacheRef::from_value(o).map(|r| r.reference))

@@ -48,7 +48,7 @@ pub async fn engine_large_output_becomes_verified_ref(cache: Backend) -> CaseRes
             BlobOptions::default(),
         )
         .await?;
-    if !has(&cache, Cap::StreamWrite) {
+    if !has(&cache, Cap::WriteBlob) {
         let inline =
             InlineBinary::decode(&stored)?.ok_or(Failure(format!("not inline: {stored}")))?;
         ensure!(inline.bytes == data, "inline bytes differ");

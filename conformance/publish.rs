@@ -5,7 +5,7 @@ use super::*;
 /// Invariant 3: a stream that fails (at the start, after a byte, mid-way, late) publishes nothing,
 /// leaves no temp, and the error names its cause.
 pub async fn failed_stream_publishes_nothing(cache: Backend) -> CaseResult {
-    gate!(cache, &[Cap::StreamWrite]);
+    gate!(cache, &[Cap::WriteBlob]);
     let before = crate::conformance::stored_now();
     let data = pattern(3 << 20, 9);
     for fail_at in [0, 1, 100_000, 3 << 20] {
@@ -36,7 +36,7 @@ pub async fn failed_stream_publishes_nothing(cache: Backend) -> CaseResult {
 
 /// Invariant 3: dropping the write future mid-stream publishes nothing and leaves no temp.
 pub async fn dropped_write_publishes_nothing(cache: Backend) -> CaseResult {
-    gate!(cache, &[Cap::StreamWrite]);
+    gate!(cache, &[Cap::WriteBlob]);
     let before = crate::conformance::stored_now();
     let m = meta("conformance/drop");
     let write = cache.write_blob(&m, stalling_stream(pattern(2 << 20, 4), 256 * 1024));
@@ -50,7 +50,7 @@ pub async fn dropped_write_publishes_nothing(cache: Backend) -> CaseResult {
 
 /// Invariant 3: while a write is in flight, no published blob is visible.
 pub async fn in_flight_write_is_not_published(cache: Backend) -> CaseResult {
-    gate!(cache, &[Cap::StreamWrite]);
+    gate!(cache, &[Cap::WriteBlob]);
     let writer = spawn_stalled_writer(&cache, "conformance/inflight", 1 << 20, 8);
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(30)).await;

@@ -1,4 +1,4 @@
-//! Range reads (the optional `range_read` capability).
+//! Range reads (the optional `open_blob_range` capability).
 
 use super::*;
 
@@ -26,7 +26,7 @@ pub(super) async fn read_range(
 /// Ranges at the start, across chunk boundaries in the middle, at the end, clamped past the end, by
 /// offset and by suffix read exactly those bytes.
 pub async fn range_reads_start_middle_end(cache: Backend) -> CaseResult {
-    gate!(cache, &[Cap::StreamWrite, Cap::RangeRead]);
+    gate!(cache, &[Cap::WriteBlob, Cap::OpenBlobRange]);
     let data = pattern(3 * MAX_READ_CHUNK + 123, 21);
     let r = write(&cache, &data, 100_000).await?;
     let n = data.len() as u64;
@@ -59,8 +59,8 @@ pub async fn range_reads_start_middle_end(cache: Backend) -> CaseResult {
 }
 
 /// Empty ranges read nothing; ranges past the end are a clear `InvalidRange`; unknown refs are `None`.
-pub async fn range_read_empty_and_past_the_end(cache: Backend) -> CaseResult {
-    gate!(cache, &[Cap::StreamWrite, Cap::RangeRead]);
+pub async fn open_blob_range_empty_and_past_the_end(cache: Backend) -> CaseResult {
+    gate!(cache, &[Cap::WriteBlob, Cap::OpenBlobRange]);
     let data = pattern(10_000, 22);
     let r = write(&cache, &data, 1000).await?;
     let n = data.len() as u64;

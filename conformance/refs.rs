@@ -148,7 +148,7 @@ pub async fn malformed_refs_never_delete(cache: Backend) -> CaseResult {
 }
 
 /// Invariant 5: deleting a ref twice is fine; afterwards it reads as `None`.
-pub async fn ref_delete_is_idempotent(cache: Backend) -> CaseResult {
+pub async fn delete_blob_is_idempotent(cache: Backend) -> CaseResult {
     gate!(cache, BLOB_CAPS);
     let r = write(&cache, &pattern(5000, 1), 1000).await?;
     cache.delete_blob(&r.reference).await?;
@@ -165,7 +165,7 @@ pub async fn ref_delete_is_idempotent(cache: Backend) -> CaseResult {
 }
 
 /// Invariant 5: deleting one blob leaves its neighbours alone.
-pub async fn ref_delete_touches_only_its_blob(cache: Backend) -> CaseResult {
+pub async fn delete_blob_touches_only_its_blob(cache: Backend) -> CaseResult {
     gate!(cache, BLOB_CAPS);
     let datas: Vec<Bytes> = (0..3).map(|i| pattern(2000, i)).collect();
     let mut refs = Vec::new();

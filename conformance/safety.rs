@@ -315,7 +315,7 @@ pub async fn orphan_grace_counts_from_when_it_became_one(cache: Backend) -> Case
 /// it stalls — so `stats` sees it and a janitor can clean up after a crash — and once it is dropped,
 /// no temp is left in the listing.
 pub async fn in_flight_write_is_listed_as_a_temp(cache: Backend) -> CaseResult {
-    gate!(cache, &[Cap::StreamWrite]);
+    gate!(cache, &[Cap::WriteBlob]);
     let writer = spawn_stalled_writer(&cache, "conformance/inflight-temp", 600_000, 71);
     let mut listed = false;
     for _ in 0..100 {

@@ -105,10 +105,10 @@ impl Drop for TempFile {
 impl OutputCache for SkeletonBackend {
     fn capabilities(&self) -> Capabilities {
         Capabilities::rows_only()
-            .with_stream_write()
-            .with_ref_read()
-            .with_stream_ref_read()
-            .with_ref_delete()
+            .with_write_blob()
+            .with_read_blob()
+            .with_open_blob()
+            .with_delete_blob()
     }
 
     async fn save_row(&self, key: &RowKey, output: &Value) -> Result<()> {
@@ -298,10 +298,10 @@ mod conformance {
             .with_storage(move || outcache::conformance::files_under(&root))
             .expect(
                 Capabilities::rows_only()
-                    .with_stream_write()
-                    .with_ref_read()
-                    .with_stream_ref_read()
-                    .with_ref_delete(),
+                    .with_write_blob()
+                    .with_read_blob()
+                    .with_open_blob()
+                    .with_delete_blob(),
             )
     });
 }

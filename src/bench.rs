@@ -131,7 +131,7 @@ pub async fn run(backend: Arc<dyn OutputCache>, options: &BenchOptions) -> Resul
     report.row_put_concurrent_per_s = keys.len() as f64 / started.elapsed().as_secs_f64();
     backend.delete_prefix("outcache/bench").await?;
 
-    if backend.capabilities().stream_write {
+    if backend.capabilities().write_blob {
         let chunk = Bytes::from(
             (0..1 << 20)
                 .map(|i: u32| (i % 251) as u8)

@@ -109,7 +109,7 @@ where
 /// orphan sweep. Refs of other backends never resolve, so deleting them does nothing; a backend without
 /// ref delete keeps its blobs (the janitor finds them).
 pub async fn cascade_delete(backend: &dyn OutputCache, key: &RowKey, output: &Value) -> Result<()> {
-    if !backend.capabilities().ref_delete {
+    if !backend.capabilities().delete_blob {
         return Ok(());
     }
     let mut done = std::collections::HashSet::new();

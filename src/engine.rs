@@ -166,11 +166,11 @@ impl Cache {
             return Ok(Lookup::Miss);
         };
         let caps = self.backend.capabilities();
-        if !(caps.ref_read || caps.stream_ref_read) {
+        if !(caps.read_blob || caps.open_blob) {
             return Ok(Lookup::Hit(row.output));
         }
         let threshold = self.options.reference_threshold;
-        let small = |r: &CacheRef| r.size.is_some_and(|s| s < threshold) && caps.ref_read;
+        let small = |r: &CacheRef| r.size.is_some_and(|s| s < threshold) && caps.read_blob;
         Ok(
             match self.hydrate(row.output, small, Dangling::Miss).await? {
                 Some(output) => Lookup::Hit(output),
@@ -182,7 +182,7 @@ impl Cache {
     /// Note a hit for the backend's access times; every [`ACCESS_BATCH`] distinct keys are written in one
     /// batched `touch_rows`, so reads cost no write each.
     async fn record_read(&self, key: RowKey) -> Result<()> {
-        if !self.backend.capabilities().access_tracking {
+        if !self.backend.capabilities().touch_rows {
             return Ok(());
         }
         let full = {
@@ -203,7 +203,7 @@ impl Cache {
             let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
             reads.drain().collect()
         };
-        if keys.is_empty() || !self.backend.capabilities().access_tracking {
+        if keys.is_empty() || !self.backend.capabilities().touch_rows {
             return Ok(());
         }
         self.backend
@@ -234,7 +234,7 @@ impl Cache {
         let key = RowKey::new(task_type, inputs)?;
         let started = Instant::now();
         let threshold = self.options.reference_threshold;
-        let can_stream = self.backend.capabilities().stream_write;
+        let can_stream = self.backend.capabilities().write_blob;
         // Without streaming, everything must fit inline; with it, only outputs below the threshold do.
         let inline_cap = if can_stream {
             threshold.saturating_sub(1)

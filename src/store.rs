@@ -24,27 +24,27 @@ pub const MAX_READ_CHUNK: usize = 1 << 20;
 /// What a backend can do beyond the row store. Truthful both ways: a `true` flag means the method works, a
 /// `false` flag means it returns [`Error::Unsupported`] (the conformance suite checks both).
 ///
-/// **Valid sets.** Rows only; or blobs, which come as a set — `stream_write` needs `ref_read`,
-/// `stream_ref_read` and `ref_delete` (the engine reads back and verifies what it writes, hydrates small
-/// refs, and deletes the blob whose row failed to commit); `range_read` needs `stream_ref_read`.
-/// `access_tracking` goes with either. [`Capabilities::check`] names the first missing flag of an
+/// **Valid sets.** Rows only; or blobs, which come as a set — `write_blob` needs `read_blob`,
+/// `open_blob` and `delete_blob` (the engine reads back and verifies what it writes, hydrates small
+/// refs, and deletes the blob whose row failed to commit); `open_blob_range` needs `open_blob`.
+/// `touch_rows` goes with either. [`Capabilities::check`] names the first missing flag of an
 /// incoherent set, and the conformance suite refuses one up front. Build a set with
-/// `Capabilities::rows_only().with_stream_write()…`.
+/// `Capabilities::rows_only().with_write_blob()…`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Capabilities {
     /// [`OutputCache::write_blob`]: stream bytes into a sidecar blob.
-    pub stream_write: bool,
+    pub write_blob: bool,
     /// [`OutputCache::read_blob`]: read a whole blob by ref.
-    pub ref_read: bool,
+    pub read_blob: bool,
     /// [`OutputCache::open_blob`]: stream a blob by ref.
-    pub stream_ref_read: bool,
+    pub open_blob: bool,
     /// [`OutputCache::delete_blob`]: delete a blob by ref.
-    pub ref_delete: bool,
+    pub delete_blob: bool,
     /// [`OutputCache::open_blob_range`]: stream part of a blob without reading what precedes it.
-    pub range_read: bool,
+    pub open_blob_range: bool,
     /// [`OutputCache::touch_rows`]: record when rows were last read (for size-budget eviction).
-    pub access_tracking: bool,
+    pub touch_rows: bool,
 }
 
 impl Capabilities {
@@ -58,39 +58,39 @@ impl Capabilities {
         Capabilities::ALL
     }
 
-    /// Add [`Capabilities::stream_write`].
-    pub const fn with_stream_write(mut self) -> Self {
-        self.stream_write = true;
+    /// Add [`Capabilities::write_blob`].
+    pub const fn with_write_blob(mut self) -> Self {
+        self.write_blob = true;
         self
     }
 
-    /// Add [`Capabilities::ref_read`].
-    pub const fn with_ref_read(mut self) -> Self {
-        self.ref_read = true;
+    /// Add [`Capabilities::read_blob`].
+    pub const fn with_read_blob(mut self) -> Self {
+        self.read_blob = true;
         self
     }
 
-    /// Add [`Capabilities::stream_ref_read`].
-    pub const fn with_stream_ref_read(mut self) -> Self {
-        self.stream_ref_read = true;
+    /// Add [`Capabilities::open_blob`].
+    pub const fn with_open_blob(mut self) -> Self {
+        self.open_blob = true;
         self
     }
 
-    /// Add [`Capabilities::ref_delete`].
-    pub const fn with_ref_delete(mut self) -> Self {
-        self.ref_delete = true;
+    /// Add [`Capabilities::delete_blob`].
+    pub const fn with_delete_blob(mut self) -> Self {
+        self.delete_blob = true;
         self
     }
 
-    /// Add [`Capabilities::range_read`].
-    pub const fn with_range_read(mut self) -> Self {
-        self.range_read = true;
+    /// Add [`Capabilities::open_blob_range`].
+    pub const fn with_open_blob_range(mut self) -> Self {
+        self.open_blob_range = true;
         self
     }
 
-    /// Add [`Capabilities::access_tracking`].
-    pub const fn with_access_tracking(mut self) -> Self {
-        self.access_tracking = true;
+    /// Add [`Capabilities::touch_rows`].
+    pub const fn with_touch_rows(mut self) -> Self {
+        self.touch_rows = true;
         self
     }
 
@@ -105,13 +105,13 @@ impl Capabilities {
                 ))
             }
         };
-        if self.stream_write {
-            needs("stream_write", self.ref_read, "ref_read")?;
-            needs("stream_write", self.stream_ref_read, "stream_ref_read")?;
-            needs("stream_write", self.ref_delete, "ref_delete")?;
+        if self.write_blob {
+            needs("write_blob", self.read_blob, "read_blob")?;
+            needs("write_blob", self.open_blob, "open_blob")?;
+            needs("write_blob", self.delete_blob, "delete_blob")?;
         }
-        if self.range_read {
-            needs("range_read", self.stream_ref_read, "stream_ref_read")?;
+        if self.open_blob_range {
+            needs("open_blob_range", self.open_blob, "open_blob")?;
         }
         Ok(())
     }
@@ -119,32 +119,32 @@ impl Capabilities {
     /// Every flag with its name, in declaration order (so tools iterate instead of re-declaring them).
     pub fn flags(&self) -> [(&'static str, bool); 6] {
         [
-            ("stream_write", self.stream_write),
-            ("ref_read", self.ref_read),
-            ("stream_ref_read", self.stream_ref_read),
-            ("ref_delete", self.ref_delete),
-            ("range_read", self.range_read),
-            ("access_tracking", self.access_tracking),
+            ("write_blob", self.write_blob),
+            ("read_blob", self.read_blob),
+            ("open_blob", self.open_blob),
+            ("delete_blob", self.delete_blob),
+            ("open_blob_range", self.open_blob_range),
+            ("touch_rows", self.touch_rows),
         ]
     }
 
     /// Every capability.
     pub const ALL: Capabilities = Capabilities {
-        stream_write: true,
-        ref_read: true,
-        stream_ref_read: true,
-        ref_delete: true,
-        range_read: true,
-        access_tracking: true,
+        write_blob: true,
+        read_blob: true,
+        open_blob: true,
+        delete_blob: true,
+        open_blob_range: true,
+        touch_rows: true,
     };
     /// The row store only.
     pub const ROWS_ONLY: Capabilities = Capabilities {
-        stream_write: false,
-        ref_read: false,
-        stream_ref_read: false,
-        ref_delete: false,
-        range_read: false,
-        access_tracking: false,
+        write_blob: false,
+        read_blob: false,
+        open_blob: false,
+        delete_blob: false,
+        open_blob_range: false,
+        touch_rows: false,
     };
 }
 
@@ -457,7 +457,7 @@ pub trait OutputCache: Debug + Display + Send + Sync + 'static {
     /// Size (and SHA-256 where recorded) of the blob behind `reference`, or `None` if it does not resolve;
     /// cheap (no read of the bytes). The engine calls it on every hit to turn a dangling ref into a miss,
     /// and before a whole read to bound it by the stored size. Supported wherever
-    /// [`Capabilities::ref_read`] is. The default streams the blob to count it: correct, slow; override it.
+    /// [`Capabilities::read_blob`] is. The default streams the blob to count it: correct, slow; override it.
     async fn stat_blob(&self, reference: &str) -> Result<Option<BlobStat>> {
         let Some(mut stream) = self.open_blob(reference).await? else {
             return Ok(None);

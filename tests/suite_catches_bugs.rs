@@ -68,13 +68,13 @@ async fn waived_cases_are_reported_as_skipped_not_passed() {
     assert_eq!(
         waived.verdict,
         Verdict::Waived {
-            needs: vec!["stream_write", "ref_read", "stream_ref_read", "ref_delete"]
+            needs: vec!["write_blob", "read_blob", "open_blob", "delete_blob"]
         }
     );
     assert!(
         waived
             .line()
-            .starts_with("skip  stream_one_byte (needs stream_write")
+            .starts_with("skip  stream_one_byte (needs write_blob")
     );
     assert_eq!(
         report.summary(),
@@ -106,13 +106,18 @@ async fn waived_cases_are_reported_as_skipped_not_passed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incoherent_capabilities_are_refused_up_front() {
     use outcache::Capabilities;
-    let write_only = Capabilities::rows_only().with_stream_write();
+    let write_only = Capabilities::rows_only().with_write_blob();
     assert_eq!(
         write_only.check(),
-        Err("stream_write needs ref_read (blob capabilities come as a set)".into())
+        Err("write_blob needs read_blob (blob capabilities come as a set)".into())
     );
     assert!(Capabilities::all().check().is_ok() && Capabilities::rows_only().check().is_ok());
-    assert!(Capabilities::rows_only().with_range_read().check().is_err());
+    assert!(
+        Capabilities::rows_only()
+            .with_open_blob_range()
+            .check()
+            .is_err()
+    );
     let fixture =
         || async { outcache::conformance::Fixture::new(Arc::new(common::Claims::new(write_only))) };
     let report = outcache::conformance::run(fixture, Default::default()).await;
@@ -123,7 +128,7 @@ async fn incoherent_capabilities_are_refused_up_front() {
         report.summary()
     );
     let line = report.outcomes[0].line();
-    assert!(line.contains("stream_write needs ref_read"), "{line}");
+    assert!(line.contains("write_blob needs read_blob"), "{line}");
 }
 
 /// A backend that leaks a temp into its storage on a failed write but leaves it out of its listing passes
