@@ -290,6 +290,17 @@ impl FsCache {
         Ok(dir)
     }
 
+    /// Whether `<root>/<name>` exists as a real directory: `false` if it is missing (a read-only cache
+    /// that never held such entries reads as empty there), an error if it is a link or not a directory.
+    fn existing_work_dir(&self, name: &str) -> Result<bool> {
+        let dir = self.root.join(name);
+        match real_dir(&dir) {
+            Ok(()) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(Error::io("use cache directory", &dir, e)),
+        }
+    }
+
     /// The row file of `key` after checking `rows/` and its task-type directory are real directories;
     /// `None` if the task-type directory does not exist (no such row).
     fn checked_row_path(&self, key: &RowKey) -> Result<Option<PathBuf>> {
@@ -298,7 +309,7 @@ impl FsCache {
         match real_dir(dir) {
             Ok(()) => {}
             Err(e) if is_not_found(&e) => {
-                self.work_dir("rows")?;
+                self.existing_work_dir("rows")?; // a link in its place is an error, not a miss
                 return Ok(None);
             }
             Err(e) => return Err(Error::io("use cache directory", dir, e)),
@@ -314,7 +325,9 @@ impl FsCache {
 
     /// The blob file at `path`, stat'ed here and now (blocking); `None` unless a regular file.
     fn stat_blob_now(&self, path: &Path, sha256: Option<String>) -> Result<Option<BlobStat>> {
-        self.work_dir("blobs")?;
+        if !self.existing_work_dir("blobs")? {
+            return Ok(None);
+        }
         match fs::symlink_metadata(path) {
             Ok(m) if m.is_file() => Ok(Some(BlobStat {
                 size: m.len(),
@@ -887,7 +900,9 @@ impl OutputCache for FsCache {
         };
         let this = self.clone();
         blocking(move || {
-            this.work_dir("blobs")?;
+            if !this.existing_work_dir("blobs")? {
+                return Ok(None);
+            }
             Ok(read_regular(&path)
                 .map_err(|e| Error::io("read blob", &path, e))?
                 .map(Bytes::from))
@@ -925,7 +940,9 @@ impl OutputCache for FsCache {
         };
         let this = self.clone();
         blocking(move || {
-            this.work_dir("blobs")?;
+            if !this.existing_work_dir("blobs")? {
+                return Ok(());
+            }
             match remove_regular(&path) {
                 Ok(_) => Ok(()),
                 // Something the cache did not write sits under a blob's name: leave it alone.
@@ -954,7 +971,9 @@ impl FsCache {
         let (path_for_open, reference) = (path.clone(), reference.to_owned());
         let this = self.clone();
         let opened = blocking(move || {
-            this.work_dir("blobs")?;
+            if !this.existing_work_dir("blobs")? {
+                return Ok(None);
+            }
             let mut file = match open_regular(&path_for_open, false) {
                 Ok(Some(f)) => f,
                 Ok(None) => return Ok(None),
