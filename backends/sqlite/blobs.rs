@@ -34,24 +34,31 @@ pub(super) struct ChunkGuard {
     pub(super) armed: bool,
 }
 
+/// Wait for the chunk insert still in flight, then delete every chunk of `id` and give their pages back
+/// now, not at the next prune.
+async fn remove_chunks(
+    cache: SqliteCache,
+    id: String,
+    pending: Option<tokio::task::JoinHandle<Result<()>>>,
+) {
+    if let Some(p) = pending {
+        let _ = p.await;
+    }
+    let _ = cache
+        .write(move |_, w| {
+            let _ = w
+                .conn
+                .execute("DELETE FROM chunks WHERE blob_id = ?1", [&id]);
+            let _ = incremental_vacuum(&w.conn);
+            Ok(())
+        })
+        .await;
+}
+
 impl ChunkGuard {
     pub(super) async fn cleanup_now(&mut self) {
         self.armed = false;
-        if let Some(p) = self.pending.take() {
-            let _ = p.await;
-        }
-        let id = self.id.clone();
-        let _ = self
-            .cache
-            .write(move |_, w| {
-                let _ = w
-                    .conn
-                    .execute("DELETE FROM chunks WHERE blob_id = ?1", [&id]);
-                // Give the failed write's pages back now, not at the next prune.
-                let _ = incremental_vacuum(&w.conn);
-                Ok(())
-            })
-            .await;
+        remove_chunks(self.cache.clone(), self.id.clone(), self.pending.take()).await;
     }
 }
 
@@ -60,22 +67,7 @@ impl Drop for ChunkGuard {
         if !self.armed {
             return;
         }
-        let (cache, id, pending) = (self.cache.clone(), self.id.clone(), self.pending.take());
-        let cleanup = async move {
-            if let Some(p) = pending {
-                let _ = p.await;
-            }
-            let _ = cache
-                .write(move |_, w| {
-                    let _ = w
-                        .conn
-                        .execute("DELETE FROM chunks WHERE blob_id = ?1", [&id]);
-                    // Give the failed write's pages back now, not at the next prune.
-                    let _ = incremental_vacuum(&w.conn);
-                    Ok(())
-                })
-                .await;
-        };
+        let cleanup = remove_chunks(self.cache.clone(), self.id.clone(), self.pending.take());
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(cleanup);
