@@ -526,18 +526,14 @@ async fn execute(
         backend.delete_blob(&b.id).await?;
         step(1);
     }
-    let mut temps_removed = 0;
-    let mut temp_bytes = 0;
     for t in &plan.stale_temps {
-        if backend.remove_temp(&t.id).await? {
-            temps_removed += 1;
-            temp_bytes += t.size;
+        if !backend.remove_temp(&t.id).await? {
+            // Gone already (its write finished or failed meanwhile): not this run's to count.
+            report.orphans.temps -= 1;
+            report.orphans.bytes -= t.size;
         }
         step(1);
     }
-    report.orphans.bytes =
-        report.orphans.bytes - plan.stale_temps.iter().map(|t| t.size).sum::<u64>() + temp_bytes;
-    report.orphans.temps = temps_removed;
     if let Some(ledger) = plan.ledger {
         save_ledger(backend, ledger).await?;
     }
@@ -551,9 +547,7 @@ async fn execute(
 async fn save_ledger(backend: &dyn OutputCache, ledger: BTreeMap<String, u64>) -> Result<()> {
     let key = ledger_key();
     if ledger.is_empty() {
-        if backend.get_row(&key).await.ok().flatten().is_some() {
-            backend.delete_row(&key).await?;
-        }
+        backend.delete_row(&key).await?; // idempotent: nothing to do if there is none
         return Ok(());
     }
     let output: Value = json!({ "orphans_first_seen_ms": ledger });

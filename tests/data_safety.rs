@@ -40,6 +40,12 @@ fn json(o: &Output) -> Value {
     serde_json::from_str(&ok(o)).unwrap()
 }
 
+/// `(rows_removed, blobs_removed)` of a prune's `--json` report.
+fn removed(report: &Output) -> (Option<u64>, Option<u64>) {
+    let r = json(report);
+    (r["rows_removed"].as_u64(), r["blobs_removed"].as_u64())
+}
+
 /// 2^53 + 1 and 2^53 are different users; 2^64 + 1 cannot be held exactly and is refused by path.
 #[test]
 fn big_integer_inputs_never_share_a_row() {
@@ -114,23 +120,19 @@ fn pruning_a_borrowing_row_keeps_the_blob_it_cites() {
         &["put", "bundle", "--inputs", "{}", "--output", &bundle],
         None,
     ));
-    let report = json(&outcache(
-        &u,
-        &[
-            "prune",
-            "--older-than",
-            "0s",
-            "--prefix",
-            "bundle",
-            "--json",
-        ],
-        None,
-    ));
     assert_eq!(
-        (
-            report["rows_removed"].as_u64(),
-            report["blobs_removed"].as_u64()
-        ),
+        removed(&outcache(
+            &u,
+            &[
+                "prune",
+                "--older-than",
+                "0s",
+                "--prefix",
+                "bundle",
+                "--json",
+            ],
+            None,
+        )),
         (Some(1), Some(0))
     );
     let producer = outcache(&u, &["get", "producer", "--inputs", "{}"], None);
@@ -149,33 +151,25 @@ fn pruning_a_borrowing_row_keeps_the_blob_it_cites() {
     ok(&run(&[
         "put", "resume", "--inputs", "{}", "--output", &bundle,
     ]));
-    let report = json(&run(&["prune", "--older-than", "0s", "--json"]));
     assert_eq!(
-        (
-            report["rows_removed"].as_u64(),
-            report["blobs_removed"].as_u64()
-        ),
+        removed(&run(&["prune", "--older-than", "0s", "--json"])),
         (Some(1), Some(0))
     );
     ok(&outcache(&u, &["cat", &reference], None));
 
-    let report = json(&outcache(
-        &u,
-        &[
-            "prune",
-            "--older-than",
-            "0s",
-            "--prefix",
-            "producer",
-            "--json",
-        ],
-        None,
-    ));
     assert_eq!(
-        (
-            report["rows_removed"].as_u64(),
-            report["blobs_removed"].as_u64()
-        ),
+        removed(&outcache(
+            &u,
+            &[
+                "prune",
+                "--older-than",
+                "0s",
+                "--prefix",
+                "producer",
+                "--json",
+            ],
+            None,
+        )),
         (Some(1), Some(1))
     );
     fails(
