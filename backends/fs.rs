@@ -651,31 +651,32 @@ impl OutputCache for FsCache {
         blocking(move || this.get_row_now(&key)).await
     }
 
-    async fn delete_row(&self, key: &RowKey) -> Result<bool> {
+    async fn delete_rows(&self, keys: &[RowKey]) -> Result<u64> {
         let this = self.clone();
-        let owned_key = key.clone();
-        let removed = blocking(move || {
-            let key = owned_key;
-            let Some(path) = this.checked_row_path(&key)? else {
-                return Ok(None);
-            };
-            let output = match this.read_row(&path, key.task_type(), key.fingerprint()) {
-                Ok(row) => row.map(|r| r.output),
-                Err(Error::CorruptRow { .. }) => None,
-                Err(e) => return Err(e),
-            };
-            Ok(remove_regular(&path)?.then_some(output))
+        let keys = keys.to_vec();
+        // One trip to the blocking pool for the whole batch; a corrupt row is removed without a cascade
+        // (its refs cannot be read).
+        let (removed, outputs) = blocking(move || {
+            let (mut removed, mut outputs) = (0, Vec::new());
+            for key in keys {
+                let Some(path) = this.checked_row_path(&key)? else {
+                    continue;
+                };
+                let output = match this.read_row(&path, key.task_type(), key.fingerprint()) {
+                    Ok(row) => row.map(|r| r.output),
+                    Err(Error::CorruptRow { .. }) => None,
+                    Err(e) => return Err(e),
+                };
+                if remove_regular(&path)? {
+                    removed += 1;
+                    outputs.extend(output.map(|o| (key, o)));
+                }
+            }
+            Ok((removed, outputs))
         })
         .await?;
-        match removed {
-            Some(output) => {
-                if let Some(output) = output {
-                    cascade_delete(self, key, &output).await?;
-                }
-                Ok(true)
-            }
-            None => Ok(false),
-        }
+        self.cascade(outputs).await?;
+        Ok(removed)
     }
 
     async fn delete_prefix(&self, task_type_prefix: &str) -> Result<u64> {
@@ -922,18 +923,6 @@ impl OutputCache for FsCache {
         blocking(move || this.stat_blob_now(&path, sha256)).await
     }
 
-    async fn open_blob(&self, reference: &str) -> Result<Option<ByteStream>> {
-        self.open_range(reference, None).await
-    }
-
-    async fn open_blob_range(
-        &self,
-        reference: &str,
-        range: ByteRange,
-    ) -> Result<Option<ByteStream>> {
-        self.open_range(reference, Some(range)).await
-    }
-
     async fn delete_blob(&self, reference: &str) -> Result<()> {
         let Some(path) = self.blob_path(reference) else {
             return Ok(());
@@ -956,11 +945,8 @@ impl OutputCache for FsCache {
         })
         .await
     }
-}
-
-impl FsCache {
-    /// Stream the blob behind `reference`, all of it or `range` (a seek, then only those bytes).
-    async fn open_range(
+    /// All of the blob or `range` of it (a seek, then only those bytes).
+    async fn open_blob(
         &self,
         reference: &str,
         range: Option<ByteRange>,
@@ -1014,7 +1000,9 @@ impl FsCache {
         let head = (!first.is_empty()).then_some(Ok(first));
         Ok(Some(futures::stream::iter(head).chain(tail).boxed()))
     }
+}
 
+impl FsCache {
     /// Every row file, decoded into a listing entry or, if it cannot be, into a corrupt entry.
     fn scan_rows(&self) -> Result<(Vec<RowEntry>, Vec<CorruptEntry>)> {
         let (mut rows, mut corrupt) = (Vec::new(), Vec::new());

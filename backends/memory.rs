@@ -127,15 +127,14 @@ impl OutputCache for MemoryCache {
         }))
     }
 
-    async fn delete_row(&self, key: &RowKey) -> Result<bool> {
-        let removed = self.lock().rows.remove(key);
-        match removed {
-            Some(row) => self
-                .cascade(vec![(key.clone(), row.output)])
-                .await
-                .map(|_| true),
-            None => Ok(false),
-        }
+    async fn delete_rows(&self, keys: &[RowKey]) -> Result<u64> {
+        let outputs: Vec<(RowKey, Value)> = {
+            let mut inner = self.lock();
+            keys.iter()
+                .filter_map(|key| inner.rows.remove(key).map(|row| (key.clone(), row.output)))
+                .collect()
+        };
+        self.cascade(outputs).await
     }
 
     async fn delete_prefix(&self, task_type_prefix: &str) -> Result<u64> {
@@ -253,17 +252,16 @@ impl OutputCache for MemoryCache {
         Ok(self.lock().blobs.get(name).map(|b| b.bytes.clone()))
     }
 
-    async fn open_blob(&self, reference: &str) -> Result<Option<ByteStream>> {
-        Ok(self.read_blob(reference).await?.map(chunked))
-    }
-
-    async fn open_blob_range(
+    async fn open_blob(
         &self,
         reference: &str,
-        range: ByteRange,
+        range: Option<ByteRange>,
     ) -> Result<Option<ByteStream>> {
         let Some(bytes) = self.read_blob(reference).await? else {
             return Ok(None);
+        };
+        let Some(range) = range else {
+            return Ok(Some(chunked(bytes)));
         };
         let span = range.resolve(reference, bytes.len() as u64)?;
         Ok(Some(chunked(

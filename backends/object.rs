@@ -315,16 +315,20 @@ impl OutputCache for ObjectCache {
         }))
     }
 
-    async fn delete_row(&self, key: &RowKey) -> Result<bool> {
-        let path = self.row_path(key);
-        let Some(bytes) = self.fetch(&path).await? else {
-            return Ok(false);
-        };
-        self.delete_path(&path).await?;
-        if let Ok(record) = decode_row(&bytes, key.task_type(), key.fingerprint()) {
-            cascade_delete(self, key, &record.output).await?;
+    async fn delete_rows(&self, keys: &[RowKey]) -> Result<u64> {
+        let mut deleted = 0;
+        for key in keys {
+            let path = self.row_path(key);
+            let Some(bytes) = self.fetch(&path).await? else {
+                continue;
+            };
+            self.delete_path(&path).await?;
+            deleted += 1;
+            if let Ok(record) = decode_row(&bytes, key.task_type(), key.fingerprint()) {
+                cascade_delete(self, key, &record.output).await?;
+            }
         }
-        Ok(true)
+        Ok(deleted)
     }
 
     async fn delete_prefix(&self, task_type_prefix: &str) -> Result<u64> {
@@ -500,39 +504,27 @@ impl OutputCache for ObjectCache {
         self.fetch(&path).await
     }
 
-    async fn open_blob(&self, reference: &str) -> Result<Option<ByteStream>> {
-        let Some(path) = self.blob_path(reference) else {
-            return Ok(None);
-        };
-        let got = match self.store.get(&path).await {
-            Ok(got) => got,
-            Err(e) if is_not_found(&e) => return Ok(None),
-            Err(e) => return Err(self.err(format!("open {path}"))(e)),
-        };
-        Ok(Some(self.body_stream(got, &path)))
-    }
-
-    async fn open_blob_range(
+    async fn open_blob(
         &self,
         reference: &str,
-        range: ByteRange,
+        range: Option<ByteRange>,
     ) -> Result<Option<ByteStream>> {
         let Some(path) = self.blob_path(reference) else {
             return Ok(None);
         };
-        let size = match self.store.head(&path).await {
-            Ok(meta) => meta.size,
-            Err(e) if is_not_found(&e) => return Ok(None),
-            Err(e) => return Err(self.err(format!("stat {path}"))(e)),
-        };
-        let span = range.resolve(reference, size)?;
-        if span.start == span.end {
-            return Ok(Some(futures::stream::empty().boxed()));
+        let mut options = GetOptions::default();
+        if let Some(range) = range {
+            let size = match self.store.head(&path).await {
+                Ok(meta) => meta.size,
+                Err(e) if is_not_found(&e) => return Ok(None),
+                Err(e) => return Err(self.err(format!("stat {path}"))(e)),
+            };
+            let span = range.resolve(reference, size)?;
+            if span.start == span.end {
+                return Ok(Some(futures::stream::empty().boxed()));
+            }
+            options.range = Some(GetRange::Bounded(span));
         }
-        let options = GetOptions {
-            range: Some(GetRange::Bounded(span)),
-            ..GetOptions::default()
-        };
         let got = match self.store.get_opts(&path, options).await {
             Ok(got) => got,
             Err(e) if is_not_found(&e) => return Ok(None),

@@ -336,22 +336,15 @@ impl OutputCache for RunPrivate {
         self.inner.read_blob(reference).await
     }
 
-    async fn open_blob(&self, reference: &str) -> Result<Option<ByteStream>> {
-        if !self.owns(reference).await? {
-            return Ok(None);
-        }
-        self.inner.open_blob(reference).await
-    }
-
-    async fn open_blob_range(
+    async fn open_blob(
         &self,
         reference: &str,
-        range: ByteRange,
+        range: Option<ByteRange>,
     ) -> Result<Option<ByteStream>> {
         if !self.owns(reference).await? {
             return Ok(None);
         }
-        self.inner.open_blob_range(reference, range).await
+        self.inner.open_blob(reference, range).await
     }
 
     async fn delete_blob(&self, reference: &str) -> Result<()> {

@@ -106,7 +106,7 @@ fn main() {
         b.iter(|| {
             samples.time("get", "outcache", || {
                 rt.block_on(async {
-                    let mut s = cache.open_blob(&last_ref).await.unwrap().unwrap();
+                    let mut s = cache.open_blob(&last_ref, None).await.unwrap().unwrap();
                     let mut n = 0;
                     while let Some(c) = s.next().await {
                         n += c.unwrap().len();

@@ -192,7 +192,14 @@ fn main() {
             b.iter(|| {
                 s.time(&format!("unverified read {label}"), "outcache", || {
                     rt.block_on(async {
-                        consume(durable.open_blob(&r.reference).await.unwrap().unwrap()).await
+                        consume(
+                            durable
+                                .open_blob(&r.reference, None)
+                                .await
+                                .unwrap()
+                                .unwrap(),
+                        )
+                        .await
                     })
                 })
             })

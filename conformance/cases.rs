@@ -34,25 +34,16 @@ macro_rules! ensure {
 #[derive(Clone, Copy, Debug)]
 enum Cap {
     WriteBlob,
-    ReadBlob,
     OpenBlob,
     DeleteBlob,
-    OpenBlobRange,
     TouchRows,
 }
 
-const BLOB_CAPS: &[Cap] = &[
-    Cap::WriteBlob,
-    Cap::ReadBlob,
-    Cap::OpenBlob,
-    Cap::DeleteBlob,
-];
+const BLOB_CAPS: &[Cap] = &[Cap::WriteBlob, Cap::OpenBlob, Cap::DeleteBlob];
 const ALL_CAPS: &[Cap] = &[
     Cap::WriteBlob,
-    Cap::ReadBlob,
     Cap::OpenBlob,
     Cap::DeleteBlob,
-    Cap::OpenBlobRange,
     Cap::TouchRows,
 ];
 
@@ -61,10 +52,8 @@ impl Cap {
     fn flag(self) -> &'static str {
         match self {
             Cap::WriteBlob => "write_blob",
-            Cap::ReadBlob => "read_blob",
             Cap::OpenBlob => "open_blob",
             Cap::DeleteBlob => "delete_blob",
-            Cap::OpenBlobRange => "open_blob_range",
             Cap::TouchRows => "touch_rows",
         }
     }
@@ -74,10 +63,8 @@ fn has(cache: &Backend, cap: Cap) -> bool {
     let caps = cache.capabilities();
     match cap {
         Cap::WriteBlob => caps.write_blob,
-        Cap::ReadBlob => caps.read_blob,
         Cap::OpenBlob => caps.open_blob,
         Cap::DeleteBlob => caps.delete_blob,
-        Cap::OpenBlobRange => caps.open_blob_range,
         Cap::TouchRows => caps.touch_rows,
     }
 }
@@ -97,13 +84,8 @@ async fn call(cache: &Backend, cap: Cap) -> crate::Result<()> {
             }
             Ok(())
         }
-        Cap::ReadBlob => cache.read_blob("none://blobs/none").await.map(|_| ()),
-        Cap::OpenBlob => cache.open_blob("none://blobs/none").await.map(|_| ()),
+        Cap::OpenBlob => cache.open_blob("none://blobs/none", None).await.map(|_| ()),
         Cap::DeleteBlob => cache.delete_blob("none://blobs/none").await,
-        Cap::OpenBlobRange => cache
-            .open_blob_range("none://blobs/none", ByteRange::Offset(0))
-            .await
-            .map(|_| ()),
         Cap::TouchRows => {
             let nobody = RowKey::new("conformance/caps", &json!("no such row"))?;
             cache.touch_rows(&[nobody], SystemTime::now()).await
@@ -166,7 +148,7 @@ async fn write(cache: &Backend, data: &Bytes, chunk: usize) -> Result<CacheRef, 
 }
 
 async fn read_streamed(cache: &Backend, reference: &str) -> Result<Option<Bytes>, Failure> {
-    match cache.open_blob(reference).await? {
+    match cache.open_blob(reference, None).await? {
         Some(stream) => Ok(Some(crate::blob::collect(stream).await?)),
         None => Ok(None),
     }

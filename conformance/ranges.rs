@@ -1,4 +1,4 @@
-//! Range reads (the optional `open_blob_range` capability).
+//! Range reads (`open_blob` with a range: part of the `open_blob` capability).
 
 use super::*;
 
@@ -7,7 +7,7 @@ pub(super) async fn read_range(
     r: &CacheRef,
     range: ByteRange,
 ) -> Result<Option<Bytes>, Failure> {
-    let Some(mut stream) = cache.open_blob_range(&r.reference, range.clone()).await? else {
+    let Some(mut stream) = cache.open_blob(&r.reference, Some(range.clone())).await? else {
         return Ok(None);
     };
     let mut out = Vec::new();
@@ -26,7 +26,7 @@ pub(super) async fn read_range(
 /// Ranges at the start, across chunk boundaries in the middle, at the end, clamped past the end, by
 /// offset and by suffix read exactly those bytes.
 pub async fn range_reads_start_middle_end(cache: Backend) -> CaseResult {
-    gate!(cache, &[Cap::WriteBlob, Cap::OpenBlobRange]);
+    gate!(cache, &[Cap::WriteBlob, Cap::OpenBlob]);
     let data = pattern(3 * MAX_READ_CHUNK + 123, 21);
     let r = write(&cache, &data, 100_000).await?;
     let n = data.len() as u64;
@@ -60,7 +60,7 @@ pub async fn range_reads_start_middle_end(cache: Backend) -> CaseResult {
 
 /// Empty ranges read nothing; ranges past the end are a clear `InvalidRange`; unknown refs are `None`.
 pub async fn open_blob_range_empty_and_past_the_end(cache: Backend) -> CaseResult {
-    gate!(cache, &[Cap::WriteBlob, Cap::OpenBlobRange]);
+    gate!(cache, &[Cap::WriteBlob, Cap::OpenBlob]);
     let data = pattern(10_000, 22);
     let r = write(&cache, &data, 1000).await?;
     let n = data.len() as u64;
@@ -81,7 +81,7 @@ pub async fn open_blob_range_empty_and_past_the_end(cache: Backend) -> CaseResul
         #[allow(clippy::reversed_empty_ranges)] // deliberately backwards
         ByteRange::Bounded(10..5),
     ] {
-        match cache.open_blob_range(&r.reference, bad.clone()).await {
+        match cache.open_blob(&r.reference, Some(bad.clone())).await {
             Err(Error::InvalidRange {
                 ref reference,
                 size,
@@ -99,7 +99,7 @@ pub async fn open_blob_range_empty_and_past_the_end(cache: Backend) -> CaseResul
     let unknown = mutate_last_hex_digit(&r.reference).unwrap_or_default();
     ensure!(
         cache
-            .open_blob_range(&unknown, ByteRange::Offset(0))
+            .open_blob(&unknown, Some(ByteRange::Offset(0)))
             .await?
             .is_none(),
         "unknown ref resolved"

@@ -24,7 +24,7 @@ pub async fn unknown_ref_is_none(cache: Backend) -> CaseResult {
         "{unknown} resolved"
     );
     ensure!(
-        cache.open_blob(&unknown).await?.is_none(),
+        cache.open_blob(&unknown, None).await?.is_none(),
         "{unknown} opened"
     );
     cache.delete_blob(&unknown).await?;
@@ -60,7 +60,7 @@ pub async fn foreign_refs_never_resolve(cache: Backend) -> CaseResult {
             "foreign ref {f:?} resolved"
         );
         ensure!(
-            cache.open_blob(f).await?.is_none(),
+            cache.open_blob(f, None).await?.is_none(),
             "foreign ref {f:?} opened"
         );
     }
@@ -123,7 +123,7 @@ pub async fn malformed_refs_never_resolve(cache: Backend) -> CaseResult {
             "malformed ref {bad:?} resolved"
         );
         ensure!(
-            cache.open_blob(&bad).await?.is_none(),
+            cache.open_blob(&bad, None).await?.is_none(),
             "malformed ref {bad:?} opened"
         );
     }
@@ -158,7 +158,7 @@ pub async fn delete_blob_is_idempotent(cache: Backend) -> CaseResult {
         "deleted blob still reads"
     );
     ensure!(
-        cache.open_blob(&r.reference).await?.is_none(),
+        cache.open_blob(&r.reference, None).await?.is_none(),
         "deleted blob still opens"
     );
     Ok(())
@@ -188,7 +188,7 @@ pub async fn dropped_read_stream_releases_blob(cache: Backend) -> CaseResult {
     let data = pattern(3 * MAX_READ_CHUNK, 2);
     let r = write(&cache, &data, MAX_READ_CHUNK).await?;
     let mut stream = cache
-        .open_blob(&r.reference)
+        .open_blob(&r.reference, None)
         .await?
         .ok_or(Failure("blob missing".into()))?;
     let first = stream.next().await.transpose()?;

@@ -60,7 +60,7 @@ pub async fn stream_large_blob_bounded_memory(cache: Backend) -> CaseResult {
         live.peak() >> 20
     );
     let mut stream = cache
-        .open_blob(&r.reference)
+        .open_blob(&r.reference, None)
         .await?
         .ok_or(Failure("blob missing".into()))?;
     let (mut hasher, mut read) = (Sha256::new(), 0u64);
@@ -115,7 +115,7 @@ pub async fn stream_read_chunks_are_bounded(cache: Backend) -> CaseResult {
     let data = pattern(5 * MAX_READ_CHUNK / 2, 5);
     let r = write(&cache, &data, 3 * MAX_READ_CHUNK).await?;
     let mut stream = cache
-        .open_blob(&r.reference)
+        .open_blob(&r.reference, None)
         .await?
         .ok_or(Failure("blob missing".into()))?;
     let mut got = Vec::new();

@@ -203,15 +203,12 @@ impl OutputCache for FailingRows {
     async fn read_blob(&self, reference: &str) -> Result<Option<Bytes>> {
         self.inner.read_blob(reference).await
     }
-    async fn open_blob(&self, reference: &str) -> Result<Option<ByteStream>> {
-        self.inner.open_blob(reference).await
-    }
-    async fn open_blob_range(
+    async fn open_blob(
         &self,
         reference: &str,
-        range: ByteRange,
+        range: Option<ByteRange>,
     ) -> Result<Option<ByteStream>> {
-        self.inner.open_blob_range(reference, range).await
+        self.inner.open_blob(reference, range).await
     }
     async fn delete_blob(&self, reference: &str) -> Result<()> {
         self.inner.delete_blob(reference).await

@@ -11,13 +11,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use bytes::Bytes;
 use futures::StreamExt;
 use outcache::blob::{BlobDigest, cascade_delete, reader_stream};
 use outcache::layout::blob_name;
 use outcache::wire::{parse_ref_name, refs_in};
 use outcache::{
-    BlobEntry, BlobMeta, BlobStat, BlobState, ByteStream, CacheRef, Capabilities, Error,
+    BlobEntry, BlobMeta, BlobStat, BlobState, ByteRange, ByteStream, CacheRef, Capabilities, Error,
     OutputCache, Result, Row, RowEntry, RowKey, RowScan, async_trait,
 };
 use serde_json::Value;
@@ -106,7 +105,6 @@ impl OutputCache for SkeletonBackend {
     fn capabilities(&self) -> Capabilities {
         Capabilities::rows_only()
             .with_write_blob()
-            .with_read_blob()
             .with_open_blob()
             .with_delete_blob()
     }
@@ -127,8 +125,8 @@ impl OutputCache for SkeletonBackend {
         }))
     }
 
-    async fn delete_row(&self, key: &RowKey) -> Result<bool> {
-        Ok(self.remove_rows(|k, _| k == key).await? == 1)
+    async fn delete_rows(&self, keys: &[RowKey]) -> Result<u64> {
+        self.remove_rows(|k, _| keys.contains(k)).await
     }
 
     async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
@@ -235,27 +233,42 @@ impl OutputCache for SkeletonBackend {
         }
     }
 
-    async fn read_blob(&self, reference: &str) -> Result<Option<Bytes>> {
+    async fn open_blob(
+        &self,
+        reference: &str,
+        range: Option<ByteRange>,
+    ) -> Result<Option<ByteStream>> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
         let Some(path) = self.blob_path(reference) else {
             return Ok(None);
         };
-        match tokio::fs::read(&path).await {
-            Ok(bytes) => Ok(Some(bytes.into())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io("read", path, e)),
-        }
-    }
-
-    async fn open_blob(&self, reference: &str) -> Result<Option<ByteStream>> {
-        let Some(path) = self.blob_path(reference) else {
-            return Ok(None);
+        let mut file = match tokio::fs::File::open(&path).await {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("open", path, e)),
         };
-        match tokio::fs::File::open(&path).await {
-            // Chunks of at most 1 MiB (`MAX_READ_CHUNK`); dropping the stream closes the file.
-            Ok(file) => Ok(Some(reader_stream(file, outcache::store::MAX_READ_CHUNK))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io("open", path, e)),
-        }
+        let span = match range {
+            None => 0..u64::MAX,
+            Some(range) => {
+                let size = file
+                    .metadata()
+                    .await
+                    .map_err(|e| Error::io("stat", &path, e))?
+                    .len();
+                // `resolve` turns every range form into `start..end`, and refuses one past the end.
+                let span = range.resolve(reference, size)?;
+                file.seek(std::io::SeekFrom::Start(span.start))
+                    .await
+                    .map_err(|e| Error::io("seek", &path, e))?;
+                span
+            }
+        };
+        // Chunks of at most 1 MiB (`MAX_READ_CHUNK`); dropping the stream closes the file.
+        let limited = file.take(span.end - span.start);
+        Ok(Some(reader_stream(
+            limited,
+            outcache::store::MAX_READ_CHUNK,
+        )))
     }
 
     async fn delete_blob(&self, reference: &str) -> Result<()> {
@@ -299,7 +312,6 @@ mod conformance {
             .expect(
                 Capabilities::rows_only()
                     .with_write_blob()
-                    .with_read_blob()
                     .with_open_blob()
                     .with_delete_blob(),
             )

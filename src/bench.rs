@@ -155,7 +155,7 @@ pub async fn run(backend: Arc<dyn OutputCache>, options: &BenchOptions) -> Resul
             }
             verified.push(started.elapsed());
             let started = Instant::now();
-            if let Some(stream) = backend.open_blob(&r.reference).await? {
+            if let Some(stream) = backend.open_blob(&r.reference, None).await? {
                 drain(stream).await?;
             }
             plain.push(started.elapsed());

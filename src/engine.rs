@@ -166,11 +166,11 @@ impl Cache {
             return Ok(Lookup::Miss);
         };
         let caps = self.backend.capabilities();
-        if !(caps.read_blob || caps.open_blob) {
+        if !caps.open_blob {
             return Ok(Lookup::Hit(row.output));
         }
         let threshold = self.options.reference_threshold;
-        let small = |r: &CacheRef| r.size.is_some_and(|s| s < threshold) && caps.read_blob;
+        let small = |r: &CacheRef| r.size.is_some_and(|s| s < threshold) && caps.open_blob;
         Ok(
             match self.hydrate(row.output, small, Dangling::Miss).await? {
                 Some(output) => Lookup::Hit(output),
@@ -334,12 +334,12 @@ impl Cache {
     /// of the whole read.
     pub async fn open_stream(&self, cache_ref: &CacheRef) -> Result<Option<ByteStream>> {
         if !self.options.verify_reads {
-            return self.backend.open_blob(&cache_ref.reference).await;
+            return self.backend.open_blob(&cache_ref.reference, None).await;
         }
         let Some(full) = self.stat(cache_ref).await? else {
             return Ok(None);
         };
-        let Some(stream) = self.backend.open_blob(&cache_ref.reference).await? else {
+        let Some(stream) = self.backend.open_blob(&cache_ref.reference, None).await? else {
             return Ok(None);
         };
         Ok(Some(
@@ -356,7 +356,7 @@ impl Cache {
         range: crate::store::ByteRange,
     ) -> Result<Option<ByteStream>> {
         self.backend
-            .open_blob_range(&cache_ref.reference, range)
+            .open_blob(&cache_ref.reference, Some(range))
             .await
     }
 

@@ -24,25 +24,21 @@ pub const MAX_READ_CHUNK: usize = 1 << 20;
 /// What a backend can do beyond the row store. Truthful both ways: a `true` flag means the method works, a
 /// `false` flag means it returns [`Error::Unsupported`] (the conformance suite checks both).
 ///
-/// **Valid sets.** Rows only; or blobs, which come as a set — `write_blob` needs `read_blob`,
-/// `open_blob` and `delete_blob` (the engine reads back and verifies what it writes, hydrates small
-/// refs, and deletes the blob whose row failed to commit); `open_blob_range` needs `open_blob`.
-/// `touch_rows` goes with either. [`Capabilities::check`] names the first missing flag of an
-/// incoherent set, and the conformance suite refuses one up front. Build a set with
-/// `Capabilities::rows_only().with_write_blob()…`.
+/// **Valid sets.** Rows only; or blobs, which come as a set — `write_blob` needs `open_blob` and
+/// `delete_blob` (the engine reads back and verifies what it writes, hydrates small refs, and deletes
+/// the blob whose row failed to commit). `touch_rows` goes with either. [`Capabilities::check`] names
+/// the first missing flag of an incoherent set, and the conformance suite refuses one up front. Build a
+/// set with `Capabilities::rows_only().with_write_blob()…`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Capabilities {
     /// [`OutputCache::write_blob`]: stream bytes into a sidecar blob.
     pub write_blob: bool,
-    /// [`OutputCache::read_blob`]: read a whole blob by ref.
-    pub read_blob: bool,
-    /// [`OutputCache::open_blob`]: stream a blob by ref.
+    /// [`OutputCache::open_blob`]: stream a blob, or a range of it, by ref (and with it the provided
+    /// [`OutputCache::read_blob`] and [`OutputCache::stat_blob`]).
     pub open_blob: bool,
     /// [`OutputCache::delete_blob`]: delete a blob by ref.
     pub delete_blob: bool,
-    /// [`OutputCache::open_blob_range`]: stream part of a blob without reading what precedes it.
-    pub open_blob_range: bool,
     /// [`OutputCache::touch_rows`]: record when rows were last read (for size-budget eviction).
     pub touch_rows: bool,
 }
@@ -64,12 +60,6 @@ impl Capabilities {
         self
     }
 
-    /// Add [`Capabilities::read_blob`].
-    pub const fn with_read_blob(mut self) -> Self {
-        self.read_blob = true;
-        self
-    }
-
     /// Add [`Capabilities::open_blob`].
     pub const fn with_open_blob(mut self) -> Self {
         self.open_blob = true;
@@ -79,12 +69,6 @@ impl Capabilities {
     /// Add [`Capabilities::delete_blob`].
     pub const fn with_delete_blob(mut self) -> Self {
         self.delete_blob = true;
-        self
-    }
-
-    /// Add [`Capabilities::open_blob_range`].
-    pub const fn with_open_blob_range(mut self) -> Self {
-        self.open_blob_range = true;
         self
     }
 
@@ -106,24 +90,18 @@ impl Capabilities {
             }
         };
         if self.write_blob {
-            needs("write_blob", self.read_blob, "read_blob")?;
             needs("write_blob", self.open_blob, "open_blob")?;
             needs("write_blob", self.delete_blob, "delete_blob")?;
-        }
-        if self.open_blob_range {
-            needs("open_blob_range", self.open_blob, "open_blob")?;
         }
         Ok(())
     }
 
     /// Every flag with its name, in declaration order (so tools iterate instead of re-declaring them).
-    pub fn flags(&self) -> [(&'static str, bool); 6] {
+    pub fn flags(&self) -> [(&'static str, bool); 4] {
         [
             ("write_blob", self.write_blob),
-            ("read_blob", self.read_blob),
             ("open_blob", self.open_blob),
             ("delete_blob", self.delete_blob),
-            ("open_blob_range", self.open_blob_range),
             ("touch_rows", self.touch_rows),
         ]
     }
@@ -131,19 +109,15 @@ impl Capabilities {
     /// Every capability.
     pub const ALL: Capabilities = Capabilities {
         write_blob: true,
-        read_blob: true,
         open_blob: true,
         delete_blob: true,
-        open_blob_range: true,
         touch_rows: true,
     };
     /// The row store only.
     pub const ROWS_ONLY: Capabilities = Capabilities {
         write_blob: false,
-        read_blob: false,
         open_blob: false,
         delete_blob: false,
-        open_blob_range: false,
         touch_rows: false,
     };
 }
@@ -366,19 +340,15 @@ pub trait OutputCache: Debug + Display + Send + Sync + 'static {
     /// The row under `key`, or `None`.
     async fn get_row(&self, key: &RowKey) -> Result<Option<Row>>;
 
-    /// Delete the row under `key` and the blobs its output references. Returns whether a row existed.
-    async fn delete_row(&self, key: &RowKey) -> Result<bool>;
+    /// Delete the rows under `keys`, each with the blobs it owns and references (the ownership rule,
+    /// [`OutputCache::owns_ref`]; [`crate::blob::cascade_delete`] does it for one row), in as few commits
+    /// as the backend can (the janitor deletes in batches). Returns how many existed.
+    async fn delete_rows(&self, keys: &[RowKey]) -> Result<u64>;
 
-    /// Delete the rows under `keys` with their blobs, as [`OutputCache::delete_row`] does for each; a
-    /// backend may do it in fewer commits (the janitor deletes in batches). Returns how many existed.
-    async fn delete_rows(&self, keys: &[RowKey]) -> Result<u64> {
-        let mut deleted = 0;
-        for key in keys {
-            if self.delete_row(key).await? {
-                deleted += 1;
-            }
-        }
-        Ok(deleted)
+    /// Delete the row under `key` with its blobs, as [`OutputCache::delete_rows`] does. Returns whether a
+    /// row existed.
+    async fn delete_row(&self, key: &RowKey) -> Result<bool> {
+        Ok(self.delete_rows(std::slice::from_ref(key)).await? > 0)
     }
 
     /// Delete each listed row only if it is still the version listed (same commit time), with the blobs
@@ -454,12 +424,26 @@ pub trait OutputCache: Debug + Display + Send + Sync + 'static {
         Err(Error::unsupported("write_blob", self))
     }
 
+    /// A stream over the blob behind `reference` — all of it for `range: None`, else only `range`, read
+    /// without what precedes it where the backend can (seek, chunk index, ranged GET) — in chunks of at
+    /// most [`MAX_READ_CHUNK`] bytes; `None` if the ref does not resolve (unknown, foreign, deleted or
+    /// malformed); [`Error::InvalidRange`] for a range past the end ([`ByteRange::resolve`]). Dropping
+    /// the stream releases its handle.
+    async fn open_blob(
+        &self,
+        reference: &str,
+        range: Option<ByteRange>,
+    ) -> Result<Option<ByteStream>> {
+        let _ = (reference, range);
+        Err(Error::unsupported("open_blob", self))
+    }
+
     /// Size (and SHA-256 where recorded) of the blob behind `reference`, or `None` if it does not resolve;
     /// cheap (no read of the bytes). The engine calls it on every hit to turn a dangling ref into a miss,
     /// and before a whole read to bound it by the stored size. Supported wherever
-    /// [`Capabilities::read_blob`] is. The default streams the blob to count it: correct, slow; override it.
+    /// [`Capabilities::open_blob`] is. The default streams the blob to count it: correct, slow; override it.
     async fn stat_blob(&self, reference: &str) -> Result<Option<BlobStat>> {
-        let Some(mut stream) = self.open_blob(reference).await? else {
+        let Some(mut stream) = self.open_blob(reference, None).await? else {
             return Ok(None);
         };
         let mut size = 0u64;
@@ -469,29 +453,13 @@ pub trait OutputCache: Debug + Display + Send + Sync + 'static {
         Ok(Some(BlobStat { size, sha256: None }))
     }
 
-    /// The whole blob behind `reference`, or `None` (unknown, foreign, deleted or malformed).
+    /// The whole blob behind `reference`, or `None`: [`OutputCache::open_blob`] collected. A backend may
+    /// override it with a faster path for small blobs (one read call, no stream).
     async fn read_blob(&self, reference: &str) -> Result<Option<Bytes>> {
-        let _ = reference;
-        Err(Error::unsupported("read_blob", self))
-    }
-
-    /// A stream over the blob behind `reference` in chunks of at most [`MAX_READ_CHUNK`] bytes, or `None`.
-    /// Dropping the stream releases its handle.
-    async fn open_blob(&self, reference: &str) -> Result<Option<ByteStream>> {
-        let _ = reference;
-        Err(Error::unsupported("open_blob", self))
-    }
-
-    /// A stream over `range` of the blob behind `reference` (chunks of at most [`MAX_READ_CHUNK`]), or
-    /// `None` if the ref does not resolve; [`Error::InvalidRange`] for a range past the end. Reads only the
-    /// requested bytes where the backend can (seek, chunk index, ranged GET).
-    async fn open_blob_range(
-        &self,
-        reference: &str,
-        range: ByteRange,
-    ) -> Result<Option<ByteStream>> {
-        let _ = (reference, range);
-        Err(Error::unsupported("open_blob_range", self))
+        match self.open_blob(reference, None).await? {
+            Some(stream) => Ok(Some(crate::blob::collect(stream).await?)),
+            None => Ok(None),
+        }
     }
 
     /// Delete the blob behind `reference`. Idempotent and best effort; a ref that is not this backend's

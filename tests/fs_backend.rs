@@ -96,7 +96,7 @@ async fn traversal_refs_never_reach_outside_the_root() {
     let abs = format!("fsfolder://blobs/{}", secret.display());
     for r in attempts.iter().copied().chain([abs.as_str()]) {
         assert_eq!(cache.read_blob(r).await.unwrap(), None, "{r}");
-        assert!(cache.open_blob(r).await.unwrap().is_none(), "{r}");
+        assert!(cache.open_blob(r, None).await.unwrap().is_none(), "{r}");
         cache.delete_blob(r).await.unwrap();
     }
     assert_eq!(fs::read(&secret).unwrap(), b"not the cache's");

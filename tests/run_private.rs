@@ -80,7 +80,12 @@ async fn runs_on_one_backing_store_are_isolated_and_clear_run_removes_exactly_on
     // Refs: another run's and the shared tier's never resolve and never delete.
     for foreign in [&rb, &rs] {
         assert_eq!(a.read_blob(&foreign.reference).await.unwrap(), None);
-        assert!(a.open_blob(&foreign.reference).await.unwrap().is_none());
+        assert!(
+            a.open_blob(&foreign.reference, None)
+                .await
+                .unwrap()
+                .is_none()
+        );
         a.delete_blob(&foreign.reference).await.unwrap();
     }
     assert!(

@@ -182,7 +182,7 @@ async fn a_blob_deleted_mid_read_ends_the_stream_with_an_error_not_short_data() 
         .write_blob(&Default::default(), stream(data))
         .await
         .unwrap();
-    let mut s = cache.open_blob(&r.reference).await.unwrap().unwrap();
+    let mut s = cache.open_blob(&r.reference, None).await.unwrap().unwrap();
     assert_eq!(s.next().await.unwrap().unwrap().len(), CHUNK_SIZE);
     cache.delete_blob(&r.reference).await.unwrap();
     match s.next().await {

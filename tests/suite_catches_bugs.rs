@@ -68,7 +68,7 @@ async fn waived_cases_are_reported_as_skipped_not_passed() {
     assert_eq!(
         waived.verdict,
         Verdict::Waived {
-            needs: vec!["write_blob", "read_blob", "open_blob", "delete_blob"]
+            needs: vec!["write_blob", "open_blob", "delete_blob"]
         }
     );
     assert!(
@@ -109,14 +109,16 @@ async fn incoherent_capabilities_are_refused_up_front() {
     let write_only = Capabilities::rows_only().with_write_blob();
     assert_eq!(
         write_only.check(),
-        Err("write_blob needs read_blob (blob capabilities come as a set)".into())
+        Err("write_blob needs open_blob (blob capabilities come as a set)".into())
     );
     assert!(Capabilities::all().check().is_ok() && Capabilities::rows_only().check().is_ok());
     assert!(
         Capabilities::rows_only()
-            .with_open_blob_range()
+            .with_write_blob()
+            .with_open_blob()
             .check()
-            .is_err()
+            .is_err(),
+        "write_blob without delete_blob"
     );
     let fixture =
         || async { outcache::conformance::Fixture::new(Arc::new(common::Claims::new(write_only))) };
@@ -128,7 +130,7 @@ async fn incoherent_capabilities_are_refused_up_front() {
         report.summary()
     );
     let line = report.outcomes[0].line();
-    assert!(line.contains("write_blob needs read_blob"), "{line}");
+    assert!(line.contains("write_blob needs open_blob"), "{line}");
 }
 
 /// A backend that leaks a temp into its storage on a failed write but leaves it out of its listing passes

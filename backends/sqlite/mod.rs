@@ -362,17 +362,6 @@ impl OutputCache for SqliteCache {
             .await
     }
 
-    async fn delete_row(&self, key: &RowKey) -> Result<bool> {
-        let args = vec![
-            key.task_type().to_owned().into(),
-            key.fingerprint().to_owned().into(),
-        ];
-        Ok(self
-            .delete_rows_where("task_type = ?1 AND fingerprint = ?2", args)
-            .await?
-            > 0)
-    }
-
     async fn delete_rows(&self, keys: &[RowKey]) -> Result<u64> {
         let rows = keys.iter().map(|k| (k.clone(), None)).collect();
         Ok(self.delete_batches(rows).await?.len() as u64)
@@ -703,16 +692,12 @@ impl OutputCache for SqliteCache {
         .await
     }
 
-    async fn open_blob(&self, reference: &str) -> Result<Option<ByteStream>> {
-        self.open_range(reference, None).await
-    }
-
-    async fn open_blob_range(
+    async fn open_blob(
         &self,
         reference: &str,
-        range: ByteRange,
+        range: Option<ByteRange>,
     ) -> Result<Option<ByteStream>> {
-        self.open_range(reference, Some(range)).await
+        self.open_range(reference, range).await
     }
 
     async fn delete_blob(&self, reference: &str) -> Result<()> {

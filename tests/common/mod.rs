@@ -87,8 +87,8 @@ impl OutputCache for RowsOnly {
     async fn get_row(&self, key: &RowKey) -> Result<Option<Row>> {
         self.0.get_row(key).await
     }
-    async fn delete_row(&self, key: &RowKey) -> Result<bool> {
-        self.0.delete_row(key).await
+    async fn delete_rows(&self, keys: &[RowKey]) -> Result<u64> {
+        self.0.delete_rows(keys).await
     }
     async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
         self.0.delete_prefix(prefix).await
@@ -180,8 +180,8 @@ impl OutputCache for Broken {
     async fn get_row(&self, key: &RowKey) -> Result<Option<Row>> {
         self.inner.get_row(key).await
     }
-    async fn delete_row(&self, key: &RowKey) -> Result<bool> {
-        self.inner.delete_row(key).await
+    async fn delete_rows(&self, keys: &[RowKey]) -> Result<u64> {
+        self.inner.delete_rows(keys).await
     }
     async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
         let prefix = if self.bug == Bug::PrefixDeletesAll {
@@ -254,8 +254,12 @@ impl OutputCache for Broken {
     async fn read_blob(&self, reference: &str) -> Result<Option<Bytes>> {
         self.inner.read_blob(&self.fix_ref(reference)).await
     }
-    async fn open_blob(&self, reference: &str) -> Result<Option<ByteStream>> {
-        self.inner.open_blob(&self.fix_ref(reference)).await
+    async fn open_blob(
+        &self,
+        reference: &str,
+        range: Option<outcache::ByteRange>,
+    ) -> Result<Option<ByteStream>> {
+        self.inner.open_blob(&self.fix_ref(reference), range).await
     }
     async fn delete_blob(&self, reference: &str) -> Result<()> {
         self.inner.delete_blob(&self.fix_ref(reference)).await
@@ -306,8 +310,8 @@ impl OutputCache for Sink {
     async fn get_row(&self, key: &RowKey) -> Result<Option<Row>> {
         self.inner.get_row(key).await
     }
-    async fn delete_row(&self, key: &RowKey) -> Result<bool> {
-        self.inner.delete_row(key).await
+    async fn delete_rows(&self, keys: &[RowKey]) -> Result<u64> {
+        self.inner.delete_rows(keys).await
     }
     async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
         self.inner.delete_prefix(prefix).await
@@ -349,15 +353,12 @@ impl OutputCache for Sink {
     async fn read_blob(&self, reference: &str) -> Result<Option<Bytes>> {
         self.inner.read_blob(reference).await
     }
-    async fn open_blob(&self, reference: &str) -> Result<Option<ByteStream>> {
-        self.inner.open_blob(reference).await
-    }
-    async fn open_blob_range(
+    async fn open_blob(
         &self,
         reference: &str,
-        range: outcache::ByteRange,
+        range: Option<outcache::ByteRange>,
     ) -> Result<Option<ByteStream>> {
-        self.inner.open_blob_range(reference, range).await
+        self.inner.open_blob(reference, range).await
     }
     async fn delete_blob(&self, reference: &str) -> Result<()> {
         self.inner.delete_blob(reference).await
@@ -391,8 +392,8 @@ impl OutputCache for Claims {
     async fn get_row(&self, key: &RowKey) -> Result<Option<Row>> {
         self.1.get_row(key).await
     }
-    async fn delete_row(&self, key: &RowKey) -> Result<bool> {
-        self.1.delete_row(key).await
+    async fn delete_rows(&self, keys: &[RowKey]) -> Result<u64> {
+        self.1.delete_rows(keys).await
     }
     async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
         self.1.delete_prefix(prefix).await
@@ -433,8 +434,8 @@ impl OutputCache for ForgetfulWrapper {
     async fn get_row(&self, key: &RowKey) -> Result<Option<Row>> {
         self.0.get_row(key).await
     }
-    async fn delete_row(&self, key: &RowKey) -> Result<bool> {
-        self.0.delete_row(key).await
+    async fn delete_rows(&self, keys: &[RowKey]) -> Result<u64> {
+        self.0.delete_rows(keys).await
     }
     async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
         self.0.delete_prefix(prefix).await
@@ -460,18 +461,15 @@ impl OutputCache for ForgetfulWrapper {
     async fn read_blob(&self, reference: &str) -> Result<Option<Bytes>> {
         self.0.read_blob(reference).await
     }
-    async fn open_blob(&self, reference: &str) -> Result<Option<ByteStream>> {
-        self.0.open_blob(reference).await
+    async fn open_blob(
+        &self,
+        reference: &str,
+        range: Option<outcache::ByteRange>,
+    ) -> Result<Option<ByteStream>> {
+        self.0.open_blob(reference, range).await
     }
     async fn touch_rows(&self, keys: &[RowKey], at: SystemTime) -> Result<()> {
         self.0.touch_rows(keys, at).await
-    }
-    async fn open_blob_range(
-        &self,
-        reference: &str,
-        range: outcache::ByteRange,
-    ) -> Result<Option<ByteStream>> {
-        self.0.open_blob_range(reference, range).await
     }
 }
 
