@@ -696,7 +696,11 @@ impl OutputCache for FsCache {
         let this = self.clone();
         blocking(move || {
             let (rows, unreadable) = this.scan_rows()?;
-            Ok(RowScan { rows, unreadable })
+            Ok(RowScan {
+                rows,
+                unreadable,
+                listing_only: false,
+            })
         })
         .await
     }
@@ -1044,6 +1048,7 @@ impl FsCache {
                     size: row.size,
                     // The row file's mtime: set at commit, moved forward by touch_rows.
                     last_access: fs::symlink_metadata(&path).and_then(|m| m.modified()).ok(),
+                    version: None,
                 });
             }
         }

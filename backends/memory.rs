@@ -157,11 +157,13 @@ impl OutputCache for MemoryCache {
                     .map(|r| r.reference)
                     .collect(),
                 last_access: Some(r.last_access),
+                version: None,
             })
             .collect();
         Ok(RowScan {
             rows,
             unreadable: Vec::new(),
+            listing_only: false,
         })
     }
 

@@ -172,6 +172,29 @@ impl RunPrivate {
     }
 }
 
+impl RunPrivate {
+    /// The run's rows of a backing-store scan, under the keys the run sees. A row that cannot be
+    /// decoded cannot be attributed to a run: unreadable rows are reported and removed on the backing
+    /// store.
+    fn run_rows(&self, scan: RowScan) -> RowScan {
+        let rows = scan
+            .rows
+            .into_iter()
+            .filter_map(|r| {
+                Some(RowEntry {
+                    key: self.outer_key(&r.key)?,
+                    ..r
+                })
+            })
+            .collect();
+        RowScan {
+            rows,
+            unreadable: Vec::new(),
+            listing_only: scan.listing_only,
+        }
+    }
+}
+
 #[deny(clippy::missing_trait_methods)]
 #[async_trait]
 impl OutputCache for RunPrivate {
@@ -225,7 +248,7 @@ impl OutputCache for RunPrivate {
             };
             let version = RowVersion {
                 key: inner.clone(),
-                created_at: listed.created_at,
+                ..listed.clone()
             };
             if self.inner.delete_rows_listed(&[version]).await?.is_empty() {
                 continue;
@@ -245,25 +268,11 @@ impl OutputCache for RunPrivate {
     }
 
     async fn scan_rows(&self) -> Result<RowScan> {
-        // A row that cannot be decoded cannot be attributed to a run: unreadable rows are reported and
-        // removed on the backing store.
-        let rows = self
-            .inner
-            .scan_rows()
-            .await?
-            .rows
-            .into_iter()
-            .filter_map(|r| {
-                Some(RowEntry {
-                    key: self.outer_key(&r.key)?,
-                    ..r
-                })
-            })
-            .collect();
-        Ok(RowScan {
-            rows,
-            unreadable: Vec::new(),
-        })
+        Ok(self.run_rows(self.inner.scan_rows().await?))
+    }
+
+    async fn scan_rows_shallow(&self) -> Result<RowScan> {
+        Ok(self.run_rows(self.inner.scan_rows_shallow().await?))
     }
 
     async fn remove_corrupt(&self, id: &str) -> Result<bool> {

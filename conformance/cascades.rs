@@ -156,12 +156,14 @@ pub async fn delete_prefix_respects_boundaries(cache: Backend) -> CaseResult {
 pub async fn age_prune_cascades_and_spares_newer(cache: Backend) -> CaseResult {
     gate!(cache, BLOB_CAPS);
     let (old_key, old_ref) = row_with_blob(&cache, "conformance/age", 1).await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // More than a second apart, and a cutoff more than a second before the new row: object stores
+    // list commit times in whole seconds (truncated), so a row may list up to a second early.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let started = SystemTime::now();
     let (new_key, new_ref) = row_with_blob(&cache, "conformance/age", 2).await?;
     let mut options = crate::janitor::PruneOptions::new();
-    // Older than the moment just before the new row, measured now.
-    options.older_than = Some(started.elapsed().unwrap_or_default() + Duration::from_millis(150));
+    // Older than a moment 1.1 s before the new row, measured now.
+    options.older_than = Some(started.elapsed().unwrap_or_default() + Duration::from_millis(1100));
     let report = crate::janitor::prune(cache.as_ref(), &options, |_| {}).await?;
     let n = report.rows_removed;
     ensure!(

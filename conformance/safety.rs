@@ -4,7 +4,6 @@
 
 use super::*;
 use crate::janitor::{PruneOptions, prune};
-use crate::store::RowVersion;
 
 /// A producer that sends `first`, then waits until `go` fires (or is dropped), then sends `rest` and ends.
 fn gated_stream(first: Bytes, rest: Bytes, go: tokio::sync::oneshot::Receiver<()>) -> ByteStream {
@@ -94,10 +93,7 @@ pub async fn borrowed_refs_survive_the_borrowers_delete(cache: Backend) -> CaseR
         .into_iter()
         .find(|r| r.key == bundle(3).unwrap_or_else(|_| unreachable!()))
         .ok_or_else(|| Failure("list_rows misses a saved row".into()))?;
-    let version = RowVersion {
-        key: listed.key,
-        created_at: listed.created_at,
-    };
+    let version = listed.listed_version();
     ensure!(
         cache.delete_rows_listed(&[version]).await?.len() == 1,
         "delete_rows_listed did not delete an unchanged row"
@@ -248,12 +244,7 @@ pub async fn janitor_keeps_rows_rewritten_after_its_listing(cache: Backend) -> C
     // Commit times have millisecond resolution on some backends: make the rewrite a later one.
     tokio::time::sleep(Duration::from_millis(20)).await;
     cache.save_row(&k, &json!("new")).await?;
-    let deleted = cache
-        .delete_rows_listed(&[RowVersion {
-            key: k.clone(),
-            created_at: listed.created_at,
-        }])
-        .await?;
+    let deleted = cache.delete_rows_listed(&[listed.listed_version()]).await?;
     ensure!(
         deleted.is_empty(),
         "a row rewritten after the listing was deleted as the listed one"
@@ -269,12 +260,7 @@ pub async fn janitor_keeps_rows_rewritten_after_its_listing(cache: Backend) -> C
         .into_iter()
         .find(|r| r.key == k)
         .ok_or_else(|| Failure("list_rows misses the rewritten row".into()))?;
-    let deleted = cache
-        .delete_rows_listed(&[RowVersion {
-            key: k.clone(),
-            created_at: fresh.created_at,
-        }])
-        .await?;
+    let deleted = cache.delete_rows_listed(&[fresh.listed_version()]).await?;
     ensure!(
         deleted == [k.clone()],
         "the current version was not deleted: {deleted:?}"

@@ -174,6 +174,9 @@ impl OutputCache for FailingRows {
     async fn scan_rows(&self) -> Result<crate::store::RowScan> {
         self.inner.scan_rows().await
     }
+    async fn scan_rows_shallow(&self) -> Result<crate::store::RowScan> {
+        self.inner.scan_rows_shallow().await
+    }
     async fn remove_corrupt(&self, id: &str) -> Result<bool> {
         self.inner.remove_corrupt(id).await
     }

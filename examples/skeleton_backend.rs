@@ -147,6 +147,7 @@ impl OutputCache for SkeletonBackend {
                     .map(|r| r.reference)
                     .collect(),
                 last_access: None, // no access tracking: the janitor falls back to commit times
+                version: None, // commit times tell versions apart here (see `RowEntry::version`)
             })
             .collect();
         // Rows are decoded values here: nothing can be unreadable. A backend that stores bytes lists
@@ -154,6 +155,7 @@ impl OutputCache for SkeletonBackend {
         Ok(RowScan {
             rows,
             unreadable: Vec::new(),
+            listing_only: false, // every row was read: refs are known
         })
     }
 

@@ -49,8 +49,9 @@ pub const MIN_GRACE: Duration = Duration::from_secs(60);
 /// Task type of the janitor's own ledger row (first sightings of orphans). Never pruned, never counted.
 pub const LEDGER_TASK_TYPE: &str = "outcache/janitor";
 
-/// Rows handed to `delete_rows_listed` at once.
-const PRUNE_BATCH: usize = 256;
+/// Rows handed to `delete_rows_listed` at once (an object store re-lists each batch's key range and
+/// deletes it in one bulk request of up to a thousand).
+const PRUNE_BATCH: usize = 1000;
 
 fn ledger_key() -> RowKey {
     RowKey::from_parts(LEDGER_TASK_TYPE, &sha256_hex(b"orphans first seen"))
@@ -208,31 +209,94 @@ struct Plan {
     corrupt: Vec<CorruptEntry>,
     by_age: Vec<RowEntry>,
     by_size: Vec<RowEntry>,
-    /// Sizes of published blobs, to recount what deleted rows freed.
-    blob_size: HashMap<String, u64>,
+    /// Which blobs each row's delete takes along, to count what deleted rows freed.
+    owned: Ownership,
     orphan_blobs: Vec<BlobEntry>,
     stale_temps: Vec<BlobEntry>,
     /// The orphan ledger to save after the run (`None`: leave it as it is).
     ledger: Option<BTreeMap<String, u64>>,
 }
 
-/// Count row `r` and the blobs it owns (its delete cascades to no others) that are not already counted
-/// in `gone` into `counts`; returns the bytes that frees.
+/// Which published blobs a row's delete takes along, as the janitor counts them: the refs it holds that
+/// it owns (the ownership rule) or, where the rows were listed and not read
+/// ([`crate::store::RowScan::listing_only`]), the blobs whose names carry its key tag and that were
+/// written no later than the row — what such a backend's by-name cascade deletes.
+#[derive(Debug, Default)]
+struct Ownership {
+    listing_only: bool,
+    size: HashMap<String, u64>,
+    /// Published blobs by the key tags in their names: (id, size, modified).
+    by_tag: HashMap<String, Vec<(String, u64, SystemTime)>>,
+}
+
+/// The parts of a blob name that can be a key tag (16 lowercase hex digits).
+fn tag_parts(id: &str) -> impl Iterator<Item = &str> {
+    let name = id.rsplit('/').next().unwrap_or(id);
+    name.split(['_', '.']).filter(|p| {
+        p.len() == 16
+            && p.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+impl Ownership {
+    fn new(blobs: &[BlobEntry], listing_only: bool) -> Self {
+        let mut owned = Ownership {
+            listing_only,
+            ..Ownership::default()
+        };
+        for b in blobs.iter().filter(|b| b.state == BlobState::Published) {
+            owned.size.insert(b.id.clone(), b.size);
+            if listing_only {
+                for tag in tag_parts(&b.id) {
+                    owned.by_tag.entry(tag.to_owned()).or_default().push((
+                        b.id.clone(),
+                        b.size,
+                        b.modified,
+                    ));
+                }
+            }
+        }
+        owned
+    }
+
+    /// The published blobs (id, size) the delete of row `r` takes along.
+    fn of<'a>(&'a self, backend: &dyn OutputCache, r: &'a RowEntry) -> Vec<(&'a str, u64)> {
+        if self.listing_only {
+            let tagged = self.by_tag.get(&crate::wire::key_tag(&r.key));
+            tagged
+                .into_iter()
+                .flatten()
+                .filter(|(id, _, modified)| {
+                    *modified <= r.created_at && backend.owns_ref(&r.key, id)
+                })
+                .map(|(id, size, _)| (id.as_str(), *size))
+                .collect()
+        } else {
+            r.refs
+                .iter()
+                .filter(|id| backend.owns_ref(&r.key, id))
+                .filter_map(|id| Some((id.as_str(), *self.size.get(id.as_str())?)))
+                .collect()
+        }
+    }
+}
+
+/// Count row `r` and the blobs its delete takes along that are not already counted in `gone` into
+/// `counts`; returns the bytes that frees.
 fn take_row<'a>(
     backend: &dyn OutputCache,
     r: &'a RowEntry,
-    blob_size: &HashMap<String, u64>,
+    owned: &'a Ownership,
     gone: &mut HashSet<&'a str>,
     counts: &mut Removed,
 ) -> u64 {
     let mut freed = r.size;
     counts.rows += 1;
-    for id in r.refs.iter().filter(|id| backend.owns_ref(&r.key, id)) {
-        if let Some(&size) = blob_size.get(id.as_str()) {
-            if gone.insert(id) {
-                counts.blobs += 1;
-                freed += size;
-            }
+    for (id, size) in owned.of(backend, r) {
+        if gone.insert(id) {
+            counts.blobs += 1;
+            freed += size;
         }
     }
     counts.bytes += freed;
@@ -268,8 +332,15 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
     }
     let now = SystemTime::now();
     let blobs = backend.list_blobs().await?;
-    // One pass over the rows: the readable ones and the ones that stop an orphan sweep.
-    let scan = backend.scan_rows().await?;
+    // One pass over the rows: the readable ones and the ones that stop an orphan sweep. Only the orphan
+    // sweep needs the refs every row holds, and only `--corrupt` needs every row read: age, size and
+    // prefix prunes take a listing where the backend has a cheaper one than reading each row.
+    let scan = if options.orphans || options.corrupt {
+        backend.scan_rows().await?
+    } else {
+        backend.scan_rows_shallow().await?
+    };
+    let listing_only = scan.listing_only;
     let rows: Vec<RowEntry> = scan
         .rows
         .into_iter()
@@ -323,11 +394,7 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
             dry_run: options.dry_run,
             ..PruneReport::default()
         },
-        blob_size: blobs
-            .iter()
-            .filter(|b| b.state == BlobState::Published)
-            .map(|b| (b.id.clone(), b.size))
-            .collect(),
+        owned: Ownership::new(&blobs, listing_only),
         ..Plan::default()
     };
     let in_scope = |r: &RowEntry| {
@@ -347,7 +414,7 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
                 take_row(
                     backend,
                     r,
-                    &plan.blob_size,
+                    &plan.owned,
                     &mut gone_blobs,
                     &mut plan.report.by_age,
                 );
@@ -406,7 +473,8 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
             .map(|(_, r)| r.size)
             .sum();
         let blobs_left: u64 = plan
-            .blob_size
+            .owned
+            .size
             .iter()
             .filter(|(id, _)| !gone_blobs.contains(id.as_str()))
             .map(|(_, s)| s)
@@ -425,7 +493,7 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
             let freed = take_row(
                 backend,
                 r,
-                &plan.blob_size,
+                &plan.owned,
                 &mut gone_blobs,
                 &mut plan.report.by_size,
             );
@@ -444,6 +512,12 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
             plan.report.corrupt.bytes += c.size;
         }
     }
+    // Deleted in key order: a batch is then one contiguous key range (an object store re-lists it).
+    let by_key = |a: &RowEntry, b: &RowEntry| {
+        (a.key.task_type(), a.key.fingerprint()).cmp(&(b.key.task_type(), b.key.fingerprint()))
+    };
+    plan.by_age.sort_by(by_key);
+    plan.by_size.sort_by(by_key);
     plan.report.total();
     Ok(plan)
 }
@@ -452,27 +526,21 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
 async fn delete_listed(
     backend: &dyn OutputCache,
     rows: &[RowEntry],
-    blob_size: &HashMap<String, u64>,
+    owned: &Ownership,
     counts: &mut Removed,
     kept: &mut u64,
     step: &mut (dyn FnMut(u64) + Send),
 ) -> Result<()> {
     let mut deleted: HashSet<RowKey> = HashSet::new();
     for batch in rows.chunks(PRUNE_BATCH) {
-        let versions: Vec<RowVersion> = batch
-            .iter()
-            .map(|r| RowVersion {
-                key: r.key.clone(),
-                created_at: r.created_at,
-            })
-            .collect();
+        let versions: Vec<RowVersion> = batch.iter().map(RowEntry::listed_version).collect();
         deleted.extend(backend.delete_rows_listed(&versions).await?);
         step(batch.len() as u64);
     }
     *counts = Removed::default();
     let mut gone = HashSet::new();
     for r in rows.iter().filter(|r| deleted.contains(&r.key)) {
-        take_row(backend, r, blob_size, &mut gone, counts);
+        take_row(backend, r, owned, &mut gone, counts);
     }
     *kept += rows.len() as u64 - counts.rows;
     Ok(())
@@ -507,7 +575,7 @@ async fn execute(
     delete_listed(
         backend,
         &plan.by_age,
-        &plan.blob_size,
+        &plan.owned,
         &mut report.by_age,
         &mut report.rows_kept_rewritten,
         &mut step,
@@ -516,7 +584,7 @@ async fn execute(
     delete_listed(
         backend,
         &plan.by_size,
-        &plan.blob_size,
+        &plan.owned,
         &mut report.by_size,
         &mut report.rows_kept_rewritten,
         &mut step,
@@ -599,6 +667,12 @@ pub struct Inventory {
     pub temps: u64,
     /// Bytes in temp objects.
     pub temp_bytes: u64,
+    /// Whether every row was read. `false` where the backend listed rows without reading them (an
+    /// object store: `stats` then costs a listing, not a GET per row); rows that list fine but cannot
+    /// be decoded are then not counted in `corrupt_rows` or `newer_format_rows` (`prune --dry-run
+    /// --corrupt` reads every row and finds them).
+    #[serde(default = "rows_read_default")]
+    pub rows_read: bool,
     /// Rows that cannot be decoded (`prune --corrupt` removes them).
     pub corrupt_rows: u64,
     /// Rows of a newer format version (a newer outcache shares the cache; never removed).
@@ -619,6 +693,10 @@ pub struct Inventory {
     pub top_task_types: Vec<TaskTypeUsage>,
 }
 
+fn rows_read_default() -> bool {
+    true
+}
+
 /// Bytes and rows of one task type.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TaskTypeUsage {
@@ -633,23 +711,23 @@ pub struct TaskTypeUsage {
 /// Count what the cache holds; `top` task types by bytes.
 pub async fn inventory(backend: &dyn OutputCache, top: usize) -> Result<Inventory> {
     let blobs = backend.list_blobs().await?;
-    let scan = backend.scan_rows().await?;
+    let scan = backend.scan_rows_shallow().await?;
+    let owned = Ownership::new(&blobs, scan.listing_only);
     let (rows, unreadable) = (scan.rows, scan.unreadable);
     let count = |kind: CorruptKind| unreadable.iter().filter(|c| c.kind == kind).count() as u64;
     let mut inv = Inventory {
+        rows_read: !scan.listing_only,
         corrupt_rows: count(CorruptKind::Garbled),
         newer_format_rows: count(CorruptKind::NewerFormat),
         foreign_entries: count(CorruptKind::Foreign),
         storage_bytes: backend.storage_bytes().await?,
         ..Inventory::default()
     };
-    let mut blob_size = HashMap::new();
     for b in &blobs {
         match b.state {
             BlobState::Published => {
                 inv.blobs += 1;
                 inv.blob_bytes += b.size;
-                blob_size.insert(b.id.as_str(), b.size);
             }
             BlobState::Temp => {
                 inv.temps += 1;
@@ -675,12 +753,7 @@ pub async fn inventory(backend: &dyn OutputCache, top: usize) -> Result<Inventor
                 ..TaskTypeUsage::default()
             });
         usage.rows += 1;
-        usage.bytes += r.size
-            + r.refs
-                .iter()
-                .filter(|id| backend.owns_ref(&r.key, id))
-                .filter_map(|id| blob_size.get(id.as_str()))
-                .sum::<u64>();
+        usage.bytes += r.size + owned.of(backend, r).iter().map(|(_, s)| s).sum::<u64>();
     }
     let mut tasks: Vec<TaskTypeUsage> = per_task.into_values().collect();
     tasks.sort_by(|a, b| {

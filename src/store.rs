@@ -211,6 +211,20 @@ pub struct RowEntry {
     /// When it was last read, as far as the backend tracks it (coarse: the engine records reads in
     /// batches); for a row never read, its commit time. `None` where the backend keeps no access time.
     pub last_access: Option<SystemTime>,
+    /// A token that changes whenever the row is rewritten, where the commit time alone may not (an
+    /// object's ETag: object timestamps can be second-granular). Handed back in [`RowVersion`].
+    pub version: Option<String>,
+}
+
+impl RowEntry {
+    /// The version of this row to delete by ([`OutputCache::delete_rows_listed`]).
+    pub fn listed_version(&self) -> RowVersion {
+        RowVersion {
+            key: self.key.clone(),
+            created_at: self.created_at,
+            version: self.version.clone(),
+        }
+    }
 }
 
 /// What one pass over a backend's rows found.
@@ -220,6 +234,10 @@ pub struct RowScan {
     pub rows: Vec<RowEntry>,
     /// Rows that cannot be used (the janitor reports them and removes only garbled ones, when asked).
     pub unreadable: Vec<CorruptEntry>,
+    /// True if the rows were listed, not read ([`OutputCache::scan_rows_shallow`] on a store where
+    /// reading costs a request per row): every `refs` is empty, and `unreadable` holds only what the
+    /// listing itself shows (names that are no row's).
+    pub listing_only: bool,
 }
 
 /// Conveniences over [`OutputCache`] for every backend (nobody overrides them).
@@ -293,6 +311,8 @@ pub struct RowVersion {
     pub key: RowKey,
     /// Its commit time when listed.
     pub created_at: SystemTime,
+    /// Its [`RowEntry::version`] when listed.
+    pub version: Option<String>,
 }
 
 /// One blob or temp object as the janitor sees it.
@@ -380,6 +400,15 @@ pub trait OutputCache: Debug + Display + Send + Sync + 'static {
     /// Every row with the refs it holds, and every stored row that cannot be used (garbled, of a newer
     /// format, foreign), in **one pass** over the store: the janitor and `stats` scan once.
     async fn scan_rows(&self) -> Result<RowScan>;
+
+    /// The rows as cheaply as the backend can list them: where reading a row costs a request (an object
+    /// store), a listing of names, sizes, commit times and versions with no read of any row
+    /// ([`RowScan::listing_only`]: refs not known, unreadable rows not told apart). Enough for `stats`
+    /// and for age, size and prefix prunes, whose deletes then cascade by the blobs' names. The default
+    /// is [`OutputCache::scan_rows`], which backends that read rows cheaply keep.
+    async fn scan_rows_shallow(&self) -> Result<RowScan> {
+        self.scan_rows().await
+    }
 
     /// Remove the corrupt row named by a [`CorruptEntry::id`], if it is still corrupt (a row rewritten
     /// since it was listed is kept). Unknown or malformed ids do nothing. Returns whether one was removed.

@@ -71,7 +71,8 @@ mod object_memory {
             Arc::new(InMemory::new()),
             Path::from("cache/prefix"),
             "memory",
-        );
+        )
+        .with_sorted_listing(true);
         Fixture::new(Arc::new(store))
     });
 }

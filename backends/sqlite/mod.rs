@@ -393,7 +393,11 @@ impl OutputCache for SqliteCache {
     async fn scan_rows(&self) -> Result<RowScan> {
         self.read(|this, conn| {
             let (rows, unreadable) = scan_rows(this, conn)?;
-            Ok(RowScan { rows, unreadable })
+            Ok(RowScan {
+                rows,
+                unreadable,
+                listing_only: false,
+            })
         })
         .await
     }

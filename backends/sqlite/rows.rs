@@ -79,6 +79,7 @@ pub(super) fn scan_rows(
             size: size.max(0) as u64,
             refs: serde_json::from_str(&refs).unwrap_or_default(),
             last_access: Some(from_ms(accessed)),
+            version: None,
         });
     }
     Ok((rows_out, corrupt))

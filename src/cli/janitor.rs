@@ -153,6 +153,9 @@ pub(crate) fn print_inventory(
             inv.foreign_entries
         );
     }
+    if !inv.rows_read {
+        out!("checked: rows were listed, not read (prune --dry-run --corrupt reads them)");
+    }
     out!("oldest:  {}", human_time(inv.oldest_ms));
     out!("newest:  {}", human_time(inv.newest_ms));
     if !inv.top_task_types.is_empty() {

@@ -19,22 +19,23 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use object_store::path::Path;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use serde_json::Value;
 
+mod listing;
+
 use crate::blob::{BlobDigest, cascade_delete};
 use crate::error::{Error, Result};
 use crate::layout::{
-    blob_name, corrupt_kind, decode_row, decode_task_segment, encode_row, encode_task_segment,
-    segment_may_match,
+    blob_name, corrupt_kind, decode_row, encode_row, encode_task_segment, segment_may_match,
 };
 use crate::store::{
-    BlobEntry, BlobMeta, BlobStat, BlobState, ByteRange, ByteStream, Capabilities, CorruptEntry,
-    CorruptKind, OutputCache, Row, RowEntry, RowScan,
+    BlobEntry, BlobMeta, BlobStat, BlobState, ByteRange, ByteStream, Capabilities, CorruptKind,
+    OutputCache, Row, RowScan, RowVersion,
 };
-use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in};
+use crate::wire::{CacheRef, RowKey, parse_ref_name};
 
 /// Prefix of every ref this backend hands out.
 pub const REF_PREFIX: &str = "object://blobs/";
@@ -56,6 +57,11 @@ pub struct ObjectCache {
     label: String,
     /// This process's writes in flight, listed as temps (the store cannot list multipart uploads).
     inflight: crate::blob::InFlight,
+    /// Whether the store lists keys in lexicographic order (S3, in-memory), so a range re-listing can
+    /// stop at the end of its range.
+    sorted_listing: bool,
+    /// The last blob listing, reused by the by-name cascade of successive delete batches.
+    blob_listing: Arc<listing::BlobListing>,
 }
 
 impl std::fmt::Display for ObjectCache {
@@ -76,7 +82,17 @@ impl ObjectCache {
             prefix,
             label: label.into(),
             inflight: Default::default(),
+            sorted_listing: false,
+            blob_listing: Default::default(),
         }
+    }
+
+    /// Declare that the store lists keys in lexicographic order, as S3 and object_store's in-memory
+    /// store do (a local directory does not): the janitor's re-listings then stop at the end of their
+    /// range instead of reading to the end of the listing.
+    pub fn with_sorted_listing(mut self, sorted: bool) -> Self {
+        self.sorted_listing = sorted;
+        self
     }
 
     /// The underlying store (for tools that need the raw object_store API).
@@ -140,38 +156,6 @@ impl ObjectCache {
         }
     }
 
-    /// Every row object under the task-type segments `segment_ok` admits, with its listing time.
-    async fn row_objects(
-        &self,
-        segment_ok: impl Fn(Option<&str>) -> bool,
-    ) -> Result<Vec<object_store::ObjectMeta>> {
-        let root = self.rows_root();
-        let listing = self
-            .store
-            .list_with_delimiter(Some(&root))
-            .await
-            .map_err(self.err(format!("list {root}")))?;
-        let mut out = Vec::new();
-        for dir in listing.common_prefixes {
-            let segment = dir.filename().map(str::to_owned).unwrap_or_default();
-            if !segment_ok(decode_task_segment(&segment).as_deref()) {
-                continue;
-            }
-            let objects: Vec<_> = self
-                .store
-                .list(Some(&dir))
-                .try_collect()
-                .await
-                .map_err(self.err(format!("list {dir}")))?;
-            out.extend(
-                objects
-                    .into_iter()
-                    .filter(|m| m.location.extension() == Some("json")),
-            );
-        }
-        Ok(out)
-    }
-
     /// A GET's body as a blob stream with this backend's errors, in chunks of at most 1 MiB.
     fn body_stream(&self, got: object_store::GetResult, path: &Path) -> ByteStream {
         let (backend, context) = (self.to_string(), format!("read {path}"));
@@ -185,76 +169,16 @@ impl ObjectCache {
         rechunk(stream.boxed())
     }
 
-    /// The paths of every row object.
-    async fn all_row_paths(&self) -> Result<Vec<Path>> {
-        Ok(self
-            .row_objects(|_| true)
-            .await?
-            .into_iter()
-            .map(|m| m.location)
-            .collect())
-    }
-
-    /// Fetch and decode the row objects at `paths` (up to 16 at once); vanished ones are skipped.
-    async fn fetch_rows(&self, paths: Vec<Path>) -> Result<Vec<(Path, crate::layout::RowRecord)>> {
-        Ok(self.scan_rows(paths).await?.0)
-    }
-
-    /// Fetch and decode the row objects at `paths` (up to 16 at once): the decoded ones, and the ones
-    /// that cannot be decoded as corrupt entries (id: the object path). Vanished ones are skipped.
-    async fn scan_rows(
-        &self,
-        paths: Vec<Path>,
-    ) -> Result<(Vec<(Path, crate::layout::RowRecord)>, Vec<CorruptEntry>)> {
-        let fetched: Vec<
-            Option<(
-                Path,
-                std::result::Result<crate::layout::RowRecord, CorruptEntry>,
-            )>,
-        > = futures::stream::iter(paths)
-            .map(|path| async move {
-                let Some(bytes) = self.fetch(&path).await? else {
-                    return Ok(None);
-                };
-                let fp = path
-                    .filename()
-                    .unwrap_or("?")
-                    .trim_end_matches(".json")
-                    .to_owned();
-                let decoded = decode_row(&bytes, "?", &fp).map_err(|e| CorruptEntry {
-                    id: path.to_string(),
-                    reason: match e {
-                        Error::CorruptRow { reason, .. } => reason,
-                        other => other.to_string(),
-                    },
-                    size: bytes.len() as u64,
-                    kind: corrupt_kind(&bytes),
-                });
-                Ok::<_, Error>(Some((path, decoded)))
-            })
-            .buffer_unordered(FETCH_CONCURRENCY)
-            .try_collect()
-            .await?;
-        let (mut rows, mut corrupt) = (Vec::new(), Vec::new());
-        for (path, decoded) in fetched.into_iter().flatten() {
-            match decoded {
-                Ok(record) => rows.push((path, record)),
-                Err(entry) => corrupt.push(entry),
-            }
-        }
-        Ok((rows, corrupt))
-    }
-
     /// Delete the rows among `candidates` for which `pick` holds, then their blobs.
     async fn remove_rows(
         &self,
-        candidates: Vec<Path>,
+        candidates: Vec<object_store::ObjectMeta>,
         pick: impl Fn(&crate::layout::RowRecord) -> bool,
     ) -> Result<u64> {
         let mut removed = 0;
-        for (path, record) in self.fetch_rows(candidates).await? {
+        for (meta, record) in self.fetch_rows(candidates).await?.0 {
             if pick(&record) {
-                self.delete_path(&path).await?;
+                self.delete_path(&meta.location).await?;
                 cascade_delete(self, &record.key, &record.output).await?;
                 removed += 1;
             }
@@ -335,29 +259,20 @@ impl OutputCache for ObjectCache {
         let objects = self
             .row_objects(|t| segment_may_match(t, task_type_prefix))
             .await?;
-        let paths = objects.into_iter().map(|m| m.location).collect();
-        self.remove_rows(paths, |r| r.key.task_type().starts_with(task_type_prefix))
+        self.remove_rows(objects, |r| r.key.task_type().starts_with(task_type_prefix))
             .await
     }
 
+    async fn delete_rows_listed(&self, rows: &[RowVersion]) -> Result<Vec<RowKey>> {
+        self.delete_listed(rows).await
+    }
+
     async fn scan_rows(&self) -> Result<RowScan> {
-        let paths = self.all_row_paths().await?;
-        let (rows, unreadable) = self.scan_rows(paths).await?;
-        let rows = rows
-            .into_iter()
-            .map(|(_, r)| RowEntry {
-                refs: refs_in(&r.output)
-                    .into_iter()
-                    .map(|r| r.reference)
-                    .collect(),
-                key: r.key,
-                created_at: r.created_at,
-                size: r.size,
-                // Object stores have no cheap access time; eviction falls back to the write time.
-                last_access: None,
-            })
-            .collect();
-        Ok(RowScan { rows, unreadable })
+        self.deep_scan().await
+    }
+
+    async fn scan_rows_shallow(&self) -> Result<RowScan> {
+        self.shallow_scan().await
     }
 
     async fn remove_corrupt(&self, id: &str) -> Result<bool> {
@@ -379,13 +294,7 @@ impl OutputCache for ObjectCache {
     }
 
     async fn list_blobs(&self) -> Result<Vec<BlobEntry>> {
-        let root = self.blobs_root();
-        let objects: Vec<_> = self
-            .store
-            .list(Some(&root))
-            .try_collect()
-            .await
-            .map_err(self.err(format!("list {root}")))?;
+        let objects = self.list_blob_objects().await?;
         Ok(objects
             .into_iter()
             .filter_map(|m| {
@@ -694,6 +603,7 @@ pub mod s3 {
         }
         let store = builder.build().map_err(|e| invalid(e.to_string()))?;
         let prefix = Path::from(prefix);
-        Ok(ObjectCache::new(Arc::new(store), prefix, label))
+        // S3 lists keys in lexicographic order (ListObjectsV2).
+        Ok(ObjectCache::new(Arc::new(store), prefix, label).with_sorted_listing(true))
     }
 }

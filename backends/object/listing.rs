@@ -1,0 +1,363 @@
+//! How the object-store backend scans and prunes a large bucket with listings instead of a GET per
+//! row: a row's key is its object's name, its commit time the object's last-modified time and its
+//! version the ETag; a row's blobs are found by the owner tag in their names. Only the orphan sweep
+//! (which needs the refs every row holds) and rows whose task type is too long to be readable in a name
+//! read row objects, concurrently with a bounded number of requests in flight.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::{StreamExt, TryStreamExt};
+use object_store::ObjectMeta;
+use object_store::path::Path;
+
+use super::{FETCH_CONCURRENCY, ObjectCache, REF_PREFIX};
+use crate::error::{Error, Result};
+use crate::layout::{RowRecord, corrupt_kind, decode_row, decode_task_segment};
+use crate::store::{CorruptEntry, CorruptKind, RowEntry, RowScan, RowVersion};
+use crate::wire::{RowKey, key_tag, parse_ref_name, refs_in};
+
+/// Objects per bulk delete request (S3's DeleteObjects limit; object_store splits larger streams).
+const DELETE_BATCH: usize = 1000;
+/// How long a blob listing may be reused by the by-name cascade of a janitor's batched deletes. Safe at
+/// any age: a blob missing from it is left for the orphan sweep, and one deleted since is a no-op.
+const BLOB_LISTING_REUSE: Duration = Duration::from_secs(60);
+
+/// A blob listing kept for the by-name cascade of a janitor run's successive delete batches.
+#[derive(Debug, Default)]
+pub(super) struct BlobListing(std::sync::Mutex<Option<(Instant, std::sync::Arc<Vec<ObjectMeta>>)>>);
+
+impl BlobListing {
+    fn fresh(&self) -> Option<std::sync::Arc<Vec<ObjectMeta>>> {
+        let guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        guard
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < BLOB_LISTING_REUSE)
+            .map(|(_, metas)| metas.clone())
+    }
+
+    fn store(&self, metas: Vec<ObjectMeta>) -> std::sync::Arc<Vec<ObjectMeta>> {
+        let metas = std::sync::Arc::new(metas);
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), metas.clone()));
+        metas
+    }
+}
+
+/// What a row object's name says, before anything is read.
+enum RowName {
+    /// A readable name: the row's key.
+    Key(RowKey),
+    /// A hashed task-type segment: the key is only in the record.
+    Hashed,
+    /// Not a name this backend writes for a row.
+    Foreign,
+}
+
+/// The version of an object a listing shows: the ETag where the store gives one.
+fn version_of(meta: &ObjectMeta) -> Option<String> {
+    meta.e_tag.clone()
+}
+
+/// A row's commit time as its listing shows it: the object's last-modified time. S3 (and moto) give it
+/// in whole seconds, so an age cutoff is sharp to a second on those stores.
+fn listed_time(meta: &ObjectMeta) -> SystemTime {
+    meta.last_modified.into()
+}
+
+/// Whether `meta` is still the version `listed` names.
+fn same_version(meta: &ObjectMeta, listed: &RowVersion) -> bool {
+    match (&listed.version, &meta.e_tag) {
+        (Some(v), Some(e)) => v == e,
+        _ => listed_time(meta) == listed.created_at,
+    }
+}
+
+impl ObjectCache {
+    /// Every row object (one recursive listing: a page per thousand rows, however many task types)
+    /// under the task-type segments `segment_ok` admits.
+    pub(super) async fn row_objects(
+        &self,
+        segment_ok: impl Fn(Option<&str>) -> bool,
+    ) -> Result<Vec<ObjectMeta>> {
+        let root = self.rows_root();
+        let objects: Vec<ObjectMeta> = self
+            .store
+            .list(Some(&root))
+            .try_collect()
+            .await
+            .map_err(self.err(format!("list {root}")))?;
+        Ok(objects
+            .into_iter()
+            .filter(|m| m.location.extension() == Some("json"))
+            .filter(|m| {
+                let segment = self.segment_of(&m.location);
+                segment.is_some_and(|s| segment_ok(decode_task_segment(s).as_deref()))
+            })
+            .collect())
+    }
+
+    /// The task-type segment of a row object's path (`rows/<segment>/<file>`), if it has that shape.
+    fn segment_of<'a>(&self, path: &'a Path) -> Option<&'a str> {
+        let root = self.rows_root();
+        let text: &'a str = path.as_ref();
+        let rest = text.strip_prefix(root.as_ref())?.strip_prefix('/')?;
+        let (segment, file) = rest.split_once('/')?;
+        (!file.contains('/')).then_some(segment)
+    }
+
+    fn row_name(&self, path: &Path) -> RowName {
+        let Some(segment) = self.segment_of(path) else {
+            return RowName::Foreign;
+        };
+        let Some(fingerprint) = path.filename().and_then(|f| f.strip_suffix(".json")) else {
+            return RowName::Foreign;
+        };
+        match decode_task_segment(segment) {
+            Some(task) => match RowKey::from_parts(&task, fingerprint) {
+                Ok(key) if self.row_path(&key) == *path => RowName::Key(key),
+                _ => RowName::Foreign,
+            },
+            None if segment.starts_with('=') => RowName::Hashed,
+            None => RowName::Foreign,
+        }
+    }
+
+    /// Fetch and decode the row objects `metas` (up to [`FETCH_CONCURRENCY`] at once): the decoded
+    /// ones, and the ones that cannot be decoded as corrupt entries (id: the object path). Vanished ones
+    /// are skipped.
+    pub(super) async fn fetch_rows(
+        &self,
+        metas: Vec<ObjectMeta>,
+    ) -> Result<(Vec<(ObjectMeta, RowRecord)>, Vec<CorruptEntry>)> {
+        type Fetched = Option<(ObjectMeta, std::result::Result<RowRecord, CorruptEntry>)>;
+        let fetched: Vec<Fetched> = futures::stream::iter(metas)
+            .map(|meta| async move {
+                let Some(bytes) = self.fetch(&meta.location).await? else {
+                    return Ok(None);
+                };
+                let fp = meta
+                    .location
+                    .filename()
+                    .unwrap_or("?")
+                    .trim_end_matches(".json")
+                    .to_owned();
+                let decoded = decode_row(&bytes, "?", &fp).map_err(|e| CorruptEntry {
+                    id: meta.location.to_string(),
+                    reason: match e {
+                        Error::CorruptRow { reason, .. } => reason,
+                        other => other.to_string(),
+                    },
+                    size: bytes.len() as u64,
+                    kind: corrupt_kind(&bytes),
+                });
+                Ok::<_, Error>(Some((meta, decoded)))
+            })
+            .buffer_unordered(FETCH_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let (mut rows, mut corrupt) = (Vec::new(), Vec::new());
+        for (meta, decoded) in fetched.into_iter().flatten() {
+            match decoded {
+                Ok(record) => rows.push((meta, record)),
+                Err(entry) => corrupt.push(entry),
+            }
+        }
+        Ok((rows, corrupt))
+    }
+
+    /// The listing entry of a row: commit time and version from the object, not the record, so that
+    /// a listing and a re-listing compare like with like.
+    fn entry(meta: &ObjectMeta, key: RowKey, refs: Vec<String>) -> RowEntry {
+        RowEntry {
+            key,
+            created_at: listed_time(meta),
+            size: meta.size,
+            refs,
+            // Object stores have no cheap access time; eviction falls back to the write time.
+            last_access: None,
+            version: version_of(meta),
+        }
+    }
+
+    /// Every row read: one listing, then a GET per row.
+    pub(super) async fn deep_scan(&self) -> Result<RowScan> {
+        let metas = self.row_objects(|_| true).await?;
+        let (rows, unreadable) = self.fetch_rows(metas).await?;
+        let rows = rows
+            .into_iter()
+            .map(|(meta, r)| {
+                let refs = refs_in(&r.output).into_iter().map(|r| r.reference);
+                Self::entry(&meta, r.key, refs.collect())
+            })
+            .collect();
+        Ok(RowScan {
+            rows,
+            unreadable,
+            listing_only: false,
+        })
+    }
+
+    /// Every row as the listing shows it; only rows under hashed segments are read (for their key).
+    pub(super) async fn shallow_scan(&self) -> Result<RowScan> {
+        let metas = self.row_objects(|_| true).await?;
+        let (mut rows, mut unreadable, mut hashed) = (Vec::new(), Vec::new(), Vec::new());
+        for meta in metas {
+            match self.row_name(&meta.location) {
+                RowName::Key(key) => rows.push(Self::entry(&meta, key, Vec::new())),
+                RowName::Hashed => hashed.push(meta),
+                RowName::Foreign => unreadable.push(CorruptEntry {
+                    id: meta.location.to_string(),
+                    reason: "the object's name is not a row key".into(),
+                    size: meta.size,
+                    kind: CorruptKind::Garbled,
+                }),
+            }
+        }
+        let (read, corrupt) = self.fetch_rows(hashed).await?;
+        rows.extend(
+            read.into_iter()
+                .map(|(meta, r)| Self::entry(&meta, r.key, Vec::new())),
+        );
+        unreadable.extend(corrupt);
+        Ok(RowScan {
+            rows,
+            unreadable,
+            listing_only: true,
+        })
+    }
+
+    /// The current listing of the row objects at `wanted`, from one listing of the key range they span
+    /// (S3 starts it after the first key; it stops once every wanted object was seen).
+    async fn relist(
+        &self,
+        wanted: &BTreeMap<Path, &RowVersion>,
+    ) -> Result<HashMap<Path, ObjectMeta>> {
+        let (Some(first), Some(last)) = (wanted.keys().next(), wanted.keys().next_back()) else {
+            return Ok(HashMap::new());
+        };
+        // Just before the first key: `start-after` is exclusive.
+        let text: &str = first.as_ref();
+        let before_first =
+            Path::parse(&text[..text.len() - 1]).map_err(|e| Error::InvalidInput {
+                what: format!("row path {first}"),
+                reason: e.to_string(),
+            })?;
+        let root = self.rows_root();
+        let mut listing = self.store.list_with_offset(Some(&root), &before_first);
+        let mut found = HashMap::new();
+        while let Some(meta) = listing
+            .try_next()
+            .await
+            .map_err(self.err(format!("list {root}")))?
+        {
+            if self.sorted_listing && meta.location > *last {
+                break; // past the range: a wanted row not seen is gone (and is not deleted)
+            }
+            if wanted.contains_key(&meta.location) {
+                found.insert(meta.location.clone(), meta);
+                if found.len() == wanted.len() {
+                    break;
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Delete every object in `paths` with bulk requests (absent ones are fine: deletes are idempotent).
+    async fn delete_many(&self, paths: Vec<Path>) -> Result<()> {
+        let mut rest = paths;
+        while !rest.is_empty() {
+            let tail = rest.split_off(rest.len().min(DELETE_BATCH));
+            let chunk = std::mem::replace(&mut rest, tail);
+            let stream = futures::stream::iter(chunk.into_iter().map(Ok)).boxed();
+            let mut results = self.store.delete_stream(stream);
+            while let Some(result) = results.next().await {
+                match result {
+                    Ok(_) => {}
+                    Err(e) if super::is_not_found(&e) => {}
+                    Err(e) => return Err(self.err("bulk delete")(e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The published blob objects, from a listing at most [`BLOB_LISTING_REUSE`] old.
+    async fn blob_objects(&self) -> Result<std::sync::Arc<Vec<ObjectMeta>>> {
+        if let Some(metas) = self.blob_listing.fresh() {
+            return Ok(metas);
+        }
+        let metas = self.list_blob_objects().await?;
+        Ok(self.blob_listing.store(metas))
+    }
+
+    /// List the blob objects now (and keep the listing for the by-name cascade).
+    pub(super) async fn list_blob_objects(&self) -> Result<Vec<ObjectMeta>> {
+        let root = self.blobs_root();
+        let metas: Vec<ObjectMeta> = self
+            .store
+            .list(Some(&root))
+            .try_collect()
+            .await
+            .map_err(self.err(format!("list {root}")))?;
+        self.blob_listing.store(metas.clone());
+        Ok(metas)
+    }
+
+    /// The janitor's delete by version, with no read of any row: the rows still at their listed
+    /// version (one re-listing of their key range; S3 has no conditional delete, so a rewrite landing
+    /// between that listing and the delete request is the one race left), deleted in bulk, then the
+    /// blobs each deleted row owns found by name (its key tag) among those written no later than the
+    /// row — blobs of a newer write of the same key in flight are spared — also in bulk.
+    pub(super) async fn delete_listed(&self, rows: &[RowVersion]) -> Result<Vec<RowKey>> {
+        let wanted: BTreeMap<Path, &RowVersion> =
+            rows.iter().map(|r| (self.row_path(&r.key), r)).collect();
+        let current = self.relist(&wanted).await?;
+        let mut doomed: Vec<(Path, RowKey, SystemTime)> = Vec::new();
+        for (path, listed) in &wanted {
+            if let Some(meta) = current.get(path).filter(|m| same_version(m, listed)) {
+                doomed.push((path.clone(), listed.key.clone(), meta.last_modified.into()));
+            }
+        }
+        self.delete_many(doomed.iter().map(|(p, _, _)| p.clone()).collect())
+            .await?;
+        self.cascade_by_name(doomed.iter().map(|(_, k, t)| (k, *t)))
+            .await?;
+        Ok(doomed.into_iter().map(|(_, k, _)| k).collect())
+    }
+
+    /// Delete the blobs the rows `deleted` (key, commit time) own by name, written no later than the row.
+    async fn cascade_by_name<'a>(
+        &self,
+        deleted: impl Iterator<Item = (&'a RowKey, SystemTime)>,
+    ) -> Result<()> {
+        let mut committed: HashMap<String, SystemTime> = HashMap::new();
+        for (key, at) in deleted {
+            let t = committed.entry(key_tag(key)).or_insert(at);
+            *t = (*t).max(at);
+        }
+        if committed.is_empty() {
+            return Ok(());
+        }
+        let blobs = self.blob_objects().await?;
+        let mut doomed = Vec::new();
+        let mut seen = HashSet::new();
+        for meta in blobs.iter() {
+            let Some(name) = meta.location.filename() else {
+                continue;
+            };
+            if parse_ref_name(&format!("{REF_PREFIX}{name}"), REF_PREFIX, "").is_none() {
+                continue;
+            }
+            let owner_committed = name
+                .split(['_', '.'])
+                .find_map(|part| committed.get(part).copied());
+            if owner_committed.is_some_and(|at| SystemTime::from(meta.last_modified) <= at)
+                && seen.insert(meta.location.clone())
+            {
+                doomed.push(meta.location.clone());
+            }
+        }
+        self.delete_many(doomed).await
+    }
+}
