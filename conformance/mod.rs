@@ -401,6 +401,7 @@ macro_rules! __conformance_each_case {
             hit_with_a_missing_blob_is_a_miss,
             stalled_write_swept_never_reports_an_unreadable_blob,
             janitor_keeps_rows_rewritten_after_its_listing,
+            janitor_spares_the_blob_of_a_newer_write_in_flight,
             orphan_grace_counts_from_when_it_became_one,
             in_flight_write_is_listed_as_a_temp,
         }

@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::{StreamExt, TryStreamExt};
-use object_store::ObjectMeta;
 use object_store::path::Path;
+use object_store::{ObjectMeta, ObjectStoreExt};
 
 use super::{FETCH_CONCURRENCY, ObjectCache, REF_PREFIX};
 use crate::error::{Error, Result};
@@ -19,6 +19,8 @@ use crate::wire::{RowKey, key_tag, parse_ref_name, refs_in};
 
 /// Objects per bulk delete request (S3's DeleteObjects limit; object_store splits larger streams).
 const DELETE_BATCH: usize = 1000;
+/// Rows committed at least this long ago cascade by name; younger ones are read (see `delete_listed`).
+const BY_NAME_MARGIN: Duration = Duration::from_secs(10);
 /// How long a blob listing may be reused by the by-name cascade of a janitor's batched deletes. Safe at
 /// any age: a blob missing from it is left for the orphan sweep, and one deleted since is a no-op.
 const BLOB_LISTING_REUSE: Duration = Duration::from_secs(60);
@@ -304,26 +306,71 @@ impl ObjectCache {
         Ok(metas)
     }
 
-    /// The janitor's delete by version, with no read of any row: the rows still at their listed
-    /// version (one re-listing of their key range; S3 has no conditional delete, so a rewrite landing
-    /// between that listing and the delete request is the one race left), deleted in bulk, then the
-    /// blobs each deleted row owns found by name (its key tag) among those written no later than the
-    /// row — blobs of a newer write of the same key in flight are spared — also in bulk.
+    /// The janitor's delete by version, with no read of any row it can avoid: the rows still at their
+    /// listed version (one re-listing of their key range; S3 has no conditional delete, so a rewrite
+    /// landing between that listing and the delete request is the one race left), deleted in bulk,
+    /// then the blobs each deleted row owns found by name (its key tag) among those written no later
+    /// than the row, also in bulk. S3's times are whole seconds, so a blob of a newer write of the same
+    /// key cannot be told from the row's own when both fall in the row's second: rows with a
+    /// whole-second time within [`BY_NAME_MARGIN`] of now are read instead and cascade by the refs
+    /// they hold.
     pub(super) async fn delete_listed(&self, rows: &[RowVersion]) -> Result<Vec<RowKey>> {
         let wanted: BTreeMap<Path, &RowVersion> =
             rows.iter().map(|r| (self.row_path(&r.key), r)).collect();
         let current = self.relist(&wanted).await?;
-        let mut doomed: Vec<(Path, RowKey, SystemTime)> = Vec::new();
+        let settled = SystemTime::now()
+            .checked_sub(BY_NAME_MARGIN)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let (mut by_name, mut young): (Vec<(Path, RowKey, SystemTime)>, Vec<&RowVersion>) =
+            (Vec::new(), Vec::new());
         for (path, listed) in &wanted {
-            if let Some(meta) = current.get(path).filter(|m| same_version(m, listed)) {
-                doomed.push((path.clone(), listed.key.clone(), meta.last_modified.into()));
+            let Some(meta) = current.get(path).filter(|m| same_version(m, listed)) else {
+                continue; // rewritten or deleted since it was listed: not the row listed
+            };
+            let committed = listed_time(meta);
+            // A time with a fraction comes from a store with fine timestamps: no same-second doubt.
+            let fine = meta.last_modified.timestamp_subsec_nanos() != 0;
+            if fine || committed < settled {
+                by_name.push((path.clone(), listed.key.clone(), committed));
+            } else {
+                young.push(listed);
             }
         }
-        self.delete_many(doomed.iter().map(|(p, _, _)| p.clone()).collect())
+        self.delete_many(by_name.iter().map(|(p, _, _)| p.clone()).collect())
             .await?;
-        self.cascade_by_name(doomed.iter().map(|(_, k, t)| (k, *t)))
+        self.cascade_by_name(by_name.iter().map(|(_, k, t)| (k, *t)))
             .await?;
-        Ok(doomed.into_iter().map(|(_, k, _)| k).collect())
+        let mut deleted: Vec<RowKey> = by_name.into_iter().map(|(_, k, _)| k).collect();
+        for listed in young {
+            if self.delete_read_row(listed).await? {
+                deleted.push(listed.key.clone());
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Read the row `listed` names, and if it is still that version delete it and the blobs it owns
+    /// among its refs. Returns whether it was deleted.
+    async fn delete_read_row(&self, listed: &RowVersion) -> Result<bool> {
+        let path = self.row_path(&listed.key);
+        let got = match self.store.get(&path).await {
+            Ok(got) => got,
+            Err(e) if super::is_not_found(&e) => return Ok(false),
+            Err(e) => return Err(self.err(format!("read {path}"))(e)),
+        };
+        let meta = got.meta.clone();
+        let bytes = got
+            .bytes()
+            .await
+            .map_err(self.err(format!("read {path}")))?;
+        if !same_version(&meta, listed) {
+            return Ok(false);
+        }
+        self.delete_many(vec![path]).await?;
+        if let Ok(record) = decode_row(&bytes, listed.key.task_type(), listed.key.fingerprint()) {
+            crate::blob::cascade_delete(self, &listed.key, &record.output).await?;
+        }
+        Ok(true)
     }
 
     /// Delete the blobs the rows `deleted` (key, commit time) own by name, written no later than the row.

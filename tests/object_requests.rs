@@ -1,0 +1,183 @@
+//! What the janitor costs an object store, counted request by request (a counting `ObjectStore` over
+//! object_store's in-memory store): `stats` and age, size and prefix prunes read no row object; deletes
+//! go out in bulk; only the orphan sweep reads rows. The same counts on a real S3-compatible server are
+//! in `cargo bench --bench prune`.
+#![cfg(feature = "object-store")]
+
+#[path = "common/counting_store.rs"]
+mod counting_store;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use counting_store::{CountingStore, Counts};
+use futures::StreamExt;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use outcache::backends::object::ObjectCache;
+use outcache::janitor::{PruneOptions, inventory, prune};
+use outcache::{BlobMeta, OutputCache, OutputCacheExt, RowKey};
+use serde_json::json;
+
+/// `n` rows of the task type `task`, one in ten holding a 2 KiB blob it owns; returns the keys.
+async fn seed(cache: &ObjectCache, task: &str, from: usize, n: usize) -> Vec<RowKey> {
+    let mut keys = Vec::new();
+    for i in from..from + n {
+        let key = RowKey::new(task, &json!({ "i": i })).unwrap();
+        let output = if i % 10 == 0 {
+            let data = futures::stream::iter([Ok(bytes::Bytes::from(vec![i as u8; 2048]))]).boxed();
+            let r = cache
+                .write_blob(&BlobMeta::for_key(&key), data)
+                .await
+                .unwrap();
+            json!({ "i": i, "blob": r.to_value() })
+        } else {
+            json!({ "i": i, "text": "a small output" })
+        };
+        cache.save_row(&key, &output).await.unwrap();
+        keys.push(key);
+    }
+    keys
+}
+
+fn counted() -> (ObjectCache, Arc<counting_store::Requests>) {
+    let store = CountingStore::new(Arc::new(InMemory::new()));
+    let requests = store.requests.clone();
+    let cache =
+        ObjectCache::new(Arc::new(store), Path::from("cache"), "counted").with_sorted_listing(true);
+    (cache, requests)
+}
+
+#[tokio::test]
+async fn stats_reads_no_row_object() {
+    let (cache, requests) = counted();
+    seed(&cache, "app/build", 0, 300).await;
+    requests.take();
+    let inv = inventory(&cache, 5).await.unwrap();
+    let counts = requests.take();
+    assert_eq!((inv.rows, inv.blobs), (300, 30));
+    assert!(
+        !inv.rows_read,
+        "the object store's stats should list, not read"
+    );
+    assert_eq!(
+        (counts.gets, counts.heads),
+        (0, 0),
+        "stats read objects: {counts:?}"
+    );
+    assert_eq!(
+        counts.lists, 2,
+        "one listing of rows, one of blobs: {counts:?}"
+    );
+    // The per-task bytes count the blobs each row owns, found by name.
+    let top = &inv.top_task_types[0];
+    assert_eq!((top.task_type.as_str(), top.rows), ("app/build", 300));
+    assert_eq!(top.bytes, inv.row_bytes + inv.blob_bytes);
+}
+
+#[tokio::test]
+async fn an_age_prune_lists_and_deletes_in_bulk_without_reading_rows() {
+    let (cache, requests) = counted();
+    let old = seed(&cache, "app/build", 0, 200).await;
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let cutoff = SystemTime::now();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let new = seed(&cache, "app/build", 200, 200).await;
+    requests.take();
+
+    let mut options = PruneOptions::new();
+    options.older_than = Some(cutoff.elapsed().unwrap());
+    let report = prune(&cache, &options, |_| {}).await.unwrap();
+    let counts = requests.take();
+
+    assert_eq!((report.rows_removed, report.blobs_removed), (200, 20));
+    assert_eq!(report.rows_kept_rewritten, 0);
+    assert_eq!(
+        (counts.gets, counts.heads),
+        (0, 0),
+        "the prune read objects: {counts:?}"
+    );
+    // The plan's two listings, then one re-listing of the batch's key range and one blob listing.
+    assert!(counts.lists <= 4, "{counts:?}");
+    assert_eq!(counts.deleted, 220, "{counts:?}");
+    assert!(
+        counts.delete_calls <= 2,
+        "rows and blobs go in one bulk delete each: {counts:?}"
+    );
+
+    // What it removed is gone, with the blobs it owned; the rest is intact.
+    for key in &old {
+        assert!(
+            cache.get_row(key).await.unwrap().is_none(),
+            "{key} survived"
+        );
+    }
+    assert_eq!(cache.list_blobs().await.unwrap().len(), 20);
+    for key in &new {
+        let row = cache
+            .get_row(key)
+            .await
+            .unwrap()
+            .expect("a newer row was removed");
+        if let Some(r) = outcache::CacheRef::from_value(&row.output["blob"]) {
+            assert!(cache.read_blob(&r.reference).await.unwrap().is_some());
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_prefix_scoped_size_prune_reads_no_row_object() {
+    let (cache, requests) = counted();
+    seed(&cache, "app/build", 0, 100).await;
+    seed(&cache, "app/test", 100, 100).await;
+    requests.take();
+    let mut options = PruneOptions::new();
+    options.max_size = Some(0);
+    options.prefix = Some("app/test".into());
+    let report = prune(&cache, &options, |_| {}).await.unwrap();
+    let counts = requests.take();
+    assert_eq!((report.rows_removed, report.blobs_removed), (100, 10));
+    assert_eq!((counts.gets, counts.heads), (0, 0), "{counts:?}");
+    let left = cache.list_rows().await.unwrap();
+    assert!(left.len() == 100 && left.iter().all(|r| r.key.task_type() == "app/build"));
+}
+
+#[tokio::test]
+async fn a_row_rewritten_after_the_listing_is_kept_with_its_new_blob() {
+    // The janitor's listing names a version (the ETag); a rewrite in the same instant (same
+    // second on S3) is a new version, so the batch keeps it, and the new blob it owns survives.
+    let (cache, _) = counted();
+    let keys = seed(&cache, "app/build", 0, 10).await;
+    let listed = cache.scan_rows_shallow().await.unwrap();
+    assert!(listed.listing_only);
+    let target = &keys[0]; // i = 0 holds a blob
+    let data = futures::stream::iter([Ok(bytes::Bytes::from_static(b"new"))]).boxed();
+    let fresh = cache
+        .write_blob(&BlobMeta::for_key(target), data)
+        .await
+        .unwrap();
+    cache
+        .save_row(target, &json!({ "blob": fresh.to_value() }))
+        .await
+        .unwrap();
+    let versions: Vec<_> = listed.rows.iter().map(|r| r.listed_version()).collect();
+    let deleted = cache.delete_rows_listed(&versions).await.unwrap();
+    assert_eq!(deleted.len(), 9, "only the unchanged rows go");
+    assert!(!deleted.contains(target));
+    assert!(cache.get_row(target).await.unwrap().is_some());
+    assert!(cache.read_blob(&fresh.reference).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn only_the_orphan_sweep_reads_rows() {
+    let (cache, requests) = counted();
+    seed(&cache, "app/build", 0, 50).await;
+    requests.take();
+    let mut options = PruneOptions::new();
+    options.orphans = true;
+    options.grace = Duration::ZERO;
+    prune(&cache, &options, |_| {}).await.unwrap();
+    let Counts { gets, .. } = requests.take();
+    // Every row (and the janitor's own ledger, once) is read: refs are only in the rows.
+    assert!((50..=52).contains(&gets), "{gets} GETs for 50 rows");
+}
