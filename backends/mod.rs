@@ -31,12 +31,13 @@ pub fn open(location: &Location) -> Result<Arc<dyn OutputCache>> {
             path,
             sqlite::SqliteOptions::default().durable(*durable),
         )?),
-        #[cfg(feature = "s3")]
-        Location::S3 {
+        #[cfg(feature = "cloud")]
+        Location::Cloud {
+            cloud,
             bucket,
             prefix,
             options,
-        } => Arc::new(object::s3::open(bucket, prefix, &options.0)?),
+        } => Arc::new(object::cloud::open(*cloud, bucket, prefix, &options.0)?),
     })
 }
 

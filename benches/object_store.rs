@@ -15,7 +15,7 @@ use criterion::{Criterion, Throughput};
 use futures::StreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, WriteMultipart};
-use outcache::backends::object::{PART_SIZE, PARTS_IN_FLIGHT, s3};
+use outcache::backends::object::{PART_SIZE, PARTS_IN_FLIGHT, cloud};
 use outcache::{BlobMeta, OutputCache};
 
 const MIB: usize = 256;
@@ -29,13 +29,13 @@ fn main() {
         return;
     };
     let location = outcache::config::Location::parse(&url).unwrap();
-    let outcache::config::Location::S3 {
+    let outcache::config::Location::Cloud {
         bucket, options, ..
     } = location
     else {
         panic!("not s3")
     };
-    let cache = s3::open(&bucket, "bench", &options.0).unwrap();
+    let cache = cloud::open(cloud::Cloud::S3, &bucket, "bench", &options.0).unwrap();
     let store = cache.store().clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -688,23 +688,25 @@ pub fn isolated_fixture(location: &Location, run_tag: &str, case: &str) -> Resul
             let cache = crate::backends::open(&child)?;
             Ok(Fixture::with_guard(cache, RemoveDir(dir)))
         }
-        #[cfg(feature = "s3")]
-        Location::S3 { .. } => object_fixture(location, run_tag, case),
+        #[cfg(feature = "cloud")]
+        Location::Cloud { .. } => object_fixture(location, run_tag, case),
     }
 }
 
 /// The fixture for `case` under an object-store location: its own key prefix, emptied afterwards.
-#[cfg(feature = "s3")]
+#[cfg(feature = "cloud")]
 fn object_fixture(location: &Location, run_tag: &str, case: &str) -> Result<Fixture> {
-    let Location::S3 {
+    let Location::Cloud {
+        cloud,
         bucket,
         prefix,
         options,
     } = location
     else {
-        unreachable!("called for S3 locations only");
+        unreachable!("called for cloud locations only");
     };
-    let child = Location::S3 {
+    let child = Location::Cloud {
+        cloud: *cloud,
         bucket: bucket.clone(),
         prefix: [prefix.as_str(), run_tag, case]
             .iter()
@@ -744,7 +746,7 @@ pub fn remove_run_dir(location: &Location, run_tag: &str) {
             let _ = std::fs::remove_dir_all(run_dir(path, run_tag));
         }
         // Each case's prefix was emptied when its fixture finished.
-        #[cfg(feature = "s3")]
-        Location::S3 { .. } => {}
+        #[cfg(feature = "cloud")]
+        Location::Cloud { .. } => {}
     }
 }

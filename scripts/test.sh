@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (README "Run the tests"; .ci/run calls exactly this).
 # Formatting, lints as errors, then every test: unit, conformance on each backend (the S3 ones against a
-# real S3-compatible server this script installs and starts on 127.0.0.1), CLI, fault and doc tests.
+# real S3-compatible server, the Azure ones against Azurite, both installed and started on 127.0.0.1 by
+# this script), CLI, fault and doc tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,13 +15,14 @@ echo "== cargo doc (broken intra-doc links are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --quiet --no-deps --all-features
 
 echo "== feature subsets compile (users pick backends by feature)"
-for features in "" "fs" "sqlite" "object-store" "conformance"; do
+for features in "" "fs" "sqlite" "object-store" "conformance" "cloud" "s3" "gcs" "azure"; do
   cargo check --quiet --lib --no-default-features --features "$features"
 done
 
-echo "== S3-compatible servers (moto; s3s-fs for the restart test)"
-trap 'bash scripts/s3-server.sh stop' EXIT
+echo "== S3-compatible servers (moto; s3s-fs for the restart test) and Azurite (Azure)"
+trap 'bash scripts/s3-server.sh stop; bash scripts/azurite.sh stop' EXIT
 eval "$(bash scripts/s3-server.sh start)"
+eval "$(bash scripts/azurite.sh start)"
 
 echo "== cargo test"
 cargo test --all-features

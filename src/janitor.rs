@@ -52,6 +52,8 @@ pub const LEDGER_TASK_TYPE: &str = "outcache/janitor";
 /// Rows handed to `delete_rows_listed` at once (an object store re-lists each batch's key range and
 /// deletes it in one bulk request of up to a thousand).
 const PRUNE_BATCH: usize = 1000;
+/// Batches deleted at once.
+const BATCHES_IN_FLIGHT: usize = 4;
 
 fn ledger_key() -> RowKey {
     RowKey::from_parts(LEDGER_TASK_TYPE, &sha256_hex(b"orphans first seen"))
@@ -531,11 +533,26 @@ async fn delete_listed(
     kept: &mut u64,
     step: &mut (dyn FnMut(u64) + Send),
 ) -> Result<()> {
+    use futures::{StreamExt, TryStreamExt};
     let mut deleted: HashSet<RowKey> = HashSet::new();
-    for batch in rows.chunks(PRUNE_BATCH) {
-        let versions: Vec<RowVersion> = batch.iter().map(RowEntry::listed_version).collect();
-        deleted.extend(backend.delete_rows_listed(&versions).await?);
-        step(batch.len() as u64);
+    // A few batches at once: each is its own key range, and on an object store its re-listing is
+    // the cost that dominates (SQLite serialises them on its writer; nothing is lost there).
+    // Boxed with their types spelt out: an async closure here trips the compiler's `Send` inference.
+    type Deleting<'a> = futures::future::BoxFuture<'a, Result<(u64, Vec<RowKey>)>>;
+    let jobs: Vec<Deleting<'_>> = rows
+        .chunks(PRUNE_BATCH)
+        .map(|batch| -> Deleting<'_> {
+            let versions: Vec<RowVersion> = batch.iter().map(RowEntry::listed_version).collect();
+            Box::pin(async move {
+                let gone = backend.delete_rows_listed(&versions).await?;
+                Ok((versions.len() as u64, gone))
+            })
+        })
+        .collect();
+    let mut batches = futures::stream::iter(jobs).buffer_unordered(BATCHES_IN_FLIGHT);
+    while let Some((listed, gone)) = batches.try_next().await? {
+        deleted.extend(gone);
+        step(listed);
     }
     *counts = Removed::default();
     let mut gone = HashSet::new();

@@ -179,7 +179,10 @@ fn no_secret_reaches_any_output() {
     let marker = format!("MARK{}", uuid::Uuid::new_v4().simple());
     let m = marker.as_str();
     let dead = "endpoint=http://127.0.0.1:9&allow_http=true&max_retries=0&retry_timeout=1s&connect_timeout=1s&timeout=2s";
-    let urls = [
+    #[cfg(feature = "azure")]
+    let az_dead = "endpoint=http://127.0.0.1:9/acct&allow_http=true&max_retries=0&retry_timeout=1s&connect_timeout=1s&timeout=2s";
+    #[allow(unused_mut)]
+    let mut urls = [
         format!("s3://{m}@bucket/p?{dead}"),
         format!("s3://user:{m}@bucket/p?{dead}"),
         format!("s3://bucket/p?{dead}&sse_customer_key_base64={m}"),
@@ -189,7 +192,24 @@ fn no_secret_reaches_any_output() {
         format!("s3://bucket/p?{dead}&%73ecret%5Faccess%5Fkey={m}"),
         format!("s3://bucket/p?{dead}&secret_acess_key={m}"),
         format!("s3://bucket/p?{dead}&token={m}"),
-    ];
+    ]
+    .to_vec();
+    #[cfg(feature = "azure")]
+    urls.extend([
+        format!("az://container/p?account_name=acct&access_key={m}&{az_dead}"),
+        format!("az://container/p?account_name=acct&sas_key={m}&{az_dead}"),
+        format!(
+            "az://container/p?account_name=acct&client_secret={m}&client_id=c&tenant_id=t&{az_dead}"
+        ),
+        format!("az://{m}@container/p?account_name=acct&{az_dead}"),
+    ]);
+    #[cfg(feature = "gcs")]
+    urls.extend([
+        format!("gs://bucket/p?service_account_key={m}&max_retries=0&retry_timeout=1s&timeout=2s"),
+        format!(
+            "gs://bucket/p?service_account_key=%7B%22private_key%22%3A%22{m}%22%7D&max_retries=0"
+        ),
+    ]);
     let files = [
         format!(
             "url = \"s3://bucket/p?{dead}\"\n[object_store]\nsse_customer_key_base64 = \"{m}\"\n"

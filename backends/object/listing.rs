@@ -55,9 +55,14 @@ enum RowName {
     Foreign,
 }
 
-/// The version of an object a listing shows: the ETag where the store gives one.
+/// The version of an object a listing shows: the ETag where the store gives one, without quotes (Azure
+/// quotes it in headers but not in listings).
 fn version_of(meta: &ObjectMeta) -> Option<String> {
-    meta.e_tag.clone()
+    meta.e_tag.as_deref().map(bare_etag)
+}
+
+fn bare_etag(tag: &str) -> String {
+    tag.trim_start_matches("W/").trim_matches('"').to_owned()
 }
 
 /// A row's commit time as its listing shows it: the object's last-modified time. S3 (and moto) give it
@@ -69,7 +74,7 @@ fn listed_time(meta: &ObjectMeta) -> SystemTime {
 /// Whether `meta` is still the version `listed` names.
 fn same_version(meta: &ObjectMeta, listed: &RowVersion) -> bool {
     match (&listed.version, &meta.e_tag) {
-        (Some(v), Some(e)) => v == e,
+        (Some(v), Some(e)) => *v == bare_etag(e),
         _ => listed_time(meta) == listed.created_at,
     }
 }

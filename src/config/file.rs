@@ -7,7 +7,7 @@ use super::units::{parse_duration, parse_size};
 use ::url::Url;
 
 use super::URL_ENV;
-#[cfg(feature = "s3")]
+#[cfg(feature = "cloud")]
 use super::url::invalid;
 use super::url::{Location, default_url};
 use crate::error::{Error, Result};
@@ -262,14 +262,14 @@ impl Config {
                     *durable = d;
                 }
             }
-            #[cfg(feature = "s3")]
-            Location::S3 { options, .. } => {
+            #[cfg(feature = "cloud")]
+            Location::Cloud { cloud, options, .. } => {
                 for (k, v) in &self.object_store {
                     if !options.0.iter().any(|(have, _)| have == k) {
                         options.0.push((k.clone(), v.clone()));
                     }
                 }
-                crate::backends::object::s3::validate_options(&options.0)
+                crate::backends::object::cloud::validate_options(*cloud, &options.0)
                     .map_err(|reason| invalid(&self.url, reason))?;
             }
             Location::Memory => {}

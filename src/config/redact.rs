@@ -7,7 +7,8 @@ pub const REDACTED: &str = "<redacted>";
 /// **The redaction rule**: a value is printed only if its key is on this allow-list of options known to
 /// hold no secret (region, bucket, endpoint, timeouts, sizes, flags); every other value — credentials,
 /// SSE-C keys, proxy URLs, anything unknown or misspelt — prints as [`REDACTED`]. Errors name keys, never
-/// values. The check is on the percent-decoded, lowercased key with object_store's `aws_` prefix removed.
+/// values. The check is on the percent-decoded, lowercased key with object_store's `aws_`, `azure_` or
+/// `google_` prefix removed.
 pub fn is_public_option(key: &str) -> bool {
     const PUBLIC: &[&str] = &[
         "region",
@@ -32,9 +33,19 @@ pub fn is_public_option(key: &str) -> bool {
         "max_retries",
         "retry_timeout",
         "durable",
+        // Azure and GCS names that hold no secret (`azure_`/`google_` prefixes are optional too).
+        "account_name",
+        "storage_account_name",
+        "container_name",
+        "use_emulator",
+        "use_fabric_endpoint",
+        "disable_tagging",
     ];
     let decoded = percent_decode(key).to_ascii_lowercase();
-    let bare = decoded.strip_prefix("aws_").unwrap_or(&decoded);
+    let bare = ["aws_", "azure_storage_", "azure_", "google_"]
+        .iter()
+        .find_map(|p| decoded.strip_prefix(p))
+        .unwrap_or(&decoded);
     PUBLIC.contains(&bare)
 }
 

@@ -1,4 +1,4 @@
-//! Cache URLs: `fs://`, `file://`, `sqlite://`, `s3://`, `memory://` parsed into a [`Location`] (the raw
+//! Cache URLs: `fs://`, `file://`, `sqlite://`, `s3://`, `gs://`, `az://`, `memory://` parsed into a [`Location`] (the raw
 //! text checked for `..` first), the schemes this build knows, and the embedded default.
 
 use std::path::PathBuf;
@@ -23,6 +23,10 @@ pub fn supported_schemes() -> &'static [&'static str] {
         "sqlite",
         #[cfg(feature = "s3")]
         "s3",
+        #[cfg(feature = "gcs")]
+        "gs",
+        #[cfg(feature = "azure")]
+        "az",
     ]
 }
 
@@ -97,16 +101,56 @@ pub enum Location {
         /// `?durable=false` commits with `synchronous=NORMAL`.
         durable: bool,
     },
-    /// `s3://bucket/optional/prefix?endpoint=…&region=…&allow_http=true`.
-    #[cfg(feature = "s3")]
-    S3 {
-        /// The bucket.
+    /// A cloud object store: `s3://bucket/optional/prefix?endpoint=…&region=…&allow_http=true`,
+    /// `gs://bucket/prefix`, `az://container/prefix?use_emulator=true`.
+    #[cfg(feature = "cloud")]
+    Cloud {
+        /// Which cloud.
+        cloud: crate::backends::object::cloud::Cloud,
+        /// The bucket (Azure: the container).
         bucket: String,
         /// The key prefix inside the bucket (may be empty).
         prefix: String,
         /// Query options (validated).
         options: StoreOptions,
     },
+}
+
+/// `s3://`, `gs://`, `az://`: the bucket (container) and prefix, and the options, validated.
+#[cfg(feature = "cloud")]
+#[cfg_attr(
+    not(any(feature = "s3", feature = "gcs", feature = "azure")),
+    allow(unreachable_code, unused_variables)
+)]
+fn parse_cloud(
+    cloud: crate::backends::object::cloud::Cloud,
+    text: &str,
+    url: &Url,
+) -> Result<Location> {
+    let (scheme, holder) = (cloud.scheme(), cloud.holder());
+    let bucket = url
+        .host_str()
+        .filter(|b| !b.is_empty())
+        .ok_or_else(|| {
+            invalid(
+                text,
+                format!("{scheme}:// needs a {holder}: {scheme}://{holder}/optional/prefix"),
+            )
+        })?
+        .to_owned();
+    let prefix = url.path().trim_matches('/').to_owned();
+    let options: Vec<(String, String)> = url
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    crate::backends::object::cloud::validate_options(cloud, &options)
+        .map_err(|reason| invalid(text, reason))?;
+    Ok(Location::Cloud {
+        cloud,
+        bucket,
+        prefix,
+        options: StoreOptions(options),
+    })
 }
 
 pub(super) fn invalid(url: &str, reason: impl Into<String>) -> Error {
@@ -187,6 +231,10 @@ impl Location {
             return Err(invalid(text, "'..' path segments are not allowed"));
         }
         let url = Url::parse(text.trim()).map_err(|e| invalid(text, e.to_string()))?;
+        #[cfg(feature = "cloud")]
+        if let Some(cloud) = crate::backends::object::cloud::Cloud::from_scheme(url.scheme()) {
+            return parse_cloud(cloud, text, &url);
+        }
         match url.scheme() {
             "memory" => {
                 if url.query().is_some() {
@@ -209,28 +257,6 @@ impl Location {
                     ));
                 }
                 Ok(Location::Sqlite { path, durable })
-            }
-            #[cfg(feature = "s3")]
-            "s3" => {
-                let bucket = url
-                    .host_str()
-                    .filter(|b| !b.is_empty())
-                    .ok_or_else(|| {
-                        invalid(text, "s3:// needs a bucket: s3://bucket/optional/prefix")
-                    })?
-                    .to_owned();
-                let prefix = url.path().trim_matches('/').to_owned();
-                let options: Vec<(String, String)> = url
-                    .query_pairs()
-                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                    .collect();
-                crate::backends::object::s3::validate_options(&options)
-                    .map_err(|reason| invalid(text, reason))?;
-                Ok(Location::S3 {
-                    bucket,
-                    prefix,
-                    options: StoreOptions(options),
-                })
             }
             other => Err(invalid(
                 text,
