@@ -275,6 +275,10 @@ impl OutputCache for RunPrivate {
         Ok(self.run_rows(self.inner.scan_rows_shallow().await?))
     }
 
+    async fn scan_row_refs(&self) -> Result<RowScan> {
+        Ok(self.run_rows(self.inner.scan_row_refs().await?))
+    }
+
     async fn remove_corrupt(&self, id: &str) -> Result<bool> {
         let _ = id;
         Ok(false)

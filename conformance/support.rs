@@ -177,6 +177,9 @@ impl OutputCache for FailingRows {
     async fn scan_rows_shallow(&self) -> Result<crate::store::RowScan> {
         self.inner.scan_rows_shallow().await
     }
+    async fn scan_row_refs(&self) -> Result<crate::store::RowScan> {
+        self.inner.scan_row_refs().await
+    }
     async fn remove_corrupt(&self, id: &str) -> Result<bool> {
         self.inner.remove_corrupt(id).await
     }

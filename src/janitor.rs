@@ -334,11 +334,14 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
     }
     let now = SystemTime::now();
     let blobs = backend.list_blobs().await?;
-    // One pass over the rows: the readable ones and the ones that stop an orphan sweep. Only the orphan
-    // sweep needs the refs every row holds, and only `--corrupt` needs every row read: age, size and
-    // prefix prunes take a listing where the backend has a cheaper one than reading each row.
-    let scan = if options.orphans || options.corrupt {
+    // One pass over the rows: the readable ones and the ones that stop an orphan sweep. Only `--corrupt`
+    // needs every row read; the orphan sweep needs the refs every row holds (an object store with a refs
+    // index reads only the rows that hold some); age, size and prefix prunes take a listing where the
+    // backend has a cheaper one than reading each row.
+    let scan = if options.corrupt {
         backend.scan_rows().await?
+    } else if options.orphans {
+        backend.scan_row_refs().await?
     } else {
         backend.scan_rows_shallow().await?
     };

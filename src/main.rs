@@ -77,6 +77,13 @@ enum Command {
     /// Remove stale entries: rows past an age, orphan blobs and dead temp files, and least-recently-used
     /// rows beyond a size budget. Safe to run while writers write.
     Prune(janitor::PruneArgs),
+    /// Index the rows of an object-store cache that hold refs, so orphan sweeps read only those.
+    ///
+    /// Reads every row once, marks each one holding refs, then declares the index in the cache's
+    /// `layout.json`; from then on `prune --orphans` reads only the marked rows. Run it once per cache,
+    /// after every host writing to it runs this version (older versions write no markers). Idempotent.
+    /// fs and SQLite caches read rows cheaply and need no index.
+    IndexRefs,
     /// Measure the cache: puts, gets, hits, concurrent puts, blob write and read.
     ///
     /// Works in an isolated child location (like `conformance`) and removes what it wrote.
@@ -104,6 +111,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Cat(args) => cli::cat::cat(&ctx, args).await,
         Command::Stats(args) => cli::janitor::stats(&ctx, args).await,
         Command::Prune(args) => cli::janitor::prune(&ctx, args).await,
+        Command::IndexRefs => cli::janitor::index_refs(&ctx).await,
         Command::Bench(args) => cli::bench::bench(&ctx, args).await,
         Command::Config(args) => cli::show_config::config(&ctx, args).await,
         Command::Conformance => cli::conformance::conformance(&ctx).await,

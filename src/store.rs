@@ -410,6 +410,14 @@ pub trait OutputCache: Debug + Display + Send + Sync + 'static {
         self.scan_rows().await
     }
 
+    /// Every row with the refs it holds, for the orphan sweep: like [`OutputCache::scan_rows`], except
+    /// that rows the backend *knows* hold no ref (an object store that indexes the rows holding refs)
+    /// may be listed without being read, with empty `refs`, and unreadable ones are then found only
+    /// among the rows read. The default is [`OutputCache::scan_rows`].
+    async fn scan_row_refs(&self) -> Result<RowScan> {
+        self.scan_rows().await
+    }
+
     /// Remove the corrupt row named by a [`CorruptEntry::id`], if it is still corrupt (a row rewritten
     /// since it was listed is kept). Unknown or malformed ids do nothing. Returns whether one was removed.
     async fn remove_corrupt(&self, id: &str) -> Result<bool>;

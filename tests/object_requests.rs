@@ -168,16 +168,75 @@ async fn a_row_rewritten_after_the_listing_is_kept_with_its_new_blob() {
     assert!(cache.read_blob(&fresh.reference).await.unwrap().is_some());
 }
 
-#[tokio::test]
-async fn only_the_orphan_sweep_reads_rows() {
-    let (cache, requests) = counted();
-    seed(&cache, "app/build", 0, 50).await;
-    requests.take();
+fn sweep() -> PruneOptions {
     let mut options = PruneOptions::new();
     options.orphans = true;
     options.grace = Duration::ZERO;
-    prune(&cache, &options, |_| {}).await.unwrap();
+    options
+}
+
+#[tokio::test]
+async fn without_a_refs_index_the_orphan_sweep_reads_every_row() {
+    let (cache, requests) = counted();
+    seed(&cache, "app/build", 0, 50).await;
+    requests.take();
+    prune(&cache, &sweep(), |_| {}).await.unwrap();
     let Counts { gets, .. } = requests.take();
-    // Every row (and the janitor's own ledger, once) is read: refs are only in the rows.
-    assert!((50..=52).contains(&gets), "{gets} GETs for 50 rows");
+    // Every row, plus `layout.json` (absent) and the janitor's own ledger (read, then deleted as empty,
+    // which reads it again): refs are only in the rows.
+    assert_eq!(gets, 50 + 3, "{gets} GETs for 50 rows");
+}
+
+#[tokio::test]
+async fn with_a_refs_index_the_orphan_sweep_reads_only_the_rows_holding_refs() {
+    let (cache, requests) = counted();
+    // Rows from before the index (an older version wrote no markers): indexing reads them all once.
+    seed(&cache, "app/build", 0, 50).await;
+    let report = cache.index_refs().await.unwrap();
+    assert_eq!((report.rows, report.marked), (50, 5));
+    // Rows written afterwards are marked by the writer.
+    seed(&cache, "app/build", 50, 50).await;
+    requests.take();
+    let swept = prune(&cache, &sweep(), |_| {}).await.unwrap();
+    let Counts { gets, .. } = requests.take();
+    assert_eq!(
+        gets,
+        10 + 3,
+        "the 10 rows holding refs, layout.json and the ledger's two"
+    );
+    assert_eq!(swept.blobs_removed, 0, "a referenced blob was swept");
+
+    // A marked row rewritten without refs: its blob becomes an orphan (swept here at once, the grace
+    // being zero), and its marker is dropped, so later sweeps read one row fewer.
+    let key = RowKey::new("app/build", &json!({ "i": 0 })).unwrap();
+    cache.save_row(&key, &json!("no refs now")).await.unwrap();
+    let swept = prune(&cache, &sweep(), |_| {}).await.unwrap();
+    assert_eq!(swept.blobs_removed, 1, "{swept:?}");
+    requests.take();
+    prune(&cache, &sweep(), |_| {}).await.unwrap();
+    assert_eq!(requests.take().gets, 9 + 3);
+    // Every remaining row's blob is intact.
+    for row in cache.list_rows().await.unwrap() {
+        for r in &row.refs {
+            assert!(cache.read_blob(r).await.unwrap().is_some(), "{r} was swept");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_refs_index_of_a_newer_version_stops_the_sweep() {
+    use object_store::ObjectStoreExt;
+    let store = Arc::new(InMemory::new());
+    let cache = ObjectCache::new(store.clone(), Path::from("cache"), "newer");
+    seed(&cache, "app/build", 0, 10).await;
+    store
+        .put(
+            &Path::from("cache/layout.json"),
+            br#"{"refs_index": 99}"#.to_vec().into(),
+        )
+        .await
+        .unwrap();
+    let err = prune(&cache, &sweep(), |_| {}).await.unwrap_err();
+    assert!(err.to_string().contains("newer outcache"), "{err}");
+    assert_eq!(cache.list_blobs().await.unwrap().len(), 1);
 }

@@ -413,3 +413,200 @@ impl ObjectCache {
         self.delete_many(doomed).await
     }
 }
+
+/// The version of the refs index a cache's `layout.json` declares: every row that holds refs has a
+/// marker `refs/<segment>/<fingerprint>` (written by this version's `save_row` before and after the row).
+pub const REFS_INDEX_VERSION: u64 = 1;
+
+/// What [`ObjectCache::index_refs`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IndexReport {
+    /// Rows read.
+    pub rows: u64,
+    /// Rows holding refs, each now marked.
+    pub marked: u64,
+    /// Rows that could not be read (not indexed; they hold no ref this version can see).
+    pub unreadable: u64,
+}
+
+impl ObjectCache {
+    /// Mark the row `key` as one that holds refs (idempotent).
+    pub(super) async fn mark_refs(&self, key: &RowKey) -> Result<()> {
+        let marker = self.marker_path(key);
+        self.store
+            .put(&marker, object_store::PutPayload::default())
+            .await
+            .map_err(self.err(format!("mark {marker}")))?;
+        Ok(())
+    }
+
+    /// The refs-index version `layout.json` declares, or `None` (a cache never indexed: every row
+    /// must be read to find the refs).
+    async fn refs_index(&self) -> Result<Option<u64>> {
+        let Some(bytes) = self.fetch(&self.layout_path()).await? else {
+            return Ok(None);
+        };
+        let version = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("refs_index").and_then(serde_json::Value::as_u64));
+        match version {
+            Some(v) if v > REFS_INDEX_VERSION => Err(Error::InvalidInput {
+                what: format!("{}", self.layout_path()),
+                reason: format!(
+                    "the cache's refs index is version {v}, written by a newer outcache (this one \
+                     knows {REFS_INDEX_VERSION}); the orphan sweep stops here: run it with the newer \
+                     version"
+                ),
+            }),
+            Some(v) => Ok(Some(v)),
+            None => Err(Error::InvalidInput {
+                what: format!("{}", self.layout_path()),
+                reason: "not a layout this or any outcache wrote".into(),
+            }),
+        }
+    }
+
+    /// Index the rows that hold refs, so orphan sweeps read only those: read every row once, mark each
+    /// one holding refs, then declare the index in `layout.json`. Run it once per cache, after every
+    /// host writing to it runs a version that maintains the index (older ones write rows without
+    /// markers, whose refs a sweep would then miss). Idempotent.
+    pub async fn index_refs(&self) -> Result<IndexReport> {
+        let scan = self.deep_scan().await?;
+        if let Some(c) = scan
+            .unreadable
+            .iter()
+            .find(|c| c.kind == CorruptKind::NewerFormat)
+        {
+            return Err(Error::InvalidInput {
+                what: "index refs".into(),
+                reason: format!(
+                    "{} was written by a newer outcache; index with that version",
+                    c.id
+                ),
+            });
+        }
+        let holders: Vec<&RowKey> = scan
+            .rows
+            .iter()
+            .filter(|r| !r.refs.is_empty())
+            .map(|r| &r.key)
+            .collect();
+        futures::stream::iter(holders.iter().map(|key| self.mark_refs(key)))
+            .buffer_unordered(FETCH_CONCURRENCY)
+            .try_collect::<Vec<()>>()
+            .await?;
+        let layout = serde_json::json!({ "refs_index": REFS_INDEX_VERSION });
+        self.store
+            .put(&self.layout_path(), layout.to_string().into_bytes().into())
+            .await
+            .map_err(self.err(format!("write {}", self.layout_path())))?;
+        Ok(IndexReport {
+            rows: scan.rows.len() as u64,
+            marked: holders.len() as u64,
+            unreadable: scan.unreadable.len() as u64,
+        })
+    }
+
+    /// The rows with the refs they hold. With a refs index, only the marked rows are read (and rows
+    /// whose names hide their key); the rest are listed, known to hold no ref. Without one, every row
+    /// is read. Markers left by rows deleted or rewritten without refs are removed on the way.
+    pub(super) async fn refs_scan(&self) -> Result<RowScan> {
+        if self.refs_index().await?.is_none() {
+            return self.deep_scan().await;
+        }
+        let metas = self.row_objects(|_| true).await?;
+        let root = self.refs_root();
+        let markers: Vec<ObjectMeta> = self
+            .store
+            .list(Some(&root))
+            .try_collect()
+            .await
+            .map_err(self.err(format!("list {root}")))?;
+        let marked: HashSet<String> = markers
+            .iter()
+            .filter_map(|m| {
+                let rest = m.location.as_ref().strip_prefix(root.as_ref())?;
+                Some(format!("{rest}.json"))
+            })
+            .collect();
+        let rows_root = self.rows_root();
+        let is_marked = |meta: &ObjectMeta| {
+            meta.location
+                .as_ref()
+                .strip_prefix(rows_root.as_ref())
+                .is_some_and(|rest| marked.contains(rest))
+        };
+        let (mut rows, mut unreadable, mut to_read) = (Vec::new(), Vec::new(), Vec::new());
+        let mut seen_marked = HashSet::new();
+        for meta in metas {
+            if is_marked(&meta) {
+                seen_marked.insert(meta.location.clone());
+                to_read.push(meta);
+                continue;
+            }
+            match self.row_name(&meta.location) {
+                RowName::Key(key) => rows.push(Self::entry(&meta, key, Vec::new())),
+                RowName::Hashed => to_read.push(meta),
+                RowName::Foreign => unreadable.push(CorruptEntry {
+                    id: meta.location.to_string(),
+                    reason: "the object's name is not a row key".into(),
+                    size: meta.size,
+                    kind: CorruptKind::Garbled,
+                }),
+            }
+        }
+        let (read, corrupt) = self.fetch_rows(to_read).await?;
+        unreadable.extend(corrupt);
+        let mut stale = Vec::new();
+        for (meta, record) in read {
+            let refs: Vec<String> = refs_in(&record.output)
+                .into_iter()
+                .map(|r| r.reference)
+                .collect();
+            if refs.is_empty() && seen_marked.contains(&meta.location) {
+                stale.push(record.key.clone());
+            }
+            rows.push(Self::entry(&meta, record.key, refs));
+        }
+        // Markers whose row is gone: their keys are in the marker names.
+        for m in &markers {
+            let Some(rest) = m.location.as_ref().strip_prefix(root.as_ref()) else {
+                continue;
+            };
+            let row = Path::from(format!("{}{rest}.json", rows_root.as_ref()));
+            if !seen_marked.contains(&row) {
+                if let RowName::Key(key) = self.row_name(&row) {
+                    stale.push(key);
+                }
+            }
+        }
+        self.unmark_stale(stale).await;
+        Ok(RowScan {
+            rows,
+            unreadable,
+            listing_only: false,
+        })
+    }
+
+    /// Remove the markers of `keys` (rows gone or holding no refs when read), best effort: delete the
+    /// marker, read the row again, and put the marker back if the row now holds refs — a writer that
+    /// rewrote it meanwhile with refs then keeps its marker whatever the interleaving.
+    async fn unmark_stale(&self, keys: Vec<RowKey>) {
+        futures::stream::iter(keys)
+            .for_each_concurrent(FETCH_CONCURRENCY, |key| async move {
+                let marker = self.marker_path(&key);
+                if self.store.delete(&marker).await.is_err() {
+                    return;
+                }
+                let Ok(Some(bytes)) = self.fetch(&self.row_path(&key)).await else {
+                    return;
+                };
+                let holds = decode_row(&bytes, key.task_type(), key.fingerprint())
+                    .map_or(true, |r| !refs_in(&r.output).is_empty());
+                if holds {
+                    let _ = self.mark_refs(&key).await;
+                }
+            })
+            .await;
+    }
+}

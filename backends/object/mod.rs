@@ -26,6 +26,8 @@ use serde_json::Value;
 
 mod listing;
 
+pub use listing::{IndexReport, REFS_INDEX_VERSION};
+
 use crate::blob::{BlobDigest, cascade_delete};
 use crate::error::{Error, Result};
 use crate::layout::{
@@ -124,6 +126,21 @@ impl ObjectCache {
         self.prefix.clone().join("blobs")
     }
 
+    fn refs_root(&self) -> Path {
+        self.prefix.clone().join("refs")
+    }
+
+    fn layout_path(&self) -> Path {
+        self.prefix.clone().join("layout.json")
+    }
+
+    /// The refs-index marker of the row `key`: `refs/<segment>/<fingerprint>`.
+    fn marker_path(&self, key: &RowKey) -> Path {
+        self.refs_root()
+            .join(encode_task_segment(key.task_type()).as_str())
+            .join(key.fingerprint())
+    }
+
     fn row_path(&self, key: &RowKey) -> Path {
         self.rows_root()
             .join(encode_task_segment(key.task_type()).as_str())
@@ -214,11 +231,25 @@ impl OutputCache for ObjectCache {
     async fn save_row(&self, key: &RowKey, output: &Value) -> Result<()> {
         let bytes = encode_row(key, output, SystemTime::now())?;
         let path = self.row_path(key);
+        // A row that holds refs is marked in the refs index before *and* after it is written: a
+        // concurrent delete removes a marker before its row, so whatever interleaves, a row holding
+        // refs never outlives its marker (see `listing.rs`).
+        let holds_refs = !crate::wire::refs_in(output).is_empty();
+        if holds_refs {
+            self.mark_refs(key).await?;
+        }
         self.store
             .put(&path, PutPayload::from(bytes))
             .await
             .map_err(self.err(format!("save row {key}")))?;
+        if holds_refs {
+            self.mark_refs(key).await?;
+        }
         Ok(())
+    }
+
+    async fn scan_row_refs(&self) -> Result<RowScan> {
+        self.refs_scan().await
     }
 
     async fn get_row(&self, key: &RowKey) -> Result<Option<Row>> {

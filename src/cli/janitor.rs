@@ -26,6 +26,50 @@ pub(crate) async fn stats(ctx: &Ctx, args: StatsArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+pub(crate) async fn index_refs(ctx: &Ctx) -> Result<(), Failure> {
+    if ctx.run_id.is_some() {
+        return Err(outcache::Error::InvalidInput {
+            what: "index-refs".into(),
+            reason: "the refs index covers the whole cache: run it without --run-id".into(),
+        }
+        .into());
+    }
+    match ctx.config.location()? {
+        outcache::config::Location::Cloud {
+            cloud,
+            bucket,
+            prefix,
+            options,
+        } => {
+            let store =
+                outcache::backends::object::cloud::open(cloud, &bucket, &prefix, &options.0)?;
+            let report = store.index_refs().await?;
+            out!(
+                "indexed {}: {} rows read, {} hold refs and are marked{}",
+                store,
+                report.rows,
+                report.marked,
+                if report.unreadable > 0 {
+                    format!(
+                        "; {} could not be read (see stats, prune --corrupt)",
+                        report.unreadable
+                    )
+                } else {
+                    String::new()
+                }
+            );
+            Ok(())
+        }
+        _ => {
+            out!(
+                "nothing to index: {} reads rows cheaply, so orphan sweeps need no refs index",
+                outcache::config::redact_url(&ctx.config.url)
+            );
+            Ok(())
+        }
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub(crate) struct PruneArgs {
     /// Remove rows committed longer ago than this (e.g. 30d, 12h), with their blobs.
