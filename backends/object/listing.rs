@@ -341,6 +341,15 @@ impl ObjectCache {
                 young.push(listed);
             }
         }
+        // Refs-index markers before their rows, in a request of their own: a writer re-creating one of
+        // these rows with refs then re-marks it after its row lands (see `save_row`).
+        self.delete_many(
+            by_name
+                .iter()
+                .map(|(_, k, _)| self.marker_path(k))
+                .collect(),
+        )
+        .await?;
         self.delete_many(by_name.iter().map(|(p, _, _)| p.clone()).collect())
             .await?;
         self.cascade_by_name(by_name.iter().map(|(_, k, t)| (k, *t)))
@@ -371,7 +380,7 @@ impl ObjectCache {
         if !same_version(&meta, listed) {
             return Ok(false);
         }
-        self.delete_many(vec![path]).await?;
+        self.unmark_then_delete(&listed.key, &bytes).await?;
         if let Ok(record) = decode_row(&bytes, listed.key.task_type(), listed.key.fingerprint()) {
             crate::blob::cascade_delete(self, &listed.key, &record.output).await?;
         }
@@ -430,6 +439,17 @@ pub struct IndexReport {
 }
 
 impl ObjectCache {
+    /// Delete the row `key`, whose stored bytes are `bytes`, and first its refs-index marker if it
+    /// holds refs (a marker goes before its row, never after).
+    pub(super) async fn unmark_then_delete(&self, key: &RowKey, bytes: &[u8]) -> Result<()> {
+        let holds = decode_row(bytes, key.task_type(), key.fingerprint())
+            .map_or(true, |r| !refs_in(&r.output).is_empty());
+        if holds {
+            self.delete_many(vec![self.marker_path(key)]).await?;
+        }
+        self.delete_many(vec![self.row_path(key)]).await
+    }
+
     /// Mark the row `key` as one that holds refs (idempotent).
     pub(super) async fn mark_refs(&self, key: &RowKey) -> Result<()> {
         let marker = self.marker_path(key);

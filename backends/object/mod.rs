@@ -195,6 +195,9 @@ impl ObjectCache {
         let mut removed = 0;
         for (meta, record) in self.fetch_rows(candidates).await?.0 {
             if pick(&record) {
+                if !crate::wire::refs_in(&record.output).is_empty() {
+                    self.delete_path(&self.marker_path(&record.key)).await?;
+                }
                 self.delete_path(&meta.location).await?;
                 cascade_delete(self, &record.key, &record.output).await?;
                 removed += 1;
@@ -277,7 +280,7 @@ impl OutputCache for ObjectCache {
             let Some(bytes) = self.fetch(&path).await? else {
                 continue;
             };
-            self.delete_path(&path).await?;
+            self.unmark_then_delete(key, &bytes).await?;
             deleted += 1;
             if let Ok(record) = decode_row(&bytes, key.task_type(), key.fingerprint()) {
                 cascade_delete(self, key, &record.output).await?;
