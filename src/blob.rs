@@ -61,28 +61,8 @@ pub fn chunked(bytes: Bytes) -> ByteStream {
     futures::stream::iter(chunks).boxed()
 }
 
-/// Collect a whole stream into one buffer, failing with the stream's own error.
-pub async fn collect(mut stream: ByteStream) -> Result<Bytes> {
-    let mut first: Option<Bytes> = None;
-    let mut buf: Vec<u8> = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk?;
-        match (&first, buf.is_empty()) {
-            (None, true) => first = Some(chunk),
-            _ => {
-                if let Some(f) = first.take() {
-                    buf.extend_from_slice(&f);
-                }
-                buf.extend_from_slice(&chunk);
-            }
-        }
-    }
-    Ok(if buf.is_empty() {
-        first.unwrap_or_default()
-    } else {
-        buf.into()
-    })
-}
+/// Collect a whole stream into one buffer (it lives with the trait, whose `read_blob` uses it).
+pub use crate::store::collect;
 
 /// A stream over everything `reader` yields, in chunks of up to `chunk` bytes. Read errors become
 /// [`Error::Stream`].

@@ -18,6 +18,29 @@ use crate::wire::{CacheRef, RowKey};
 /// [`OutputCache::open_blob`] yields. A producer's own failure is [`Error::Stream`].
 pub type ByteStream = BoxStream<'static, Result<Bytes>>;
 
+/// Collect a whole stream into one buffer, failing with the stream's own error.
+pub async fn collect(mut stream: ByteStream) -> Result<Bytes> {
+    let mut first: Option<Bytes> = None;
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+        let chunk = chunk?;
+        match (&first, buf.is_empty()) {
+            (None, true) => first = Some(chunk),
+            _ => {
+                if let Some(f) = first.take() {
+                    buf.extend_from_slice(&f);
+                }
+                buf.extend_from_slice(&chunk);
+            }
+        }
+    }
+    Ok(if buf.is_empty() {
+        first.unwrap_or_default()
+    } else {
+        buf.into()
+    })
+}
+
 /// Largest chunk a streaming read yields.
 pub const MAX_READ_CHUNK: usize = 1 << 20;
 
@@ -494,7 +517,7 @@ pub trait OutputCache: Debug + Display + Send + Sync + 'static {
     /// override it with a faster path for small blobs (one read call, no stream).
     async fn read_blob(&self, reference: &str) -> Result<Option<Bytes>> {
         match self.open_blob(reference, None).await? {
-            Some(stream) => Ok(Some(crate::blob::collect(stream).await?)),
+            Some(stream) => Ok(Some(collect(stream).await?)),
             None => Ok(None),
         }
     }
