@@ -347,17 +347,7 @@ impl FsCache {
         let Some(row) = self.read_row(&path, key.task_type(), key.fingerprint())? else {
             return Ok(None);
         };
-        if &row.key != key {
-            return Err(Error::CorruptRow {
-                task_type: key.task_type().into(),
-                fingerprint: key.fingerprint().into(),
-                reason: format!("file holds the row for {}", row.key),
-            });
-        }
-        Ok(Some(Row {
-            output: row.output,
-            created_at: row.created_at,
-        }))
+        row.into_row_for(key, "file").map(Some)
     }
 
     /// Write `bytes` to `dest` atomically (temp file, fsync, rename, fsync dir).

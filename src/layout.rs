@@ -132,6 +132,25 @@ pub struct RowRecord {
     pub size: u64,
 }
 
+impl RowRecord {
+    /// The row this record holds for a lookup of `key`: a record of another key under `key`'s name (a
+    /// file or object copied or renamed by hand, a hash collision of segments) is corrupt, never served.
+    /// `holder` names what held it in the error ("file", "object").
+    pub fn into_row_for(self, key: &RowKey, holder: &str) -> Result<crate::store::Row> {
+        if self.key != *key {
+            return Err(Error::CorruptRow {
+                task_type: key.task_type().into(),
+                fingerprint: key.fingerprint().into(),
+                reason: format!("{holder} holds the row for {}", self.key),
+            });
+        }
+        Ok(crate::store::Row {
+            output: self.output,
+            created_at: self.created_at,
+        })
+    }
+}
+
 /// Parse a row record. `task_type` and `fingerprint` name the row in the error if it is corrupt (the
 /// key it was looked up by, or whatever the caller knows).
 pub fn decode_row(bytes: &[u8], task_type: &str, fingerprint: &str) -> Result<RowRecord> {

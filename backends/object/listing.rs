@@ -45,6 +45,14 @@ impl BlobListing {
     }
 }
 
+/// A row listing sorted by what must be read ([`ObjectCache::sort_listing`]).
+#[derive(Default)]
+struct Sorted {
+    listed: Vec<RowEntry>,
+    to_read: Vec<ObjectMeta>,
+    unreadable: Vec<CorruptEntry>,
+}
+
 /// What a row object's name says, before anything is read.
 enum RowName {
     /// A readable name: the row's key.
@@ -207,20 +215,9 @@ impl ObjectCache {
     /// Every row as the listing shows it; only rows under hashed segments are read (for their key).
     pub(super) async fn shallow_scan(&self) -> Result<RowScan> {
         let metas = self.row_objects(|_| true).await?;
-        let (mut rows, mut unreadable, mut hashed) = (Vec::new(), Vec::new(), Vec::new());
-        for meta in metas {
-            match self.row_name(&meta.location) {
-                RowName::Key(key) => rows.push(Self::entry(&meta, key, Vec::new())),
-                RowName::Hashed => hashed.push(meta),
-                RowName::Foreign => unreadable.push(CorruptEntry {
-                    id: meta.location.to_string(),
-                    reason: "the object's name is not a row key".into(),
-                    size: meta.size,
-                    kind: CorruptKind::Garbled,
-                }),
-            }
-        }
-        let (read, corrupt) = self.fetch_rows(hashed).await?;
+        let sorted = self.sort_listing(metas, |_| false);
+        let (read, corrupt) = self.fetch_rows(sorted.to_read).await?;
+        let (mut rows, mut unreadable) = (sorted.listed, sorted.unreadable);
         rows.extend(
             read.into_iter()
                 .map(|(meta, r)| Self::entry(&meta, r.key, Vec::new())),
@@ -231,6 +228,29 @@ impl ObjectCache {
             unreadable,
             listing_only: true,
         })
+    }
+
+    /// Sort a row listing into rows known from their names alone, objects to read (those `read`
+    /// picks, and rows whose names hide their key) and names that are no row's.
+    fn sort_listing(&self, metas: Vec<ObjectMeta>, read: impl Fn(&ObjectMeta) -> bool) -> Sorted {
+        let mut sorted = Sorted::default();
+        for meta in metas {
+            if read(&meta) {
+                sorted.to_read.push(meta);
+                continue;
+            }
+            match self.row_name(&meta.location) {
+                RowName::Key(key) => sorted.listed.push(Self::entry(&meta, key, Vec::new())),
+                RowName::Hashed => sorted.to_read.push(meta),
+                RowName::Foreign => sorted.unreadable.push(CorruptEntry {
+                    id: meta.location.to_string(),
+                    reason: "the object's name is not a row key".into(),
+                    size: meta.size,
+                    kind: CorruptKind::Garbled,
+                }),
+            }
+        }
+        sorted
     }
 
     /// The current listing of the row objects at `wanted`, from one listing of the key range they span
@@ -550,26 +570,14 @@ impl ObjectCache {
                 .strip_prefix(rows_root.as_ref())
                 .is_some_and(|rest| marked.contains(rest))
         };
-        let (mut rows, mut unreadable, mut to_read) = (Vec::new(), Vec::new(), Vec::new());
-        let mut seen_marked = HashSet::new();
-        for meta in metas {
-            if is_marked(&meta) {
-                seen_marked.insert(meta.location.clone());
-                to_read.push(meta);
-                continue;
-            }
-            match self.row_name(&meta.location) {
-                RowName::Key(key) => rows.push(Self::entry(&meta, key, Vec::new())),
-                RowName::Hashed => to_read.push(meta),
-                RowName::Foreign => unreadable.push(CorruptEntry {
-                    id: meta.location.to_string(),
-                    reason: "the object's name is not a row key".into(),
-                    size: meta.size,
-                    kind: CorruptKind::Garbled,
-                }),
-            }
-        }
-        let (read, corrupt) = self.fetch_rows(to_read).await?;
+        let seen_marked: HashSet<Path> = metas
+            .iter()
+            .filter(|m| is_marked(m))
+            .map(|m| m.location.clone())
+            .collect();
+        let sorted = self.sort_listing(metas, is_marked);
+        let (read, corrupt) = self.fetch_rows(sorted.to_read).await?;
+        let (mut rows, mut unreadable) = (sorted.listed, sorted.unreadable);
         unreadable.extend(corrupt);
         let mut stale = Vec::new();
         for (meta, record) in read {

@@ -260,17 +260,7 @@ impl OutputCache for ObjectCache {
             return Ok(None);
         };
         let record = decode_row(&bytes, key.task_type(), key.fingerprint())?;
-        if record.key != *key {
-            return Err(Error::CorruptRow {
-                task_type: key.task_type().into(),
-                fingerprint: key.fingerprint().into(),
-                reason: format!("object holds the row for {}", record.key),
-            });
-        }
-        Ok(Some(Row {
-            output: record.output,
-            created_at: record.created_at,
-        }))
+        record.into_row_for(key, "object").map(Some)
     }
 
     async fn delete_rows(&self, keys: &[RowKey]) -> Result<u64> {
