@@ -15,7 +15,7 @@ echo "== cargo doc (broken intra-doc links are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --quiet --no-deps --all-features
 
 echo "== feature subsets compile (users pick backends by feature)"
-for features in "" "fs" "sqlite" "object-store" "conformance" "cloud" "s3" "gcs" "azure"; do
+for features in "" "fs" "sqlite" "object-store" "conformance" "cloud" "s3" "gcs" "azure" "serve"; do
   cargo check --quiet --lib --no-default-features --features "$features"
 done
 
@@ -23,6 +23,9 @@ echo "== S3-compatible servers (moto; s3s-fs for the restart test) and Azurite (
 trap 'bash scripts/s3-server.sh stop; bash scripts/azurite.sh stop' EXIT
 eval "$(bash scripts/s3-server.sh start)"
 eval "$(bash scripts/azurite.sh start)"
+
+echo "== real clients of outcache serve (ccache)"
+bash scripts/clients.sh install
 
 echo "== cargo test"
 cargo test --all-features

@@ -56,6 +56,8 @@ pub mod janitor;
 pub mod layout;
 pub mod metrics;
 pub mod options;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod store;
 pub mod wire;
 pub mod writer;

@@ -88,6 +88,13 @@ enum Command {
     ///
     /// Works in an isolated child location (like `conformance`) and removes what it wrote.
     Bench(bench::BenchArgs),
+    /// Serve the cache over HTTP to build tools: simple key/value (ccache's http storage), Bazel's
+    /// HTTP cache (/ac/, /cas/ with digest check), /healthz and /metrics.
+    ///
+    /// Listens on 127.0.0.1:8080 unless told otherwise. With a tokens file every request but /healthz
+    /// needs a token (Bearer, or Basic with the token as password); without one, reads are open and
+    /// writes need --allow-anonymous-writes. SIGTERM or SIGINT finishes requests in flight, then exits.
+    Serve(cli::serve::ServeArgs),
     /// Print the effective configuration, each value with where it came from (secrets redacted).
     Config(show_config::ConfigArgs),
     /// Run the conformance suite against the cache in an isolated child location.
@@ -113,6 +120,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Prune(args) => cli::janitor::prune(&ctx, args).await,
         Command::IndexRefs => cli::janitor::index_refs(&ctx).await,
         Command::Bench(args) => cli::bench::bench(&ctx, args).await,
+        Command::Serve(args) => cli::serve::serve(&ctx, args).await,
         Command::Config(args) => cli::show_config::config(&ctx, args).await,
         Command::Conformance => cli::conformance::conformance(&ctx).await,
     }

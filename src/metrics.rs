@@ -53,3 +53,32 @@ impl Counters {
         }
     }
 }
+
+impl Metrics {
+    /// The counters in Prometheus text format, as `outcache_engine_<name>` counters.
+    pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        for (name, help, value) in [
+            ("hits", "get calls that returned an output", self.hits),
+            ("misses", "get calls that returned nothing", self.misses),
+            (
+                "dangling_misses",
+                "misses whose row referenced a blob that is gone",
+                self.dangling_misses,
+            ),
+            ("puts", "rows written", self.puts),
+            ("bytes_in", "binary bytes taken in", self.bytes_in),
+            ("bytes_out", "blob bytes handed out", self.bytes_out),
+            (
+                "verification_failures",
+                "reads that failed verification",
+                self.verification_failures,
+            ),
+        ] {
+            out.push_str(&format!(
+                "# HELP outcache_engine_{name}_total {help}\n# TYPE outcache_engine_{name}_total counter\noutcache_engine_{name}_total {value}\n"
+            ));
+        }
+        out
+    }
+}

@@ -15,6 +15,7 @@ pub(crate) mod conformance;
 pub(crate) mod janitor;
 pub(crate) mod output;
 pub(crate) mod rows;
+pub(crate) mod serve;
 pub(crate) mod show_config;
 pub(crate) mod signals;
 

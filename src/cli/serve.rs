@@ -1,0 +1,119 @@
+//! `outcache serve`: the cache as a remote cache server (see `outcache::serve` for the protocols).
+
+use super::prelude::*;
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+    pub(crate) listen: std::net::SocketAddr,
+    /// File of tokens, one per line: `rw TOKEN` (read and write) or `ro TOKEN` (read only). With any,
+    /// every request but /healthz needs one. Also `OUTCACHE_SERVE_TOKENS_FILE`.
+    #[arg(long, value_name = "PATH", env = "OUTCACHE_SERVE_TOKENS_FILE")]
+    pub(crate) tokens_file: Option<std::path::PathBuf>,
+    /// Accept writes without a token (only when no tokens are configured).
+    #[arg(long)]
+    pub(crate) allow_anonymous_writes: bool,
+    /// Largest upload accepted (413 above it, nothing stored).
+    #[arg(long, default_value = "4GiB", value_name = "SIZE", value_parser = outcache::config::parse_size)]
+    pub(crate) max_body: u64,
+    /// Run the janitor this often while serving (with --older-than, --max-size, --orphans).
+    #[arg(long, value_name = "DURATION", value_parser = outcache::config::parse_duration)]
+    pub(crate) prune_every: Option<std::time::Duration>,
+    /// With --prune-every: remove rows committed longer ago than this.
+    #[arg(long, value_name = "DURATION", value_parser = outcache::config::parse_duration)]
+    pub(crate) older_than: Option<std::time::Duration>,
+    /// With --prune-every: keep the cache under this size, least recently used rows first (as
+    /// bazel-remote's LRU).
+    #[arg(long, value_name = "SIZE", value_parser = outcache::config::parse_size)]
+    pub(crate) max_size: Option<u64>,
+    /// With --prune-every: also remove orphan blobs and stale temps older than the configured grace.
+    #[arg(long)]
+    pub(crate) orphans: bool,
+}
+
+pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
+    let mut tokens = outcache::serve::Tokens::default();
+    if let Some(path) = &args.tokens_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| outcache::Error::io("read tokens file", path, e))?;
+        tokens = outcache::serve::Tokens::parse(&text).map_err(|reason| {
+            outcache::Error::InvalidInput {
+                what: format!("tokens file {}", path.display()),
+                reason,
+            }
+        })?;
+    }
+    if args.prune_every.is_some()
+        && args.older_than.is_none()
+        && args.max_size.is_none()
+        && !args.orphans
+    {
+        return Err(outcache::Error::InvalidInput {
+            what: "--prune-every".into(),
+            reason: "says when, not what: add --older-than, --max-size or --orphans".into(),
+        }
+        .into());
+    }
+    let cache = open(&ctx.config, ctx.run_id.as_deref())?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| outcache::Error::io("listen on", args.listen.to_string(), e))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| outcache::Error::io("listen on", args.listen.to_string(), e))?;
+    let writes = if !tokens.is_empty() {
+        format!("{tokens:?}")
+    } else if args.allow_anonymous_writes {
+        "no tokens, anonymous writes allowed".into()
+    } else {
+        "no tokens: reads only".into()
+    };
+    eprintln!(
+        "outcache serve: {} on http://{bound} ({writes})",
+        cache.backend()
+    );
+    let janitor = args.prune_every.map(|every| {
+        let mut options = outcache::janitor::PruneOptions::new();
+        options.older_than = args.older_than;
+        options.max_size = args.max_size;
+        options.orphans = args.orphans;
+        options.grace = ctx.config.janitor_grace;
+        let backend = cache.backend().clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match outcache::janitor::prune(backend.as_ref(), &options, |_| {}).await {
+                    Ok(r) => eprintln!(
+                        "outcache serve: janitor removed {} rows, {} blobs, {} temps",
+                        r.rows_removed, r.blobs_removed, r.temps_removed
+                    ),
+                    Err(e) => eprintln!("outcache serve: janitor: {e}"),
+                }
+            }
+        })
+    });
+    let options = outcache::serve::ServeOptions {
+        tokens,
+        allow_anonymous_writes: args.allow_anonymous_writes,
+        max_body: args.max_body,
+        access_log: !ctx.quiet,
+    };
+    let stop = super::signals::stop_signals();
+    let shutdown = async move {
+        let signal = stop.await;
+        eprintln!(
+            "outcache serve: {}: finishing requests in flight",
+            signal.name()
+        );
+    };
+    let served = outcache::serve::serve(listener, cache.clone(), options, shutdown).await;
+    if let Some(janitor) = janitor {
+        janitor.abort();
+    }
+    cache.flush_access().await?;
+    served?;
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! Who may read and write: bearer tokens, read-only or read-write, compared by their SHA-256 so a
+//! comparison takes the same time whatever the guess, and never kept or logged in the clear.
+
+use axum::http::{HeaderMap, header};
+use base64::Engine as _;
+use sha2::{Digest, Sha256};
+
+/// What a request's credentials allow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// No credentials.
+    Anonymous,
+    /// A read-only token.
+    ReadOnly,
+    /// A read-write token.
+    ReadWrite,
+    /// Credentials that match no token.
+    Denied,
+}
+
+/// The configured tokens (their digests).
+#[derive(Clone, Default)]
+pub struct Tokens {
+    read_write: Vec<[u8; 32]>,
+    read_only: Vec<[u8; 32]>,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Tokens {{ {} read-write, {} read-only }}",
+            self.read_write.len(),
+            self.read_only.len()
+        )
+    }
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+impl Tokens {
+    /// Parse a tokens file: one token per line, `rw TOKEN` or `ro TOKEN`; blank lines and `#` comments
+    /// are skipped. Errors name the line number, never its text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut tokens = Tokens::default();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            match line.split_once(char::is_whitespace) {
+                Some(("rw", t)) if !t.trim().is_empty() => tokens.add_read_write(t.trim()),
+                Some(("ro", t)) if !t.trim().is_empty() => tokens.add_read_only(t.trim()),
+                _ => {
+                    return Err(format!("line {}: expected `rw TOKEN` or `ro TOKEN`", i + 1));
+                }
+            }
+        }
+        Ok(tokens)
+    }
+
+    /// Accept `token` for reads and writes.
+    pub fn add_read_write(&mut self, token: &str) {
+        self.read_write.push(digest(token));
+    }
+
+    /// Accept `token` for reads.
+    pub fn add_read_only(&mut self, token: &str) {
+        self.read_only.push(digest(token));
+    }
+
+    /// True if no token is configured.
+    pub fn is_empty(&self) -> bool {
+        self.read_write.is_empty() && self.read_only.is_empty()
+    }
+
+    /// What the request's `Authorization` header allows: `Bearer TOKEN`, or `Basic` with the token as
+    /// the password (the user is ignored), which is how ccache sends `http://user:TOKEN@host/`.
+    pub fn access(&self, headers: &HeaderMap) -> Access {
+        let Some(value) = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return Access::Anonymous;
+        };
+        let token = if let Some(t) = value.strip_prefix("Bearer ") {
+            t.trim().to_owned()
+        } else if let Some(b) = value.strip_prefix("Basic ") {
+            let Some(pair) = base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()
+                .and_then(|d| String::from_utf8(d).ok())
+            else {
+                return Access::Denied;
+            };
+            match pair.split_once(':') {
+                Some((_, password)) => password.to_owned(),
+                None => return Access::Denied,
+            }
+        } else {
+            return Access::Denied;
+        };
+        let d = digest(&token);
+        if self.read_write.contains(&d) {
+            Access::ReadWrite
+        } else if self.read_only.contains(&d) {
+            Access::ReadOnly
+        } else {
+            Access::Denied
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! The server's own counters, per protocol: hits, misses, uploads stored and refused, bytes in and out,
+//! errors, and requests in flight — exported in Prometheus text format beside the engine's.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+/// A protocol the server speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Protocol {
+    KeyValue,
+    BazelAc,
+    BazelCas,
+}
+
+impl Protocol {
+    const ALL: [Protocol; 3] = [Protocol::KeyValue, Protocol::BazelAc, Protocol::BazelCas];
+
+    fn label(self) -> &'static str {
+        match self {
+            Protocol::KeyValue => "http",
+            Protocol::BazelAc => "bazel_ac",
+            Protocol::BazelCas => "bazel_cas",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// What a request came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Outcome {
+    Hit,
+    Miss,
+    Stored,
+    Refused,
+    Error,
+}
+
+#[derive(Debug, Default)]
+struct PerProtocol {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    stored: AtomicU64,
+    refused: AtomicU64,
+    errors: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
+/// The server's counters.
+#[derive(Debug, Default)]
+pub struct ServeMetrics {
+    per: [PerProtocol; 3],
+    in_flight: AtomicI64,
+}
+
+/// Counts a request in flight while it lives.
+pub(super) struct InFlight<'a>(&'a AtomicI64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl ServeMetrics {
+    pub(super) fn start(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(&self.in_flight)
+    }
+
+    pub(super) fn count(&self, protocol: Protocol, outcome: Outcome, bytes: u64) {
+        let p = &self.per[protocol.index()];
+        let add = |c: &AtomicU64, n: u64| {
+            c.fetch_add(n, Ordering::Relaxed);
+        };
+        match outcome {
+            Outcome::Hit => {
+                add(&p.hits, 1);
+                add(&p.bytes_out, bytes);
+            }
+            Outcome::Miss => add(&p.misses, 1),
+            Outcome::Stored => {
+                add(&p.stored, 1);
+                add(&p.bytes_in, bytes);
+            }
+            Outcome::Refused => add(&p.refused, 1),
+            Outcome::Error => add(&p.errors, 1),
+        }
+    }
+
+    /// Requests being served now.
+    pub fn in_flight(&self) -> i64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The counters in Prometheus text format.
+    pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        type Pick = fn(&PerProtocol) -> &AtomicU64;
+        let series: [(&str, &str, Pick); 7] = [
+            ("hits", "requests served from the cache", |p| &p.hits),
+            ("misses", "reads of keys not in the cache", |p| &p.misses),
+            ("uploads_stored", "uploads stored", |p| &p.stored),
+            (
+                "uploads_refused",
+                "uploads refused (size, digest, cut off); nothing stored",
+                |p| &p.refused,
+            ),
+            ("errors", "requests the cache failed", |p| &p.errors),
+            ("bytes_in", "bytes of uploads stored", |p| &p.bytes_in),
+            ("bytes_out", "bytes of hits sent", |p| &p.bytes_out),
+        ];
+        for (name, help, pick) in series {
+            out.push_str(&format!(
+                "# HELP outcache_serve_{name}_total {help}\n# TYPE outcache_serve_{name}_total counter\n"
+            ));
+            for protocol in Protocol::ALL {
+                let value = pick(&self.per[protocol.index()]).load(Ordering::Relaxed);
+                out.push_str(&format!(
+                    "outcache_serve_{name}_total{{protocol=\"{}\"}} {value}\n",
+                    protocol.label()
+                ));
+            }
+        }
+        out.push_str(&format!(
+            "# HELP outcache_serve_in_flight requests being served\n# TYPE outcache_serve_in_flight gauge\noutcache_serve_in_flight {}\n",
+            self.in_flight()
+        ));
+        out
+    }
+}

@@ -1,0 +1,550 @@
+//! `outcache serve`: the cache behind HTTP, for build tools that already speak a remote-cache protocol.
+//! Each protocol's key space is a task type and a request's key is the task's input, so the server is
+//! the engine with a URL in front: bodies stream in with bounded memory, are published atomically
+//! (or not at all) and stream out verified, on any backend.
+//!
+//! - **Simple key/value** (ccache's `remote_storage = http://…`, sccache/Gradle-style clients):
+//!   `GET`/`HEAD`/`PUT`/`DELETE /<any path>`; the path is the key, so ccache's `flat` and `subdirs`
+//!   layouts work as they are (task type `http`).
+//! - **Bazel HTTP cache**: `/ac/<sha256>` (task type `bazel/ac`) and `/cas/<sha256>` (`bazel/cas`), where
+//!   an upload whose bytes do not hash to its key is refused and never stored. ccache's `bazel` layout
+//!   lands here too.
+//! - Operations: `/healthz`; `/metrics` in Prometheus text format.
+//!
+//! Auth: bearer tokens (`Authorization: Bearer T`, or HTTP Basic with the token as password, which is
+//! how ccache sends `http://user:T@host/`). With tokens configured every request but `/healthz` needs
+//! one and writes need a read-write one; with none, reads are open and writes are refused unless the
+//! operator allows anonymous writes. Tokens are compared by digest and never logged.
+
+mod auth;
+mod metrics;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+pub use auth::{Access, Tokens};
+pub use metrics::ServeMetrics;
+use metrics::{Outcome, Protocol};
+
+use crate::engine::{BlobOptions, Cache};
+use crate::error::Error;
+use crate::wire::{CacheRef, InlineBinary};
+
+/// Largest upload accepted by default.
+pub const DEFAULT_MAX_BODY: u64 = 4 << 30;
+
+/// How the server treats its clients.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// Who may read and write.
+    pub tokens: Tokens,
+    /// Accept writes without a token when no tokens are configured.
+    pub allow_anonymous_writes: bool,
+    /// Largest request body accepted (413 above it, and nothing stored).
+    pub max_body: u64,
+    /// One line per request on stderr: method, path, status, bytes, duration.
+    pub access_log: bool,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            tokens: Tokens::default(),
+            allow_anonymous_writes: false,
+            max_body: DEFAULT_MAX_BODY,
+            access_log: false,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Served {
+    cache: Cache,
+    options: Arc<ServeOptions>,
+    metrics: Arc<ServeMetrics>,
+}
+
+/// The server's routes over `cache`, with its metrics (for an embedding server, and for tests).
+pub fn router(cache: Cache, options: ServeOptions) -> (Router, Arc<ServeMetrics>) {
+    let metrics = Arc::new(ServeMetrics::default());
+    let state = Served {
+        cache,
+        options: Arc::new(options),
+        metrics: metrics.clone(),
+    };
+    let router = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics_text))
+        .route("/ac/{digest}", any(bazel_ac))
+        .route("/cas/{digest}", any(bazel_cas))
+        .route("/{*key}", any(key_value))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            log_and_count,
+        ))
+        .with_state(state);
+    (router, metrics)
+}
+
+/// Serve `cache` on `listener` until `shutdown` resolves; requests in flight (uploads included) finish
+/// first, and a new upload started after the signal is not accepted.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    cache: Cache,
+    options: ServeOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> crate::Result<()> {
+    let (router, _) = router(cache, options);
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| Error::io("serve", "listener", e))
+}
+
+async fn metrics_text(State(state): State<Served>) -> Response {
+    let mut text = state.metrics.prometheus();
+    text.push_str(&state.cache.metrics().prometheus());
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// One access-log line per request (never its headers: they carry tokens), and the in-flight gauge.
+async fn log_and_count(
+    State(state): State<Served>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let started = Instant::now();
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    let _in_flight = state.metrics.start();
+    let response = next.run(request).await;
+    if state.options.access_log {
+        let size = response
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_owned();
+        eprintln!(
+            "{method} {path} {} {size} {:.1}ms",
+            response.status().as_u16(),
+            started.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    response
+}
+
+fn status(code: StatusCode, text: impl Into<String>) -> Response {
+    (code, format!("{}\n", text.into())).into_response()
+}
+
+/// The response for a request `access` does not allow for `method` (401 without a token, 403 with one).
+fn check(state: &Served, headers: &HeaderMap, method: &Method) -> Option<Response> {
+    let access = state.options.tokens.access(headers);
+    let writes = !matches!(*method, Method::GET | Method::HEAD);
+    let allowed = match access {
+        Access::ReadWrite => true,
+        Access::ReadOnly => !writes,
+        Access::Anonymous if state.options.tokens.is_empty() => {
+            !writes || state.options.allow_anonymous_writes
+        }
+        Access::Anonymous | Access::Denied => false,
+    };
+    if allowed {
+        return None;
+    }
+    Some(match access {
+        Access::ReadOnly => status(StatusCode::FORBIDDEN, "a read-only token cannot write"),
+        Access::Denied => status(StatusCode::UNAUTHORIZED, "unknown token"),
+        _ if state.options.tokens.is_empty() => status(
+            StatusCode::FORBIDDEN,
+            "writes need a token (the server allows no anonymous writes)",
+        ),
+        _ => {
+            let mut r = status(StatusCode::UNAUTHORIZED, "a token is needed");
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer, Basic realm=\"outcache\""),
+            );
+            r
+        }
+    })
+}
+
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+async fn bazel_ac(
+    State(state): State<Served>,
+    Path(digest): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if !is_sha256_hex(&digest) {
+        return status(StatusCode::BAD_REQUEST, "the key must be 64 hex digits");
+    }
+    let key = json!({ "digest": digest.to_ascii_lowercase() });
+    handle(
+        &state,
+        Protocol::BazelAc,
+        "bazel/ac",
+        key,
+        method,
+        &headers,
+        body,
+        None,
+    )
+    .await
+}
+
+async fn bazel_cas(
+    State(state): State<Served>,
+    Path(digest): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if !is_sha256_hex(&digest) {
+        return status(StatusCode::BAD_REQUEST, "the key must be 64 hex digits");
+    }
+    let digest = digest.to_ascii_lowercase();
+    let key = json!({ "digest": digest });
+    handle(
+        &state,
+        Protocol::BazelCas,
+        "bazel/cas",
+        key,
+        method,
+        &headers,
+        body,
+        Some(digest),
+    )
+    .await
+}
+
+async fn key_value(
+    State(state): State<Served>,
+    Path(key): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if key.is_empty() || key.len() > 1024 || key.split('/').any(|p| p == ".." || p == ".") {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "a key is a path of 1 to 1024 bytes without . or .. segments",
+        );
+    }
+    let key = json!({ "key": key });
+    handle(
+        &state,
+        Protocol::KeyValue,
+        "http",
+        key,
+        method,
+        &headers,
+        body,
+        None,
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn handle(
+    state: &Served,
+    protocol: Protocol,
+    task: &str,
+    inputs: Value,
+    method: Method,
+    headers: &HeaderMap,
+    body: Body,
+    expect_sha256: Option<String>,
+) -> Response {
+    if let Some(refused) = check(state, headers, &method) {
+        return refused;
+    }
+    match method {
+        Method::GET | Method::HEAD => {
+            fetch(state, protocol, task, &inputs, method == Method::HEAD).await
+        }
+        Method::PUT | Method::POST => {
+            store(state, protocol, task, &inputs, headers, body, expect_sha256).await
+        }
+        Method::DELETE if protocol == Protocol::KeyValue => {
+            match state.cache.delete(task, &inputs).await {
+                Ok(true) => StatusCode::NO_CONTENT.into_response(),
+                Ok(false) => status(StatusCode::NOT_FOUND, "no such key"),
+                Err(e) => backend_error(state, protocol, &e),
+            }
+        }
+        _ => status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "GET, HEAD, PUT (DELETE for keys)",
+        ),
+    }
+}
+
+fn backend_error(state: &Served, protocol: Protocol, e: &Error) -> Response {
+    state.metrics.count(protocol, Outcome::Error, 0);
+    tracing::error!(target: "outcache::serve", "{e}");
+    eprintln!("outcache serve: {e}");
+    status(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the cache failed; see the server log",
+    )
+}
+
+/// A hit streams its bytes (verified on the way out: a blob that fails verification ends the body early,
+/// so a client that was told its length never takes a short body for the whole); a miss is 404.
+async fn fetch(
+    state: &Served,
+    protocol: Protocol,
+    task: &str,
+    inputs: &Value,
+    head: bool,
+) -> Response {
+    let value = match state.cache.get(task, inputs).await {
+        Ok(Some(v)) => v,
+        Ok(None) => {
+            state.metrics.count(protocol, Outcome::Miss, 0);
+            return status(StatusCode::NOT_FOUND, "miss");
+        }
+        Err(e) => return backend_error(state, protocol, &e),
+    };
+    let octets = HeaderValue::from_static("application/octet-stream");
+    if let Some(r) = CacheRef::from_value(&value) {
+        let size = r.size.unwrap_or(0);
+        if head {
+            state.metrics.count(protocol, Outcome::Hit, 0);
+            return (
+                [
+                    (header::CONTENT_TYPE, octets),
+                    (header::CONTENT_LENGTH, size.into()),
+                ],
+                (),
+            )
+                .into_response();
+        }
+        return match state.cache.open_stream(&r).await {
+            Ok(Some(stream)) => {
+                state.metrics.count(protocol, Outcome::Hit, size);
+                let body =
+                    Body::from_stream(hold_last(stream).map(|c| c.map_err(std::io::Error::other)));
+                (
+                    [
+                        (header::CONTENT_TYPE, octets),
+                        (header::CONTENT_LENGTH, size.into()),
+                    ],
+                    body,
+                )
+                    .into_response()
+            }
+            Ok(None) => {
+                state.metrics.count(protocol, Outcome::Miss, 0);
+                status(StatusCode::NOT_FOUND, "miss")
+            }
+            Err(e) => backend_error(state, protocol, &e),
+        };
+    }
+    match InlineBinary::decode(&value) {
+        Ok(Some(inline)) => {
+            let size = inline.bytes.len() as u64;
+            state
+                .metrics
+                .count(protocol, Outcome::Hit, if head { 0 } else { size });
+            let body = if head {
+                Body::empty()
+            } else {
+                Body::from(inline.bytes)
+            };
+            (
+                [
+                    (header::CONTENT_TYPE, octets),
+                    (header::CONTENT_LENGTH, size.into()),
+                ],
+                body,
+            )
+                .into_response()
+        }
+        Ok(None) => backend_error(
+            state,
+            protocol,
+            &Error::InvalidInput {
+                what: format!("the {task} entry"),
+                reason: "holds JSON, not bytes (written by something other than the server)".into(),
+            },
+        ),
+        Err(e) => backend_error(state, protocol, &e),
+    }
+}
+
+/// Why an upload's own stream stopped it (set by the stream, read after the put failed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refusal {
+    TooLarge,
+    WrongDigest,
+    Aborted,
+}
+
+async fn store(
+    state: &Served,
+    protocol: Protocol,
+    task: &str,
+    inputs: &Value,
+    headers: &HeaderMap,
+    body: Body,
+    expect_sha256: Option<String>,
+) -> Response {
+    let max = state.options.max_body;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return status(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("bodies are limited to {max} bytes"),
+        );
+    }
+    let refusal = Arc::new(std::sync::Mutex::new(None::<Refusal>));
+    let stream = checked_body(body, max, expect_sha256, refusal.clone());
+    let received = stream.1;
+    match state
+        .cache
+        .put_stream(task, inputs, stream.0, BlobOptions::default())
+        .await
+    {
+        Ok(_) => {
+            let n = received.load(std::sync::atomic::Ordering::SeqCst);
+            state.metrics.count(protocol, Outcome::Stored, n);
+            StatusCode::OK.into_response()
+        }
+        Err(e) => {
+            let why = *refusal.lock().unwrap_or_else(|p| p.into_inner());
+            match why {
+                Some(Refusal::TooLarge) => {
+                    state.metrics.count(protocol, Outcome::Refused, 0);
+                    status(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("bodies are limited to {max} bytes"),
+                    )
+                }
+                Some(Refusal::WrongDigest) => {
+                    state.metrics.count(protocol, Outcome::Refused, 0);
+                    status(
+                        StatusCode::BAD_REQUEST,
+                        "the body does not hash to its key; nothing stored",
+                    )
+                }
+                Some(Refusal::Aborted) => {
+                    state.metrics.count(protocol, Outcome::Refused, 0);
+                    status(
+                        StatusCode::BAD_REQUEST,
+                        "the upload was cut off; nothing stored",
+                    )
+                }
+                None => backend_error(state, protocol, &e),
+            }
+        }
+    }
+}
+
+/// The request body as a byte stream that fails (recording why) past `max` bytes, on a digest other
+/// than `expect_sha256` at its end, or when the client's upload breaks off; and a counter of the bytes
+/// taken.
+fn checked_body(
+    body: Body,
+    max: u64,
+    expect_sha256: Option<String>,
+    refusal: Arc<std::sync::Mutex<Option<Refusal>>>,
+) -> (crate::ByteStream, Arc<std::sync::atomic::AtomicU64>) {
+    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = received.clone();
+    struct Taking {
+        inner: axum::body::BodyDataStream,
+        hasher: Option<Sha256>,
+        expect: Option<String>,
+        total: u64,
+        done: bool,
+    }
+    let start = Taking {
+        inner: body.into_data_stream(),
+        hasher: expect_sha256.as_ref().map(|_| Sha256::new()),
+        expect: expect_sha256,
+        total: 0,
+        done: false,
+    };
+    let refuse = move |why: Refusal, refusal: &Arc<std::sync::Mutex<Option<Refusal>>>| {
+        *refusal.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        Error::stream(std::io::Error::other(format!("{why:?}")))
+    };
+    let stream = futures::stream::try_unfold(start, move |mut s| {
+        let (refusal, counter) = (refusal.clone(), counter.clone());
+        async move {
+            if s.done {
+                return Ok(None);
+            }
+            match s.inner.next().await {
+                Some(Ok(chunk)) => {
+                    s.total += chunk.len() as u64;
+                    if s.total > max {
+                        return Err(refuse(Refusal::TooLarge, &refusal));
+                    }
+                    if let Some(h) = s.hasher.as_mut() {
+                        h.update(&chunk);
+                    }
+                    counter.store(s.total, std::sync::atomic::Ordering::SeqCst);
+                    Ok(Some((chunk, s)))
+                }
+                Some(Err(_)) => Err(refuse(Refusal::Aborted, &refusal)),
+                None => {
+                    if let (Some(h), Some(expect)) = (s.hasher.take(), s.expect.as_deref()) {
+                        if crate::wire::hex(&h.finalize()) != expect {
+                            return Err(refuse(Refusal::WrongDigest, &refusal));
+                        }
+                    }
+                    s.done = true;
+                    Ok(Some((Bytes::new(), s)))
+                }
+            }
+        }
+    })
+    .filter(|c| futures::future::ready(!matches!(c, Ok(b) if b.is_empty())));
+    (stream.boxed(), received)
+}
+
+/// `stream` with each chunk held back until the next one arrives or the stream ends cleanly: the
+/// engine's verification fails *after* a blob's last chunk, so the chunk that completes the body is
+/// sent only once the whole blob is verified, and a client never receives all the bytes it was promised
+/// of a blob that failed.
+fn hold_last(stream: crate::ByteStream) -> crate::ByteStream {
+    futures::stream::try_unfold((stream, None::<Bytes>), |(mut inner, held)| async move {
+        match inner.next().await {
+            // The first chunk goes out as an empty one (filtered below), the rest one step late.
+            Some(Ok(chunk)) => Ok(Some((held.unwrap_or_default(), (inner, Some(chunk))))),
+            Some(Err(e)) => Err(e),
+            None => Ok(held.map(|last| (last, (inner, None)))),
+        }
+    })
+    .filter(|c| futures::future::ready(!matches!(c, Ok(b) if b.is_empty())))
+    .boxed()
+}

@@ -1,0 +1,348 @@
+//! `outcache serve` over HTTP, as a client sees it: the simple key/value and Bazel protocols on a real
+//! listener (127.0.0.1, an ephemeral port) over the fs and SQLite backends; auth; refusals that store
+//! nothing; and a blob that fails verification never reaching a client whole.
+#![cfg(feature = "serve")]
+
+use std::sync::Arc;
+
+use outcache::serve::{ServeOptions, Tokens};
+use outcache::{Cache, OutputCache};
+use reqwest::StatusCode;
+use sha2::{Digest, Sha256};
+
+struct Server {
+    base: String,
+    cache: Cache,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(backend: &str, options: ServeOptions) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = match backend {
+        "fs" => Cache::open(&format!("fs://{}", dir.path().display())).unwrap(),
+        "sqlite" => Cache::open(&format!("sqlite://{}/c.db", dir.path().display())).unwrap(),
+        other => panic!("{other}"),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let served = cache.clone();
+    tokio::spawn(async move {
+        outcache::serve::serve(listener, served, options, std::future::pending())
+            .await
+            .unwrap();
+    });
+    Server {
+        base,
+        cache,
+        _dir: dir,
+    }
+}
+
+fn writer() -> ServeOptions {
+    ServeOptions {
+        allow_anonymous_writes: true,
+        ..ServeOptions::default()
+    }
+}
+
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+async fn blobs(server: &Server) -> usize {
+    server.cache.backend().list_blobs().await.unwrap().len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_value_round_trips_large_and_small_bodies_on_fs_and_sqlite() {
+    for backend in ["fs", "sqlite"] {
+        let server = start(backend, writer()).await;
+        let client = reqwest::Client::new();
+        for (path, body) in [
+            ("ccache/ab/cdef", pattern(300_000)),
+            ("small", b"tiny".to_vec()),
+        ] {
+            let url = format!("{}/{path}", server.base);
+            assert_eq!(
+                client.get(&url).send().await.unwrap().status(),
+                StatusCode::NOT_FOUND
+            );
+            let put = client.put(&url).body(body.clone()).send().await.unwrap();
+            assert_eq!(put.status(), StatusCode::OK, "{backend} {path}");
+            let got = client.get(&url).send().await.unwrap();
+            assert_eq!(got.status(), StatusCode::OK);
+            assert_eq!(
+                got.bytes().await.unwrap().as_ref(),
+                body.as_slice(),
+                "{backend} {path}"
+            );
+            let head = client.head(&url).send().await.unwrap();
+            assert_eq!(head.status(), StatusCode::OK);
+            let length = head.headers().get(reqwest::header::CONTENT_LENGTH).cloned();
+            assert_eq!(
+                length,
+                Some(body.len().into()),
+                "{backend} {path}: HEAD's length"
+            );
+            assert_eq!(
+                client.delete(&url).send().await.unwrap().status(),
+                StatusCode::NO_CONTENT
+            );
+            assert_eq!(
+                client.get(&url).send().await.unwrap().status(),
+                StatusCode::NOT_FOUND
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cas_upload_that_does_not_hash_to_its_key_is_refused_and_never_stored() {
+    let server = start("fs", writer()).await;
+    let client = reqwest::Client::new();
+    let body = pattern(200_000);
+    let digest = outcache::wire::hex(&Sha256::digest(&body));
+    let good = format!("{}/cas/{digest}", server.base);
+    assert_eq!(
+        client
+            .put(&good)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        client
+            .get(&good)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .as_ref(),
+        body.as_slice()
+    );
+    let before = blobs(&server).await;
+
+    let wrong = format!("{}/cas/{}", server.base, "0".repeat(64));
+    let refused = client.put(&wrong).body(body.clone()).send().await.unwrap();
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        client.get(&wrong).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        blobs(&server).await,
+        before,
+        "a refused upload left a blob or temp"
+    );
+
+    // The action cache takes any bytes under a digest key; malformed keys are refused.
+    let ac = format!("{}/ac/{}", server.base, "a".repeat(64));
+    assert_eq!(
+        client
+            .put(&ac)
+            .body("result")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        client.get(&ac).send().await.unwrap().text().await.unwrap(),
+        "result"
+    );
+    let bad = format!("{}/ac/not-a-digest", server.base);
+    assert_eq!(
+        client.get(&bad).send().await.unwrap().status(),
+        StatusCode::BAD_REQUEST
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_upload_is_refused_and_nothing_is_stored() {
+    let server = start(
+        "fs",
+        ServeOptions {
+            max_body: 10_000,
+            ..writer()
+        },
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/big", server.base);
+    // Declared too large, and (streamed, no length) found too large on the way.
+    let declared = client.put(&url).body(pattern(20_000)).send().await.unwrap();
+    assert_eq!(declared.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..4).map(|_| Ok(pattern(5_000))).collect();
+    let streamed = client
+        .put(&url)
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(streamed.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        client.get(&url).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(blobs(&server).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_gate_reads_and_writes() {
+    // No tokens: reads are open, writes refused unless anonymous writes are allowed.
+    let open = start("fs", ServeOptions::default()).await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/k", open.base);
+    assert_eq!(
+        client.get(&url).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        client.put(&url).body("x").send().await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+
+    let mut tokens = Tokens::parse("# tokens\nrw writer-token\nro reader-token\n").unwrap();
+    tokens.add_read_only("another-reader");
+    let gated = start(
+        "fs",
+        ServeOptions {
+            tokens,
+            ..ServeOptions::default()
+        },
+    )
+    .await;
+    let url = format!("{}/k", gated.base);
+    assert_eq!(
+        client.get(&url).send().await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        client
+            .get(&url)
+            .bearer_auth("wrong")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        client
+            .put(&url)
+            .bearer_auth("reader-token")
+            .body("x")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        client
+            .put(&url)
+            .bearer_auth("writer-token")
+            .body("x")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    // Basic auth with the token as password (ccache's http://user:TOKEN@host/).
+    let got = client
+        .get(&url)
+        .basic_auth("ccache", Some("reader-token"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), StatusCode::OK);
+    assert_eq!(got.text().await.unwrap(), "x");
+    // /healthz needs no token.
+    let health = client
+        .get(format!("{}/healthz", gated.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    assert!(Tokens::parse("rw\n").is_err() && Tokens::parse("admin t\n").is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_that_fails_verification_never_reaches_the_client_whole() {
+    let server = start("fs", writer()).await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/victim", server.base);
+    let body = pattern(3_000_000);
+    assert_eq!(
+        client
+            .put(&url)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    // Flip one byte of the stored blob (same size), as a bad disk would.
+    let blob = server.cache.backend().list_blobs().await.unwrap().remove(0);
+    let root = server._dir.path().join("blobs");
+    let file = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| blob.id.contains(p.file_name().unwrap().to_str().unwrap()))
+        .unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[2_999_999] ^= 0xff;
+    std::fs::write(&file, bytes).unwrap();
+    let got = client.get(&url).send().await.unwrap();
+    assert_eq!(
+        got.status(),
+        StatusCode::OK,
+        "headers go out before the bytes are read"
+    );
+    match got.bytes().await {
+        Ok(b) => panic!("the client received {} bytes as a complete body", b.len()),
+        Err(e) => assert!(e.is_body() || e.is_decode() || e.is_request(), "{e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_hits_misses_and_refusals() {
+    let server = start("sqlite", writer()).await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/m", server.base);
+    client.get(&url).send().await.unwrap();
+    client.put(&url).body("v").send().await.unwrap();
+    client.get(&url).send().await.unwrap();
+    client
+        .put(format!("{}/cas/{}", server.base, "1".repeat(64)))
+        .body("v")
+        .send()
+        .await
+        .unwrap();
+    let text = client
+        .get(format!("{}/metrics", server.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "outcache_serve_hits_total{protocol=\"http\"} 1",
+        "outcache_serve_misses_total{protocol=\"http\"} 1",
+        "outcache_serve_uploads_stored_total{protocol=\"http\"} 1",
+        "outcache_serve_uploads_refused_total{protocol=\"bazel_cas\"} 1",
+        "outcache_engine_puts_total 1",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
+    let _: &Arc<dyn OutputCache> = server.cache.backend();
+}

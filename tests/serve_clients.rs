@@ -1,0 +1,180 @@
+//! `outcache serve` with a real client nobody here wrote: ccache (Debian's package, installed by
+//! `scripts/clients.sh`, which the test command runs) compiles a C file against the server, its local
+//! cache is wiped, and the second compile must be a remote hit with a byte-identical object file — on
+//! the fs, SQLite and S3 (moto) backends, through the server binary with a token in the URL (HTTP Basic,
+//! as ccache sends it). Without ccache the test is skipped outside CI and fails under `CI=true`.
+#![cfg(feature = "cli")]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+fn ccache() -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("ccache"))
+            .find(|p| p.is_file())
+    });
+    match found {
+        Some(p) => Some(p),
+        None if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("CI=true but ccache is not installed: run scripts/clients.sh install")
+        }
+        None => {
+            eprintln!("SKIPPED: ccache is not installed (scripts/clients.sh install)");
+            None
+        }
+    }
+}
+
+/// The server on `url`, on an ephemeral port; returns the child and `http://127.0.0.1:PORT`.
+fn serve(url: &str, dir: &Path, extra_env: &[(&str, &str)]) -> (Child, String) {
+    std::fs::write(dir.join("tokens"), "rw ccache-token\n").unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outcache"));
+    cmd.args([
+        "--url",
+        url,
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--tokens-file",
+    ])
+    .arg(dir.join("tokens"))
+    .env_remove("OUTCACHE_URL")
+    .env_remove("OUTCACHE_CONFIG")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let first = lines.next().unwrap().unwrap();
+    let base = first
+        .split(" on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {first:?}"))
+        .to_owned();
+    // Keep draining the access log so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, base)
+}
+
+fn compile(ccache: &Path, dir: &Path, local: &str, remote: &str, out: &str) -> String {
+    let status = Command::new(ccache)
+        .args(["gcc", "-c", "hello.c", "-o", out])
+        .current_dir(dir)
+        .env("CCACHE_DIR", dir.join(local))
+        .env("CCACHE_REMOTE_STORAGE", remote)
+        .env_remove("CCACHE_DISABLE")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let stats = Command::new(ccache)
+        .arg("--print-stats")
+        .env("CCACHE_DIR", dir.join(local))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&stats.stdout).into_owned()
+}
+
+fn counter(stats: &str, name: &str) -> u64 {
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn round_trip(ccache: &Path, url: &str, extra_env: &[(&str, &str)]) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("hello.c"),
+        "int answer(void) { return 42; }\n",
+    )
+    .unwrap();
+    let (mut server, base) = serve(url, dir.path(), extra_env);
+    let host = base.trim_start_matches("http://");
+    for layout in ["flat", "subdirs", "bazel"] {
+        let remote = format!("http://ccache:ccache-token@{host}/{layout}|layout={layout}");
+        let first = compile(
+            ccache,
+            dir.path(),
+            &format!("{layout}-1"),
+            &remote,
+            "first.o",
+        );
+        assert_eq!(
+            counter(&first, "remote_storage_miss\t"),
+            1,
+            "{layout}: {first}"
+        );
+        assert_eq!(
+            counter(&first, "remote_storage_error\t"),
+            0,
+            "{layout}: {first}"
+        );
+        // A fresh local cache: the only place the result can come from is the server.
+        let second = compile(
+            ccache,
+            dir.path(),
+            &format!("{layout}-2"),
+            &remote,
+            "second.o",
+        );
+        assert_eq!(
+            counter(&second, "remote_storage_hit\t"),
+            1,
+            "{layout}: {second}"
+        );
+        assert_eq!(counter(&second, "cache_miss\t"), 0, "{layout}: {second}");
+        assert_eq!(
+            std::fs::read(dir.path().join("first.o")).unwrap(),
+            std::fs::read(dir.path().join("second.o")).unwrap(),
+            "{layout}: the object file from the server differs"
+        );
+    }
+    // Without the token, ccache's reads are refused: it counts an error, compiles locally, never hits.
+    let anonymous = format!("http://{host}/flat|layout=flat");
+    let refused = compile(ccache, dir.path(), "anonymous", &anonymous, "third.o");
+    assert_eq!(counter(&refused, "remote_storage_hit\t"), 0, "{refused}");
+    assert!(counter(&refused, "remote_storage_error\t") > 0, "{refused}");
+    unsafe_kill(&mut server);
+}
+
+/// SIGTERM (the server finishes requests in flight and exits 0).
+fn unsafe_kill(server: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status();
+    let status = server.wait().unwrap();
+    assert!(
+        status.success(),
+        "the server exited with {status} on SIGTERM"
+    );
+}
+
+#[test]
+fn ccache_gets_remote_hits_from_fs_and_sqlite() {
+    let Some(ccache) = ccache() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    round_trip(&ccache, &format!("fs://{}/fs", dir.path().display()), &[]);
+    round_trip(
+        &ccache,
+        &format!("sqlite://{}/cache.db", dir.path().display()),
+        &[],
+    );
+}
+
+#[test]
+fn ccache_gets_remote_hits_from_s3() {
+    let Some(ccache) = ccache() else { return };
+    let Some(url) = common::server_env("OUTCACHE_S3_URL") else {
+        return;
+    };
+    let child = common::s3_child(&url, &format!("ccache-{}", uuid::Uuid::new_v4().simple()));
+    round_trip(&ccache, &child, &[]);
+}
