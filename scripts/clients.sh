@@ -1,20 +1,46 @@
 #!/usr/bin/env bash
-# Install the real clients the `outcache serve` tests drive (no Docker; from the Debian archive):
-#   ccache   (`remote_storage = http://…`: its flat, subdirs and bazel layouts)
+# Install the real clients the `outcache serve` tests drive (no Docker):
+#   ccache   from the Debian archive (`remote_storage = http://…`: its flat, subdirs and bazel layouts)
+#   turbo    Turborepo from npm (it ships its own binary), into $OUTCACHE_TOOLS/turbo
 #
-# Usage: scripts/clients.sh install   (root, or ccache already on PATH)
+# Usage: eval "$(scripts/clients.sh install)"   (prints `export OUTCACHE_TURBO=…`)
 set -euo pipefail
+
+TOOLS="${OUTCACHE_TOOLS:-$HOME/.cache/outcache-tools}"
+TURBO_VERSION="2.11.11"
 
 log() { echo "clients: $*" >&2; }
 
+apt_install() { # package
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >&2 \
+    || { apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >&2; }
+}
+
+install_turbo() {
+  local bin="$TOOLS/turbo/node_modules/.bin/turbo"
+  if [ -x "$bin" ] && [ "$("$bin" --version 2>/dev/null)" = "$TURBO_VERSION" ]; then
+    return
+  fi
+  if ! command -v npm >/dev/null; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+      log "installing nodejs and npm from Debian (once)"; apt_install npm
+    else
+      log "npm is needed to install turbo (apt-get install npm)"; exit 1
+    fi
+  fi
+  log "installing turbo@$TURBO_VERSION into $TOOLS/turbo"
+  mkdir -p "$TOOLS/turbo"
+  npm install --silent --no-audit --no-fund --prefix "$TOOLS/turbo" "turbo@$TURBO_VERSION" >&2
+}
+
 install() {
+  install_turbo
+  echo "export OUTCACHE_TURBO='$TOOLS/turbo/node_modules/.bin/turbo'"
   if command -v ccache >/dev/null; then
     return
   fi
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    log "installing ccache from Debian (once)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ccache >&2 \
-      || { apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ccache >&2; }
+    log "installing ccache from Debian (once)"; apt_install ccache
   else
     log "ccache is needed (apt-get install ccache)"; exit 1
   fi

@@ -24,8 +24,8 @@ trap 'bash scripts/s3-server.sh stop; bash scripts/azurite.sh stop' EXIT
 eval "$(bash scripts/s3-server.sh start)"
 eval "$(bash scripts/azurite.sh start)"
 
-echo "== real clients of outcache serve (ccache)"
-bash scripts/clients.sh install
+echo "== real clients of outcache serve (ccache, turbo)"
+eval "$(bash scripts/clients.sh install)"
 
 echo "== cargo test"
 cargo test --all-features

@@ -178,3 +178,100 @@ fn ccache_gets_remote_hits_from_s3() {
     let child = common::s3_child(&url, &format!("ccache-{}", uuid::Uuid::new_v4().simple()));
     round_trip(&ccache, &child, &[]);
 }
+
+fn turbo() -> Option<std::path::PathBuf> {
+    common::server_env("OUTCACHE_TURBO").map(std::path::PathBuf::from)
+}
+
+/// A two-package npm workspace whose `build` writes `dist/out.txt` and a nanosecond stamp (a rebuild
+/// would change the stamp; a replay from the cache restores it).
+fn workspace(dir: &Path) {
+    std::fs::write(
+        dir.join("package.json"),
+        r#"{"name":"ws","private":true,"workspaces":["packages/*"],"packageManager":"npm@10.8.2"}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("turbo.json"),
+        r#"{"$schema":"https://turbo.build/schema.json","tasks":{"build":{"outputs":["dist/**"]}}}"#,
+    )
+    .unwrap();
+    for p in ["a", "b"] {
+        let pkg = dir.join("packages").join(p);
+        std::fs::create_dir_all(&pkg).unwrap();
+        std::fs::write(
+            pkg.join("package.json"),
+            format!(
+                r#"{{"name":"{p}","version":"1.0.0","scripts":{{"build":"mkdir -p dist && echo built-{p} > dist/out.txt && date +%s%N > dist/stamp"}}}}"#
+            ),
+        )
+        .unwrap();
+    }
+}
+
+fn run_turbo(turbo: &Path, dir: &Path, api: &str) -> String {
+    let out = Command::new(turbo)
+        .args(["run", "build"])
+        .current_dir(dir)
+        .env("TURBO_API", api)
+        .env("TURBO_TOKEN", "ccache-token")
+        .env("TURBO_TEAM", "outcache-team")
+        .env("TURBO_TELEMETRY_DISABLED", "1")
+        .env("TURBO_NO_UPDATE_NOTIFIER", "1")
+        .env("DO_NOT_TRACK", "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "turbo failed: {text}");
+    text
+}
+
+fn turbo_round_trip(turbo: &Path, url: &str) {
+    let server_dir = tempfile::tempdir().unwrap();
+    let ws = tempfile::tempdir().unwrap();
+    workspace(ws.path());
+    let (mut server, base) = serve(url, server_dir.path(), &[]);
+    let first = run_turbo(turbo, ws.path(), &base);
+    assert!(first.contains("0 cached, 2 total"), "{first}");
+    let stamp =
+        |p: &str| std::fs::read(ws.path().join("packages").join(p).join("dist/stamp")).unwrap();
+    let stamps = (stamp("a"), stamp("b"));
+    // Wipe every local trace: the workspace's and each package's .turbo, and the outputs.
+    for gone in [
+        ".turbo",
+        "packages/a/.turbo",
+        "packages/b/.turbo",
+        "packages/a/dist",
+        "packages/b/dist",
+    ] {
+        let _ = std::fs::remove_dir_all(ws.path().join(gone));
+    }
+    let second = run_turbo(turbo, ws.path(), &base);
+    assert!(second.contains("cache hit, replaying logs"), "{second}");
+    assert!(second.contains("2 cached, 2 total"), "{second}");
+    assert_eq!(
+        (stamp("a"), stamp("b")),
+        stamps,
+        "the outputs were rebuilt, not replayed"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ws.path().join("packages/a/dist/out.txt")).unwrap(),
+        "built-a\n"
+    );
+    unsafe_kill(&mut server);
+}
+
+#[test]
+fn turbo_replays_remote_hits_from_fs_and_sqlite() {
+    let Some(turbo) = turbo() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    turbo_round_trip(&turbo, &format!("fs://{}/fs", dir.path().display()));
+    turbo_round_trip(
+        &turbo,
+        &format!("sqlite://{}/cache.db", dir.path().display()),
+    );
+}

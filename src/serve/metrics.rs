@@ -9,16 +9,23 @@ pub(super) enum Protocol {
     KeyValue,
     BazelAc,
     BazelCas,
+    Turbo,
 }
 
 impl Protocol {
-    const ALL: [Protocol; 3] = [Protocol::KeyValue, Protocol::BazelAc, Protocol::BazelCas];
+    const ALL: [Protocol; 4] = [
+        Protocol::KeyValue,
+        Protocol::BazelAc,
+        Protocol::BazelCas,
+        Protocol::Turbo,
+    ];
 
     fn label(self) -> &'static str {
         match self {
             Protocol::KeyValue => "http",
             Protocol::BazelAc => "bazel_ac",
             Protocol::BazelCas => "bazel_cas",
+            Protocol::Turbo => "turbo",
         }
     }
 
@@ -51,7 +58,7 @@ struct PerProtocol {
 /// The server's counters.
 #[derive(Debug, Default)]
 pub struct ServeMetrics {
-    per: [PerProtocol; 3],
+    per: [PerProtocol; 4],
     in_flight: AtomicI64,
 }
 

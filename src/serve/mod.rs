@@ -9,6 +9,9 @@
 //! - **Bazel HTTP cache**: `/ac/<sha256>` (task type `bazel/ac`) and `/cas/<sha256>` (`bazel/cas`), where
 //!   an upload whose bytes do not hash to its key is refused and never stored. ccache's `bazel` layout
 //!   lands here too.
+//! - **Turborepo remote cache** (API v8): `GET`/`HEAD`/`PUT /v8/artifacts/:hash` (task type
+//!   `turbo/<team>`, from `teamId` or `slug`), with `x-artifact-duration` and `x-artifact-tag` kept and
+//!   returned; `GET /v8/artifacts/status`; `POST /v8/artifacts/events` (accepted, not kept).
 //! - Operations: `/healthz`; `/metrics` in Prometheus text format.
 //!
 //! Auth: bearer tokens (`Authorization: Bearer T`, or HTTP Basic with the token as password, which is
@@ -18,6 +21,7 @@
 
 mod auth;
 mod metrics;
+mod turbo;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -88,6 +92,9 @@ pub fn router(cache: Cache, options: ServeOptions) -> (Router, Arc<ServeMetrics>
         .route("/metrics", get(metrics_text))
         .route("/ac/{digest}", any(bazel_ac))
         .route("/cas/{digest}", any(bazel_cas))
+        .route("/v8/artifacts/status", get(turbo::status))
+        .route("/v8/artifacts/events", any(turbo::events))
+        .route("/v8/artifacts/{hash}", any(turbo::artifact))
         .route("/{*key}", any(key_value))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

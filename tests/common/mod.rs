@@ -16,17 +16,20 @@ use outcache::{
 };
 use serde_json::Value;
 
-/// The value of `var`, naming a test server that `scripts/s3-server.sh start` exports. Without it:
+/// The value of `var`, naming a test server or client that the scripts under `scripts/` export (the test
+/// command runs them). Without it:
 /// `None` outside CI (the caller skips and says so), a failure under `CI=true`, where a missing server
 /// must not pass as a skip.
 pub fn server_env(var: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(value) => Some(value),
         Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("CI=true but {var} is not set: run scripts/s3-server.sh start")
+            panic!(
+                "CI=true but {var} is not set: scripts/test.sh sets it (scripts/s3-server.sh, azurite.sh, clients.sh)"
+            )
         }
         Err(_) => {
-            eprintln!("SKIPPED: {var} is not set (eval \"$(scripts/s3-server.sh start)\")");
+            eprintln!("SKIPPED: {var} is not set (scripts/test.sh sets it; see scripts/)");
             None
         }
     }

@@ -1,0 +1,130 @@
+//! The Turborepo remote cache API (v8), as `turbo` speaks it with `TURBO_API`, `TURBO_TOKEN` and
+//! `TURBO_TEAM`: artifacts by hash per team, with the duration and signature tag the client sends
+//! kept beside them (a small sidecar row) and returned on a hit.
+
+use std::collections::HashMap;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::metrics::Protocol;
+use super::{Served, check, handle, status as reply};
+
+const DURATION: &str = "x-artifact-duration";
+const TAG: &str = "x-artifact-tag";
+
+/// The task type of a team's artifacts (`None` for a malformed team): `teamId` and `slug` are separate namespaces (a client that
+/// switches between them sees two caches).
+fn team_task(query: &HashMap<String, String>) -> Option<String> {
+    let (kind, team) = match (query.get("teamId"), query.get("slug")) {
+        (Some(id), _) => ("id", id.as_str()),
+        (None, Some(slug)) => ("slug", slug.as_str()),
+        (None, None) => ("none", ""),
+    };
+    if team.len() > 256 || team.chars().any(char::is_control) {
+        return None;
+    }
+    Some(format!("turbo/{kind}/{team}"))
+}
+
+fn json_reply(code: StatusCode, value: &Value) -> Response {
+    let content_type = HeaderValue::from_static("application/json");
+    (
+        code,
+        [(axum::http::header::CONTENT_TYPE, content_type)],
+        value.to_string(),
+    )
+        .into_response()
+}
+
+fn valid_hash(hash: &str) -> bool {
+    !hash.is_empty()
+        && hash.len() <= 128
+        && hash
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// `GET /v8/artifacts/status`: caching is enabled (for any client allowed to read).
+pub(super) async fn status(State(state): State<Served>, headers: HeaderMap) -> Response {
+    if let Some(refused) = check(&state, &headers, &Method::GET) {
+        return refused;
+    }
+    json_reply(StatusCode::OK, &json!({ "status": "enabled" }))
+}
+
+/// `POST /v8/artifacts/events`: usage events, accepted and not kept (bounded: the body is not read).
+pub(super) async fn events(State(state): State<Served>, headers: HeaderMap) -> Response {
+    if let Some(refused) = check(&state, &headers, &Method::GET) {
+        return refused;
+    }
+    StatusCode::OK.into_response()
+}
+
+/// `GET`/`HEAD`/`PUT /v8/artifacts/:hash`.
+pub(super) async fn artifact(
+    State(state): State<Served>,
+    Path(hash): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    method: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if !valid_hash(&hash) {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            "a hash is 1 to 128 of [A-Za-z0-9_-]",
+        );
+    }
+    let Some(task) = team_task(&query) else {
+        return reply(StatusCode::BAD_REQUEST, "a malformed team");
+    };
+    let inputs = json!({ "hash": hash });
+    let meta_task = format!("{task}/meta");
+    let is_put = method == Method::PUT;
+    let meta: Value = json!({
+        "duration": headers.get(DURATION).and_then(|v| v.to_str().ok()),
+        "tag": headers.get(TAG).and_then(|v| v.to_str().ok()),
+    });
+    let mut response = handle(
+        &state,
+        Protocol::Turbo,
+        &task,
+        inputs.clone(),
+        method,
+        &headers,
+        body,
+        None,
+    )
+    .await;
+    if is_put {
+        if response.status() != StatusCode::OK {
+            return response;
+        }
+        // The artifact is stored: keep what the client said about it (best effort; a hit without it
+        // still replays, only without the duration saved).
+        if let Err(e) = state.cache.put(&meta_task, &inputs, &meta).await {
+            tracing::warn!(target: "outcache::serve", "turbo metadata for {hash}: {e}");
+        }
+        return json_reply(StatusCode::ACCEPTED, &json!({ "urls": [] }));
+    }
+    if response.status() == StatusCode::OK {
+        if let Ok(Some(saved)) = state.cache.get(&meta_task, &inputs).await {
+            for (name, key) in [(DURATION, "duration"), (TAG, "tag")] {
+                if let Some(value) = saved
+                    .get(key)
+                    .and_then(Value::as_str)
+                    .and_then(|v| HeaderValue::from_str(v).ok())
+                {
+                    response
+                        .headers_mut()
+                        .insert(HeaderName::from_static(name), value);
+                }
+            }
+        }
+    }
+    response
+}
