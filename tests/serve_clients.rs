@@ -275,3 +275,95 @@ fn turbo_replays_remote_hits_from_fs_and_sqlite() {
         &format!("sqlite://{}/cache.db", dir.path().display()),
     );
 }
+
+/// SIGTERM while an upload is half sent: the server stops accepting connections, lets the upload finish,
+/// stores it whole, and exits 0.
+#[test]
+fn sigterm_finishes_an_upload_in_flight() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("fs://{}/cache", dir.path().display());
+    let (mut server, base) = serve(&url, dir.path(), &[]);
+    let host = base.trim_start_matches("http://").to_owned();
+    let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let mut conn = std::net::TcpStream::connect(&host).unwrap();
+    let auth = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode("u:ccache-token")
+    };
+    write!(
+        conn,
+        "PUT /inflight HTTP/1.1\r\nHost: {host}\r\nAuthorization: Basic {auth}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    conn.write_all(&body[..100_000]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        std::net::TcpStream::connect(&host).is_err(),
+        "a new connection was accepted after SIGTERM"
+    );
+    conn.write_all(&body[100_000..]).unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let status = server.wait().unwrap();
+    assert!(status.success(), "{status}");
+    // Stored whole: read back through the library.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cache = outcache::Cache::open(&url).unwrap();
+    let stored = rt
+        .block_on(cache.get("http", &serde_json::json!({ "key": "inflight" })))
+        .unwrap()
+        .expect("the upload in flight was lost");
+    let r = outcache::CacheRef::from_value(&stored).unwrap();
+    let bytes = rt.block_on(cache.read(&r)).unwrap().unwrap();
+    assert_eq!(bytes.as_ref(), body.as_slice());
+}
+
+/// Malformed requests get a 4xx and store nothing: a `..` key (sent raw: HTTP clients normalise it
+/// away), a key past 1 KiB, a Bazel key that is not a digest, a malformed Turborepo hash.
+#[test]
+fn malformed_requests_are_refused() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("fs://{}/cache", dir.path().display());
+    let (mut server, base) = serve(&url, dir.path(), &[]);
+    let host = base.trim_start_matches("http://").to_owned();
+    let long = "k".repeat(2000);
+    for path in [
+        "/a/../b".to_owned(),
+        "/a/%2e%2e/b".to_owned(),
+        format!("/{long}"),
+        "/ac/not-a-digest".to_owned(),
+        "/cas/abc".to_owned(),
+        "/v8/artifacts/bad%20hash".to_owned(),
+    ] {
+        let mut conn = std::net::TcpStream::connect(&host).unwrap();
+        write!(
+            conn,
+            "PUT {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer ccache-token\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx"
+        )
+        .unwrap();
+        let mut response = String::new();
+        conn.read_to_string(&mut response).unwrap();
+        assert!(
+            response.starts_with("HTTP/1.1 400") || response.starts_with("HTTP/1.1 404"),
+            "{path}: {response}"
+        );
+    }
+    unsafe_kill(&mut server);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cache = outcache::Cache::open(&url).unwrap();
+    let rows = rt
+        .block_on(outcache::OutputCacheExt::list_rows(
+            cache.backend().as_ref(),
+        ))
+        .unwrap();
+    assert!(rows.is_empty(), "a malformed request stored {rows:?}");
+}
