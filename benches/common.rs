@@ -34,6 +34,16 @@ impl Samples {
         (took, out)
     }
 
+    /// Record a timing taken elsewhere (an async operation) under `(case, contender)`.
+    pub fn record(&self, case: &str, contender: &'static str, took: Duration) {
+        self.0
+            .lock()
+            .unwrap()
+            .entry((case.to_owned(), contender))
+            .or_default()
+            .push(took);
+    }
+
     /// Median of `(case, contender)`.
     pub fn median(&self, case: &str, contender: &'static str) -> Option<Duration> {
         let mut v = self

@@ -1,0 +1,195 @@
+//! `outcache serve` against raw baselines in the same run (127.0.0.1, fs backend, durable):
+//! - 1 KiB GET hits from 32 concurrent clients, against a minimal handler on the same HTTP stack that
+//!   answers with `std::fs::read` of a file (no cache, no verification);
+//! - a 256 MiB upload and download through the server, against the same put and verified read in
+//!   process (`Cache::put_stream`, `Cache::open_stream`).
+//!
+//! Run: `cargo bench --features serve --bench serve` (`OUTCACHE_SERVE_BENCH_MIB=256`).
+
+#[path = "common.rs"]
+mod common;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::Samples;
+use futures::StreamExt;
+use outcache::serve::ServeOptions;
+use outcache::{BlobOptions, Cache, CacheRef};
+use serde_json::json;
+
+const KEYS: usize = 1000;
+const CLIENTS: usize = 32;
+const PER_CLIENT: usize = 200;
+
+async fn listen(router: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    base
+}
+
+/// 32 clients, each GETting 200 random keys of `KEYS` from `base/{prefix}{i}`; checks every body.
+async fn hammer(client: &reqwest::Client, base: &str, prefix: &str) {
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let (client, base, prefix) = (client.clone(), base.to_owned(), prefix.to_owned());
+            tokio::spawn(async move {
+                for n in 0..PER_CLIENT {
+                    let i = (c * 7919 + n * 104_729) % KEYS;
+                    let body = client
+                        .get(format!("{base}/{prefix}{i}"))
+                        .send()
+                        .await
+                        .unwrap()
+                        .bytes()
+                        .await
+                        .unwrap();
+                    assert_eq!(body.len(), 1024);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+fn pattern(n: usize, seed: u8) -> Bytes {
+    (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+}
+
+fn chunks(data: &Bytes) -> Vec<Bytes> {
+    (0..data.len())
+        .step_by(1 << 20)
+        .map(|s| data.slice(s..(s + (1 << 20)).min(data.len())))
+        .collect()
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&format!("fs://{}/cache", dir.path().display())).unwrap();
+        let (router, _) = outcache::serve::router(
+            cache.clone(),
+            ServeOptions {
+                allow_anonymous_writes: true,
+                ..ServeOptions::default()
+            },
+        );
+        let served = listen(router).await;
+        let raw_dir = dir.path().join("raw");
+        std::fs::create_dir_all(&raw_dir).unwrap();
+        let files = Arc::new(raw_dir.clone());
+        let raw = listen(axum::Router::new().route(
+            "/{name}",
+            axum::routing::get(
+                move |axum::extract::Path(name): axum::extract::Path<String>| {
+                    let files = files.clone();
+                    async move { Bytes::from(std::fs::read(files.join(name)).unwrap()) }
+                },
+            ),
+        ))
+        .await;
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(CLIENTS)
+            .build()
+            .unwrap();
+        for i in 0..KEYS {
+            let body = pattern(1024, i as u8);
+            std::fs::write(raw_dir.join(format!("k{i}")), &body).unwrap();
+            client
+                .put(format!("{served}/k{i}"))
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+        }
+
+        let samples = Samples::default();
+        hammer(&client, &served, "k").await; // warm both
+        hammer(&client, &raw, "k").await;
+        for _ in 0..5 {
+            let started = std::time::Instant::now();
+            hammer(&client, &raw, "k").await;
+            samples.record("hits", "raw", started.elapsed());
+            let started = std::time::Instant::now();
+            hammer(&client, &served, "k").await;
+            samples.record("hits", "serve", started.elapsed());
+        }
+        let requests = (CLIENTS * PER_CLIENT) as f64;
+        samples.print_ratio(
+            "1 KiB GET hits, 32 clients",
+            &["hits"],
+            "raw",
+            "serve",
+            |_| (requests, "req"),
+        );
+
+        let mib: usize = std::env::var("OUTCACHE_SERVE_BENCH_MIB")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(256);
+        let data = pattern(mib << 20, 7);
+        for round in 0..3 {
+            let inputs = json!({ "round": round });
+            let started = std::time::Instant::now();
+            let stored = cache
+                .put_stream(
+                    "bench/in-process",
+                    &inputs,
+                    futures::stream::iter(chunks(&data).into_iter().map(Ok)).boxed(),
+                    BlobOptions::default(),
+                )
+                .await
+                .unwrap();
+            samples.record("upload", "in-process", started.elapsed());
+            let started = std::time::Instant::now();
+            let body = reqwest::Body::wrap_stream(futures::stream::iter(
+                chunks(&data).into_iter().map(Ok::<_, std::io::Error>),
+            ));
+            let put = client
+                .put(format!("{served}/big{round}"))
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert!(put.status().is_success());
+            samples.record("upload", "serve", started.elapsed());
+
+            let r = CacheRef::from_value(&stored).unwrap();
+            let started = std::time::Instant::now();
+            let mut stream = cache.open_stream(&r).await.unwrap().unwrap();
+            let mut n = 0;
+            while let Some(chunk) = stream.next().await {
+                n += chunk.unwrap().len();
+            }
+            assert_eq!(n, data.len());
+            samples.record("download", "in-process", started.elapsed());
+            let started = std::time::Instant::now();
+            let mut stream = client
+                .get(format!("{served}/big{round}"))
+                .send()
+                .await
+                .unwrap()
+                .bytes_stream();
+            let mut n = 0;
+            while let Some(chunk) = stream.next().await {
+                n += chunk.unwrap().len();
+            }
+            assert_eq!(n, data.len());
+            samples.record("download", "serve", started.elapsed());
+        }
+        samples.print_ratio(
+            &format!("{mib} MiB upload and download"),
+            &["upload", "download"],
+            "in-process",
+            "serve",
+            |_| ((mib as f64) * 1.048_576, "MB"),
+        );
+    });
+}
