@@ -2,7 +2,8 @@
 //! - 1 KiB GET hits from 32 concurrent clients, against a minimal handler on the same HTTP stack that
 //!   answers with `std::fs::read` of a file (no cache, no verification);
 //! - a 256 MiB upload and download through the server, against the same put and verified read in
-//!   process (`Cache::put_stream`, `Cache::open_stream`).
+//!   process (`Cache::put_stream`, `Cache::open_stream`), and against the transport alone (a handler
+//!   that drains the upload, one that sends a buffer already in memory).
 //!
 //! Run: `cargo bench --features serve --bench serve` (`OUTCACHE_SERVE_BENCH_MIB=256`).
 
@@ -85,6 +86,40 @@ fn main() {
         let raw_dir = dir.path().join("raw");
         std::fs::create_dir_all(&raw_dir).unwrap();
         let files = Arc::new(raw_dir.clone());
+        // The transport alone: a handler that drains an upload, and one that sends a buffer already in
+        // memory (what HTTP on this machine costs, with the client on the same cores).
+        let mib: usize = std::env::var("OUTCACHE_SERVE_BENCH_MIB")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(256);
+        let data = pattern(mib << 20, 7);
+        let held = data.clone();
+        let transport = listen(
+            axum::Router::new()
+                .route(
+                    "/drain",
+                    axum::routing::put(|body: axum::body::Body| async move {
+                        let mut stream = body.into_data_stream();
+                        let mut n = 0usize;
+                        while let Some(chunk) = stream.next().await {
+                            n += chunk.unwrap().len();
+                        }
+                        n.to_string()
+                    }),
+                )
+                .route(
+                    "/held",
+                    axum::routing::get(move || {
+                        let held = held.clone();
+                        async move {
+                            axum::body::Body::from_stream(futures::stream::iter(
+                                chunks(&held).into_iter().map(Ok::<_, std::io::Error>),
+                            ))
+                        }
+                    }),
+                ),
+        )
+        .await;
         let raw = listen(axum::Router::new().route(
             "/{name}",
             axum::routing::get(
@@ -130,12 +165,33 @@ fn main() {
             |_| (requests, "req"),
         );
 
-        let mib: usize = std::env::var("OUTCACHE_SERVE_BENCH_MIB")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(256);
-        let data = pattern(mib << 20, 7);
         for round in 0..3 {
+            let started = std::time::Instant::now();
+            let body = reqwest::Body::wrap_stream(futures::stream::iter(
+                chunks(&data).into_iter().map(Ok::<_, std::io::Error>),
+            ));
+            let drained = client
+                .put(format!("{transport}/drain"))
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert!(drained.status().is_success());
+            samples.record("upload", "http-only", started.elapsed());
+            let started = std::time::Instant::now();
+            let mut stream = client
+                .get(format!("{transport}/held"))
+                .send()
+                .await
+                .unwrap()
+                .bytes_stream();
+            let mut n = 0;
+            while let Some(chunk) = stream.next().await {
+                n += chunk.unwrap().len();
+            }
+            assert_eq!(n, data.len());
+            samples.record("download", "http-only", started.elapsed());
+
             let inputs = json!({ "round": round });
             let started = std::time::Instant::now();
             let stored = cache
@@ -188,6 +244,13 @@ fn main() {
             &format!("{mib} MiB upload and download"),
             &["upload", "download"],
             "in-process",
+            "serve",
+            |_| ((mib as f64) * 1.048_576, "MB"),
+        );
+        samples.print_ratio(
+            &format!("{mib} MiB over HTTP: the server against the transport alone"),
+            &["upload", "download"],
+            "http-only",
             "serve",
             |_| ((mib as f64) * 1.048_576, "MB"),
         );
