@@ -144,6 +144,11 @@ fn real_dir(path: &Path) -> io::Result<()> {
 /// Open `path` for reading (or writing, to set times) only if it is a regular file; `Ok(None)` if it
 /// does not exist. A link, FIFO, socket or device is an error, and opening one never blocks or follows.
 fn open_regular(path: &Path, write: bool) -> io::Result<Option<File>> {
+    Ok(open_regular_with_meta(path, write)?.map(|(file, _)| file))
+}
+
+/// [`open_regular`], with the metadata it checked (one `fstat` serves the check and the caller).
+fn open_regular_with_meta(path: &Path, write: bool) -> io::Result<Option<(File, fs::Metadata)>> {
     let mut options = File::options();
     options.read(!write).write(write);
     #[cfg(unix)]
@@ -165,7 +170,7 @@ fn open_regular(path: &Path, write: bool) -> io::Result<Option<File>> {
     if !meta.is_file() {
         return Err(not_regular(&meta));
     }
-    Ok(Some(file))
+    Ok(Some((file, meta)))
 }
 
 fn not_regular(meta: &fs::Metadata) -> io::Error {
@@ -518,11 +523,22 @@ impl FsCache {
 
 /// The bytes of the regular file at `path`, or `None` if it does not exist (the link policy applies).
 fn read_regular(path: &Path) -> io::Result<Option<Vec<u8>>> {
-    let Some(mut file) = open_regular(path, false)? else {
+    let Some((mut file, meta)) = open_regular_with_meta(path, false)? else {
         return Ok(None);
     };
-    let mut bytes = Vec::with_capacity(file.metadata().map_or(0, |m| m.len() as usize + 1));
-    file.read_to_end(&mut bytes)?;
+    // Rows and blobs are published by rename and never written in place: a read that fills the size
+    // the open's fstat saw has the whole file, with no further read to find its end (a file that grew
+    // meanwhile was not written by the cache, and fails to decode).
+    let len = meta.len() as usize;
+    let mut bytes = vec![0u8; len];
+    let mut filled = 0;
+    while filled < len {
+        match file.read(&mut bytes[filled..])? {
+            0 => break, // shorter than it said: what there is
+            n => filled += n,
+        }
+    }
+    bytes.truncate(filled);
     Ok(Some(bytes))
 }
 
