@@ -529,7 +529,12 @@ fn read_regular(path: &Path) -> io::Result<Option<Vec<u8>>> {
     // Rows and blobs are published by rename and never written in place: a read that fills the size
     // the open's fstat saw has the whole file, with no further read to find its end (a file that grew
     // meanwhile was not written by the cache, and fails to decode).
-    let len = meta.len() as usize;
+    read_sized(&mut file, meta.len()).map(Some)
+}
+
+/// Up to `len` bytes of `file` (its size as its `fstat` saw it), stopping there: no read to find the end.
+fn read_sized(file: &mut File, len: u64) -> io::Result<Vec<u8>> {
+    let len = len as usize;
     let mut bytes = vec![0u8; len];
     let mut filled = 0;
     while filled < len {
@@ -539,7 +544,7 @@ fn read_regular(path: &Path) -> io::Result<Option<Vec<u8>>> {
         }
     }
     bytes.truncate(filled);
-    Ok(Some(bytes))
+    Ok(bytes)
 }
 
 fn read_dir(dir: &Path) -> Result<Vec<fs::DirEntry>> {
@@ -909,6 +914,13 @@ impl OutputCache for FsCache {
         let Some(path) = self.blob_path(reference) else {
             return Ok(None);
         };
+        if self.inline_small_reads {
+            match self.read_small_now(&path, reference, None)? {
+                Small::Missing => return Ok(None),
+                Small::Read(bytes) => return Ok(Some(bytes)),
+                Small::Large => {}
+            }
+        }
         let this = self.clone();
         blocking(move || {
             if !this.existing_work_dir("blobs")? {
@@ -964,6 +976,13 @@ impl OutputCache for FsCache {
         let Some(path) = self.blob_path(reference) else {
             return Ok(None);
         };
+        if self.inline_small_reads {
+            match self.read_small_now(&path, reference, range.as_ref())? {
+                Small::Missing => return Ok(None),
+                Small::Read(bytes) => return Ok(Some(crate::blob::chunked(bytes))),
+                Small::Large => {}
+            }
+        }
         let (path_for_open, reference) = (path.clone(), reference.to_owned());
         let this = self.clone();
         let opened = blocking(move || {
@@ -1012,7 +1031,48 @@ impl OutputCache for FsCache {
     }
 }
 
+/// What [`FsCache::read_small_now`] found.
+enum Small {
+    Missing,
+    Read(Bytes),
+    Large,
+}
+
+/// Blobs up to this size are read on the calling thread when `inline_small_reads` is on.
+const INLINE_READ_MAX: u64 = 64 << 10;
+
 impl FsCache {
+    /// A blob of at most [`INLINE_READ_MAX`] bytes (or `range` of it) read on the calling thread: a
+    /// page-cache read of a few KiB costs less than the hop to the blocking pool, as for rows.
+    fn read_small_now(
+        &self,
+        path: &Path,
+        reference: &str,
+        range: Option<&ByteRange>,
+    ) -> Result<Small> {
+        if !self.existing_work_dir("blobs")? {
+            return Ok(Small::Missing);
+        }
+        let Some((mut file, meta)) =
+            open_regular_with_meta(path, false).map_err(|e| Error::io("open blob", path, e))?
+        else {
+            return Ok(Small::Missing);
+        };
+        if meta.len() > INLINE_READ_MAX {
+            return Ok(Small::Large);
+        }
+        let bytes =
+            read_sized(&mut file, meta.len()).map_err(|e| Error::io("read blob", path, e))?;
+        let bytes = Bytes::from(bytes);
+        Ok(Small::Read(match range {
+            None => bytes,
+            Some(range) => {
+                let span = range.resolve(reference, bytes.len() as u64)?;
+                bytes.slice(span.start as usize..span.end as usize)
+            }
+        }))
+    }
+
     /// Every row file, decoded into a listing entry or, if it cannot be, into a corrupt entry.
     fn scan_rows(&self) -> Result<(Vec<RowEntry>, Vec<CorruptEntry>)> {
         let (mut rows, mut corrupt) = (Vec::new(), Vec::new());
