@@ -25,12 +25,7 @@ impl Samples {
         let start = Instant::now();
         let out = op();
         let took = start.elapsed();
-        self.0
-            .lock()
-            .unwrap()
-            .entry((case.to_owned(), contender))
-            .or_default()
-            .push(took);
+        self.record(case, contender, took);
         (took, out)
     }
 

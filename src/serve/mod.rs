@@ -206,21 +206,7 @@ async fn bazel_ac(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if !is_sha256_hex(&digest) {
-        return status(StatusCode::BAD_REQUEST, "the key must be 64 hex digits");
-    }
-    let key = json!({ "digest": digest.to_ascii_lowercase() });
-    handle(
-        &state,
-        Protocol::BazelAc,
-        "bazel/ac",
-        key,
-        method,
-        &headers,
-        body,
-        None,
-    )
-    .await
+    bazel(&state, false, &digest, method, &headers, body).await
 }
 
 async fn bazel_cas(
@@ -230,22 +216,31 @@ async fn bazel_cas(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if !is_sha256_hex(&digest) {
+    bazel(&state, true, &digest, method, &headers, body).await
+}
+
+/// The action cache (`cas: false`: any bytes under a digest key) or the content-addressed store
+/// (`cas: true`: an upload must hash to its key).
+async fn bazel(
+    state: &Served,
+    cas: bool,
+    digest: &str,
+    method: Method,
+    headers: &HeaderMap,
+    body: Body,
+) -> Response {
+    if !is_sha256_hex(digest) {
         return status(StatusCode::BAD_REQUEST, "the key must be 64 hex digits");
     }
     let digest = digest.to_ascii_lowercase();
     let key = json!({ "digest": digest });
-    handle(
-        &state,
-        Protocol::BazelCas,
-        "bazel/cas",
-        key,
-        method,
-        &headers,
-        body,
-        Some(digest),
-    )
-    .await
+    let (protocol, task) = if cas {
+        (Protocol::BazelCas, "bazel/cas")
+    } else {
+        (Protocol::BazelAc, "bazel/ac")
+    };
+    let expect = cas.then_some(digest);
+    handle(state, protocol, task, key, method, headers, body, expect).await
 }
 
 async fn key_value(
