@@ -989,18 +989,16 @@ impl OutputCache for FsCache {
             if !this.existing_work_dir("blobs")? {
                 return Ok(None);
             }
-            let mut file = match open_regular(&path_for_open, false) {
-                Ok(Some(f)) => f,
+            let (mut file, size) = match open_regular_with_meta(&path_for_open, false) {
+                Ok(Some((f, meta))) => (f, meta.len()),
                 Ok(None) => return Ok(None),
                 Err(e) => return Err(Error::io("open blob", &path_for_open, e)),
             };
+            // The size the open's fstat saw bounds the read: a blob is published by rename and never
+            // written in place, so the stream ends there without a last trip to find the end.
             let span = match range {
-                None => 0..u64::MAX,
+                None => 0..size,
                 Some(range) => {
-                    let size = file
-                        .metadata()
-                        .map_err(|e| Error::io("stat blob", &path_for_open, e))?
-                        .len();
                     let span = range.resolve(&reference, size)?;
                     file.seek(SeekFrom::Start(span.start))
                         .map_err(|e| Error::io("seek blob", &path_for_open, e))?;
