@@ -456,3 +456,74 @@ async fn load_with_the_janitor_running_gives_no_errors_and_no_wrong_bytes() {
         "load: {hits} hits, {misses} misses, {puts} uploads, {runs} janitor runs in {secs} s"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turborepo_artifacts_keep_their_duration_and_tag_per_team() {
+    let mut tokens = Tokens::default();
+    tokens.add_read_write("turbo-token");
+    let server = start(
+        "sqlite",
+        ServeOptions {
+            tokens,
+            ..ServeOptions::default()
+        },
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let url = |team: &str| format!("{}/v8/artifacts/0123abcd?teamId={team}", server.base);
+    let status = client
+        .get(format!("{}/v8/artifacts/status", server.base))
+        .bearer_auth("turbo-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status.text().await.unwrap(), r#"{"status":"enabled"}"#);
+    assert_eq!(
+        client.get(url("team1")).send().await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let artifact = pattern(150_000);
+    let put = client
+        .put(url("team1"))
+        .bearer_auth("turbo-token")
+        .header("x-artifact-duration", "1234")
+        .header("x-artifact-tag", "signed-tag")
+        .body(artifact.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), StatusCode::ACCEPTED);
+    let got = client
+        .get(url("team1"))
+        .bearer_auth("turbo-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), StatusCode::OK);
+    assert_eq!(got.headers()["x-artifact-duration"], "1234");
+    assert_eq!(got.headers()["x-artifact-tag"], "signed-tag");
+    assert_eq!(got.bytes().await.unwrap().as_ref(), artifact.as_slice());
+    // Another team's namespace does not see it; events are accepted and not kept.
+    let other = client
+        .head(url("team2"))
+        .bearer_auth("turbo-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), StatusCode::NOT_FOUND);
+    let events = client
+        .post(format!("{}/v8/artifacts/events", server.base))
+        .bearer_auth("turbo-token")
+        .body(r#"[{"source":"REMOTE","event":"HIT","hash":"0123abcd"}]"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), StatusCode::OK);
+    let bad = client
+        .get(format!("{}/v8/artifacts/bad.hash", server.base))
+        .bearer_auth("turbo-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+}
