@@ -233,8 +233,7 @@ struct Ownership {
 
 /// The parts of a blob name that can be a key tag (16 lowercase hex digits).
 fn tag_parts(id: &str) -> impl Iterator<Item = &str> {
-    let name = id.rsplit('/').next().unwrap_or(id);
-    name.split(['_', '.']).filter(|p| {
+    crate::wire::name_parts(id).filter(|p| {
         p.len() == 16
             && p.bytes()
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))

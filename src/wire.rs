@@ -467,9 +467,16 @@ pub fn key_tag_of(task_type: &str, fingerprint: &str) -> String {
 /// citing the shared tier, a blob written before names carried tags) is never deleted with the row; the
 /// janitor's orphan sweep frees it once no row references it.
 pub fn ref_owned_by(reference: &str, key: &RowKey) -> bool {
-    let name = reference.rsplit('/').next().unwrap_or(reference);
     let tag = key_tag(key);
-    name.split(['_', '.']).any(|part| part == tag)
+    name_parts(reference).any(|part| part == tag)
+}
+
+/// The `_`/`.`-separated parts of the last path segment of a ref or blob name: where a blob name
+/// carries the [`key_tag`] of its owner (the ownership rule reads it here, and so do the janitor's and
+/// the object store's by-name lookups).
+pub fn name_parts(reference: &str) -> impl Iterator<Item = &str> {
+    let name = reference.rsplit('/').next().unwrap_or(reference);
+    name.split(['_', '.'])
 }
 
 /// The refs in `output` that the row `key` owns (see [`ref_owned_by`]), each once.

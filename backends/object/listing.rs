@@ -424,9 +424,8 @@ impl ObjectCache {
             if parse_ref_name(&format!("{REF_PREFIX}{name}"), REF_PREFIX, "").is_none() {
                 continue;
             }
-            let owner_committed = name
-                .split(['_', '.'])
-                .find_map(|part| committed.get(part).copied());
+            let owner_committed =
+                crate::wire::name_parts(name).find_map(|part| committed.get(part).copied());
             if owner_committed.is_some_and(|at| SystemTime::from(meta.last_modified) <= at)
                 && seen.insert(meta.location.clone())
             {
