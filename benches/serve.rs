@@ -67,6 +67,25 @@ fn chunks(data: &Bytes) -> Vec<Bytes> {
         .collect()
 }
 
+/// PUT `data` to `url` in 1 MiB chunks (streamed, no length); panics unless it is stored.
+async fn upload(client: &reqwest::Client, url: String, data: &Bytes) {
+    let body = reqwest::Body::wrap_stream(futures::stream::iter(
+        chunks(data).into_iter().map(Ok::<_, std::io::Error>),
+    ));
+    let put = client.put(url).body(body).send().await.unwrap();
+    assert!(put.status().is_success());
+}
+
+/// GET `url` and consume its body as it streams; returns the bytes received.
+async fn download(client: &reqwest::Client, url: String) -> usize {
+    let mut stream = client.get(url).send().await.unwrap().bytes_stream();
+    let mut n = 0;
+    while let Some(chunk) = stream.next().await {
+        n += chunk.unwrap().len();
+    }
+    n
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -167,29 +186,13 @@ fn main() {
 
         for round in 0..3 {
             let started = std::time::Instant::now();
-            let body = reqwest::Body::wrap_stream(futures::stream::iter(
-                chunks(&data).into_iter().map(Ok::<_, std::io::Error>),
-            ));
-            let drained = client
-                .put(format!("{transport}/drain"))
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            assert!(drained.status().is_success());
+            upload(&client, format!("{transport}/drain"), &data).await;
             samples.record("upload", "http-only", started.elapsed());
             let started = std::time::Instant::now();
-            let mut stream = client
-                .get(format!("{transport}/held"))
-                .send()
-                .await
-                .unwrap()
-                .bytes_stream();
-            let mut n = 0;
-            while let Some(chunk) = stream.next().await {
-                n += chunk.unwrap().len();
-            }
-            assert_eq!(n, data.len());
+            assert_eq!(
+                download(&client, format!("{transport}/held")).await,
+                data.len()
+            );
             samples.record("download", "http-only", started.elapsed());
 
             let inputs = json!({ "round": round });
@@ -205,16 +208,7 @@ fn main() {
                 .unwrap();
             samples.record("upload", "in-process", started.elapsed());
             let started = std::time::Instant::now();
-            let body = reqwest::Body::wrap_stream(futures::stream::iter(
-                chunks(&data).into_iter().map(Ok::<_, std::io::Error>),
-            ));
-            let put = client
-                .put(format!("{served}/big{round}"))
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            assert!(put.status().is_success());
+            upload(&client, format!("{served}/big{round}"), &data).await;
             samples.record("upload", "serve", started.elapsed());
 
             let r = CacheRef::from_value(&stored).unwrap();
@@ -227,17 +221,10 @@ fn main() {
             assert_eq!(n, data.len());
             samples.record("download", "in-process", started.elapsed());
             let started = std::time::Instant::now();
-            let mut stream = client
-                .get(format!("{served}/big{round}"))
-                .send()
-                .await
-                .unwrap()
-                .bytes_stream();
-            let mut n = 0;
-            while let Some(chunk) = stream.next().await {
-                n += chunk.unwrap().len();
-            }
-            assert_eq!(n, data.len());
+            assert_eq!(
+                download(&client, format!("{served}/big{round}")).await,
+                data.len()
+            );
             samples.record("download", "serve", started.elapsed());
         }
         samples.print_ratio(

@@ -49,6 +49,16 @@ fn pattern(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i * 31 % 251) as u8).collect()
 }
 
+/// The status of a PUT of `body` to `url` (no token).
+async fn put(client: &reqwest::Client, url: &str, body: impl Into<reqwest::Body>) -> StatusCode {
+    client.put(url).body(body).send().await.unwrap().status()
+}
+
+/// The whole body of a GET of `url` (no token).
+async fn get_body(client: &reqwest::Client, url: &str) -> bytes::Bytes {
+    client.get(url).send().await.unwrap().bytes().await.unwrap()
+}
+
 async fn blobs(server: &Server) -> usize {
     server.cache.backend().list_blobs().await.unwrap().len()
 }
@@ -67,8 +77,8 @@ async fn key_value_round_trips_large_and_small_bodies_on_fs_and_sqlite() {
                 client.get(&url).send().await.unwrap().status(),
                 StatusCode::NOT_FOUND
             );
-            let put = client.put(&url).body(body.clone()).send().await.unwrap();
-            assert_eq!(put.status(), StatusCode::OK, "{backend} {path}");
+            let stored = put(&client, &url, body.clone()).await;
+            assert_eq!(stored, StatusCode::OK, "{backend} {path}");
             let got = client.get(&url).send().await.unwrap();
             assert_eq!(got.status(), StatusCode::OK);
             assert_eq!(
@@ -103,28 +113,8 @@ async fn a_cas_upload_that_does_not_hash_to_its_key_is_refused_and_never_stored(
     let body = pattern(200_000);
     let digest = outcache::wire::hex(&Sha256::digest(&body));
     let good = format!("{}/cas/{digest}", server.base);
-    assert_eq!(
-        client
-            .put(&good)
-            .body(body.clone())
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::OK
-    );
-    assert_eq!(
-        client
-            .get(&good)
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap()
-            .as_ref(),
-        body.as_slice()
-    );
+    assert_eq!(put(&client, &good, body.clone()).await, StatusCode::OK);
+    assert_eq!(get_body(&client, &good).await.as_ref(), body.as_slice());
     let before = blobs(&server).await;
 
     let wrong = format!("{}/cas/{}", server.base, "0".repeat(64));
@@ -142,16 +132,7 @@ async fn a_cas_upload_that_does_not_hash_to_its_key_is_refused_and_never_stored(
 
     // The action cache takes any bytes under a digest key; malformed keys are refused.
     let ac = format!("{}/ac/{}", server.base, "a".repeat(64));
-    assert_eq!(
-        client
-            .put(&ac)
-            .body("result")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::OK
-    );
+    assert_eq!(put(&client, &ac, "result").await, StatusCode::OK);
     assert_eq!(
         client.get(&ac).send().await.unwrap().text().await.unwrap(),
         "result"
@@ -207,10 +188,7 @@ async fn tokens_gate_reads_and_writes() {
         client.get(&url).send().await.unwrap().status(),
         StatusCode::NOT_FOUND
     );
-    assert_eq!(
-        client.put(&url).body("x").send().await.unwrap().status(),
-        StatusCode::FORBIDDEN
-    );
+    assert_eq!(put(&client, &url, "x").await, StatusCode::FORBIDDEN);
 
     let mut tokens = Tokens::parse("# tokens\nrw writer-token\nro reader-token\n").unwrap();
     tokens.add_read_only("another-reader");
@@ -284,16 +262,7 @@ async fn a_blob_that_fails_verification_never_reaches_the_client_whole() {
     let client = reqwest::Client::new();
     let url = format!("{}/victim", server.base);
     let body = pattern(3_000_000);
-    assert_eq!(
-        client
-            .put(&url)
-            .body(body.clone())
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::OK
-    );
+    assert_eq!(put(&client, &url, body.clone()).await, StatusCode::OK);
     // Flip one byte of the stored blob (same size), as a bad disk would.
     let blob = server.cache.backend().list_blobs().await.unwrap().remove(0);
     let root = server._dir.path().join("blobs");
@@ -323,7 +292,7 @@ async fn metrics_count_hits_misses_and_refusals() {
     let client = reqwest::Client::new();
     let url = format!("{}/m", server.base);
     client.get(&url).send().await.unwrap();
-    client.put(&url).body("v").send().await.unwrap();
+    put(&client, &url, "v").await;
     client.get(&url).send().await.unwrap();
     client
         .put(format!("{}/cas/{}", server.base, "1".repeat(64)))

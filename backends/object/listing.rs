@@ -458,9 +458,9 @@ impl ObjectCache {
         let holds = decode_row(bytes, key.task_type(), key.fingerprint())
             .map_or(true, |r| !refs_in(&r.output).is_empty());
         if holds {
-            self.delete_many(vec![self.marker_path(key)]).await?;
+            self.delete_path(&self.marker_path(key)).await?;
         }
-        self.delete_many(vec![self.row_path(key)]).await
+        self.delete_path(&self.row_path(key)).await
     }
 
     /// Mark the row `key` as one that holds refs (idempotent).
