@@ -21,6 +21,8 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
@@ -275,8 +277,11 @@ impl OutputCache for RunPrivate {
         Ok(self.run_rows(self.inner.scan_rows_shallow().await?))
     }
 
-    async fn scan_row_refs(&self) -> Result<RowScan> {
-        Ok(self.run_rows(self.inner.scan_row_refs().await?))
+    fn row_ref_pages(&self) -> BoxStream<'_, Result<RowScan>> {
+        self.inner
+            .row_ref_pages()
+            .map_ok(|page| self.run_rows(page))
+            .boxed()
     }
 
     async fn remove_corrupt(&self, id: &str) -> Result<bool> {
@@ -295,6 +300,22 @@ impl OutputCache for RunPrivate {
             .into_iter()
             .filter(|b| b.state == crate::store::BlobState::Temp || owned.contains(&b.id))
             .collect())
+    }
+
+    fn blob_pages(&self) -> BoxStream<'_, Result<Vec<BlobEntry>>> {
+        // The run's refs first (a listing of the run's rows), then the inner store's pages filtered.
+        futures::stream::once(self.owned_refs())
+            .map_ok(move |owned| {
+                self.inner.blob_pages().map_ok(move |page| {
+                    page.into_iter()
+                        .filter(|b| {
+                            b.state == crate::store::BlobState::Temp || owned.contains(&b.id)
+                        })
+                        .collect()
+                })
+            })
+            .try_flatten()
+            .boxed()
     }
 
     async fn remove_temp(&self, id: &str) -> Result<bool> {

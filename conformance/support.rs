@@ -177,14 +177,17 @@ impl OutputCache for FailingRows {
     async fn scan_rows_shallow(&self) -> Result<crate::store::RowScan> {
         self.inner.scan_rows_shallow().await
     }
-    async fn scan_row_refs(&self) -> Result<crate::store::RowScan> {
-        self.inner.scan_row_refs().await
+    fn row_ref_pages(&self) -> futures::stream::BoxStream<'_, Result<crate::store::RowScan>> {
+        self.inner.row_ref_pages()
     }
     async fn remove_corrupt(&self, id: &str) -> Result<bool> {
         self.inner.remove_corrupt(id).await
     }
     async fn list_blobs(&self) -> Result<Vec<BlobEntry>> {
         self.inner.list_blobs().await
+    }
+    fn blob_pages(&self) -> futures::stream::BoxStream<'_, Result<Vec<BlobEntry>>> {
+        self.inner.blob_pages()
     }
     async fn remove_temp(&self, id: &str) -> Result<bool> {
         self.inner.remove_temp(id).await

@@ -8,6 +8,7 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::StreamExt;
 use futures::stream::BoxStream;
 use serde_json::Value;
 
@@ -433,12 +434,13 @@ pub trait OutputCache: Debug + Display + Send + Sync + 'static {
         self.scan_rows().await
     }
 
-    /// Every row with the refs it holds, for the orphan sweep: like [`OutputCache::scan_rows`], except
-    /// that rows the backend *knows* hold no ref (an object store that indexes the rows holding refs)
-    /// may be listed without being read, with empty `refs`, and unreadable ones are then found only
-    /// among the rows read. The default is [`OutputCache::scan_rows`].
-    async fn scan_row_refs(&self) -> Result<RowScan> {
-        self.scan_rows().await
+    /// The rows holding refs, with the refs they hold, for the orphan sweep, **page by page**, so a sweep
+    /// holds one page at a time whatever the cache's size. Like [`OutputCache::scan_rows`], except that
+    /// rows the backend *knows* hold no ref may be left out (an object store that indexes the rows
+    /// holding refs reads only those), and unreadable rows are then found only among the rows read.
+    /// The default is one page: [`OutputCache::scan_rows`].
+    fn row_ref_pages(&self) -> BoxStream<'_, Result<RowScan>> {
+        futures::stream::once(self.scan_rows()).boxed()
     }
 
     /// Remove the corrupt row named by a [`CorruptEntry::id`], if it is still corrupt (a row rewritten
@@ -447,6 +449,12 @@ pub trait OutputCache: Debug + Display + Send + Sync + 'static {
 
     /// Every published blob and temp object (for the janitor).
     async fn list_blobs(&self) -> Result<Vec<BlobEntry>>;
+
+    /// [`OutputCache::list_blobs`] page by page, for the orphan sweep of a store too large to list into
+    /// memory (an object store lists a thousand at a time). The default is one page: `list_blobs`.
+    fn blob_pages(&self) -> BoxStream<'_, Result<Vec<BlobEntry>>> {
+        futures::stream::once(self.list_blobs()).boxed()
+    }
 
     /// Remove a temp object named by a [`BlobEntry::id`] with state [`BlobState::Temp`]. The janitor calls it
     /// only for temps older than its grace period. Unknown names do nothing. Returns whether one was removed.

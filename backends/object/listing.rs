@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
 
+use futures::stream::{BoxStream, TryChunksError};
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectMeta, ObjectStoreExt};
@@ -16,6 +17,24 @@ use crate::error::{Error, Result};
 use crate::layout::{RowRecord, corrupt_kind, decode_row, decode_task_segment};
 use crate::store::{CorruptEntry, CorruptKind, RowEntry, RowScan, RowVersion};
 use crate::wire::{RowKey, key_tag, parse_ref_name, refs_in};
+
+/// A listed row object, fetched and decoded (`None`: gone since it was listed).
+type Fetched = Option<(ObjectMeta, std::result::Result<RowRecord, CorruptEntry>)>;
+
+/// Rows per page of the paged scans.
+pub(super) const PAGE: usize = 1000;
+
+/// What a refs-index marker led to.
+enum Marked {
+    /// A row holding refs.
+    Row(RowEntry),
+    /// A row that cannot be decoded (it may hold refs).
+    Unreadable(CorruptEntry),
+    /// A marker whose row is gone or holds no refs: (marker, row).
+    Stale(Path, Path),
+    /// Something under the markers' prefix that is no marker this backend writes.
+    NotAMarker,
+}
 
 /// Objects per bulk delete request (S3's DeleteObjects limit; object_store splits larger streams).
 const DELETE_BATCH: usize = 1000;
@@ -103,7 +122,7 @@ impl ObjectCache {
             .map_err(self.err(format!("list {root}")))?;
         Ok(objects
             .into_iter()
-            .filter(|m| m.location.extension() == Some("json"))
+            .filter(|m| self.is_row_object(m))
             .filter(|m| {
                 let segment = self.segment_of(&m.location);
                 segment.is_some_and(|s| segment_ok(decode_task_segment(s).as_deref()))
@@ -144,29 +163,8 @@ impl ObjectCache {
         &self,
         metas: Vec<ObjectMeta>,
     ) -> Result<(Vec<(ObjectMeta, RowRecord)>, Vec<CorruptEntry>)> {
-        type Fetched = Option<(ObjectMeta, std::result::Result<RowRecord, CorruptEntry>)>;
         let fetched: Vec<Fetched> = futures::stream::iter(metas)
-            .map(|meta| async move {
-                let Some(bytes) = self.fetch(&meta.location).await? else {
-                    return Ok(None);
-                };
-                let fp = meta
-                    .location
-                    .filename()
-                    .unwrap_or("?")
-                    .trim_end_matches(".json")
-                    .to_owned();
-                let decoded = decode_row(&bytes, "?", &fp).map_err(|e| CorruptEntry {
-                    id: meta.location.to_string(),
-                    reason: match e {
-                        Error::CorruptRow { reason, .. } => reason,
-                        other => other.to_string(),
-                    },
-                    size: bytes.len() as u64,
-                    kind: corrupt_kind(&bytes),
-                });
-                Ok::<_, Error>(Some((meta, decoded)))
-            })
+            .map(|meta| self.fetch_row(meta))
             .buffer_unordered(FETCH_CONCURRENCY)
             .try_collect()
             .await?;
@@ -178,6 +176,46 @@ impl ObjectCache {
             }
         }
         Ok((rows, corrupt))
+    }
+
+    /// Fetch and decode one listed row object (`None`: gone since it was listed).
+    async fn fetch_row(&self, meta: ObjectMeta) -> Result<Fetched> {
+        let Some(bytes) = self.fetch(&meta.location).await? else {
+            return Ok(None);
+        };
+        let decoded = self.decode_listed(&meta, &bytes);
+        Ok(Some((meta, decoded)))
+    }
+
+    /// Decode the row object `meta` names, or say why it cannot be used.
+    fn decode_listed(
+        &self,
+        meta: &ObjectMeta,
+        bytes: &[u8],
+    ) -> std::result::Result<RowRecord, CorruptEntry> {
+        let fp = meta
+            .location
+            .filename()
+            .unwrap_or("?")
+            .trim_end_matches(".json");
+        decode_row(bytes, "?", fp).map_err(|e| CorruptEntry {
+            id: meta.location.to_string(),
+            reason: match e {
+                Error::CorruptRow { reason, .. } => reason,
+                other => other.to_string(),
+            },
+            size: bytes.len() as u64,
+            kind: corrupt_kind(bytes),
+        })
+    }
+
+    /// Whether a listed object has a row object's name shape (`rows/<segment>/<file>.json`).
+    fn is_row_object(&self, meta: &ObjectMeta) -> bool {
+        self.is_row_object_path(&meta.location)
+    }
+
+    fn is_row_object_path(&self, path: &Path) -> bool {
+        path.extension() == Some("json") && self.segment_of(path).is_some()
     }
 
     /// The listing entry of a row: commit time and version from the object, not the record, so that
@@ -540,92 +578,132 @@ impl ObjectCache {
         })
     }
 
-    /// The rows with the refs they hold. With a refs index, only the marked rows are read (and rows
-    /// whose names hide their key); the rest are listed, known to hold no ref. Without one, every row
-    /// is read. Markers left by rows deleted or rewritten without refs are removed on the way.
-    pub(super) async fn refs_scan(&self) -> Result<RowScan> {
-        if self.refs_index().await?.is_none() {
-            return self.deep_scan().await;
-        }
-        let metas = self.row_objects(|_| true).await?;
-        let root = self.refs_root();
-        let markers: Vec<ObjectMeta> = self
-            .store
-            .list(Some(&root))
-            .try_collect()
-            .await
-            .map_err(self.err(format!("list {root}")))?;
-        let marked: HashSet<String> = markers
-            .iter()
-            .filter_map(|m| {
-                let rest = m.location.as_ref().strip_prefix(root.as_ref())?;
-                Some(format!("{rest}.json"))
+    /// The rows holding refs, page by page ([`crate::store::OutputCache::row_ref_pages`]). With a refs
+    /// index, only the marked rows are read, found by listing the markers (the rows themselves are not
+    /// listed); without one, every row is read. Either way one page of rows and [`FETCH_CONCURRENCY`]
+    /// reads are in memory at a time. Markers left by rows deleted or rewritten without refs are removed
+    /// on the way.
+    pub(super) fn ref_pages(&self) -> BoxStream<'_, Result<RowScan>> {
+        futures::stream::once(self.refs_index())
+            .map_ok(move |index| match index {
+                Some(_) => self.marked_row_pages(),
+                None => self.read_row_pages(),
             })
-            .collect();
-        let rows_root = self.rows_root();
-        let is_marked = |meta: &ObjectMeta| {
-            meta.location
-                .as_ref()
-                .strip_prefix(rows_root.as_ref())
-                .is_some_and(|rest| marked.contains(rest))
+            .try_flatten()
+            .boxed()
+    }
+
+    /// Every row read, a page at a time.
+    fn read_row_pages(&self) -> BoxStream<'_, Result<RowScan>> {
+        let root = self.rows_root();
+        let context = format!("list {root}");
+        self.store
+            .list(Some(&root))
+            .map_err(move |e| self.err(context.clone())(e))
+            .try_filter(move |m| futures::future::ready(self.is_row_object(m)))
+            .map_ok(move |meta| self.fetch_row(meta))
+            .try_buffer_unordered(FETCH_CONCURRENCY)
+            .try_chunks(PAGE)
+            .map_err(|TryChunksError(_, e)| e)
+            .map_ok(|fetched| {
+                let mut page = RowScan::default();
+                for (meta, decoded) in fetched.into_iter().flatten() {
+                    match decoded {
+                        Ok(record) => {
+                            let refs = refs_in(&record.output).into_iter().map(|r| r.reference);
+                            page.rows
+                                .push(Self::entry(&meta, record.key, refs.collect()));
+                        }
+                        Err(corrupt) => page.unreadable.push(corrupt),
+                    }
+                }
+                page
+            })
+            .boxed()
+    }
+
+    /// The marked rows read, a page of markers at a time; stale markers removed after each page.
+    fn marked_row_pages(&self) -> BoxStream<'_, Result<RowScan>> {
+        let root = self.refs_root();
+        let context = format!("list {root}");
+        self.store
+            .list(Some(&root))
+            .map_err(move |e| self.err(context.clone())(e))
+            .map_ok(move |marker| self.read_marked(marker.location))
+            .try_buffer_unordered(FETCH_CONCURRENCY)
+            .try_chunks(PAGE)
+            .map_err(|TryChunksError(_, e)| e)
+            .and_then(move |marked| async move {
+                let mut page = RowScan::default();
+                let mut stale = Vec::new();
+                for m in marked {
+                    match m {
+                        Marked::Row(entry) => page.rows.push(entry),
+                        Marked::Unreadable(corrupt) => page.unreadable.push(corrupt),
+                        Marked::Stale(marker, row) => stale.push((marker, row)),
+                        Marked::NotAMarker => {}
+                    }
+                }
+                self.unmark_stale(stale).await;
+                Ok(page)
+            })
+            .boxed()
+    }
+
+    /// The row a marker names, read.
+    async fn read_marked(&self, marker: Path) -> Result<Marked> {
+        let rest = marker
+            .as_ref()
+            .strip_prefix(self.refs_root().as_ref())
+            .unwrap_or_default();
+        let Ok(row) = Path::parse(format!("{}{rest}.json", self.rows_root().as_ref())) else {
+            return Ok(Marked::NotAMarker);
         };
-        let seen_marked: HashSet<Path> = metas
-            .iter()
-            .filter(|m| is_marked(m))
-            .map(|m| m.location.clone())
-            .collect();
-        let sorted = self.sort_listing(metas, is_marked);
-        let (read, corrupt) = self.fetch_rows(sorted.to_read).await?;
-        let (mut rows, mut unreadable) = (sorted.listed, sorted.unreadable);
-        unreadable.extend(corrupt);
-        let mut stale = Vec::new();
-        for (meta, record) in read {
-            let refs: Vec<String> = refs_in(&record.output)
-                .into_iter()
-                .map(|r| r.reference)
-                .collect();
-            if refs.is_empty() && seen_marked.contains(&meta.location) {
-                stale.push(record.key.clone());
-            }
-            rows.push(Self::entry(&meta, record.key, refs));
+        if rest.is_empty() || !self.is_row_object_path(&row) {
+            return Ok(Marked::NotAMarker);
         }
-        // Markers whose row is gone: their keys are in the marker names.
-        for m in &markers {
-            let Some(rest) = m.location.as_ref().strip_prefix(root.as_ref()) else {
-                continue;
-            };
-            let row = Path::from(format!("{}{rest}.json", rows_root.as_ref()));
-            if !seen_marked.contains(&row) {
-                if let RowName::Key(key) = self.row_name(&row) {
-                    stale.push(key);
+        let got = match self.store.get(&row).await {
+            Ok(got) => got,
+            Err(e) if super::is_not_found(&e) => return Ok(Marked::Stale(marker, row)),
+            Err(e) => return Err(self.err(format!("read {row}"))(e)),
+        };
+        let meta = got.meta.clone();
+        let bytes = got.bytes().await.map_err(self.err(format!("read {row}")))?;
+        Ok(match self.decode_listed(&meta, &bytes) {
+            Ok(record) => {
+                let refs: Vec<String> = refs_in(&record.output)
+                    .into_iter()
+                    .map(|r| r.reference)
+                    .collect();
+                if refs.is_empty() {
+                    Marked::Stale(marker, row)
+                } else {
+                    Marked::Row(Self::entry(&meta, record.key, refs))
                 }
             }
-        }
-        self.unmark_stale(stale).await;
-        Ok(RowScan {
-            rows,
-            unreadable,
-            listing_only: false,
+            Err(corrupt) => Marked::Unreadable(corrupt),
         })
     }
 
-    /// Remove the markers of `keys` (rows gone or holding no refs when read), best effort: delete the
-    /// marker, read the row again, and put the marker back if the row now holds refs — a writer that
-    /// rewrote it meanwhile with refs then keeps its marker whatever the interleaving.
-    async fn unmark_stale(&self, keys: Vec<RowKey>) {
-        futures::stream::iter(keys)
-            .for_each_concurrent(FETCH_CONCURRENCY, |key| async move {
-                let marker = self.marker_path(&key);
+    /// Remove the markers of rows gone or holding no refs when read (marker, row), best effort: delete
+    /// the marker, read the row again, and put the marker back if the row now holds refs — a writer
+    /// that rewrote it meanwhile with refs then keeps its marker whatever the interleaving.
+    async fn unmark_stale(&self, stale: Vec<(Path, Path)>) {
+        futures::stream::iter(stale)
+            .for_each_concurrent(FETCH_CONCURRENCY, |(marker, row)| async move {
                 if self.store.delete(&marker).await.is_err() {
                     return;
                 }
-                let Ok(Some(bytes)) = self.fetch(&self.row_path(&key)).await else {
+                let Ok(Some(bytes)) = self.fetch(&row).await else {
                     return;
                 };
-                let holds = decode_row(&bytes, key.task_type(), key.fingerprint())
-                    .map_or(true, |r| !refs_in(&r.output).is_empty());
+                let holds =
+                    decode_row(&bytes, "?", "?").map_or(true, |r| !refs_in(&r.output).is_empty());
                 if holds {
-                    let _ = self.mark_refs(&key).await;
+                    let _ = self
+                        .store
+                        .put(&marker, object_store::PutPayload::default())
+                        .await;
                 }
             })
             .await;

@@ -19,7 +19,8 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use serde_json::Value;
@@ -251,8 +252,8 @@ impl OutputCache for ObjectCache {
         Ok(())
     }
 
-    async fn scan_row_refs(&self) -> Result<RowScan> {
-        self.refs_scan().await
+    fn row_ref_pages(&self) -> BoxStream<'_, Result<RowScan>> {
+        self.ref_pages()
     }
 
     async fn get_row(&self, key: &RowKey) -> Result<Option<Row>> {
@@ -320,19 +321,24 @@ impl OutputCache for ObjectCache {
     async fn list_blobs(&self) -> Result<Vec<BlobEntry>> {
         let objects = self.list_blob_objects().await?;
         Ok(objects
-            .into_iter()
-            .filter_map(|m| {
-                let id = format!("{REF_PREFIX}{}", m.location.filename()?);
-                parse_ref_name(&id, REF_PREFIX, "")?;
-                Some(BlobEntry {
-                    id,
-                    state: BlobState::Published,
-                    size: m.size,
-                    modified: m.last_modified.into(),
-                })
-            })
+            .iter()
+            .filter_map(blob_entry)
             .chain(self.inflight.entries())
             .collect())
+    }
+
+    fn blob_pages(&self) -> BoxStream<'_, Result<Vec<BlobEntry>>> {
+        let root = self.blobs_root();
+        let context = format!("list {root}");
+        let published = self
+            .store
+            .list(Some(&root))
+            .map_err(move |e| self.err(context.clone())(e))
+            .try_chunks(listing::PAGE)
+            .map_err(|futures::stream::TryChunksError(_, e)| e)
+            .map_ok(|metas| metas.iter().filter_map(blob_entry).collect());
+        let inflight = futures::stream::once(async move { Ok(self.inflight.entries()) });
+        published.chain(inflight).boxed()
     }
 
     async fn remove_temp(&self, id: &str) -> Result<bool> {
@@ -472,6 +478,18 @@ impl OutputCache for ObjectCache {
             None => Ok(()),
         }
     }
+}
+
+/// A listed blob object as the janitor sees it (`None`: not a name this backend gives a blob).
+fn blob_entry(m: &object_store::ObjectMeta) -> Option<BlobEntry> {
+    let id = format!("{REF_PREFIX}{}", m.location.filename()?);
+    parse_ref_name(&id, REF_PREFIX, "")?;
+    Some(BlobEntry {
+        id,
+        state: BlobState::Published,
+        size: m.size,
+        modified: m.last_modified.into(),
+    })
 }
 
 fn as_stream_error(e: Error) -> Error {

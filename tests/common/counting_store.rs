@@ -24,6 +24,8 @@ pub struct Requests {
     pub lists: AtomicU64,
     pub deleted: AtomicU64,
     pub delete_calls: AtomicU64,
+    /// The prefix of every listing asked for, in order.
+    pub listed: std::sync::Mutex<Vec<String>>,
 }
 
 /// A snapshot of [`Requests`].
@@ -38,6 +40,19 @@ pub struct Counts {
 }
 
 impl Requests {
+    fn note_listing(&self, prefix: Option<&Path>) {
+        let prefix = prefix.map_or_else(String::new, |p| p.to_string());
+        self.listed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(prefix);
+    }
+
+    /// The prefixes listed since the last call.
+    pub fn take_listed(&self) -> Vec<String> {
+        std::mem::take(&mut *self.listed.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     pub fn take(&self) -> Counts {
         let take = |c: &AtomicU64| c.swap(0, Ordering::SeqCst);
         Counts {
@@ -125,6 +140,7 @@ impl ObjectStore for CountingStore {
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
         bump(&self.requests.lists);
+        self.requests.note_listing(prefix);
         self.inner.list(prefix)
     }
 
@@ -134,11 +150,13 @@ impl ObjectStore for CountingStore {
         offset: &Path,
     ) -> BoxStream<'static, Result<ObjectMeta>> {
         bump(&self.requests.lists);
+        self.requests.note_listing(prefix);
         self.inner.list_with_offset(prefix, offset)
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
         bump(&self.requests.lists);
+        self.requests.note_listing(prefix);
         self.inner.list_with_delimiter(prefix).await
     }
 

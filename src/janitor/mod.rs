@@ -9,6 +9,14 @@
 //! ([`find_orphans`], [`sweep_orphans`]) are the same plan restricted to orphans, so no caller can skip a
 //! guard. A dry run reports the plan and changes nothing.
 //!
+//! **Memory.** The orphan sweep holds no listing: blobs ([`OutputCache::blob_pages`]) and the refs rows
+//! hold ([`OutputCache::row_ref_pages`]) arrive a page at a time into sorted runs that spill to unnamed
+//! temp files past [`PruneOptions::spill_lines`], and one merged pass over the two sorted sets finds
+//! the unreferenced blobs (themselves spilled, then deleted a batch at a time). Its memory is bounded
+//! whatever the cache's size, except the ledger of blobs seen unreferenced within the grace period.
+//! Age, size and `--corrupt` prunes plan from listings held in memory (a size budget's
+//! least-recently-used order needs every row).
+//!
 //! ## Races with writers (nothing is locked; every rule below is what keeps that safe)
 //! - **Rows are deleted by version.** A row is deleted only if it is still the one listed (same commit
 //!   time, [`OutputCache::delete_rows_listed`]): a row rewritten between the listing and the delete is
@@ -26,13 +34,16 @@
 //!   the temps of writes still streaming.
 //! - **Rows it cannot read stop the orphan sweep**, since the blobs they reference cannot be seen:
 //!   garbled rows until removed with `--corrupt`, rows of a newer format version (a newer outcache
-//!   shares the cache) always — those are never removed. Foreign entries (links, FIFOs where the cache
+//!   shares the cache) always — those are never removed. (An object store with a refs index reads
+//!   only the rows marked as holding refs; a row without a marker held none when written.) Foreign entries (links, FIFOs where the cache
 //!   keeps files) are reported and never touched.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
+
+use futures::{StreamExt, TryStreamExt};
 
 use crate::error::{Error, Result};
 use crate::store::{
@@ -41,6 +52,9 @@ use crate::store::{
 use crate::wire::{RowKey, sha256_hex};
 
 pub use crate::options::DEFAULT_GRACE;
+pub use spill::DEFAULT_SPILL_LINES;
+
+mod spill;
 
 /// The shortest grace period the CLI accepts without `--force`: below it, the temps of writes still
 /// streaming on a live cache would be swept.
@@ -54,6 +68,8 @@ pub const LEDGER_TASK_TYPE: &str = "outcache/janitor";
 const PRUNE_BATCH: usize = 1000;
 /// Batches deleted at once.
 const BATCHES_IN_FLIGHT: usize = 4;
+/// Orphan blobs deleted at once (one request each on an object store).
+const ORPHAN_DELETES_IN_FLIGHT: usize = 16;
 
 fn ledger_key() -> RowKey {
     RowKey::from_parts(LEDGER_TASK_TYPE, &sha256_hex(b"orphans first seen"))
@@ -89,9 +105,26 @@ pub async fn sweep_orphans(
     options.orphans = true;
     options.grace = grace;
     options.dry_run = dry_run;
-    let plan = plan(backend, &options).await?;
+    let mut plan = plan(backend, &options).await?;
+    // This API hands back the whole list; `prune` never holds it.
+    let mut blobs = Vec::new();
+    let mut relisted = spill::SortedLines::new(spill::DEFAULT_SPILL_LINES);
+    let mut reader = OrphanReader::new(std::mem::take(&mut plan.orphan_blobs));
+    loop {
+        let chunk = reader.next_chunk(PRUNE_BATCH).await?;
+        if chunk.is_empty() {
+            break;
+        }
+        for b in chunk {
+            if let Some(line) = blob_line(&b) {
+                relisted.push(line).await?;
+            }
+            blobs.push(b);
+        }
+    }
+    plan.orphan_blobs = relisted;
     let sweep = OrphanSweep {
-        blobs: plan.orphan_blobs.clone(),
+        blobs,
         temps: plan.stale_temps.clone(),
         bytes: plan.report.orphans.bytes,
         dry_run,
@@ -122,6 +155,10 @@ pub struct PruneOptions {
     pub corrupt: bool,
     /// Report what would be removed, remove nothing.
     pub dry_run: bool,
+    /// How many lines (blob names, refs) of each set the orphan sweep keeps in memory before it sorts
+    /// them into an unnamed temp file under `$TMPDIR`; 0 means [`DEFAULT_SPILL_LINES`]. The sweep
+    /// lists and reads page by page, so this bounds its memory whatever the cache's size.
+    pub spill_lines: usize,
 }
 
 impl PruneOptions {
@@ -213,7 +250,8 @@ struct Plan {
     by_size: Vec<RowEntry>,
     /// Which blobs each row's delete takes along, to count what deleted rows freed.
     owned: Ownership,
-    orphan_blobs: Vec<BlobEntry>,
+    /// Orphan blobs, as sorted [`blob_line`]s (spilled past a bound: there may be millions).
+    orphan_blobs: spill::SortedLines,
     stale_temps: Vec<BlobEntry>,
     /// The orphan ledger to save after the run (`None`: leave it as it is).
     ledger: Option<BTreeMap<String, u64>>,
@@ -285,17 +323,18 @@ impl Ownership {
 
 /// Count row `r` and the blobs its delete takes along that are not already counted in `gone` into
 /// `counts`; returns the bytes that frees.
-fn take_row<'a>(
+fn take_row(
     backend: &dyn OutputCache,
-    r: &'a RowEntry,
-    owned: &'a Ownership,
-    gone: &mut HashSet<&'a str>,
+    r: &RowEntry,
+    owned: &Ownership,
+    gone: &mut HashSet<String>,
     counts: &mut Removed,
 ) -> u64 {
     let mut freed = r.size;
     counts.rows += 1;
     for (id, size) in owned.of(backend, r) {
-        if gone.insert(id) {
+        if !gone.contains(id) {
+            gone.insert(id.to_owned());
             counts.blobs += 1;
             freed += size;
         }
@@ -332,75 +371,70 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
         });
     }
     let now = SystemTime::now();
-    let blobs = backend.list_blobs().await?;
-    // One pass over the rows: the readable ones and the ones that stop an orphan sweep. Only `--corrupt`
-    // needs every row read; the orphan sweep needs the refs every row holds (an object store with a refs
-    // index reads only the rows that hold some); age, size and prefix prunes take a listing where the
-    // backend has a cheaper one than reading each row.
-    let scan = if options.corrupt {
-        backend.scan_rows().await?
-    } else if options.orphans {
-        backend.scan_row_refs().await?
-    } else {
-        backend.scan_rows_shallow().await?
+    let grace_cutoff = cutoff(now, options.grace);
+    let spill_lines = match options.spill_lines {
+        0 => spill::DEFAULT_SPILL_LINES,
+        n => n,
     };
-    let listing_only = scan.listing_only;
-    let rows: Vec<RowEntry> = scan
-        .rows
-        .into_iter()
-        .filter(|r| r.key.task_type() != LEDGER_TASK_TYPE)
-        .collect();
-    let unreadable = scan.unreadable;
-    tracing::debug!(
-        target: "outcache::janitor",
-        blobs = blobs.len(),
-        rows = rows.len(),
-        unreadable = unreadable.len(),
-        "listed"
-    );
-    let first = |kind: CorruptKind| unreadable.iter().find(|c| c.kind == kind);
-    if options.orphans {
-        if let Some(c) = first(CorruptKind::NewerFormat) {
-            return Err(Error::InvalidInput {
-                what: "prune".into(),
-                reason: format!(
-                    "{} was written by a newer outcache (first: {}: {}); the blobs such rows \
-                     reference cannot be seen, so the orphan sweep stops here. Run the sweep with \
-                     the newer version",
-                    unreadable
-                        .iter()
-                        .filter(|c| c.kind == CorruptKind::NewerFormat)
-                        .count(),
-                    c.id,
-                    c.reason
-                ),
-            });
-        }
-        if let Some(c) = first(CorruptKind::Garbled).filter(|_| !options.corrupt) {
-            return Err(Error::InvalidInput {
-                what: "prune".into(),
-                reason: format!(
-                    "{} row(s) cannot be decoded (first: {}: {}); their blobs cannot be told from \
-                     orphans, so the orphan sweep stops here. Remove them with --corrupt (see them \
-                     with --dry-run --corrupt)",
-                    unreadable
-                        .iter()
-                        .filter(|c| c.kind == CorruptKind::Garbled)
-                        .count(),
-                    c.id,
-                    c.reason
-                ),
-            });
-        }
-    }
+    // Row prunes decide from listings held in memory; the orphan sweep alone streams everything.
+    let rows_prune = options.older_than.is_some() || options.max_size.is_some() || options.corrupt;
+
+    // The blobs first, page by page: a blob whose row commits while the janitor runs is then seen as
+    // referenced, and one written after its page was listed is no candidate at all.
+    let mut blobs: Vec<BlobEntry> = Vec::new();
+    let mut published = spill::SortedLines::new(spill_lines);
     let mut plan = Plan {
         report: PruneReport {
             dry_run: options.dry_run,
             ..PruneReport::default()
         },
-        owned: Ownership::new(&blobs, listing_only),
+        orphan_blobs: spill::SortedLines::new(spill_lines),
         ..Plan::default()
     };
+    {
+        let mut pages = backend.blob_pages();
+        while let Some(page) = pages.try_next().await? {
+            for b in page {
+                if options.orphans {
+                    match b.state {
+                        BlobState::Published => {
+                            if let Some(line) = blob_line(&b) {
+                                published.push(line).await?;
+                            }
+                        }
+                        BlobState::Temp if b.modified <= grace_cutoff => {
+                            plan.report.orphans.temps += 1;
+                            plan.report.orphans.bytes += b.size;
+                            plan.stale_temps.push(b.clone());
+                        }
+                        BlobState::Temp | BlobState::Foreign => {}
+                    }
+                }
+                if rows_prune {
+                    blobs.push(b);
+                }
+            }
+        }
+    }
+
+    // The rows the row prunes choose from: every row read where garbled ones are to be found, else
+    // as cheaply as the backend lists them.
+    let (rows, unreadable, listing_only) = if !rows_prune {
+        (Vec::new(), Vec::new(), false)
+    } else {
+        let scan = if options.corrupt {
+            backend.scan_rows().await?
+        } else {
+            backend.scan_rows_shallow().await?
+        };
+        let rows: Vec<RowEntry> = scan
+            .rows
+            .into_iter()
+            .filter(|r| r.key.task_type() != LEDGER_TASK_TYPE)
+            .collect();
+        (rows, scan.unreadable, scan.listing_only)
+    };
+    plan.owned = Ownership::new(&blobs, listing_only);
     let in_scope = |r: &RowEntry| {
         options
             .prefix
@@ -408,7 +442,7 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
             .is_none_or(|p| r.key.task_type().starts_with(p))
     };
 
-    let mut gone_blobs: HashSet<&str> = HashSet::new();
+    let mut gone_blobs: HashSet<String> = HashSet::new();
     let mut doomed: HashSet<usize> = HashSet::new();
     if let Some(age) = options.older_than {
         let cutoff = cutoff(now, age);
@@ -427,44 +461,42 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
         }
     }
 
-    let mut stale_temps: HashSet<&str> = HashSet::new();
     if options.orphans {
-        let cutoff = cutoff(now, options.grace);
-        let cutoff_ms = crate::layout::millis(cutoff);
-        let now_ms = crate::layout::millis(now);
+        let referenced = referenced_refs(backend, options, spill_lines).await?;
         let seen = load_ledger(backend).await?;
-        let mut ledger = BTreeMap::new();
-        let referenced: HashSet<&str> = rows
-            .iter()
-            .flat_map(|r| r.refs.iter().map(String::as_str))
-            .collect();
-        for b in &blobs {
-            match b.state {
-                BlobState::Published if !referenced.contains(b.id.as_str()) => {
-                    let first_seen = seen.get(&b.id).copied().unwrap_or(now_ms);
-                    if b.modified <= cutoff && first_seen <= cutoff_ms {
-                        if gone_blobs.insert(&b.id) {
-                            plan.report.orphans.blobs += 1;
-                            plan.report.orphans.bytes += b.size;
-                            plan.orphan_blobs.push(b.clone());
-                        }
-                    } else {
-                        ledger.insert(b.id.clone(), first_seen);
-                    }
-                }
-                BlobState::Temp if b.modified <= cutoff => {
-                    stale_temps.insert(&b.id);
-                    plan.report.orphans.temps += 1;
-                    plan.report.orphans.bytes += b.size;
-                    plan.stale_temps.push(b.clone());
-                }
-                BlobState::Published | BlobState::Temp | BlobState::Foreign => {}
-            }
-        }
-        plan.ledger = Some(ledger);
+        let rule = OrphanRule {
+            cutoff_nanos: nanos(grace_cutoff),
+            cutoff_ms: crate::layout::millis(grace_cutoff),
+            now_ms: crate::layout::millis(now),
+        };
+        // Blobs the row prunes take are theirs to count; the size budget needs the orphans' ids.
+        let exclude = std::mem::take(&mut gone_blobs);
+        let keep_ids = options.max_size.is_some();
+        let decided = tokio::task::spawn_blocking(move || {
+            rule.decide(
+                published,
+                referenced,
+                &exclude,
+                &seen,
+                keep_ids,
+                spill_lines,
+            )
+            .map(|decided| (decided, exclude))
+        })
+        .await
+        .map_err(|e| spill_failed(std::io::Error::other(e)))?
+        .map_err(spill_failed)?;
+        let (decided, exclude) = decided;
+        gone_blobs = exclude;
+        gone_blobs.extend(decided.ids);
+        plan.report.orphans.blobs += decided.count;
+        plan.report.orphans.bytes += decided.bytes;
+        plan.orphan_blobs = decided.orphans;
+        plan.ledger = Some(decided.ledger);
     }
 
     if let Some(budget) = options.max_size {
+        let stale_temps: HashSet<&str> = plan.stale_temps.iter().map(|t| t.id.as_str()).collect();
         let temps_left: u64 = blobs
             .iter()
             .filter(|b| b.state == BlobState::Temp && !stale_temps.contains(b.id.as_str()))
@@ -526,6 +558,221 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
     Ok(plan)
 }
 
+/// Every ref the rows hold, page by page into a sorted spill; rows that cannot be read stop the sweep
+/// (garbled ones unless `--corrupt` removes them in the same run).
+async fn referenced_refs(
+    backend: &dyn OutputCache,
+    options: &PruneOptions,
+    spill_lines: usize,
+) -> Result<spill::SortedLines> {
+    let mut referenced = spill::SortedLines::new(spill_lines);
+    // (count, first) of the rows of a newer format and of garbled ones.
+    let mut newer: (u64, Option<CorruptEntry>) = (0, None);
+    let mut garbled: (u64, Option<CorruptEntry>) = (0, None);
+    let mut rows = 0u64;
+    let mut pages = backend.row_ref_pages();
+    while let Some(page) = pages.try_next().await? {
+        for c in page.unreadable {
+            let tally = match c.kind {
+                CorruptKind::NewerFormat => &mut newer,
+                CorruptKind::Garbled => &mut garbled,
+                CorruptKind::Foreign => continue,
+            };
+            tally.0 += 1;
+            tally.1.get_or_insert(c);
+        }
+        for r in page.rows {
+            if r.key.task_type() == LEDGER_TASK_TYPE {
+                continue;
+            }
+            rows += 1;
+            for id in r.refs {
+                // A ref no blob name can equal (no blob line holds a newline) needs no keeping.
+                if !id.contains('\n') {
+                    referenced.push(id).await?;
+                }
+            }
+        }
+    }
+    tracing::debug!(
+        target: "outcache::janitor",
+        rows,
+        refs = referenced.len(),
+        runs_spilled = referenced.runs_spilled(),
+        "refs listed"
+    );
+    if let (n, Some(c)) = newer {
+        return Err(Error::InvalidInput {
+            what: "prune".into(),
+            reason: format!(
+                "{n} was written by a newer outcache (first: {}: {}); the blobs such rows \
+                 reference cannot be seen, so the orphan sweep stops here. Run the sweep with the \
+                 newer version",
+                c.id, c.reason
+            ),
+        });
+    }
+    if let (n, Some(c)) = garbled {
+        if !options.corrupt {
+            return Err(Error::InvalidInput {
+                what: "prune".into(),
+                reason: format!(
+                    "{n} row(s) cannot be decoded (first: {}: {}); their blobs cannot be told from \
+                     orphans, so the orphan sweep stops here. Remove them with --corrupt (see them \
+                     with --dry-run --corrupt)",
+                    c.id, c.reason
+                ),
+            });
+        }
+    }
+    Ok(referenced)
+}
+
+fn spill_failed(e: std::io::Error) -> Error {
+    Error::io(
+        "read back the janitor's sorted runs",
+        std::env::temp_dir(),
+        e,
+    )
+}
+
+fn nanos(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// A published blob as a line of the sweep's sorted spill: `id \t size \t modified (ns)`. Sorting
+/// the lines sorts by id (a tab sorts before every character of a ref). `None` for an id no line can
+/// hold: never a candidate, so never removed.
+fn blob_line(b: &BlobEntry) -> Option<String> {
+    if b.id.contains(['\t', '\n']) {
+        return None;
+    }
+    Some(format!("{}\t{}\t{}", b.id, b.size, nanos(b.modified)))
+}
+
+/// The blob a [`blob_line`] describes.
+fn parse_blob_line(line: &str) -> Option<BlobEntry> {
+    let mut parts = line.split('\t');
+    let (id, size, modified) = (parts.next()?, parts.next()?, parts.next()?);
+    Some(BlobEntry {
+        id: id.to_owned(),
+        state: BlobState::Published,
+        size: size.parse().ok()?,
+        modified: SystemTime::UNIX_EPOCH + Duration::from_nanos(modified.parse().ok()?),
+    })
+}
+
+/// When an unreferenced blob is an orphan to remove (see the module docs on the grace period).
+struct OrphanRule {
+    cutoff_nanos: u64,
+    cutoff_ms: u64,
+    now_ms: u64,
+}
+
+/// The orphans an [`OrphanRule`] found.
+struct Decided {
+    count: u64,
+    bytes: u64,
+    /// Their blob lines, sorted.
+    orphans: spill::SortedLines,
+    /// Their ids, where asked for (the size budget needs them).
+    ids: Vec<String>,
+    /// First sightings of the unreferenced blobs that are not orphans yet.
+    ledger: BTreeMap<String, u64>,
+}
+
+impl OrphanRule {
+    /// One merged pass over the sorted blobs and the sorted refs (blocking: spilled runs are read).
+    fn decide(
+        &self,
+        published: spill::SortedLines,
+        referenced: spill::SortedLines,
+        exclude: &HashSet<String>,
+        seen: &BTreeMap<String, u64>,
+        keep_ids: bool,
+        spill_lines: usize,
+    ) -> std::io::Result<Decided> {
+        let mut decided = Decided {
+            count: 0,
+            bytes: 0,
+            orphans: spill::SortedLines::new(spill_lines),
+            ids: Vec::new(),
+            ledger: BTreeMap::new(),
+        };
+        let mut refs = referenced.into_sorted().peekable();
+        for line in published.into_sorted() {
+            let line = line?;
+            let Some(b) = parse_blob_line(&line) else {
+                continue;
+            };
+            let mut is_referenced = false;
+            while let Some(next) = refs.peek() {
+                match next {
+                    Err(_) => {
+                        return Err(refs
+                            .next()
+                            .and_then(|r| r.err())
+                            .unwrap_or_else(|| std::io::Error::other("a sorted run failed")));
+                    }
+                    Ok(r) => match r.as_str().cmp(b.id.as_str()) {
+                        std::cmp::Ordering::Less => {
+                            refs.next();
+                        }
+                        std::cmp::Ordering::Equal => {
+                            is_referenced = true;
+                            break;
+                        }
+                        std::cmp::Ordering::Greater => break,
+                    },
+                }
+            }
+            if is_referenced || exclude.contains(&b.id) {
+                continue;
+            }
+            let first_seen = seen.get(&b.id).copied().unwrap_or(self.now_ms);
+            if nanos(b.modified) <= self.cutoff_nanos && first_seen <= self.cutoff_ms {
+                decided.count += 1;
+                decided.bytes += b.size;
+                decided.orphans.push_blocking(line)?;
+                if keep_ids {
+                    decided.ids.push(b.id);
+                }
+            } else {
+                decided.ledger.insert(b.id, first_seen);
+            }
+        }
+        Ok(decided)
+    }
+}
+
+/// An orphan list read back `n` blobs at a time (off the runtime: spilled runs are files).
+struct OrphanReader(Option<spill::Merged>);
+
+impl OrphanReader {
+    fn new(orphans: spill::SortedLines) -> Self {
+        OrphanReader(Some(orphans.into_sorted()))
+    }
+
+    /// The next `n` blobs; empty at the end.
+    async fn next_chunk(&mut self, n: usize) -> Result<Vec<BlobEntry>> {
+        let Some(mut lines) = self.0.take() else {
+            return Ok(Vec::new());
+        };
+        let (lines, batch) = tokio::task::spawn_blocking(move || {
+            let batch: std::io::Result<Vec<String>> = lines.by_ref().take(n).collect();
+            (lines, batch)
+        })
+        .await
+        .map_err(|e| spill_failed(std::io::Error::other(e)))?;
+        let batch = batch.map_err(spill_failed)?;
+        if !batch.is_empty() {
+            self.0 = Some(lines);
+        }
+        Ok(batch.iter().filter_map(|l| parse_blob_line(l)).collect())
+    }
+}
+
 /// Delete the listed `rows` by version and recount `counts` from the ones really deleted.
 async fn delete_listed(
     backend: &dyn OutputCache,
@@ -571,11 +818,10 @@ async fn execute(
     mut plan: Plan,
     mut progress: impl FnMut(Progress) + Send,
 ) -> Result<PruneReport> {
-    let total = (plan.corrupt.len()
-        + plan.by_age.len()
-        + plan.by_size.len()
-        + plan.orphan_blobs.len()
-        + plan.stale_temps.len()) as u64;
+    let total =
+        (plan.corrupt.len() + plan.by_age.len() + plan.by_size.len() + plan.stale_temps.len())
+            as u64
+            + plan.orphan_blobs.len();
     let mut done = 0;
     let mut step = |n: u64| {
         done += n;
@@ -609,9 +855,19 @@ async fn execute(
         &mut step,
     )
     .await?;
-    for b in &plan.orphan_blobs {
-        backend.delete_blob(&b.id).await?;
-        step(1);
+    let mut orphans = OrphanReader::new(std::mem::take(&mut plan.orphan_blobs));
+    loop {
+        let chunk = orphans.next_chunk(PRUNE_BATCH).await?;
+        if chunk.is_empty() {
+            break;
+        }
+        let n = chunk.len() as u64;
+        futures::stream::iter(chunk)
+            .map(|b| async move { backend.delete_blob(&b.id).await })
+            .buffer_unordered(ORPHAN_DELETES_IN_FLIGHT)
+            .try_collect::<Vec<()>>()
+            .await?;
+        step(n);
     }
     for t in &plan.stale_temps {
         if !backend.remove_temp(&t.id).await? {
