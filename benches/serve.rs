@@ -5,7 +5,8 @@
 //!   process (`Cache::put_stream`, `Cache::open_stream`), and against the transport alone (a handler
 //!   that drains the upload, one that sends a buffer already in memory).
 //!
-//! Run: `cargo bench --features serve --bench serve` (`OUTCACHE_SERVE_BENCH_MIB=256`).
+//! Run: `cargo bench --features serve --bench serve` (`OUTCACHE_SERVE_BENCH_MIB=256`,
+//! `OUTCACHE_SERVE_BENCH_ROUNDS=6`: the big transfers alternate which contender goes first).
 
 #[path = "common.rs"]
 mod common;
@@ -84,6 +85,63 @@ async fn download(client: &reqwest::Client, url: String) -> usize {
         n += chunk.unwrap().len();
     }
     n
+}
+
+/// One round of big transfers on one cache, the contenders taking turns at going first: the disk's
+/// durable-write rate swings between writes seconds apart (MEASURED.md), so the medians of alternating
+/// rounds are compared.
+struct Transfers<'a> {
+    client: &'a reqwest::Client,
+    data: &'a Bytes,
+    samples: &'a Samples,
+}
+
+impl Transfers<'_> {
+    async fn round(&self, cache: &Cache, served: &str, round: usize, case: &str) {
+        let (up, down) = (format!("upload{case}"), format!("download{case}"));
+        let in_process_first = round % 2 == 0;
+        let mut stored = None;
+        for turn in 0..2 {
+            if (turn == 0) == in_process_first {
+                let started = std::time::Instant::now();
+                let chunks = futures::stream::iter(chunks(self.data).into_iter().map(Ok)).boxed();
+                let inputs = json!({ "round": round });
+                let put =
+                    cache.put_stream("bench/in-process", &inputs, chunks, BlobOptions::default());
+                stored = Some(put.await.unwrap());
+                self.samples.record(&up, "in-process", started.elapsed());
+            } else {
+                let started = std::time::Instant::now();
+                upload(self.client, format!("{served}/big{round}"), self.data).await;
+                self.samples.record(&up, "serve", started.elapsed());
+            }
+        }
+        let r = CacheRef::from_value(&stored.expect("stored in process")).unwrap();
+        for turn in 0..2 {
+            if (turn == 0) == in_process_first {
+                let started = std::time::Instant::now();
+                let mut stream = cache.open_stream(&r).await.unwrap().unwrap();
+                let mut n = 0;
+                while let Some(chunk) = stream.next().await {
+                    n += chunk.unwrap().len();
+                }
+                assert_eq!(n, self.data.len());
+                self.samples.record(&down, "in-process", started.elapsed());
+            } else {
+                let started = std::time::Instant::now();
+                let n = download(self.client, format!("{served}/big{round}")).await;
+                assert_eq!(n, self.data.len());
+                self.samples.record(&down, "serve", started.elapsed());
+            }
+        }
+        // Start each round from an empty cache: a not-durable write then never reaches the disk, and
+        // the disk holds no more than one round's blobs.
+        let mut everything = outcache::janitor::PruneOptions::new();
+        everything.older_than = Some(std::time::Duration::ZERO);
+        outcache::janitor::prune(cache.backend().as_ref(), &everything, |_| {})
+            .await
+            .unwrap();
+    }
 }
 
 fn main() {
@@ -184,7 +242,24 @@ fn main() {
             |_| (requests, "req"),
         );
 
-        for round in 0..3 {
+        let rounds: usize = std::env::var("OUTCACHE_SERVE_BENCH_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(6);
+        let quick = Cache::open(&format!(
+            "fs://{}/quick?durable=false",
+            dir.path().display()
+        ))
+        .unwrap();
+        let (quick_router, _) = outcache::serve::router(
+            quick.clone(),
+            ServeOptions {
+                allow_anonymous_writes: true,
+                ..ServeOptions::default()
+            },
+        );
+        let quick_served = listen(quick_router).await;
+        for round in 0..rounds {
             let started = std::time::Instant::now();
             upload(&client, format!("{transport}/drain"), &data).await;
             samples.record("upload", "http-only", started.elapsed());
@@ -194,42 +269,28 @@ fn main() {
                 data.len()
             );
             samples.record("download", "http-only", started.elapsed());
-
-            let inputs = json!({ "round": round });
-            let started = std::time::Instant::now();
-            let stored = cache
-                .put_stream(
-                    "bench/in-process",
-                    &inputs,
-                    futures::stream::iter(chunks(&data).into_iter().map(Ok)).boxed(),
-                    BlobOptions::default(),
-                )
-                .await
-                .unwrap();
-            samples.record("upload", "in-process", started.elapsed());
-            let started = std::time::Instant::now();
-            upload(&client, format!("{served}/big{round}"), &data).await;
-            samples.record("upload", "serve", started.elapsed());
-
-            let r = CacheRef::from_value(&stored).unwrap();
-            let started = std::time::Instant::now();
-            let mut stream = cache.open_stream(&r).await.unwrap().unwrap();
-            let mut n = 0;
-            while let Some(chunk) = stream.next().await {
-                n += chunk.unwrap().len();
-            }
-            assert_eq!(n, data.len());
-            samples.record("download", "in-process", started.elapsed());
-            let started = std::time::Instant::now();
-            assert_eq!(
-                download(&client, format!("{served}/big{round}")).await,
-                data.len()
-            );
-            samples.record("download", "serve", started.elapsed());
+            let transfers = Transfers {
+                client: &client,
+                data: &data,
+                samples: &samples,
+            };
+            transfers.round(&cache, &served, round, "").await;
+            transfers
+                .round(&quick, &quick_served, round, ", not durable")
+                .await;
         }
         samples.print_ratio(
             &format!("{mib} MiB upload and download"),
             &["upload", "download"],
+            "in-process",
+            "serve",
+            |_| ((mib as f64) * 1.048_576, "MB"),
+        );
+        samples.print_ratio(
+            &format!(
+                "{mib} MiB upload and download, not durable (the server's own cost, no fsync)"
+            ),
+            &["upload, not durable", "download, not durable"],
             "in-process",
             "serve",
             |_| ((mib as f64) * 1.048_576, "MB"),
