@@ -113,7 +113,40 @@ struct Inner {
     /// A reader with no busy timeout for inline point reads (see `get_row`).
     fast_reader: Mutex<Connection>,
     /// Rows waiting for the next group commit (see `save_row`).
-    pending: Mutex<Vec<PendingRow>>,
+    pending: Mutex<Pending>,
+}
+
+/// The group commit's queue.
+#[derive(Debug, Default)]
+struct Pending {
+    rows: Vec<PendingRow>,
+    /// Whether a committer is running (it commits until it finds the queue empty).
+    committing: bool,
+}
+
+/// The one running committer's claim: dropped (its work done, panicked, or never run because the
+/// runtime shut down), it lets the next `save_row` start a committer, and fails rows still queued so
+/// no caller waits forever.
+struct Committer {
+    cache: SqliteCache,
+    /// False once the committer found the queue empty and cleared the flag itself.
+    armed: bool,
+}
+
+impl Committer {
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut pending = lock(&self.cache.inner.pending);
+            pending.committing = false;
+            pending.rows.clear(); // their callers hear "abandoned"
+        }
+    }
 }
 
 /// A row `save_row` queued for the next group commit, and where to tell its caller how it went.
@@ -193,7 +226,7 @@ impl SqliteCache {
                 writer: Mutex::new(Writer { conn, full_sync }),
                 readers: Mutex::new(Vec::new()),
                 fast_reader: Mutex::new(fast_reader),
-                pending: Mutex::new(Vec::new()),
+                pending: Mutex::new(Pending::default()),
             }),
         })
     }
@@ -324,21 +357,45 @@ impl OutputCache for SqliteCache {
         })?;
         let refs: Vec<String> = refs_in(output).into_iter().map(|r| r.reference).collect();
         let refs = serde_json::to_string(&refs).unwrap_or_else(|_| "[]".into());
-        // Group commit: queue the row, then try to commit the queue. Whoever takes the write lock first
-        // commits every row queued by then in one transaction (one fsync); the others find the queue
-        // empty and only wait for their answer. No caller hears "written" before its commit returned.
+        // Group commit: queue the row; the first caller to find no committer running starts one, which
+        // commits everything queued in one transaction (one fsync), then what was queued meanwhile, until
+        // the queue is empty. The others only wait for their answer (no thread of their own contends for
+        // the write lock). No caller hears "written" before its commit returned.
         let (done, answer) = tokio::sync::oneshot::channel();
-        lock(&self.inner.pending).push(PendingRow {
-            key: key.clone(),
-            text,
-            refs,
-            done,
-        });
-        self.write(|this, w| {
-            this.commit_pending(w);
-            Ok(())
-        })
-        .await?;
+        let start_committer = {
+            let mut pending = lock(&self.inner.pending);
+            pending.rows.push(PendingRow {
+                key: key.clone(),
+                text,
+                refs,
+                done,
+            });
+            !std::mem::replace(&mut pending.committing, true)
+        };
+        if start_committer {
+            let mut committer = Committer {
+                cache: self.clone(),
+                armed: true,
+            };
+            tokio::task::spawn_blocking(move || {
+                let this = committer.cache.clone();
+                let mut writer = lock(&this.inner.writer);
+                loop {
+                    let batch = {
+                        let mut pending = lock(&this.inner.pending);
+                        if pending.rows.is_empty() {
+                            // In the same critical section as the check: a row queued after it
+                            // starts a committer of its own.
+                            pending.committing = false;
+                            committer.disarm();
+                            break;
+                        }
+                        std::mem::take(&mut pending.rows)
+                    };
+                    this.commit_batch(&mut writer, batch);
+                }
+            });
+        }
         answer.await.unwrap_or_else(|_| {
             Err(Error::stream(format!(
                 "the commit of row {key} was abandoned"
@@ -719,11 +776,8 @@ impl OutputCache for SqliteCache {
 
 impl SqliteCache {
     /// Commit every queued row in one transaction and answer each caller (under the write lock).
-    fn commit_pending(&self, w: &mut Writer) {
-        let batch = std::mem::take(&mut *lock(&self.inner.pending));
-        if batch.is_empty() {
-            return; // a committer before us took our rows along
-        }
+    /// Commit `batch` in one transaction and answer each row's caller.
+    fn commit_batch(&self, w: &mut Writer, batch: Vec<PendingRow>) {
         let mut results: Vec<Result<()>> = Vec::with_capacity(batch.len());
         let committed = (|| -> Result<()> {
             let tx = w.begin(self.inner.durable).map_err(self.err("begin"))?;
