@@ -233,3 +233,58 @@ fn an_unusable_root_is_refused_with_its_path() {
         other => panic!("expected an Io error, got {other:?}"),
     }
 }
+
+/// Blob reads reuse their read buffers once a chunk is dropped, and read one chunk ahead: chunks a
+/// caller still holds must never be overwritten, whatever the interleaving of streams, and a stream
+/// dropped with a read ahead in flight must leave the next reads intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_chunks_held_or_dropped_keep_their_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::new(open(dir.path()));
+    // Contents that differ at every offset and from chunk to chunk, several chunks each.
+    let put = |len: usize, seed: u8| {
+        let data: Vec<u8> = (0..len)
+            .map(|i| (i as u8) ^ ((i >> 20) as u8).wrapping_mul(97) ^ seed)
+            .collect();
+        let cache = cache.clone();
+        async move {
+            let stored = cache
+                .put_stream(
+                    "fs/held",
+                    &json!({ "seed": seed }),
+                    bytes_stream(data.clone()),
+                    BlobOptions::default(),
+                )
+                .await
+                .unwrap();
+            (CacheRef::from_value(&stored).unwrap(), data)
+        }
+    };
+    let (a, a_data) = put((5 << 20) + 17, 0x11).await;
+    let (b, b_data) = put((3 << 20) + 5, 0xa5).await;
+    for _ in 0..3 {
+        // Two streams interleaved: every chunk of `a` held to the end, `b`'s dropped as they come.
+        let mut sa = cache.open_stream(&a).await.unwrap().unwrap();
+        let mut sb = cache.open_stream(&b).await.unwrap().unwrap();
+        let (mut held, mut b_read) = (Vec::new(), Vec::new());
+        loop {
+            let (ca, cb) = (sa.next().await, sb.next().await);
+            if ca.is_none() && cb.is_none() {
+                break;
+            }
+            if let Some(c) = ca {
+                held.push(c.unwrap());
+            }
+            if let Some(c) = cb {
+                b_read.extend_from_slice(&c.unwrap());
+            }
+        }
+        assert_eq!(held.concat(), a_data, "a chunk held was overwritten");
+        assert_eq!(b_read, b_data);
+        // A stream dropped after its first chunk, its read ahead still running.
+        let mut early = cache.open_stream(&a).await.unwrap().unwrap();
+        let first = early.next().await.unwrap().unwrap();
+        drop(early);
+        assert_eq!(&first[..], &a_data[..first.len()]);
+    }
+}
