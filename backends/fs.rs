@@ -32,7 +32,7 @@ use crate::layout::{
 };
 use crate::store::{
     BlobEntry, BlobMeta, BlobStat, BlobState, ByteRange, ByteStream, Capabilities, CorruptEntry,
-    CorruptKind, MAX_READ_CHUNK, OutputCache, Row, RowEntry, RowScan,
+    CorruptKind, OutputCache, Row, RowEntry, RowScan,
 };
 use crate::wire::{CacheRef, RowKey, parse_ref_name, refs_in};
 
@@ -608,79 +608,6 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 #[cfg(not(target_os = "linux"))]
 fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
 
-/// The next chunk of an open blob (at most 1 MiB, at most `remaining` bytes) and, if more may follow,
-/// the file and what is left.
-fn next_chunk(mut file: File, remaining: u64, path: &Path) -> Result<(Bytes, Option<(File, u64)>)> {
-    if remaining == 0 {
-        return Ok((Bytes::new(), None));
-    }
-    let want = remaining.min(MAX_READ_CHUNK as u64) as usize;
-    let chunk = read_chunk(&mut file, want).map_err(|e| Error::io("read blob", path, e))?;
-    let rest =
-        (chunk.len() == want && remaining > want as u64).then(|| (file, remaining - want as u64));
-    Ok((chunk, rest))
-}
-
-/// Read buffers kept for reuse. A chunk handed out shares its buffer's allocation; the next read that
-/// takes the buffer reclaims the allocation once the caller has dropped that chunk, so a stream of
-/// chunks reads into memory already faulted in instead of fresh pages (which cost as much as the read).
-static READ_BUFFERS: std::sync::Mutex<Vec<BytesMut>> = std::sync::Mutex::new(Vec::new());
-/// Buffers kept: memory held between reads stays at a few MiB whatever the load.
-const KEPT_READ_BUFFERS: usize = 8;
-
-/// Up to `len` bytes from `file`, fewer only at its end (a single read may return less than asked).
-fn read_chunk(file: &mut File, len: usize) -> io::Result<Bytes> {
-    let pool = || READ_BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
-    let mut buf = pool().pop().unwrap_or_default();
-    buf.clear();
-    buf.reserve(len); // reuses the allocation if no chunk read into it is still alive
-    let filled = fill(file, &mut buf, len);
-    let chunk = buf.split().freeze();
-    let mut kept = pool();
-    if kept.len() < KEPT_READ_BUFFERS {
-        kept.push(buf);
-    }
-    filled.map(|()| chunk)
-}
-
-/// Append up to `len` bytes from `file` to `buf` (which has room for them), stopping early only at the
-/// end of the file.
-fn fill(file: &mut File, buf: &mut BytesMut, len: usize) -> io::Result<()> {
-    let end = buf.len() + len;
-    while buf.len() < end {
-        let want = end - buf.len();
-        match read_uninit(file, &mut buf.spare_capacity_mut()[..want]) {
-            Ok(0) => break,
-            // SAFETY: `read_uninit` initialised the first `n` bytes of the spare capacity.
-            Ok(n) => unsafe { buf.set_len(buf.len() + n) },
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// `read(2)` into memory not yet initialised: the kernel writes the bytes, so nothing need be zeroed
-/// first (zeroing a 1 MiB chunk cost a tenth of a verified read). Returns how many bytes it wrote.
-#[cfg(target_os = "linux")]
-fn read_uninit(file: &File, spare: &mut [std::mem::MaybeUninit<u8>]) -> io::Result<usize> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: `spare` is valid for writes of `spare.len()` bytes, and read(2) writes at most that many.
-    let n = unsafe { libc::read(file.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
-    usize::try_from(n).map_err(|_| io::Error::last_os_error())
-}
-
-#[cfg(not(target_os = "linux"))]
-fn read_uninit(mut file: &File, spare: &mut [std::mem::MaybeUninit<u8>]) -> io::Result<usize> {
-    // Zero, then read: no syscall reads into uninitialised memory portably from std.
-    for b in spare.iter_mut() {
-        b.write(0);
-    }
-    // SAFETY: every byte was just initialised.
-    let init = unsafe { &mut *(spare as *mut [std::mem::MaybeUninit<u8>] as *mut [u8]) };
-    file.read(init)
-}
-
 #[async_trait]
 impl OutputCache for FsCache {
     fn capabilities(&self) -> Capabilities {
@@ -1052,34 +979,14 @@ impl OutputCache for FsCache {
             // The first chunk comes with the open: a blob of up to 1 MiB costs one trip to the
             // blocking pool in all. (A shorter first chunk, the rest read ahead, gained a verified
             // 1 MiB read 2 % and cost an unverified one a third: not kept.)
-            next_chunk(file, span.end - span.start, &path_for_open).map(Some)
+            crate::blob::next_chunk(file, span.end - span.start, "read blob", &path_for_open)
+                .map(Some)
         })
         .await?;
         let Some((first, rest)) = opened else {
             return Ok(None);
         };
-        // The file moves into each blocking read and back out. One read runs ahead: the next chunk is
-        // read while the caller is busy with this one (hashing it, sending it), so a verified read
-        // costs about the hashing alone. Dropping the stream drops the read ahead and the handle.
-        let read_ahead = move |state: Option<(File, u64)>, path: PathBuf| {
-            state.map(|(file, left)| {
-                tokio::task::spawn_blocking(move || next_chunk(file, left, &path))
-            })
-        };
-        let first_ahead = read_ahead(rest, path.clone());
-        let tail = futures::stream::try_unfold(first_ahead, move |ahead| {
-            let path = path.clone();
-            async move {
-                let Some(reading) = ahead else {
-                    return Ok(None);
-                };
-                let (chunk, next) = reading
-                    .await
-                    .unwrap_or_else(|e| Err(Error::stream(format!("blocking task failed: {e}"))))?;
-                let following = read_ahead(next, path);
-                Ok((!chunk.is_empty()).then_some((chunk, following)))
-            }
-        });
+        let tail = crate::blob::read_ahead(rest, "read blob", path);
         let head = (!first.is_empty()).then_some(Ok(first));
         Ok(Some(futures::stream::iter(head).chain(tail).boxed()))
     }

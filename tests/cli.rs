@@ -170,6 +170,32 @@ fn put_blob_then_cat_returns_identical_bytes_by_json_or_ref_string() {
 }
 
 #[test]
+fn put_blob_of_a_directory_or_a_missing_file_names_it_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let u = url(&cache);
+    let input = dir.path().join("not-a-file");
+    std::fs::create_dir(&input).unwrap();
+    let o = outcache(
+        &u,
+        &["put-blob", "t", "--inputs", "{}", input.to_str().unwrap()],
+        None,
+    );
+    assert_fails(&o, 1, "not-a-file: is a directory");
+    let missing = dir.path().join("missing.bin");
+    let o = outcache(
+        &u,
+        &["put-blob", "t", "--inputs", "{}", missing.to_str().unwrap()],
+        None,
+    );
+    assert_fails(&o, 1, "missing.bin");
+    let got = outcache(&u, &["get", "t", "--inputs", "{}"], None);
+    assert_eq!(got.status.code(), Some(1), "a row was stored");
+    let temps = std::fs::read_dir(cache.join("tmp")).map_or(0, |d| d.count());
+    assert_eq!(temps, 0, "a temp file was left");
+}
+
+#[test]
 fn cat_of_a_damaged_blob_fails_with_exit_3() {
     let dir = tempfile::tempdir().unwrap();
     let u = url(dir.path());

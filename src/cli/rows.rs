@@ -103,11 +103,17 @@ pub(crate) async fn put_blob(ctx: &Ctx, args: PutBlobArgs) -> Result<(), Failure
     let cache = open(config, run_id)?;
     let (data, size) = match file.filter(|f| f.as_os_str() != "-") {
         Some(path) => {
-            let f = tokio::fs::File::open(&path)
-                .await
-                .map_err(|e| Error::io("open", &path, e))?;
-            let size = f.metadata().await.ok().map(|m| m.len());
-            (outcache::blob::reader_stream(f, READ_CHUNK), size)
+            let f = std::fs::File::open(&path).map_err(|e| Error::io("open", &path, e))?;
+            let meta = f.metadata().ok();
+            if meta.as_ref().is_some_and(std::fs::Metadata::is_dir) {
+                let e = std::io::Error::from(std::io::ErrorKind::IsADirectory);
+                return Err(Error::io("read", &path, e).into());
+            }
+            let size = meta.map(|m| m.len());
+            // Read on the blocking pool one chunk ahead of the hashing, as the fs backend reads blobs
+            // (tokio's file reads copied every chunk once more and never read ahead).
+            let rest = Some((f, u64::MAX));
+            (outcache::blob::read_ahead(rest, "read", path.clone()), size)
         }
         None => (
             outcache::blob::reader_stream(tokio::io::stdin(), READ_CHUNK),
