@@ -309,6 +309,25 @@ fn main() {
             })
         })
     });
+    // The same hit on the SQLite backend (a point read on the calling thread).
+    let sqlite = Cache::new(Arc::new(
+        outcache::backends::sqlite::SqliteCache::open(
+            dir.path().join("hit.db"),
+            Default::default(),
+        )
+        .unwrap(),
+    ));
+    rt.block_on(sqlite.put("bench/hit", &plain, &output))
+        .unwrap();
+    group.bench_function("hit_sqlite", |b| {
+        b.iter(|| {
+            s.time("hit", "SQLite row only", || {
+                rt.block_on(sqlite.get("bench/hit", &plain))
+                    .unwrap()
+                    .unwrap()
+            })
+        })
+    });
     group.bench_function("hit_one_ref_checked", |b| {
         b.iter(|| {
             s.time("hit", "row + ref stat", || {
@@ -389,6 +408,13 @@ fn main() {
         &["hit"],
         "cacache read_sync + parse",
         "row only",
+        |_| (1.0, "ops"),
+    );
+    samples.print_ratio(
+        "1 KiB hit on SQLite, Cache::get vs cacache (target >= 1.5)",
+        &["hit"],
+        "cacache read_sync + parse",
+        "SQLite row only",
         |_| (1.0, "ops"),
     );
     samples.print_ratio(
