@@ -142,8 +142,17 @@ static READ_BUFFERS: std::sync::Mutex<Vec<BytesMut>> = std::sync::Mutex::new(Vec
 /// Buffers kept: memory held between reads stays at a few MiB whatever the load.
 const KEPT_READ_BUFFERS: usize = 8;
 
+/// Chunks shorter than this get a buffer of their own size: a chunk keeps its whole buffer alive, and a
+/// caller holding short chunks (a blob's last) must not pin a pooled 1 MiB for each.
+const POOLED_READ_MIN: usize = MAX_READ_CHUNK / 2;
+
 /// Up to `len` bytes from `file`, fewer only at its end (a single read may return less than asked).
-fn read_chunk(file: &mut File, len: usize) -> io::Result<Bytes> {
+pub(crate) fn read_chunk(file: &mut File, len: usize) -> io::Result<Bytes> {
+    if len < POOLED_READ_MIN {
+        let mut buf = BytesMut::with_capacity(len);
+        fill(file, &mut buf, len)?;
+        return Ok(buf.freeze());
+    }
     let pool = || READ_BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
     let mut buf = pool().pop().unwrap_or_default();
     buf.clear();
