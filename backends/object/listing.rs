@@ -36,6 +36,13 @@ enum Marked {
     NotAMarker,
 }
 
+/// `items` gathered into pages of [`PAGE`].
+pub(super) fn paged<T>(
+    items: impl futures::Stream<Item = Result<T>>,
+) -> impl futures::Stream<Item = Result<Vec<T>>> {
+    items.try_chunks(PAGE).map_err(|TryChunksError(_, e)| e)
+}
+
 /// Objects per bulk delete request (S3's DeleteObjects limit; object_store splits larger streams).
 const DELETE_BATCH: usize = 1000;
 /// Rows committed at least this long ago cascade by name; younger ones are read (see `delete_listed`).
@@ -593,61 +600,63 @@ impl ObjectCache {
             .boxed()
     }
 
+    /// The objects under `root` as the store lists them (a page per request), errors naming the listing.
+    pub(super) fn listed(
+        &self,
+        root: Path,
+    ) -> impl futures::Stream<Item = Result<ObjectMeta>> + Send + 'static {
+        let listing = self.store.list(Some(&root));
+        let this = self.clone();
+        listing.map_err(move |e| this.err(format!("list {root}"))(e))
+    }
+
     /// Every row read, a page at a time.
     fn read_row_pages(&self) -> BoxStream<'_, Result<RowScan>> {
-        let root = self.rows_root();
-        let context = format!("list {root}");
-        self.store
-            .list(Some(&root))
-            .map_err(move |e| self.err(context.clone())(e))
-            .try_filter(move |m| futures::future::ready(self.is_row_object(m)))
-            .map_ok(move |meta| self.fetch_row(meta))
-            .try_buffer_unordered(FETCH_CONCURRENCY)
-            .try_chunks(PAGE)
-            .map_err(|TryChunksError(_, e)| e)
-            .map_ok(|fetched| {
-                let mut page = RowScan::default();
-                for (meta, decoded) in fetched.into_iter().flatten() {
-                    match decoded {
-                        Ok(record) => {
-                            let refs = refs_in(&record.output).into_iter().map(|r| r.reference);
-                            page.rows
-                                .push(Self::entry(&meta, record.key, refs.collect()));
-                        }
-                        Err(corrupt) => page.unreadable.push(corrupt),
+        paged(
+            self.listed(self.rows_root())
+                .try_filter(move |m| futures::future::ready(self.is_row_object(m)))
+                .map_ok(move |meta| self.fetch_row(meta))
+                .try_buffer_unordered(FETCH_CONCURRENCY),
+        )
+        .map_ok(|fetched| {
+            let mut page = RowScan::default();
+            for (meta, decoded) in fetched.into_iter().flatten() {
+                match decoded {
+                    Ok(record) => {
+                        let refs = refs_in(&record.output).into_iter().map(|r| r.reference);
+                        page.rows
+                            .push(Self::entry(&meta, record.key, refs.collect()));
                     }
+                    Err(corrupt) => page.unreadable.push(corrupt),
                 }
-                page
-            })
-            .boxed()
+            }
+            page
+        })
+        .boxed()
     }
 
     /// The marked rows read, a page of markers at a time; stale markers removed after each page.
     fn marked_row_pages(&self) -> BoxStream<'_, Result<RowScan>> {
-        let root = self.refs_root();
-        let context = format!("list {root}");
-        self.store
-            .list(Some(&root))
-            .map_err(move |e| self.err(context.clone())(e))
-            .map_ok(move |marker| self.read_marked(marker.location))
-            .try_buffer_unordered(FETCH_CONCURRENCY)
-            .try_chunks(PAGE)
-            .map_err(|TryChunksError(_, e)| e)
-            .and_then(move |marked| async move {
-                let mut page = RowScan::default();
-                let mut stale = Vec::new();
-                for m in marked {
-                    match m {
-                        Marked::Row(entry) => page.rows.push(entry),
-                        Marked::Unreadable(corrupt) => page.unreadable.push(corrupt),
-                        Marked::Stale(marker, row) => stale.push((marker, row)),
-                        Marked::NotAMarker => {}
-                    }
+        paged(
+            self.listed(self.refs_root())
+                .map_ok(move |marker| self.read_marked(marker.location))
+                .try_buffer_unordered(FETCH_CONCURRENCY),
+        )
+        .and_then(move |marked| async move {
+            let mut page = RowScan::default();
+            let mut stale = Vec::new();
+            for m in marked {
+                match m {
+                    Marked::Row(entry) => page.rows.push(entry),
+                    Marked::Unreadable(corrupt) => page.unreadable.push(corrupt),
+                    Marked::Stale(marker, row) => stale.push((marker, row)),
+                    Marked::NotAMarker => {}
                 }
-                self.unmark_stale(stale).await;
-                Ok(page)
-            })
-            .boxed()
+            }
+            self.unmark_stale(stale).await;
+            Ok(page)
+        })
+        .boxed()
     }
 
     /// The row a marker names, read.

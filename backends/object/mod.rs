@@ -328,14 +328,7 @@ impl OutputCache for ObjectCache {
     }
 
     fn blob_pages(&self) -> BoxStream<'_, Result<Vec<BlobEntry>>> {
-        let root = self.blobs_root();
-        let context = format!("list {root}");
-        let published = self
-            .store
-            .list(Some(&root))
-            .map_err(move |e| self.err(context.clone())(e))
-            .try_chunks(listing::PAGE)
-            .map_err(|futures::stream::TryChunksError(_, e)| e)
+        let published = listing::paged(self.listed(self.blobs_root()))
             .map_ok(|metas| metas.iter().filter_map(blob_entry).collect());
         let inflight = futures::stream::once(async move { Ok(self.inflight.entries()) });
         published.chain(inflight).boxed()
