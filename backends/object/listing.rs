@@ -120,13 +120,7 @@ impl ObjectCache {
         &self,
         segment_ok: impl Fn(Option<&str>) -> bool,
     ) -> Result<Vec<ObjectMeta>> {
-        let root = self.rows_root();
-        let objects: Vec<ObjectMeta> = self
-            .store
-            .list(Some(&root))
-            .try_collect()
-            .await
-            .map_err(self.err(format!("list {root}")))?;
+        let objects: Vec<ObjectMeta> = self.listed(self.rows_root()).try_collect().await?;
         Ok(objects
             .into_iter()
             .filter(|m| self.is_row_object(m))
@@ -365,13 +359,7 @@ impl ObjectCache {
 
     /// List the blob objects now (and keep the listing for the by-name cascade).
     pub(super) async fn list_blob_objects(&self) -> Result<Vec<ObjectMeta>> {
-        let root = self.blobs_root();
-        let metas: Vec<ObjectMeta> = self
-            .store
-            .list(Some(&root))
-            .try_collect()
-            .await
-            .map_err(self.err(format!("list {root}")))?;
+        let metas: Vec<ObjectMeta> = self.listed(self.blobs_root()).try_collect().await?;
         self.blob_listing.store(metas.clone());
         Ok(metas)
     }
