@@ -349,8 +349,9 @@ async fn fetch(
         return match state.cache.open_stream(&r).await {
             Ok(Some(stream)) => {
                 state.metrics.count(protocol, Outcome::Hit, size);
-                let body =
-                    Body::from_stream(hold_last(stream).map(|c| c.map_err(std::io::Error::other)));
+                let body = Body::from_stream(
+                    hold_last(run_ahead(stream)).map(|c| c.map_err(std::io::Error::other)),
+                );
                 (
                     [
                         (header::CONTENT_TYPE, octets),
@@ -428,11 +429,10 @@ async fn store(
         );
     }
     let refusal = Arc::new(std::sync::Mutex::new(None::<Refusal>));
-    let stream = checked_body(body, max, expect_sha256, refusal.clone());
-    let received = stream.1;
+    let (stream, received) = checked_body(body, max, expect_sha256, refusal.clone());
     match state
         .cache
-        .put_stream(task, inputs, stream.0, BlobOptions::default())
+        .put_stream(task, inputs, run_ahead(stream), BlobOptions::default())
         .await
     {
         Ok(_) => {
@@ -532,6 +532,27 @@ fn checked_body(
     })
     .filter(|c| futures::future::ready(!matches!(c, Ok(b) if b.is_empty())));
     (stream.boxed(), received)
+}
+
+/// Chunks of `stream` in flight between its producer and its consumer.
+const RUN_AHEAD_CHUNKS: usize = 2;
+
+/// `stream` driven by a task of its own, a few chunks ahead of whoever reads the result: the work
+/// behind each chunk (receiving an upload from the socket; reading and verifying a blob) then runs on
+/// one core while the consumer's (hashing and writing the upload; sending the blob) runs on another,
+/// instead of taking turns in one task. Dropping the result stops the task and drops `stream`.
+fn run_ahead(mut stream: crate::ByteStream) -> crate::ByteStream {
+    let (tx, rx) = tokio::sync::mpsc::channel(RUN_AHEAD_CHUNKS);
+    tokio::spawn(async move {
+        while let Some(item) = stream.next().await {
+            let failed = item.is_err();
+            if tx.send(item).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
+        .boxed()
 }
 
 /// `stream` with each chunk held back until the next one arrives or the stream ends cleanly: the
