@@ -320,6 +320,49 @@ async fn metrics_count_hits_misses_and_refusals() {
     let _: &Arc<dyn OutputCache> = server.cache.backend();
 }
 
+/// A download counts as in flight until its body is done with, not only until its headers went out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_stays_in_flight_until_its_body_is_done() {
+    let server = start("fs", writer()).await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/big", server.base);
+    assert!(put(&client, &url, pattern(8 << 20)).await.is_success());
+    let in_flight = || async {
+        let text = reqwest::get(format!("{}/metrics", server.base))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("outcache_serve_in_flight "))
+            .expect("the gauge")
+            .to_owned();
+        line.rsplit(' ').next().unwrap().parse::<i64>().unwrap()
+    };
+    // Headers received, body not read: the server is still sending (8 MiB exceed the socket buffers).
+    let mut download = client.get(&url).send().await.unwrap();
+    assert!(download.status().is_success());
+    // The /metrics request itself is in flight while it answers.
+    assert_eq!(in_flight().await, 2, "a download whose body is unread is in flight");
+    let mut got = 0;
+    while let Some(chunk) = download.chunk().await.unwrap() {
+        got += chunk.len();
+    }
+    assert_eq!(got, 8 << 20);
+    drop(download);
+    let mut settled = in_flight().await;
+    for _ in 0..100 {
+        if settled == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        settled = in_flight().await;
+    }
+    assert_eq!(settled, 1, "only the /metrics request itself once the body is done");
+}
+
 /// Load, bounded (64 clients for `OUTCACHE_SERVE_LOAD_SECS`, default 5 s, on 127.0.0.1): hits, misses
 /// and uploads of 1 KiB to 256 KiB mixed, with the janitor pruning by age and sweeping orphans all the
 /// while. Every request succeeds, every hit is byte-exact, and no temp file is left.

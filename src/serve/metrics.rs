@@ -62,19 +62,20 @@ pub struct ServeMetrics {
     in_flight: AtomicI64,
 }
 
-/// Counts a request in flight while it lives.
-pub(super) struct InFlight<'a>(&'a AtomicI64);
+/// Counts a request in flight while it lives (it travels with the response body, so a download counts
+/// until its last byte is sent or the client goes away).
+pub(super) struct InFlight(std::sync::Arc<ServeMetrics>);
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl ServeMetrics {
-    pub(super) fn start(&self) -> InFlight<'_> {
+    pub(super) fn start(self: &std::sync::Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(&self.in_flight)
+        InFlight(self.clone())
     }
 
     pub(super) fn count(&self, protocol: Protocol, outcome: Outcome, bytes: u64) {

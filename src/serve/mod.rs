@@ -140,7 +140,7 @@ async fn log_and_count(
 ) -> Response {
     let started = Instant::now();
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
-    let _in_flight = state.metrics.start();
+    let in_flight = state.metrics.start();
     let response = next.run(request).await;
     if state.options.access_log {
         let size = response
@@ -155,7 +155,38 @@ async fn log_and_count(
             started.elapsed().as_secs_f64() * 1e3
         );
     }
-    response
+    response.map(|body| {
+        Body::new(CountedBody {
+            body,
+            _in_flight: in_flight,
+        })
+    })
+}
+
+/// A response body that keeps its request counted as in flight until the body is done with.
+struct CountedBody {
+    body: Body,
+    _in_flight: metrics::InFlight,
+}
+
+impl http_body::Body for CountedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<std::result::Result<http_body::Frame<Bytes>, axum::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 fn status(code: StatusCode, text: impl Into<String>) -> Response {
@@ -551,8 +582,10 @@ fn run_ahead(mut stream: crate::ByteStream) -> crate::ByteStream {
             }
         }
     });
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
-        .boxed()
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+    .boxed()
 }
 
 /// `stream` with each chunk held back until the next one arrives or the stream ends cleanly: the
