@@ -345,7 +345,11 @@ async fn a_download_stays_in_flight_until_its_body_is_done() {
     let mut download = client.get(&url).send().await.unwrap();
     assert!(download.status().is_success());
     // The /metrics request itself is in flight while it answers.
-    assert_eq!(in_flight().await, 2, "a download whose body is unread is in flight");
+    assert_eq!(
+        in_flight().await,
+        2,
+        "a download whose body is unread is in flight"
+    );
     let mut got = 0;
     while let Some(chunk) = download.chunk().await.unwrap() {
         got += chunk.len();
@@ -360,7 +364,10 @@ async fn a_download_stays_in_flight_until_its_body_is_done() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         settled = in_flight().await;
     }
-    assert_eq!(settled, 1, "only the /metrics request itself once the body is done");
+    assert_eq!(
+        settled, 1,
+        "only the /metrics request itself once the body is done"
+    );
 }
 
 /// Load, bounded (64 clients for `OUTCACHE_SERVE_LOAD_SECS`, default 5 s, on 127.0.0.1): hits, misses
