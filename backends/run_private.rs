@@ -273,8 +273,11 @@ impl OutputCache for RunPrivate {
         Ok(self.run_rows(self.inner.scan_rows().await?))
     }
 
-    async fn scan_rows_shallow(&self) -> Result<RowScan> {
-        Ok(self.run_rows(self.inner.scan_rows_shallow().await?))
+    fn shallow_row_pages(&self) -> BoxStream<'_, Result<RowScan>> {
+        self.inner
+            .shallow_row_pages()
+            .map_ok(|page| self.run_rows(page))
+            .boxed()
     }
 
     fn row_ref_pages(&self) -> BoxStream<'_, Result<RowScan>> {

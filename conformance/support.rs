@@ -174,8 +174,8 @@ impl OutputCache for FailingRows {
     async fn scan_rows(&self) -> Result<crate::store::RowScan> {
         self.inner.scan_rows().await
     }
-    async fn scan_rows_shallow(&self) -> Result<crate::store::RowScan> {
-        self.inner.scan_rows_shallow().await
+    fn shallow_row_pages(&self) -> futures::stream::BoxStream<'_, Result<crate::store::RowScan>> {
+        self.inner.shallow_row_pages()
     }
     fn row_ref_pages(&self) -> futures::stream::BoxStream<'_, Result<crate::store::RowScan>> {
         self.inner.row_ref_pages()

@@ -258,7 +258,7 @@ pub struct RowScan {
     pub rows: Vec<RowEntry>,
     /// Rows that cannot be used (the janitor reports them and removes only garbled ones, when asked).
     pub unreadable: Vec<CorruptEntry>,
-    /// True if the rows were listed, not read ([`OutputCache::scan_rows_shallow`] on a store where
+    /// True if the rows were listed, not read ([`OutputCache::shallow_row_pages`] on a store where
     /// reading costs a request per row): every `refs` is empty, and `unreadable` holds only what the
     /// listing itself shows (names that are no row's).
     pub listing_only: bool,
@@ -425,13 +425,14 @@ pub trait OutputCache: Debug + Display + Send + Sync + 'static {
     /// format, foreign), in **one pass** over the store: the janitor and `stats` scan once.
     async fn scan_rows(&self) -> Result<RowScan>;
 
-    /// The rows as cheaply as the backend can list them: where reading a row costs a request (an object
-    /// store), a listing of names, sizes, commit times and versions with no read of any row
-    /// ([`RowScan::listing_only`]: refs not known, unreadable rows not told apart). Enough for `stats`
-    /// and for age, size and prefix prunes, whose deletes then cascade by the blobs' names. The default
-    /// is [`OutputCache::scan_rows`], which backends that read rows cheaply keep.
-    async fn scan_rows_shallow(&self) -> Result<RowScan> {
-        self.scan_rows().await
+    /// The rows as cheaply as the backend can list them, **page by page**: where reading a row costs a
+    /// request (an object store), a listing of names, sizes, commit times and versions with no read of
+    /// any row ([`RowScan::listing_only`]: refs not known, unreadable rows not told apart), a thousand
+    /// rows a page. Enough for `stats` (which then holds one page at a time) and for age, size and
+    /// prefix prunes, whose deletes then cascade by the blobs' names. The default is one page:
+    /// [`OutputCache::scan_rows`], which backends that read rows cheaply keep.
+    fn shallow_row_pages(&self) -> BoxStream<'_, Result<RowScan>> {
+        futures::stream::once(self.scan_rows()).boxed()
     }
 
     /// The rows holding refs, with the refs they hold, for the orphan sweep, **page by page**, so a sweep

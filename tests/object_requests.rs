@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use counting_store::{CountingStore, Counts};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use outcache::backends::object::ObjectCache;
@@ -149,7 +149,9 @@ async fn a_row_rewritten_after_the_listing_is_kept_with_its_new_blob() {
     // second on S3) is a new version, so the batch keeps it, and the new blob it owns survives.
     let (cache, _) = counted();
     let keys = seed(&cache, "app/build", 0, 10).await;
-    let listed = cache.scan_rows_shallow().await.unwrap();
+    let pages: Vec<outcache::RowScan> = cache.shallow_row_pages().try_collect().await.unwrap();
+    assert_eq!(pages.len(), 1, "ten rows make one page");
+    let listed = &pages[0];
     assert!(listed.listing_only);
     let target = &keys[0]; // i = 0 holds a blob
     let data = futures::stream::iter([Ok(bytes::Bytes::from_static(b"new"))]).boxed();

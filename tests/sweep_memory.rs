@@ -1,6 +1,6 @@
-//! The orphan sweep's memory does not grow with the cache (issue "S3 at scale": paginated end to end).
-//! A counting allocator records the peak heap the sweep adds; the same sweep over a cache four times
-//! larger must not need much more. The store is object_store's local filesystem, so the objects live
+//! The orphan sweep's memory, and `stats`', do not grow with the cache (issue "S3 at scale": paginated
+//! end to end). A counting allocator records the peak heap a command adds; the same command over a cache
+//! four times larger must not need much more. The tests take turns (one allocator counts for all). The store is object_store's local filesystem, so the objects live
 //! on disk, not in the process's heap, and it lists page by page as S3 does.
 #![cfg(feature = "object-store")]
 
@@ -104,8 +104,12 @@ async fn sweep_peak(cache: &ObjectCache) -> (usize, u64) {
     (PEAK.load(Ordering::Relaxed) - base, report.blobs_removed)
 }
 
+/// One test at a time: the counters are the whole process's.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "current_thread")]
 async fn the_orphan_sweep_needs_no_more_memory_for_a_cache_four_times_larger() {
+    let _turn = SERIAL.lock().await;
     let (small_dir, large_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let small = seeded(small_dir.path(), 1_500).await;
     let large = seeded(large_dir.path(), 6_000).await;
@@ -127,5 +131,52 @@ async fn the_orphan_sweep_needs_no_more_memory_for_a_cache_four_times_larger() {
         (large_peak as f64) < 1.5 * small_peak as f64,
         "the sweep's peak heap grew with the cache: {small_peak} B for 1 500 rows, {large_peak} B \
          for 6 000"
+    );
+}
+
+/// A cache on local disk with `rows` small rows (no blobs: the blob listing is held whole by `stats`).
+async fn rows_only(dir: &std::path::Path, rows: usize) -> ObjectCache {
+    let local = LocalFileSystem::new_with_prefix(dir).unwrap();
+    let cache = ObjectCache::new(Arc::new(local), Path::from("cache"), "local");
+    futures::stream::iter(0..rows)
+        .map(|i| {
+            let cache = &cache;
+            async move {
+                let key = RowKey::new("app/small", &json!({ "i": i })).unwrap();
+                cache.save_row(&key, &json!({ "n": i })).await
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>, _>>()
+        .unwrap();
+    cache
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn stats_needs_no_more_memory_for_four_times_the_rows() {
+    let _turn = SERIAL.lock().await;
+    let (small_dir, large_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let small = rows_only(small_dir.path(), 2_000).await;
+    let large = rows_only(large_dir.path(), 8_000).await;
+    let mut peaks = Vec::new();
+    for (cache, rows) in [(&small, 2_000), (&large, 8_000)] {
+        let base = LIVE.load(Ordering::Relaxed);
+        PEAK.store(base, Ordering::Relaxed);
+        let inv = outcache::janitor::inventory(cache, 5).await.unwrap();
+        peaks.push(PEAK.load(Ordering::Relaxed) - base);
+        assert_eq!(inv.rows, rows);
+        assert!(
+            !inv.rows_read,
+            "an object store lists rows for stats, never reads them"
+        );
+    }
+    assert!(
+        (peaks[1] as f64) < 1.5 * peaks[0] as f64,
+        "stats' peak heap grew with the rows: {} B for 2 000, {} B for 8 000",
+        peaks[0],
+        peaks[1]
     );
 }

@@ -251,22 +251,29 @@ impl ObjectCache {
         })
     }
 
-    /// Every row as the listing shows it; only rows under hashed segments are read (for their key).
-    pub(super) async fn shallow_scan(&self) -> Result<RowScan> {
-        let metas = self.row_objects(|_| true).await?;
-        let sorted = self.sort_listing(metas, |_| false);
-        let (read, corrupt) = self.fetch_rows(sorted.to_read).await?;
-        let (mut rows, mut unreadable) = (sorted.listed, sorted.unreadable);
-        rows.extend(
-            read.into_iter()
-                .map(|(meta, r)| Self::entry(&meta, r.key, Vec::new())),
-        );
-        unreadable.extend(corrupt);
-        Ok(RowScan {
-            rows,
-            unreadable,
-            listing_only: true,
+    /// Every row as the listing shows it, a page at a time; only rows under hashed segments are read
+    /// (for their key).
+    pub(super) fn shallow_pages(&self) -> BoxStream<'_, Result<RowScan>> {
+        paged(
+            self.listed(self.rows_root())
+                .try_filter(move |m| futures::future::ready(self.is_row_object(m))),
+        )
+        .and_then(move |metas| async move {
+            let sorted = self.sort_listing(metas, |_| false);
+            let (read, corrupt) = self.fetch_rows(sorted.to_read).await?;
+            let (mut rows, mut unreadable) = (sorted.listed, sorted.unreadable);
+            rows.extend(
+                read.into_iter()
+                    .map(|(meta, r)| Self::entry(&meta, r.key, Vec::new())),
+            );
+            unreadable.extend(corrupt);
+            Ok(RowScan {
+                rows,
+                unreadable,
+                listing_only: true,
+            })
         })
+        .boxed()
     }
 
     /// Sort a row listing into rows known from their names alone, objects to read (those `read`

@@ -296,8 +296,8 @@ impl OutputCache for ObjectCache {
         self.deep_scan().await
     }
 
-    async fn scan_rows_shallow(&self) -> Result<RowScan> {
-        self.shallow_scan().await
+    fn shallow_row_pages(&self) -> BoxStream<'_, Result<RowScan>> {
+        self.shallow_pages()
     }
 
     async fn remove_corrupt(&self, id: &str) -> Result<bool> {

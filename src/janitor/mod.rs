@@ -428,7 +428,7 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
         let scan = if options.corrupt {
             backend.scan_rows().await?
         } else {
-            backend.scan_rows_shallow().await?
+            all_pages(backend.shallow_row_pages()).await?
         };
         let rows: Vec<RowEntry> = scan
             .rows
@@ -559,6 +559,19 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
     plan.by_size.sort_by(by_key);
     plan.report.total();
     Ok(plan)
+}
+
+/// Every page of a row listing, in one [`RowScan`] (a row prune decides from the whole listing).
+async fn all_pages(
+    mut pages: futures::stream::BoxStream<'_, Result<crate::store::RowScan>>,
+) -> Result<crate::store::RowScan> {
+    let mut all = crate::store::RowScan::default();
+    while let Some(page) = pages.try_next().await? {
+        all.listing_only |= page.listing_only;
+        all.rows.extend(page.rows);
+        all.unreadable.extend(page.unreadable);
+    }
+    Ok(all)
 }
 
 /// Delete the listed `rows` by version and recount `counts` from the ones really deleted.
@@ -771,18 +784,12 @@ pub struct TaskTypeUsage {
     pub bytes: u64,
 }
 
-/// Count what the cache holds; `top` task types by bytes.
+/// Count what the cache holds; `top` task types by bytes. The rows are taken a page at a time
+/// ([`OutputCache::shallow_row_pages`]): only the blob listing and one page of rows are held.
 pub async fn inventory(backend: &dyn OutputCache, top: usize) -> Result<Inventory> {
     let blobs = backend.list_blobs().await?;
-    let scan = backend.scan_rows_shallow().await?;
-    let owned = Ownership::new(&blobs, scan.listing_only);
-    let (rows, unreadable) = (scan.rows, scan.unreadable);
-    let count = |kind: CorruptKind| unreadable.iter().filter(|c| c.kind == kind).count() as u64;
     let mut inv = Inventory {
-        rows_read: !scan.listing_only,
-        corrupt_rows: count(CorruptKind::Garbled),
-        newer_format_rows: count(CorruptKind::NewerFormat),
-        foreign_entries: count(CorruptKind::Foreign),
+        rows_read: true,
         storage_bytes: backend.storage_bytes().await?,
         ..Inventory::default()
     };
@@ -799,24 +806,39 @@ pub async fn inventory(backend: &dyn OutputCache, top: usize) -> Result<Inventor
             BlobState::Foreign => inv.foreign_entries += 1,
         }
     }
-    let mut per_task: HashMap<&str, TaskTypeUsage> = HashMap::new();
-    for r in rows
-        .iter()
-        .filter(|r| r.key.task_type() != LEDGER_TASK_TYPE)
-    {
-        inv.rows += 1;
-        inv.row_bytes += r.size;
-        let ms = crate::layout::millis(r.created_at);
-        inv.oldest_ms = Some(inv.oldest_ms.map_or(ms, |o| o.min(ms)));
-        inv.newest_ms = Some(inv.newest_ms.map_or(ms, |n| n.max(ms)));
-        let usage = per_task
-            .entry(r.key.task_type())
-            .or_insert_with(|| TaskTypeUsage {
-                task_type: r.key.task_type().to_owned(),
-                ..TaskTypeUsage::default()
-            });
-        usage.rows += 1;
-        usage.bytes += r.size + owned.of(backend, r).iter().map(|(_, s)| s).sum::<u64>();
+    // Built with the first page, which says whether rows were read or only listed.
+    let mut owned: Option<Ownership> = None;
+    let mut per_task: HashMap<String, TaskTypeUsage> = HashMap::new();
+    let mut pages = backend.shallow_row_pages();
+    while let Some(page) = pages.try_next().await? {
+        let owned = owned.get_or_insert_with(|| Ownership::new(&blobs, page.listing_only));
+        inv.rows_read &= !page.listing_only;
+        for c in &page.unreadable {
+            match c.kind {
+                CorruptKind::Garbled => inv.corrupt_rows += 1,
+                CorruptKind::NewerFormat => inv.newer_format_rows += 1,
+                CorruptKind::Foreign => inv.foreign_entries += 1,
+            }
+        }
+        for r in page
+            .rows
+            .iter()
+            .filter(|r| r.key.task_type() != LEDGER_TASK_TYPE)
+        {
+            inv.rows += 1;
+            inv.row_bytes += r.size;
+            let ms = crate::layout::millis(r.created_at);
+            inv.oldest_ms = Some(inv.oldest_ms.map_or(ms, |o| o.min(ms)));
+            inv.newest_ms = Some(inv.newest_ms.map_or(ms, |n| n.max(ms)));
+            let usage = per_task
+                .entry(r.key.task_type().to_owned())
+                .or_insert_with(|| TaskTypeUsage {
+                    task_type: r.key.task_type().to_owned(),
+                    ..TaskTypeUsage::default()
+                });
+            usage.rows += 1;
+            usage.bytes += r.size + owned.of(backend, r).iter().map(|(_, s)| s).sum::<u64>();
+        }
     }
     let mut tasks: Vec<TaskTypeUsage> = per_task.into_values().collect();
     tasks.sort_by(|a, b| {
