@@ -23,19 +23,21 @@ fn bytes_stream(data: Vec<u8>) -> outcache::ByteStream {
 
 async fn put_blob(cache: &Cache, len: usize) -> (CacheRef, Vec<u8>) {
     let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+    (put_bytes(cache, json!({"len": len}), &data).await, data)
+}
+
+/// Store `data` as the output of task `fs/test` with `inputs`; its ref.
+async fn put_bytes(cache: &Cache, inputs: serde_json::Value, data: &[u8]) -> CacheRef {
     let stored = cache
         .put_stream(
             "fs/test",
-            &json!({"len": len}),
-            bytes_stream(data.clone()),
+            &inputs,
+            bytes_stream(data.to_vec()),
             BlobOptions::default(),
         )
         .await
         .unwrap();
-    (
-        CacheRef::from_value(&stored).expect("above the threshold"),
-        data,
-    )
+    CacheRef::from_value(&stored).expect("above the threshold")
 }
 
 fn blob_file(root: &std::path::Path, r: &CacheRef) -> std::path::PathBuf {
@@ -242,26 +244,14 @@ async fn blob_chunks_held_or_dropped_keep_their_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let cache = Cache::new(open(dir.path()));
     // Contents that differ at every offset and from chunk to chunk, several chunks each.
-    let put = |len: usize, seed: u8| {
-        let data: Vec<u8> = (0..len)
+    let pattern = |len: usize, seed: u8| -> Vec<u8> {
+        (0..len)
             .map(|i| (i as u8) ^ ((i >> 20) as u8).wrapping_mul(97) ^ seed)
-            .collect();
-        let cache = cache.clone();
-        async move {
-            let stored = cache
-                .put_stream(
-                    "fs/held",
-                    &json!({ "seed": seed }),
-                    bytes_stream(data.clone()),
-                    BlobOptions::default(),
-                )
-                .await
-                .unwrap();
-            (CacheRef::from_value(&stored).unwrap(), data)
-        }
+            .collect()
     };
-    let (a, a_data) = put((5 << 20) + 17, 0x11).await;
-    let (b, b_data) = put((3 << 20) + 5, 0xa5).await;
+    let (a_data, b_data) = (pattern((5 << 20) + 17, 0x11), pattern((3 << 20) + 5, 0xa5));
+    let a = put_bytes(&cache, json!({ "seed": "a" }), &a_data).await;
+    let b = put_bytes(&cache, json!({ "seed": "b" }), &b_data).await;
     for _ in 0..3 {
         // Two streams interleaved: every chunk of `a` held to the end, `b`'s dropped as they come.
         let mut sa = cache.open_stream(&a).await.unwrap().unwrap();

@@ -98,10 +98,16 @@ async fn sweep_peak(cache: &ObjectCache) -> (usize, u64) {
     options.grace = Duration::ZERO;
     // Small runs, so that the larger cache spills many of them (the default spills at 200 000 lines).
     options.spill_lines = 200;
+    let (peak, report) = peak_of(prune(cache, &options, |_| {})).await;
+    (peak, report.unwrap().blobs_removed)
+}
+
+/// What `work` returns, and the most heap it held above what was live when it started.
+async fn peak_of<T>(work: impl std::future::Future<Output = T>) -> (usize, T) {
     let base = LIVE.load(Ordering::Relaxed);
     PEAK.store(base, Ordering::Relaxed);
-    let report = prune(cache, &options, |_| {}).await.unwrap();
-    (PEAK.load(Ordering::Relaxed) - base, report.blobs_removed)
+    let out = work.await;
+    (PEAK.load(Ordering::Relaxed) - base, out)
 }
 
 /// One test at a time: the counters are the whole process's.
@@ -163,10 +169,9 @@ async fn stats_needs_no_more_memory_for_four_times_the_rows() {
     let large = rows_only(large_dir.path(), 8_000).await;
     let mut peaks = Vec::new();
     for (cache, rows) in [(&small, 2_000), (&large, 8_000)] {
-        let base = LIVE.load(Ordering::Relaxed);
-        PEAK.store(base, Ordering::Relaxed);
-        let inv = outcache::janitor::inventory(cache, 5).await.unwrap();
-        peaks.push(PEAK.load(Ordering::Relaxed) - base);
+        let (peak, inv) = peak_of(outcache::janitor::inventory(cache, 5)).await;
+        let inv = inv.unwrap();
+        peaks.push(peak);
         assert_eq!(inv.rows, rows);
         assert!(
             !inv.rows_read,
