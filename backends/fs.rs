@@ -978,9 +978,9 @@ impl OutputCache for FsCache {
                     span
                 }
             };
-            // The first chunk comes with the open: a blob of up to 1 MiB costs one trip to the
-            // blocking pool in all. (A shorter first chunk, the rest read ahead, gained a verified
-            // 1 MiB read 2 % and cost an unverified one a third: not kept.)
+            // The first chunk comes with the open, in one trip to the blocking pool; the rest is read
+            // ahead. (A shorter first chunk, the rest read ahead, gained a verified 1 MiB read 2 % and
+            // cost an unverified one a third: not kept. Blobs of up to a chunk are now read inline.)
             crate::blob::next_chunk(file, span.end - span.start, "read blob", &path_for_open)
                 .map(Some)
         })

@@ -775,8 +775,7 @@ impl OutputCache for SqliteCache {
 }
 
 impl SqliteCache {
-    /// Commit every queued row in one transaction and answer each caller (under the write lock).
-    /// Commit `batch` in one transaction and answer each row's caller.
+    /// Commit `batch` in one transaction and answer each row's caller (under the write lock).
     fn commit_batch(&self, w: &mut Writer, batch: Vec<PendingRow>) {
         let mut results: Vec<Result<()>> = Vec::with_capacity(batch.len());
         let committed = (|| -> Result<()> {

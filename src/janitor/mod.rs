@@ -35,15 +35,14 @@
 //! - **Rows it cannot read stop the orphan sweep**, since the blobs they reference cannot be seen:
 //!   garbled rows until removed with `--corrupt`, rows of a newer format version (a newer outcache
 //!   shares the cache) always — those are never removed. (An object store with a refs index reads
-//!   only the rows marked as holding refs; a row without a marker held none when written.) Foreign entries (links, FIFOs where the cache
-//!   keeps files) are reported and never touched.
+//!   only the rows marked as holding refs; a row without a marker held none when written.) Foreign
+//!   entries (links, FIFOs where the cache keeps files) are reported and never touched.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
-use serde_json::{Value, json};
-
 use futures::{StreamExt, TryStreamExt};
+use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
 use crate::store::{

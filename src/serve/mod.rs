@@ -463,7 +463,7 @@ async fn store(
     let (stream, received) = checked_body(body, max, expect_sha256, refusal.clone());
     match state
         .cache
-        .put_stream(task, inputs, run_ahead(stream), BlobOptions::default())
+        .put_stream(task, inputs, stream, BlobOptions::default())
         .await
     {
         Ok(_) => {
@@ -569,9 +569,9 @@ fn checked_body(
 const RUN_AHEAD_CHUNKS: usize = 2;
 
 /// `stream` driven by a task of its own, a few chunks ahead of whoever reads the result: the work
-/// behind each chunk (receiving an upload from the socket; reading and verifying a blob) then runs on
-/// one core while the consumer's (hashing and writing the upload; sending the blob) runs on another,
-/// instead of taking turns in one task. Dropping the result stops the task and drops `stream`.
+/// behind each chunk (reading and verifying a blob) then runs on one core while the consumer's (sending
+/// it) runs on another, instead of taking turns in one task. (Uploads gained nothing from the same and
+/// do without.) Dropping the result stops the task, at its next chunk, and drops `stream`.
 fn run_ahead(mut stream: crate::ByteStream) -> crate::ByteStream {
     let (tx, rx) = tokio::sync::mpsc::channel(RUN_AHEAD_CHUNKS);
     tokio::spawn(async move {
