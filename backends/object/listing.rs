@@ -22,7 +22,7 @@ use crate::wire::{RowKey, key_tag, parse_ref_name, refs_in};
 type Fetched = Option<(ObjectMeta, std::result::Result<RowRecord, CorruptEntry>)>;
 
 /// Rows per page of the paged scans.
-pub(super) const PAGE: usize = 1000;
+const PAGE: usize = 1000;
 
 /// What a refs-index marker led to.
 enum Marked {
