@@ -14,7 +14,7 @@
 //! file, `rename`, `fsync` the directory. [`FsOptions::durable`] = false skips the fsyncs for scratch caches.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -524,29 +524,14 @@ impl FsCache {
 }
 
 /// The bytes of the regular file at `path`, or `None` if it does not exist (the link policy applies).
-fn read_regular(path: &Path) -> io::Result<Option<Vec<u8>>> {
+fn read_regular(path: &Path) -> io::Result<Option<Bytes>> {
     let Some((mut file, meta)) = open_regular_with_meta(path, false)? else {
         return Ok(None);
     };
     // Rows and blobs are published by rename and never written in place: a read that fills the size
     // the open's fstat saw has the whole file, with no further read to find its end (a file that grew
     // meanwhile was not written by the cache, and fails to decode).
-    read_sized(&mut file, meta.len()).map(Some)
-}
-
-/// Up to `len` bytes of `file` (its size as its `fstat` saw it), stopping there: no read to find the end.
-fn read_sized(file: &mut File, len: u64) -> io::Result<Vec<u8>> {
-    let len = len as usize;
-    let mut bytes = vec![0u8; len];
-    let mut filled = 0;
-    while filled < len {
-        match file.read(&mut bytes[filled..])? {
-            0 => break, // shorter than it said: what there is
-            n => filled += n,
-        }
-    }
-    bytes.truncate(filled);
-    Ok(bytes)
+    crate::blob::read_chunk(&mut file, meta.len() as usize).map(Some)
 }
 
 fn read_dir(dir: &Path) -> Result<Vec<fs::DirEntry>> {
@@ -899,9 +884,7 @@ impl OutputCache for FsCache {
             if !this.existing_work_dir("blobs")? {
                 return Ok(None);
             }
-            Ok(read_regular(&path)
-                .map_err(|e| Error::io("read blob", &path, e))?
-                .map(Bytes::from))
+            read_regular(&path).map_err(|e| Error::io("read blob", &path, e))
         })
         .await
     }

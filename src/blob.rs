@@ -147,8 +147,10 @@ const KEPT_READ_BUFFERS: usize = 8;
 const POOLED_READ_MIN: usize = MAX_READ_CHUNK / 2;
 
 /// Up to `len` bytes from `file`, fewer only at its end (a single read may return less than asked).
+/// Chunk-sized reads use the pooled buffers; shorter and longer ones (a row, a whole blob) get a
+/// buffer of their own, so the pool never keeps more than a chunk per buffer.
 pub(crate) fn read_chunk(file: &mut File, len: usize) -> io::Result<Bytes> {
-    if len < POOLED_READ_MIN {
+    if !(POOLED_READ_MIN..=MAX_READ_CHUNK).contains(&len) {
         let mut buf = BytesMut::with_capacity(len);
         fill(file, &mut buf, len)?;
         return Ok(buf.freeze());
