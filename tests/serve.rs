@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use outcache::serve::{ServeOptions, Tokens};
-use outcache::{Cache, OutputCache};
+use outcache::{Cache, OutputCache, OutputCacheExt};
 use reqwest::StatusCode;
 use sha2::{Digest, Sha256};
 
@@ -108,9 +108,16 @@ async fn key_value_round_trips_large_and_small_bodies_on_fs_and_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cas_upload_that_does_not_hash_to_its_key_is_refused_and_never_stored() {
+    // 200 kB is hashed on the connection's task; 3 MB on a thread of its own, fed by the connection.
+    for size in [200_000, 3_000_000] {
+        cas_digest_refusal(size).await;
+    }
+}
+
+async fn cas_digest_refusal(size: usize) {
     let server = start("fs", writer()).await;
     let client = reqwest::Client::new();
-    let body = pattern(200_000);
+    let body = pattern(size);
     let digest = outcache::wire::hex(&Sha256::digest(&body));
     let good = format!("{}/cas/{digest}", server.base);
     assert_eq!(put(&client, &good, body.clone()).await, StatusCode::OK);
@@ -176,6 +183,67 @@ async fn an_oversize_upload_is_refused_and_nothing_is_stored() {
         StatusCode::NOT_FOUND
     );
     assert_eq!(blobs(&server).await, 0);
+}
+
+/// Sends the head of a PUT to `path` and `sent` bytes of its body, then closes the connection.
+async fn cut_off_upload(server: &Server, path: &str, framing: &str, sent: usize) {
+    use tokio::io::AsyncWriteExt;
+    let host = server.base.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(host).await.unwrap();
+    let head = format!("PUT {path} HTTP/1.1\r\nHost: {host}\r\n{framing}\r\n\r\n");
+    conn.write_all(head.as_bytes()).await.unwrap();
+    if framing.starts_with("Transfer-Encoding") {
+        // One whole chunk, and no last chunk.
+        conn.write_all(format!("{sent:x}\r\n").as_bytes())
+            .await
+            .unwrap();
+        conn.write_all(&pattern(sent)).await.unwrap();
+        conn.write_all(b"\r\n").await.unwrap();
+    } else {
+        conn.write_all(&pattern(sent)).await.unwrap();
+    }
+    conn.flush().await.unwrap();
+    drop(conn);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_cut_off_half_way_stores_nothing_and_leaves_no_temp() {
+    for backend in ["fs", "sqlite"] {
+        let server = start(backend, writer()).await;
+        let client = reqwest::Client::new();
+        // A small declared body (stored on the connection's task), a big one and one of unknown length
+        // (both stored on a thread of their own, fed by the connection's task).
+        let cases = [
+            ("/short", "Content-Length: 500000", 200_000),
+            ("/long", "Content-Length: 8000000", 3_000_000),
+            ("/chunked", "Transfer-Encoding: chunked", 3_000_000),
+        ];
+        for (path, framing, sent) in cases {
+            cut_off_upload(&server, path, framing, sent).await;
+        }
+        // The server notices each cut on its own time: wait for the temps to go.
+        let mut left = usize::MAX;
+        for _ in 0..500 {
+            left = blobs(&server).await;
+            if left == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(left, 0, "{backend}: a cut-off upload left a blob or temp");
+        for (path, _, _) in cases {
+            let url = format!("{}{path}", server.base);
+            assert_eq!(
+                client.get(&url).send().await.unwrap().status(),
+                StatusCode::NOT_FOUND,
+                "{backend}{path}: a cut-off upload was stored"
+            );
+        }
+        assert!(
+            server.cache.backend().list_rows().await.unwrap().is_empty(),
+            "{backend}: a cut-off upload left a row"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
