@@ -19,6 +19,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::error::Error;
 
+/// The most transfers that hold a thread of their own at once, however many cores.
+const MAX_THREADS: usize = 32;
+
 /// Transfers that may hold a thread of their own at once.
 #[derive(Clone, Debug)]
 pub(crate) struct Offload {
@@ -27,8 +30,10 @@ pub(crate) struct Offload {
 
 impl Default for Offload {
     fn default() -> Self {
+        // Two per core keeps every core busy with a transfer while another waits on its socket; the
+        // ceiling bounds the memory they hold (each up to ~8 MiB of buffers) on a big machine.
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        Offload::new(2 * cores.max(2))
+        Offload::new((2 * cores).clamp(4, MAX_THREADS))
     }
 }
 
