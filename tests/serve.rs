@@ -458,8 +458,14 @@ async fn load_with_the_janitor_running_gives_no_errors_and_no_wrong_bytes() {
             .unwrap();
     });
     // A key's bytes depend only on the key, so any hit can be checked whoever wrote it.
+    // Every tenth key is over a MiB, so uploads stored on a thread of their own (and downloads read
+    // ahead on one) take part too; every other one of those is sent with no length.
     let body_of = |k: u64| -> Vec<u8> {
-        let len = 1024 + (k as usize * 7919) % (256 << 10);
+        let len = if k % 10 == 0 {
+            (1 << 20) + (k as usize * 7919) % (2 << 20)
+        } else {
+            1024 + (k as usize * 7919) % (256 << 10)
+        };
         (0..len).map(|i| (i as u64 * 31 + k) as u8).collect()
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
@@ -494,7 +500,14 @@ async fn load_with_the_janitor_running_gives_no_errors_and_no_wrong_bytes() {
                     let k = (c * 131 + n * 17) % 200;
                     let url = format!("{base}/load/{k}");
                     if n % 3 == 0 {
-                        let put = client.put(&url).body(body_of(k)).send().await.unwrap();
+                        let body = if k % 20 == 0 {
+                            let pieces: Vec<Result<Vec<u8>, std::io::Error>> =
+                                body_of(k).chunks(100_000).map(|c| Ok(c.to_vec())).collect();
+                            reqwest::Body::wrap_stream(futures::stream::iter(pieces))
+                        } else {
+                            body_of(k).into()
+                        };
+                        let put = client.put(&url).body(body).send().await.unwrap();
                         assert_eq!(put.status(), StatusCode::OK, "PUT {k}");
                         puts += 1;
                     } else {
