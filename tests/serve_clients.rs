@@ -280,12 +280,20 @@ fn turbo_replays_remote_hits_from_fs_and_sqlite() {
 /// stores it whole, and exits 0.
 #[test]
 fn sigterm_finishes_an_upload_in_flight() {
+    // Stored on the connection's task, and (over a MiB) on a thread of its own.
+    for size in [200_000, 3_000_000] {
+        sigterm_during_upload(size);
+    }
+}
+
+fn sigterm_during_upload(size: u32) {
     use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
     let url = format!("fs://{}/cache", dir.path().display());
     let (mut server, base) = serve(&url, dir.path(), &[]);
     let host = base.trim_start_matches("http://").to_owned();
-    let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let body: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    let half = body.len() / 2;
     let mut conn = std::net::TcpStream::connect(&host).unwrap();
     let auth = {
         use base64::Engine as _;
@@ -297,7 +305,7 @@ fn sigterm_finishes_an_upload_in_flight() {
         body.len()
     )
     .unwrap();
-    conn.write_all(&body[..100_000]).unwrap();
+    conn.write_all(&body[..half]).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(200));
     Command::new("kill")
         .args(["-TERM", &server.id().to_string()])
@@ -308,7 +316,7 @@ fn sigterm_finishes_an_upload_in_flight() {
         std::net::TcpStream::connect(&host).is_err(),
         "a new connection was accepted after SIGTERM"
     );
-    conn.write_all(&body[100_000..]).unwrap();
+    conn.write_all(&body[half..]).unwrap();
     let mut response = String::new();
     conn.read_to_string(&mut response).unwrap();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
