@@ -1,7 +1,8 @@
-//! The orphan sweep's memory, and `stats`', do not grow with the cache (issue "S3 at scale": paginated
-//! end to end). A counting allocator records the peak heap a command adds; the same command over a cache
-//! four times larger must not need much more. The tests take turns (one allocator counts for all). The store is object_store's local filesystem, so the objects live
-//! on disk, not in the process's heap, and it lists page by page as S3 does.
+//! The memory of the orphan sweep, `stats` and `index-refs` does not grow with the cache (issue "S3 at
+//! scale": paginated end to end). A counting allocator records the peak heap a command adds; the same
+//! command over a cache four times larger must not need much more. The tests take turns (one allocator
+//! counts for all). The store is object_store's local filesystem, so the objects live on disk, not in
+//! the process's heap, and it lists page by page as S3 does.
 #![cfg(feature = "object-store")]
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -181,6 +182,31 @@ async fn stats_needs_no_more_memory_for_four_times_the_rows() {
     assert!(
         (peaks[1] as f64) < 1.5 * peaks[0] as f64,
         "stats' peak heap grew with the rows: {} B for 2 000, {} B for 8 000",
+        peaks[0],
+        peaks[1]
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn index_refs_needs_no_more_memory_for_four_times_the_rows() {
+    let _turn = SERIAL.lock().await;
+    let (small_dir, large_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let small = seeded(small_dir.path(), 1_500).await;
+    let large = seeded(large_dir.path(), 6_000).await;
+    let mut peaks = Vec::new();
+    for (cache, rows) in [(&small, 1_500), (&large, 6_000)] {
+        // Every row read again and marked again (it is idempotent), a page at a time.
+        let (peak, report) = peak_of(cache.index_refs()).await;
+        let report = report.unwrap();
+        assert_eq!(
+            (report.rows, report.marked, report.unreadable),
+            (rows, rows, 0)
+        );
+        peaks.push(peak);
+    }
+    assert!(
+        (peaks[1] as f64) < 1.5 * peaks[0] as f64,
+        "index-refs' peak heap grew with the rows: {} B for 1 500, {} B for 6 000",
         peaks[0],
         peaks[1]
     );

@@ -539,45 +539,49 @@ impl ObjectCache {
         }
     }
 
-    /// Index the rows that hold refs, so orphan sweeps read only those: read every row once, mark each
-    /// one holding refs, then declare the index in `layout.json`. Run it once per cache, after every
-    /// host writing to it runs a version that maintains the index (older ones write rows without
-    /// markers, whose refs a sweep would then miss). Idempotent.
+    /// Index the rows that hold refs, so orphan sweeps read only those: read every row once, a page at a
+    /// time, mark each one holding refs, then declare the index in `layout.json`. Run it once per cache,
+    /// after every host writing to it runs a version that maintains the index (older ones write rows
+    /// without markers, whose refs a sweep would then miss). Idempotent; stopped half-way (a row of a
+    /// newer format, a failed request), it has declared nothing, and the markers it wrote are the ones
+    /// a rerun writes again.
     pub async fn index_refs(&self) -> Result<IndexReport> {
-        let scan = self.deep_scan().await?;
-        if let Some(c) = scan
-            .unreadable
-            .iter()
-            .find(|c| c.kind == CorruptKind::NewerFormat)
-        {
-            return Err(Error::InvalidInput {
-                what: "index refs".into(),
-                reason: format!(
-                    "{} was written by a newer outcache; index with that version",
-                    c.id
-                ),
-            });
+        let mut report = IndexReport::default();
+        let mut pages = self.read_row_pages();
+        while let Some(page) = pages.try_next().await? {
+            if let Some(c) = page
+                .unreadable
+                .iter()
+                .find(|c| c.kind == CorruptKind::NewerFormat)
+            {
+                return Err(Error::InvalidInput {
+                    what: "index refs".into(),
+                    reason: format!(
+                        "{} was written by a newer outcache; index with that version",
+                        c.id
+                    ),
+                });
+            }
+            let holders: Vec<&RowKey> = page
+                .rows
+                .iter()
+                .filter(|r| !r.refs.is_empty())
+                .map(|r| &r.key)
+                .collect();
+            futures::stream::iter(holders.iter().map(|key| self.mark_refs(key)))
+                .buffer_unordered(FETCH_CONCURRENCY)
+                .try_collect::<Vec<()>>()
+                .await?;
+            report.rows += page.rows.len() as u64;
+            report.marked += holders.len() as u64;
+            report.unreadable += page.unreadable.len() as u64;
         }
-        let holders: Vec<&RowKey> = scan
-            .rows
-            .iter()
-            .filter(|r| !r.refs.is_empty())
-            .map(|r| &r.key)
-            .collect();
-        futures::stream::iter(holders.iter().map(|key| self.mark_refs(key)))
-            .buffer_unordered(FETCH_CONCURRENCY)
-            .try_collect::<Vec<()>>()
-            .await?;
         let layout = serde_json::json!({ "refs_index": REFS_INDEX_VERSION });
         self.store
             .put(&self.layout_path(), layout.to_string().into_bytes().into())
             .await
             .map_err(self.err(format!("write {}", self.layout_path())))?;
-        Ok(IndexReport {
-            rows: scan.rows.len() as u64,
-            marked: holders.len() as u64,
-            unreadable: scan.unreadable.len() as u64,
-        })
+        Ok(report)
     }
 
     /// The rows holding refs, page by page ([`crate::store::OutputCache::row_ref_pages`]). With a refs

@@ -45,7 +45,12 @@ impl Offload {
     }
 
     /// A thread's place, if one is free now (never waits: a transfer without one runs where it is).
+    /// None on a current-thread runtime (an embedder's): only its own thread drives its I/O there.
     pub(crate) fn try_place(&self) -> Option<OwnedSemaphorePermit> {
+        let flavor = tokio::runtime::Handle::try_current().ok()?.runtime_flavor();
+        if flavor != tokio::runtime::RuntimeFlavor::MultiThread {
+            return None;
+        }
         self.permits.clone().try_acquire_owned().ok()
     }
 }
@@ -126,6 +131,11 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_current_thread_runtime_gets_no_places() {
+        assert!(Offload::new(4).try_place().is_none());
+    }
 
     #[tokio::test]
     async fn a_handover_ends_cleanly_only_when_finished() {
