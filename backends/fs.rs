@@ -556,6 +556,13 @@ fn modified(meta: &fs::Metadata) -> SystemTime {
     meta.modified().unwrap_or(UNIX_EPOCH)
 }
 
+/// What the writer thread of [`FsCache::write_blob`] is sent: bytes to append, then (durable, and only
+/// when the stream ended whole) the order to fsync, so that a failed stream is never fsynced for nothing.
+enum ToWriter {
+    Bytes(Bytes),
+    Sync,
+}
+
 /// Starts the disk writeback of a temp file every [`WRITEBACK_EVERY`] bytes while the stream is still
 /// arriving (Linux `sync_file_range`), so the final fsync only waits for the tail instead of the whole
 /// blob: the flush overlaps with hashing and receiving. Elsewhere it does nothing and fsync does it all.
@@ -785,18 +792,27 @@ impl OutputCache for FsCache {
         };
 
         // Hash on this task while a blocking thread writes: the two overlap, so a durable write runs at
-        // disk speed rather than disk + SHA-256 speed.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
+        // disk speed rather than disk + SHA-256 speed. The writer also fsyncs, when told the stream
+        // ended whole, so the fsync overlaps the hashing of the last chunk (hashed one chunk late, see
+        // below): a one-chunk blob then costs its fsync, not its SHA-256 and then its fsync.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<ToWriter>(WRITE_QUEUE);
         let tmp_for_writer = tmp.clone();
         let durable = self.durable;
         let writer = tokio::task::spawn_blocking(move || -> Result<File> {
             let mut file = file;
             let mut writeback = Writeback::default();
-            while let Some(chunk) = rx.blocking_recv() {
-                file.write_all(&chunk)
-                    .map_err(|e| Error::io("write temp file", &tmp_for_writer, e))?;
-                if durable {
-                    writeback.wrote(&file, chunk.len() as u64);
+            while let Some(message) = rx.blocking_recv() {
+                match message {
+                    ToWriter::Bytes(chunk) => {
+                        file.write_all(&chunk)
+                            .map_err(|e| Error::io("write temp file", &tmp_for_writer, e))?;
+                        if durable {
+                            writeback.wrote(&file, chunk.len() as u64);
+                        }
+                    }
+                    ToWriter::Sync => file
+                        .sync_all()
+                        .map_err(|e| Error::io("fsync temp file", &tmp_for_writer, e))?,
                 }
             }
             Ok(file)
@@ -805,6 +821,9 @@ impl OutputCache for FsCache {
         let mut digest = BlobDigest::new();
         let mut batch = BytesMut::new();
         let mut stream_error = None;
+        // Each chunk is hashed once the next one has arrived (or the stream has ended and the writer
+        // has been told to fsync): the bytes hashed are the bytes sent, in the same order, one late.
+        let mut unhashed: Option<Bytes> = None;
         while let Some(chunk) = data.next().await {
             let chunk = match chunk {
                 Ok(c) => c,
@@ -813,7 +832,9 @@ impl OutputCache for FsCache {
                     break;
                 }
             };
-            digest.update(&chunk);
+            if let Some(previous) = unhashed.replace(chunk.clone()) {
+                digest.update(&previous);
+            }
             let to_send = if chunk.len() >= WRITE_BATCH / 4 && batch.is_empty() {
                 Some(chunk)
             } else {
@@ -821,15 +842,24 @@ impl OutputCache for FsCache {
                 (batch.len() >= WRITE_BATCH).then(|| batch.split().freeze())
             };
             if let Some(bytes) = to_send {
-                if tx.send(bytes).await.is_err() {
+                if tx.send(ToWriter::Bytes(bytes)).await.is_err() {
                     break; // the writer failed; its error is collected below
                 }
             }
         }
-        if stream_error.is_none() && !batch.is_empty() {
-            let _ = tx.send(batch.freeze()).await;
+        if stream_error.is_none() {
+            // A failed send means the writer failed; its error is collected below.
+            if !batch.is_empty() {
+                let _ = tx.send(ToWriter::Bytes(batch.freeze())).await;
+            }
+            if durable {
+                let _ = tx.send(ToWriter::Sync).await;
+            }
         }
         drop(tx);
+        if let Some(last) = unhashed.take() {
+            digest.update(&last);
+        }
         let file = writer
             .await
             .map_err(|e| Error::stream(format!("writer thread failed: {e}")))?;
@@ -850,11 +880,7 @@ impl OutputCache for FsCache {
         let this = self.clone();
         blocking(move || {
             let dest_for_publish = this.work_dir("blobs")?.join(file_name);
-            if durable {
-                file.sync_all()
-                    .map_err(|e| Error::io("fsync temp file", &tmp_for_publish, e))?;
-            }
-            drop(file);
+            drop(file); // already fsynced by the writer when durable
             fs::rename(&tmp_for_publish, &dest_for_publish)
                 .map_err(|e| Error::io("rename into place", &dest_for_publish, e))?;
             if durable {
