@@ -3,6 +3,9 @@
 //! nothing; and a blob that fails verification never reaching a client whole.
 #![cfg(feature = "serve")]
 
+#[cfg(feature = "s3")]
+mod common;
+
 use std::sync::Arc;
 
 use outcache::serve::{ServeOptions, Tokens};
@@ -18,11 +21,16 @@ struct Server {
 
 async fn start(backend: &str, options: ServeOptions) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let cache = match backend {
-        "fs" => Cache::open(&format!("fs://{}", dir.path().display())).unwrap(),
-        "sqlite" => Cache::open(&format!("sqlite://{}/c.db", dir.path().display())).unwrap(),
-        other => panic!("{other}"),
+    let url = match backend {
+        "fs" => format!("fs://{}", dir.path().display()),
+        "sqlite" => format!("sqlite://{}/c.db", dir.path().display()),
+        other => other.to_owned(), // a URL
     };
+    start_on(dir, &url, options).await
+}
+
+async fn start_on(dir: tempfile::TempDir, url: &str, options: ServeOptions) -> Server {
+    let cache = Cache::open(url).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let served = cache.clone();
@@ -103,6 +111,55 @@ async fn key_value_round_trips_large_and_small_bodies_on_fs_and_sqlite() {
                 StatusCode::NOT_FOUND
             );
         }
+    }
+}
+
+/// The backends a big transfer is tried on: fs and SQLite, and S3 when the test command's moto runs
+/// (required under `CI=true`).
+fn big_transfer_backends() -> Vec<String> {
+    let mut backends = vec!["fs".to_owned(), "sqlite".to_owned()];
+    #[cfg(feature = "s3")]
+    if let Some(url) = common::server_env("OUTCACHE_S3_URL") {
+        let child = format!("serve-{}", uuid::Uuid::new_v4().simple());
+        backends.push(common::s3_child(&url, &child));
+    }
+    backends
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_bodies_round_trip_with_and_without_a_length_on_every_backend() {
+    // Over a MiB: stored on a thread of their own and read ahead on one.
+    let body = pattern(3_000_000);
+    for backend in big_transfer_backends() {
+        let server = start(&backend, writer()).await;
+        let client = reqwest::Client::new();
+        let with_length = format!("{}/big/length", server.base);
+        assert_eq!(
+            put(&client, &with_length, body.clone()).await,
+            StatusCode::OK
+        );
+        let pieces: Vec<Result<Vec<u8>, std::io::Error>> =
+            body.chunks(70_000).map(|c| Ok(c.to_vec())).collect();
+        let chunked = format!("{}/big/chunked", server.base);
+        let streamed = reqwest::Body::wrap_stream(futures::stream::iter(pieces));
+        assert_eq!(put(&client, &chunked, streamed).await, StatusCode::OK);
+        for url in [&with_length, &chunked] {
+            let got = get_body(&client, url).await;
+            assert!(
+                got.as_ref() == body.as_slice(),
+                "{backend}: {url} came back different"
+            );
+        }
+        let temps = server
+            .cache
+            .backend()
+            .list_blobs()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|b| b.state == outcache::BlobState::Temp)
+            .count();
+        assert_eq!(temps, 0, "{backend}: temps left after the uploads");
     }
 }
 
