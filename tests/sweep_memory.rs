@@ -1,4 +1,4 @@
-//! The memory of the orphan sweep, `stats` and `index-refs` does not grow with the cache (issue "S3 at
+//! The memory of the orphan sweep, `stats`, `index-refs` and an age prune does not grow with the cache (issue "S3 at
 //! scale": paginated end to end). A counting allocator records the peak heap a command adds; the same
 //! command over a cache four times larger must not need much more. The tests take turns (one allocator
 //! counts for all). The store is object_store's local filesystem, so the objects live on disk, not in
@@ -210,4 +210,32 @@ async fn index_refs_needs_no_more_memory_for_four_times_the_rows() {
         peaks[0],
         peaks[1]
     );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_age_prune_holds_only_the_rows_it_removes() {
+    let _turn = SERIAL.lock().await;
+    let (small_dir, large_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let small = rows_only(small_dir.path(), 2_000).await;
+    let large = rows_only(large_dir.path(), 8_000).await;
+    let mut peaks = Vec::new();
+    for cache in [&small, &large] {
+        // Nothing is an hour old: the listing streams past and nothing is kept.
+        let mut options = PruneOptions::new();
+        options.older_than = Some(Duration::from_secs(3600));
+        let (peak, report) = peak_of(prune(cache, &options, |_| {})).await;
+        assert_eq!(report.unwrap().rows_removed, 0);
+        peaks.push(peak);
+    }
+    assert!(
+        (peaks[1] as f64) < 1.5 * peaks[0] as f64,
+        "the age prune's peak heap grew with the rows it keeps: {} B for 2 000, {} B for 8 000",
+        peaks[0],
+        peaks[1]
+    );
+    // And it still removes what is old: everything, past a zero age.
+    let mut options = PruneOptions::new();
+    options.older_than = Some(Duration::ZERO);
+    let report = prune(&large, &options, |_| {}).await.unwrap();
+    assert_eq!(report.rows_removed, 8_000);
 }

@@ -14,8 +14,9 @@
 //! temp files past [`PruneOptions::spill_lines`], and one merged pass over the two sorted sets finds
 //! the unreferenced blobs (themselves spilled, then deleted a batch at a time). Its memory is bounded
 //! whatever the cache's size, except the ledger of blobs seen unreferenced within the grace period.
-//! Age, size and `--corrupt` prunes plan from listings held in memory (a size budget's
-//! least-recently-used order needs every row).
+//! An age prune alone streams the row listing and keeps only the rows it removes. Size and
+//! `--corrupt` prunes plan from the row listing held in memory (a size budget's least-recently-used
+//! order needs every row); every row prune holds the blob listing, to count what each row takes along.
 //!
 //! ## Races with writers (nothing is locked; every rule below is what keeps that safe)
 //! - **Rows are deleted by version.** A row is deleted only if it is still the one listed (same commit
@@ -378,7 +379,8 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
         0 => spill::DEFAULT_SPILL_LINES,
         n => n,
     };
-    // Row prunes decide from listings held in memory; the orphan sweep alone streams everything.
+    // Row prunes hold the blob listing (and, but for an age prune alone, the row listing); the orphan
+    // sweep streams everything.
     let rows_prune = options.older_than.is_some() || options.max_size.is_some() || options.corrupt;
 
     // The blobs first, page by page: a blob whose row commits while the janitor runs is then seen as
@@ -419,10 +421,31 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
         }
     }
 
+    let in_scope = |r: &RowEntry| {
+        options
+            .prefix
+            .as_deref()
+            .is_none_or(|p| r.key.task_type().starts_with(p))
+    };
+    // An age prune alone decides row by row, so it keeps only the rows it removes, page by page; the
+    // size budget (a global LRU order) and the garbled-row search hold the whole listing.
+    let age_only = options.older_than.is_some() && options.max_size.is_none() && !options.corrupt;
+
     // The rows the row prunes choose from: every row read where garbled ones are to be found, else
     // as cheaply as the backend lists them.
-    let (rows, unreadable, listing_only) = if !rows_prune {
+    let (mut rows, unreadable, listing_only) = if !rows_prune {
         (Vec::new(), Vec::new(), false)
+    } else if age_only {
+        let age_cutoff = cutoff(now, options.older_than.unwrap_or_default());
+        let (mut old, mut listing_only) = (Vec::new(), false);
+        let mut pages = backend.shallow_row_pages();
+        while let Some(page) = pages.try_next().await? {
+            listing_only |= page.listing_only;
+            old.extend(page.rows.into_iter().filter(|r| {
+                r.key.task_type() != LEDGER_TASK_TYPE && in_scope(r) && r.created_at < age_cutoff
+            }));
+        }
+        (old, Vec::new(), listing_only)
     } else {
         let scan = if options.corrupt {
             backend.scan_rows().await?
@@ -437,16 +460,22 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
         (rows, scan.unreadable, scan.listing_only)
     };
     plan.owned = Ownership::new(&blobs, listing_only);
-    let in_scope = |r: &RowEntry| {
-        options
-            .prefix
-            .as_deref()
-            .is_none_or(|p| r.key.task_type().starts_with(p))
-    };
 
     let mut gone_blobs: HashSet<String> = HashSet::new();
     let mut doomed: HashSet<usize> = HashSet::new();
-    if let Some(age) = options.older_than {
+    if age_only {
+        // Every row kept is one to remove.
+        for r in &rows {
+            take_row(
+                backend,
+                r,
+                &plan.owned,
+                &mut gone_blobs,
+                &mut plan.report.by_age,
+            );
+        }
+        plan.by_age = std::mem::take(&mut rows);
+    } else if let Some(age) = options.older_than {
         let cutoff = cutoff(now, age);
         for (i, r) in rows.iter().enumerate() {
             if in_scope(r) && r.created_at < cutoff {
