@@ -297,6 +297,32 @@ impl FsCache {
         Ok(dir)
     }
 
+    /// [`Self::work_dir`] for a write: made again if it is missing, as [`FsCache::open`] made it (the
+    /// root too), so a long-running writer (`outcache serve`) survives an operator emptying the cache.
+    /// A link or a file in its place is still an error, never followed or replaced.
+    fn work_dir_for_write(&self, name: &str) -> Result<PathBuf> {
+        let dir = self.root.join(name);
+        match real_dir(&dir) {
+            Err(e) if is_not_found(&e) => {
+                let made = match fs::create_dir(&dir) {
+                    Err(e) if is_not_found(&e) => {
+                        fs::create_dir_all(&self.root).and_then(|()| fs::create_dir(&dir))
+                    }
+                    made => made,
+                };
+                match made {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(Error::io("create cache directory", &dir, e)),
+                }
+                // Whatever won a race to the name must still be a real directory.
+                real_dir(&dir).map_err(|e| Error::io("use cache directory", &dir, e))?;
+            }
+            checked => checked.map_err(|e| Error::io("use cache directory", &dir, e))?,
+        }
+        Ok(dir)
+    }
+
     /// Whether `<root>/<name>` exists as a real directory: `false` if it is missing (a read-only cache
     /// that never held such entries reads as empty there), an error if it is a link or not a directory.
     fn existing_work_dir(&self, name: &str) -> Result<bool> {
@@ -359,7 +385,7 @@ impl FsCache {
 
     /// Write `bytes` to `dest` atomically (temp file, fsync, rename, fsync dir).
     fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> Result<()> {
-        self.work_dir("tmp")?;
+        self.work_dir_for_write("tmp")?;
         let tmp = self.temp_path("row");
         let mut file =
             File::create_new(&tmp).map_err(|e| Error::io("create temp file", &tmp, e))?;
@@ -375,7 +401,7 @@ impl FsCache {
         }
         drop(file);
         let dir = dest.parent().unwrap_or(&self.root);
-        let rows = self.work_dir("rows")?;
+        let rows = self.work_dir_for_write("rows")?;
         let mut created_dir = false;
         for attempt in 0..3 {
             match real_dir(dir) {
@@ -780,7 +806,7 @@ impl OutputCache for FsCache {
         let tmp_for_create = tmp.clone();
         let this = self.clone();
         let file = blocking(move || {
-            this.work_dir("tmp")?;
+            this.work_dir_for_write("tmp")?;
             File::create_new(&tmp_for_create)
                 .map_err(|e| Error::io("create temp file", &tmp_for_create, e))
         })
@@ -879,7 +905,7 @@ impl OutputCache for FsCache {
         let tmp_for_publish = tmp.clone();
         let this = self.clone();
         blocking(move || {
-            let dest_for_publish = this.work_dir("blobs")?.join(file_name);
+            let dest_for_publish = this.work_dir_for_write("blobs")?.join(file_name);
             drop(file); // already fsynced by the writer when durable
             fs::rename(&tmp_for_publish, &dest_for_publish)
                 .map_err(|e| Error::io("rename into place", &dest_for_publish, e))?;
