@@ -93,7 +93,8 @@ enum Command {
     ///
     /// Listens on 127.0.0.1:8080 unless told otherwise. With a tokens file every request but /healthz
     /// needs a token (Bearer, or Basic with the token as password); without one, reads are open and
-    /// writes need --allow-anonymous-writes. SIGTERM or SIGINT finishes requests in flight, then exits.
+    /// writes need --allow-anonymous-writes. SIGTERM or SIGINT finishes requests in flight, then exits;
+    /// a second one stops at once.
     Serve(cli::serve::ServeArgs),
     /// Print the effective configuration, each value with where it came from (secrets redacted).
     Config(show_config::ConfigArgs),

@@ -334,6 +334,61 @@ fn sigterm_during_upload(size: u32) {
     assert_eq!(bytes.as_ref(), body.as_slice());
 }
 
+/// A second SIGTERM stops the server at once, even with an upload stalled half-way (a first one waits
+/// for it): exit 143, the upload stored nothing and left no temp file — on both store paths.
+#[test]
+fn a_second_sigterm_stops_at_once_and_a_stalled_upload_stores_nothing() {
+    for size in [200_000u32, 3_000_000] {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("fs://{}/cache", dir.path().display());
+        let (mut server, base) = serve(&url, dir.path(), &[]);
+        let host = base.trim_start_matches("http://").to_owned();
+        let body: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let mut conn = std::net::TcpStream::connect(&host).unwrap();
+        write!(
+            conn,
+            "PUT /stalled HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer ccache-token\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        conn.write_all(&body[..body.len() / 2]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let pid = server.id().to_string();
+        let term = || Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        term();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(
+            server.try_wait().unwrap().is_none(),
+            "{size}: the first SIGTERM did not wait for the upload in flight"
+        );
+        term();
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = server.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "{size}: still running 10 s after the second SIGTERM"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert_eq!(status.code(), Some(143), "{size}: {status}");
+        drop(conn);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let cache = outcache::Cache::open(&url).unwrap();
+        let stored = rt
+            .block_on(cache.get("http", &serde_json::json!({ "key": "stalled" })))
+            .unwrap();
+        assert!(stored.is_none(), "{size}: the stalled upload was stored");
+        let temps = std::fs::read_dir(dir.path().join("cache/tmp"))
+            .unwrap()
+            .count();
+        assert_eq!(temps, 0, "{size}: the stalled upload left a temp file");
+    }
+}
+
 /// Malformed requests get a 4xx and store nothing: a `..` key (sent raw: HTTP clients normalise it
 /// away), a key past 1 KiB, a Bazel key that is not a digest, a malformed Turborepo hash.
 #[test]

@@ -102,18 +102,41 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
         access_log: !ctx.quiet,
     };
     let stop = super::signals::stop_signals();
+    let (first_signal, stopping) = tokio::sync::oneshot::channel();
     let shutdown = async move {
         let signal = stop.await;
         eprintln!(
-            "outcache serve: {}: finishing requests in flight",
+            "outcache serve: {}: finishing requests in flight (send it again to stop now)",
             signal.name()
         );
+        let _ = first_signal.send(());
     };
-    let served = outcache::serve::serve(listener, cache.clone(), options, shutdown).await;
+    // A second signal stops at once: requests still in flight (an upload whose client stalled) are
+    // dropped, and a dropped upload publishes nothing and removes its temp file, as a cut-off one does.
+    let second_signal = async move {
+        match stopping.await {
+            Ok(()) => super::signals::stop_signals().await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    let serving = outcache::serve::serve(listener, cache.clone(), options, shutdown);
+    let (served, forced) = tokio::select! {
+        served = serving => (Some(served), None),
+        signal = second_signal => (None, Some(signal)),
+    };
     if let Some(janitor) = janitor {
         janitor.abort();
     }
     cache.flush_access().await?;
-    served?;
+    if let Some(signal) = forced {
+        eprintln!(
+            "outcache serve: {} again: stopped; uploads still arriving were dropped and stored nothing",
+            signal.name()
+        );
+        return Err(Failure::Interrupted(signal));
+    }
+    if let Some(served) = served {
+        served?;
+    }
     Ok(())
 }
