@@ -182,4 +182,68 @@ impl Error {
             Error::InvalidRef { .. } | Error::InvalidUrl { .. } | Error::InvalidInput { .. }
         )
     }
+
+    /// True when the store ran out of space (a full disk or quota, SQLite's "database or disk is
+    /// full") anywhere in the error's chain of causes: the operator's problem, not a bug, and worth
+    /// telling apart (`outcache serve` answers 507 Insufficient Storage).
+    pub fn is_out_of_space(&self) -> bool {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cause {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                // `StorageFull` is ENOSPC; a quota (EDQUOT) std maps to `QuotaExceeded`.
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                ) {
+                    return true;
+                }
+            }
+            #[cfg(feature = "sqlite")]
+            if let Some(sql) = e.downcast_ref::<rusqlite::Error>() {
+                if sql.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+                    return true;
+                }
+            }
+            cause = e.source();
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ENOSPC's number where the tests run (Linux, macOS and the BSDs agree).
+    const ENOSPC: i32 = 28;
+
+    #[test]
+    fn out_of_space_is_found_anywhere_in_the_chain_of_causes() {
+        let full = |errno| {
+            Error::io(
+                "write temp file",
+                "/c/tmp/x",
+                std::io::Error::from_raw_os_error(errno),
+            )
+        };
+        assert!(full(ENOSPC).is_out_of_space(), "ENOSPC");
+        assert!(!full(13).is_out_of_space(), "EACCES is not a full disk");
+        let wrapped = Error::stream(full(ENOSPC));
+        assert!(wrapped.is_out_of_space(), "behind a stream error");
+        let other = Error::stream(std::io::Error::other("reset by peer"));
+        assert!(!other.is_out_of_space());
+        #[cfg(feature = "sqlite")]
+        {
+            let sql = rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+                None,
+            );
+            let backend = Error::Backend {
+                backend: "sqlite".into(),
+                context: "commit".into(),
+                source: Box::new(sql),
+            };
+            assert!(backend.is_out_of_space(), "SQLITE_FULL");
+        }
+    }
 }

@@ -389,6 +389,66 @@ fn a_second_sigterm_stops_at_once_and_a_stalled_upload_stores_nothing() {
     }
 }
 
+/// A full disk: an upload that does not fit is answered 507 Insufficient Storage, stores nothing and
+/// leaves no temp, and the server goes on serving uploads that fit — on fs and SQLite. Needs a 4 MiB
+/// tmpfs, so it runs where the test may mount one (root in a VM, as here) and says so where not.
+#[test]
+fn a_full_disk_is_507_and_the_server_goes_on() {
+    struct Mounted(tempfile::TempDir);
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0.path()).status();
+        }
+    }
+    let mnt = tempfile::tempdir().unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(mnt.path())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("note: cannot mount a tmpfs here; the full-disk case is not tried");
+        return;
+    }
+    let mnt = Mounted(mnt);
+    let tokens = tempfile::tempdir().unwrap();
+    for url in [
+        format!("fs://{}/cache", mnt.0.path().display()),
+        format!("sqlite://{}/cache.db", mnt.0.path().display()),
+    ] {
+        let (mut server, base) = serve(&url, tokens.path(), &[]);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let client = reqwest::Client::new();
+        let put = |key: &str, len: usize| {
+            let request = client
+                .put(format!("{base}/{key}"))
+                .bearer_auth("ccache-token")
+                .body(vec![7u8; len]);
+            rt.block_on(request.send()).unwrap().status()
+        };
+        assert_eq!(put("big", 8 << 20), 507, "{url}");
+        assert_eq!(put("small", 100_000), 200, "{url}: after a full disk");
+        let got = client
+            .get(format!("{base}/big"))
+            .bearer_auth("ccache-token")
+            .send();
+        assert_eq!(
+            rt.block_on(got).unwrap().status(),
+            404,
+            "{url}: the upload that did not fit"
+        );
+        unsafe_kill(&mut server);
+        if url.starts_with("fs:") {
+            let temps = std::fs::read_dir(mnt.0.path().join("cache/tmp"))
+                .unwrap()
+                .count();
+            assert_eq!(temps, 0, "{url}: a temp file was left");
+        }
+        let _ = std::fs::remove_dir_all(mnt.0.path().join("cache"));
+    }
+}
+
 /// Malformed requests get a 4xx and store nothing: a `..` key (sent raw: HTTP clients normalise it
 /// away), a key past 1 KiB, a Bazel key that is not a digest, a malformed Turborepo hash.
 #[test]

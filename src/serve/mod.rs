@@ -357,6 +357,13 @@ fn backend_error(state: &Served, protocol: Protocol, e: &Error) -> Response {
     state.metrics.count(protocol, Outcome::Error, 0);
     tracing::error!(target: "outcache::serve", "{e}");
     eprintln!("outcache serve: {e}");
+    if e.is_out_of_space() {
+        // Nothing was stored (a write that fails publishes nothing); the client may retry elsewhere.
+        return status(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "the cache is out of space; nothing stored",
+        );
+    }
     status(
         StatusCode::INTERNAL_SERVER_ERROR,
         "the cache failed; see the server log",
