@@ -13,13 +13,8 @@ BIN="$PWD/target/release/outcache"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 head -c "$((MIB << 20))" /dev/urandom >"$WORK/input"
-seconds() { # command...: wall seconds of one run
-  local start end
-  start=$(date +%s.%N)
-  "$@" >/dev/null 2>&1
-  end=$(date +%s.%N)
-  python3 -c "print($end - $start)"
-}
+# shellcheck source=scripts/bench-lib.sh
+source scripts/bench-lib.sh
 dd_times=() ours_times=()
 for round in $(seq 1 "$ROUNDS"); do
   rm -rf "$WORK/out" "$WORK/cache"; sync
@@ -28,8 +23,4 @@ for round in $(seq 1 "$ROUNDS"); do
   dd_times+=("$a"); ours_times+=("$b")
   printf 'round %d: dd %.3f s, put-blob %.3f s\n' "$round" "$a" "$b"
 done
-python3 - "${dd_times[*]}" "${ours_times[*]}" <<'PY'
-import statistics, sys
-dd, ours = (statistics.median(map(float, a.split())) for a in sys.argv[1:3])
-print(f"medians: dd {dd:.3f} s, put-blob {ours:.3f} s; ratio (dd time / put-blob time) {dd / ours:.2f}")
-PY
+medians dd put-blob "${dd_times[*]}" "${ours_times[*]}"

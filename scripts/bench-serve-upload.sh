@@ -25,13 +25,8 @@ for _ in $(seq 1 50); do
   curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && break
   sleep 0.1
 done
-seconds() { # command...: wall seconds of one run
-  local start end
-  start=$(date +%s.%N)
-  "$@" >/dev/null 2>&1
-  end=$(date +%s.%N)
-  python3 -c "print($end - $start)"
-}
+# shellcheck source=scripts/bench-lib.sh
+source scripts/bench-lib.sh
 upload() { # round
   local code
   code=$(curl -s -o /dev/null -w '%{http_code}' -T "$WORK/input" "http://127.0.0.1:$PORT/big$1")
@@ -51,8 +46,4 @@ for round in $(seq 1 "$ROUNDS"); do
   cli_times+=("$a"); served_times+=("$b")
   printf 'round %d: put-blob %.3f s, curl to serve %.3f s\n' "$round" "$a" "$b"
 done
-python3 - "${cli_times[*]}" "${served_times[*]}" <<'PY'
-import statistics, sys
-cli, served = (statistics.median(map(float, a.split())) for a in sys.argv[1:3])
-print(f"medians: put-blob {cli:.3f} s, curl to serve {served:.3f} s; ratio (put-blob / served) {cli / served:.2f}")
-PY
+medians put-blob "curl to serve" "${cli_times[*]}" "${served_times[*]}"

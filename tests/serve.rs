@@ -67,6 +67,15 @@ async fn get_body(client: &reqwest::Client, url: &str) -> bytes::Bytes {
     client.get(url).send().await.unwrap().bytes().await.unwrap()
 }
 
+/// The temps (writes in flight or abandoned) the cache lists.
+async fn temps(cache: &Cache) -> Vec<outcache::BlobEntry> {
+    let listed = cache.backend().list_blobs().await.unwrap();
+    listed
+        .into_iter()
+        .filter(|b| b.state == outcache::BlobState::Temp)
+        .collect()
+}
+
 async fn blobs(server: &Server) -> usize {
     server.cache.backend().list_blobs().await.unwrap().len()
 }
@@ -150,16 +159,11 @@ async fn big_bodies_round_trip_with_and_without_a_length_on_every_backend() {
                 "{backend}: {url} came back different"
             );
         }
-        let temps = server
-            .cache
-            .backend()
-            .list_blobs()
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|b| b.state == outcache::BlobState::Temp)
-            .count();
-        assert_eq!(temps, 0, "{backend}: temps left after the uploads");
+        let left = temps(&server.cache).await;
+        assert!(
+            left.is_empty(),
+            "{backend}: temps left after the uploads: {left:?}"
+        );
     }
 }
 
@@ -600,15 +604,8 @@ async fn load_with_the_janitor_running_gives_no_errors_and_no_wrong_bytes() {
         hits > 0 && misses > 0 && puts > 0 && runs > 0,
         "{hits} {misses} {puts} {runs}"
     );
-    let temps: Vec<_> = cache
-        .backend()
-        .list_blobs()
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|b| b.state == outcache::BlobState::Temp)
-        .collect();
-    assert!(temps.is_empty(), "temps left: {temps:?}");
+    let left = temps(&cache).await;
+    assert!(left.is_empty(), "temps left: {left:?}");
     eprintln!(
         "load: {hits} hits, {misses} misses, {puts} uploads, {runs} janitor runs in {secs} s"
     );
