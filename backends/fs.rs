@@ -297,19 +297,16 @@ impl FsCache {
         Ok(dir)
     }
 
-    /// [`Self::work_dir`] for a write: made again if it is missing, as [`FsCache::open`] made it (the
-    /// root too), so a long-running writer (`outcache serve`) survives an operator emptying the cache.
-    /// A link or a file in its place is still an error, never followed or replaced.
+    /// [`Self::work_dir`] for a write: made again if it is missing, as [`FsCache::open`] made it, so a
+    /// long-running writer (`outcache serve`) survives an operator emptying the cache. The root itself
+    /// is never made again: a removed root stays removed (a blocking write still running for a dropped
+    /// caller would otherwise bring back a scratch directory its owner just deleted), and writes fail
+    /// naming it. A link or a file in a directory's place is still an error, never followed or replaced.
     fn work_dir_for_write(&self, name: &str) -> Result<PathBuf> {
         let dir = self.root.join(name);
         match real_dir(&dir) {
             Err(e) if is_not_found(&e) => {
-                let made = match fs::create_dir(&dir) {
-                    Err(e) if is_not_found(&e) => {
-                        fs::create_dir_all(&self.root).and_then(|()| fs::create_dir(&dir))
-                    }
-                    made => made,
-                };
+                let made = fs::create_dir(&dir);
                 match made {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}

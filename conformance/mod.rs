@@ -655,7 +655,22 @@ struct RemoveDir(std::path::PathBuf);
 #[cfg(any(feature = "fs", feature = "sqlite"))]
 impl Drop for RemoveDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        remove_tree(&self.0);
+    }
+}
+
+/// Remove the tree at `path`, trying again for a moment if something recreates an entry in it
+/// meanwhile: a blocking write still finishing for a cancelled case (a signal stopped the run) may
+/// make its working directory again while the tree is being removed.
+#[cfg(any(feature = "fs", feature = "sqlite"))]
+fn remove_tree(path: &std::path::Path) {
+    for _ in 0..50 {
+        match std::fs::remove_dir_all(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            _ => return,
+        }
     }
 }
 
@@ -735,7 +750,7 @@ pub fn remove_run_dir(location: &Location, run_tag: &str) {
         #[cfg(feature = "fs")]
         Location::Fs { root, .. } => {
             let tmp = root.join("tmp");
-            let _ = std::fs::remove_dir_all(tmp.join(run_tag));
+            remove_tree(&tmp.join(run_tag));
             // Where the location is not (yet) a cache, the run made `tmp/` itself: leave no trace.
             if !root.join("rows").exists() {
                 let _ = std::fs::remove_dir(&tmp);
@@ -743,7 +758,7 @@ pub fn remove_run_dir(location: &Location, run_tag: &str) {
         }
         #[cfg(feature = "sqlite")]
         Location::Sqlite { path, .. } => {
-            let _ = std::fs::remove_dir_all(run_dir(path, run_tag));
+            remove_tree(&run_dir(path, run_tag));
         }
         // Each case's prefix was emptied when its fixture finished.
         #[cfg(feature = "cloud")]

@@ -279,43 +279,40 @@ async fn blob_chunks_held_or_dropped_keep_their_bytes() {
     }
 }
 
-/// An operator empties the cache (or removes it whole) under a process that keeps it open, as a
-/// long-running `outcache serve` does: the next writes make the directories again and succeed, while a
-/// link put in place of one is still refused, never followed.
+/// An operator empties the cache under a process that keeps it open, as a long-running `outcache serve`
+/// does: the next writes make the directories again and succeed. A root removed whole stays removed
+/// (writes fail naming it; a write still running for a caller that gave up must not bring back a
+/// directory its owner deleted), and a link put in place of a directory is refused, never followed.
 #[tokio::test]
 async fn writes_after_the_cache_was_emptied_under_them_succeed() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("cache");
     let cache = Cache::new(open(&root));
     put_blob(&cache, 200_000).await;
-    for wipe in ["contents", "root"] {
-        if wipe == "root" {
-            fs::remove_dir_all(&root).unwrap();
-        } else {
-            for entry in fs::read_dir(&root).unwrap() {
-                fs::remove_dir_all(entry.unwrap().path()).unwrap();
-            }
-        }
-        let (r, data) = put_blob(&cache, 300_000).await;
-        assert_eq!(
-            cache.read(&r).await.unwrap().unwrap().as_ref(),
-            data,
-            "{wipe}"
-        );
-        cache
-            .put("fs/row", &json!({ "wipe": wipe }), &json!(1))
-            .await
-            .unwrap();
-        assert_eq!(
-            cache.get("fs/row", &json!({ "wipe": wipe })).await.unwrap(),
-            Some(json!(1)),
-            "{wipe}"
-        );
+    for entry in fs::read_dir(&root).unwrap() {
+        fs::remove_dir_all(entry.unwrap().path()).unwrap();
     }
+    let (r, data) = put_blob(&cache, 300_000).await;
+    assert_eq!(cache.read(&r).await.unwrap().unwrap().as_ref(), data);
+    let inputs = json!({ "wiped": true });
+    cache.put("fs/row", &inputs, &json!(1)).await.unwrap();
+    assert_eq!(cache.get("fs/row", &inputs).await.unwrap(), Some(json!(1)));
+
+    // The root removed whole: an error naming the path, and nothing made again.
+    fs::remove_dir_all(&root).unwrap();
+    let refused = cache
+        .put("fs/row", &json!({ "root": "gone" }), &json!(1))
+        .await;
+    match &refused {
+        Err(e @ Error::Io { .. }) => assert!(e.to_string().contains("cache"), "{e}"),
+        other => panic!("a removed root: {other:?}"),
+    }
+    assert!(!root.exists(), "a write brought back the removed root");
+    fs::create_dir(&root).unwrap();
+
     // A link where the temp directory belongs: refused with its path, nothing written through it.
     let elsewhere = dir.path().join("elsewhere");
     fs::create_dir(&elsewhere).unwrap();
-    fs::remove_dir_all(root.join("tmp")).unwrap();
     std::os::unix::fs::symlink(&elsewhere, root.join("tmp")).unwrap();
     let refused = cache
         .put_stream(
