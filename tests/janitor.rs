@@ -492,3 +492,107 @@ async fn sqlite_corrupt_rows_are_removed_only_when_asked() {
     })
     .await;
 }
+
+/// Seed `cache` with the same rows every time: 240 rows over two task types, one in three with a blob,
+/// sizes varied, and read times in 40 distinct instants (many rows share one), and one row read late.
+async fn seed_for_lru(cache: &Cache) {
+    // Reads in the future: a read only ever moves a row's access time forward.
+    let base = SystemTime::now() + Duration::from_secs(86_400);
+    for i in 0..240u32 {
+        let task = if i % 4 == 0 { "keep/x" } else { "lru/y" };
+        let inputs = json!({ "i": i });
+        if i % 3 == 0 {
+            let len = 2_000 + (i as usize * 997) % 30_000;
+            cache
+                .put_stream(task, &inputs, bytes(len, i as u8), BlobOptions::default())
+                .await
+                .unwrap();
+        } else {
+            let filler = "x".repeat((i as usize * 131) % 700);
+            cache
+                .put(task, &inputs, &json!({ "v": filler }))
+                .await
+                .unwrap();
+        }
+        let key = outcache::RowKey::new(task, &inputs).unwrap();
+        let read_at = base + Duration::from_secs(u64::from((i * 7) % 40));
+        cache.backend().touch_rows(&[key], read_at).await.unwrap();
+    }
+    // One row read a long time after the rest: the 40 instants above then share one slice of the
+    // access-time span, so the slice the budget cuts through must be put in order.
+    let inputs = json!({ "late": true });
+    cache.put("lru/y", &inputs, &json!(1)).await.unwrap();
+    let key = outcache::RowKey::new("lru/y", &inputs).unwrap();
+    let late = base + Duration::from_secs(10_000_000);
+    cache.backend().touch_rows(&[key], late).await.unwrap();
+}
+
+/// The keys of the rows left, sorted.
+async fn row_keys(cache: &Cache) -> Vec<String> {
+    let mut keys: Vec<String> = cache
+        .backend()
+        .list_rows()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| format!("{}/{}", r.key.task_type(), r.key.fingerprint()))
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// A size budget over more candidates than it may hold lists the rows again instead (a histogram of
+/// access times, then a select pass): it must evict exactly the rows the in-memory order evicts, for
+/// budgets that cut through groups of rows read at the same instant, with a prefix scope.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_size_budget_too_large_to_hold_evicts_the_same_rows() {
+    for budget in [0u64, 150_000, 400_000, 900_000, 5_000_000] {
+        let (held_dir, listed_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let open = |dir: &std::path::Path| {
+            Cache::with_options(
+                outcache::backends::open(
+                    &Location::parse(&format!("fs://{}", dir.display())).unwrap(),
+                )
+                .unwrap(),
+                CacheOptions::default().reference_threshold(1024),
+            )
+        };
+        let (held, listed) = (open(held_dir.path()), open(listed_dir.path()));
+        seed_for_lru(&held).await;
+        seed_for_lru(&listed).await;
+        let mut options = PruneOptions::new();
+        options.max_size = Some(budget);
+        options.prefix = Some("lru/".into());
+        let in_memory = prune(held.backend().as_ref(), &options, |_| {})
+            .await
+            .unwrap();
+        options.spill_lines = 10; // far fewer than the 181 candidates
+        let streamed = prune(listed.backend().as_ref(), &options, |_| {})
+            .await
+            .unwrap();
+        assert_eq!(
+            (
+                in_memory.by_size.rows,
+                in_memory.by_size.blobs,
+                in_memory.by_size.bytes
+            ),
+            (
+                streamed.by_size.rows,
+                streamed.by_size.blobs,
+                streamed.by_size.bytes
+            ),
+            "budget {budget}: {in_memory:?} vs {streamed:?}"
+        );
+        assert_eq!(
+            row_keys(&held).await,
+            row_keys(&listed).await,
+            "budget {budget}: different rows left"
+        );
+        if budget == 400_000 {
+            assert!(
+                in_memory.by_size.rows > 0 && in_memory.by_size.rows < 181,
+                "the budget should cut through the candidates: {in_memory:?}"
+            );
+        }
+    }
+}

@@ -240,3 +240,24 @@ async fn an_age_prune_holds_only_the_rows_it_removes() {
     let report = prune(&large, &options, |_| {}).await.unwrap();
     assert_eq!(report.rows_removed, 8_000);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_size_budget_past_its_bound_holds_no_more_for_four_times_the_rows() {
+    let _turn = SERIAL.lock().await;
+    let (small_dir, large_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let small = rows_only(small_dir.path(), 2_000).await;
+    let large = rows_only(large_dir.path(), 8_000).await;
+    let mut peaks = Vec::new();
+    for cache in [&small, &large] {
+        // A budget ten rows short: the least recently used ten go, found by listing the rows again.
+        let inv = outcache::janitor::inventory(cache, 1).await.unwrap();
+        let mut options = PruneOptions::new();
+        options.max_size = Some(inv.row_bytes - 10 * (inv.row_bytes / inv.rows) + 1);
+        options.spill_lines = 200;
+        let (peak, report) = peak_of(prune(cache, &options, |_| {})).await;
+        let removed = report.unwrap().rows_removed;
+        assert!((10..=11).contains(&removed), "{removed} rows evicted");
+        peaks.push(peak);
+    }
+    assert_flat("a size budget", &peaks, "2 000 rows", "8 000");
+}

@@ -14,9 +14,10 @@
 //! temp files past [`PruneOptions::spill_lines`], and one merged pass over the two sorted sets finds
 //! the unreferenced blobs (themselves spilled, then deleted a batch at a time). Its memory is bounded
 //! whatever the cache's size, except the ledger of blobs seen unreferenced within the grace period.
-//! An age prune alone streams the row listing and keeps only the rows it removes. Size and
-//! `--corrupt` prunes plan from the row listing held in memory (a size budget's least-recently-used
-//! order needs every row); every row prune holds the blob listing, to count what each row takes along.
+//! An age prune alone streams the row listing and keeps only the rows it removes. A size budget holds
+//! its candidates up to [`PruneOptions::spill_lines`] and past that lists the rows twice more instead
+//! (an access-time histogram, then a select pass: `lru.rs`). `--corrupt` holds the row listing. Every
+//! row prune holds the blob listing, to count what each row takes along, and the rows it removes.
 //!
 //! ## Races with writers (nothing is locked; every rule below is what keeps that safe)
 //! - **Rows are deleted by version.** A row is deleted only if it is still the one listed (same commit
@@ -54,6 +55,7 @@ use crate::wire::{RowKey, sha256_hex};
 pub use crate::options::DEFAULT_GRACE;
 pub use spill::DEFAULT_SPILL_LINES;
 
+mod lru;
 mod orphans;
 mod spill;
 
@@ -160,7 +162,8 @@ pub struct PruneOptions {
     pub dry_run: bool,
     /// How many lines (blob names, refs) of each set the orphan sweep keeps in memory before it sorts
     /// them into an unnamed temp file under `$TMPDIR`; 0 means [`DEFAULT_SPILL_LINES`]. The sweep
-    /// lists and reads page by page, so this bounds its memory whatever the cache's size.
+    /// lists and reads page by page, so this bounds its memory whatever the cache's size. A size
+    /// budget holds at most this many candidate rows; past it, it lists the rows twice more instead.
     pub spill_lines: usize,
 }
 
@@ -427,9 +430,14 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
             .as_deref()
             .is_none_or(|p| r.key.task_type().starts_with(p))
     };
-    // An age prune alone decides row by row, so it keeps only the rows it removes, page by page; the
-    // size budget (a global LRU order) and the garbled-row search hold the whole listing.
+    // An age prune alone decides row by row, so it keeps only the rows it removes, page by page; a size
+    // budget holds its candidates up to a bound and past it lists again (`lru`); the garbled-row search
+    // holds the whole listing.
     let age_only = options.older_than.is_some() && options.max_size.is_none() && !options.corrupt;
+    let size_streamed = options.max_size.is_some() && !options.corrupt;
+    let age_cutoff = options.older_than.map(|age| cutoff(now, age));
+    let aged = |r: &RowEntry| age_cutoff.is_some_and(|c| in_scope(r) && r.created_at < c);
+    let mut candidates = lru::Candidates::default();
 
     // The rows the row prunes choose from: every row read where garbled ones are to be found, else
     // as cheaply as the backend lists them.
@@ -446,6 +454,24 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
             }));
         }
         (old, Vec::new(), listing_only)
+    } else if size_streamed {
+        let (mut kept, mut listing_only) = (Vec::new(), false);
+        let mut pages = backend.shallow_row_pages();
+        while let Some(page) = pages.try_next().await? {
+            listing_only |= page.listing_only;
+            for r in page.rows {
+                if r.key.task_type() == LEDGER_TASK_TYPE {
+                    continue;
+                }
+                let overflowing = candidates.overflow;
+                if aged(&r) || candidates.count(&r, in_scope(&r), spill_lines) {
+                    kept.push(r);
+                } else if candidates.overflow && !overflowing {
+                    kept.retain(|r| aged(r)); // too many to hold: the budget lists again
+                }
+            }
+        }
+        (kept, Vec::new(), listing_only)
     } else {
         let scan = if options.corrupt {
             backend.scan_rows().await?
@@ -533,12 +559,15 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
             .filter(|b| b.state == BlobState::Temp && !stale_temps.contains(b.id.as_str()))
             .map(|b| b.size)
             .sum();
-        let rows_left: u64 = rows
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !doomed.contains(i))
-            .map(|(_, r)| r.size)
-            .sum();
+        let rows_left: u64 = if size_streamed {
+            candidates.rows_left
+        } else {
+            rows.iter()
+                .enumerate()
+                .filter(|(i, _)| !doomed.contains(i))
+                .map(|(_, r)| r.size)
+                .sum()
+        };
         let blobs_left: u64 = plan
             .owned
             .size
@@ -547,13 +576,30 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
             .map(|(_, s)| s)
             .sum();
         let mut total = temps_left + rows_left + blobs_left;
-        let mut candidates: Vec<(usize, &RowEntry)> = rows
+        if candidates.overflow {
+            let candidate = |r: &RowEntry| in_scope(r) && !aged(r);
+            let job = lru::Budget {
+                backend,
+                owned: &plan.owned,
+                candidate: &candidate,
+                budget,
+            };
+            plan.by_size = lru::evict_streamed(
+                &job,
+                &candidates,
+                &mut total,
+                &mut gone_blobs,
+                &mut plan.report.by_size,
+            )
+            .await?;
+        }
+        let mut held: Vec<(usize, &RowEntry)> = rows
             .iter()
             .enumerate()
-            .filter(|(i, r)| !doomed.contains(i) && in_scope(r))
+            .filter(|(i, r)| !candidates.overflow && !doomed.contains(i) && in_scope(r))
             .collect();
-        candidates.sort_by_key(|(_, r)| (r.last_access.unwrap_or(r.created_at), r.created_at));
-        for (_, r) in candidates {
+        held.sort_by_key(|(_, r)| lru::lru_order(r));
+        for (_, r) in held {
             if total <= budget {
                 break;
             }
