@@ -430,3 +430,54 @@ async fn group_commit_answers_every_writer_and_loses_no_row() {
         assert_eq!(row.output, json!({ "w": w, "i": each - 1 }));
     }
 }
+
+/// The database file deleted (an operator clearing the cache) or replaced under an open cache: writes
+/// fail naming the path instead of going on into a file nobody will see again; the cache opened anew
+/// writes to the file that is there now.
+#[tokio::test]
+async fn a_database_removed_or_replaced_under_an_open_cache_refuses_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("c.db");
+    let cache = Cache::new(open(&db));
+    cache.put("t", &json!(1), &json!("before")).await.unwrap();
+    let sidecars = |db: &Path| {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+        }
+    };
+    sidecars(&db);
+    let refused = cache.put("t", &json!(2), &json!("lost")).await;
+    let says_why = |r: Option<&Error>| {
+        r.is_some_and(|e| {
+            e.to_string().contains("removed or replaced")
+                && e.to_string().contains(&db.display().to_string())
+        })
+    };
+    assert!(
+        says_why(refused.as_ref().err()),
+        "a row into a deleted database: {refused:?}"
+    );
+    let blob = cache
+        .put_stream(
+            "t",
+            &json!(3),
+            stream(vec![1; 100_000]),
+            BlobOptions::default(),
+        )
+        .await;
+    assert!(
+        says_why(blob.as_ref().err()),
+        "a blob into a deleted database: {blob:?}"
+    );
+
+    // Replaced: another cache made a new file there; the old handle still refuses, the new one writes.
+    let fresh = Cache::new(open(&db));
+    fresh.put("t", &json!(4), &json!("new")).await.unwrap();
+    assert!(cache.put("t", &json!(5), &json!("lost")).await.is_err());
+    let reopened = Cache::new(open(&db));
+    assert_eq!(
+        reopened.get("t", &json!(4)).await.unwrap(),
+        Some(json!("new"))
+    );
+    assert_eq!(reopened.get("t", &json!(2)).await.unwrap(), None);
+}

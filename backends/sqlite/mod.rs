@@ -107,6 +107,9 @@ impl Writer {
 #[derive(Debug)]
 struct Inner {
     path: PathBuf,
+    /// The database file's identity (device, inode) when opened: a write checks the path still names
+    /// it (see [`SqliteCache::begin`]).
+    file_id: Option<(u64, u64)>,
     durable: bool,
     writer: Mutex<Writer>,
     readers: Mutex<Vec<Connection>>,
@@ -185,6 +188,20 @@ fn from_ms(ms: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
 }
 
+/// The (device, inode) of the file at `path`, where the platform has them.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section leaves the connection usable (a failed statement rolls back its
     // transaction when the Transaction is dropped), so a poisoned lock is still safe to use.
@@ -219,9 +236,11 @@ impl SqliteCache {
             if full_sync { "FULL" } else { "NORMAL" },
         )
         .map_err(|e| sql_error(&path, "set synchronous", e))?;
+        let file_id = file_id(&path);
         Ok(SqliteCache {
             inner: Arc::new(Inner {
                 path,
+                file_id,
                 durable: options.durable,
                 writer: Mutex::new(Writer { conn, full_sync }),
                 readers: Mutex::new(Vec::new()),
@@ -234,6 +253,24 @@ impl SqliteCache {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// Start a write transaction on `w` (see [`Writer::begin`]), first checking that the path still
+    /// names the file this cache opened. Deleted or replaced under a running process (an operator
+    /// clearing the cache), the open connections would go on writing into a file nobody will see again;
+    /// the write fails instead, naming the path, until the cache is opened anew.
+    fn begin<'w>(&self, w: &'w mut Writer, full: bool) -> Result<rusqlite::Transaction<'w>> {
+        if self.inner.file_id.is_some() && file_id(&self.inner.path) != self.inner.file_id {
+            return Err(Error::io(
+                "write to database",
+                &self.inner.path,
+                std::io::Error::other(
+                    "was removed or replaced since the cache was opened; open the cache again \
+                     (restart the server) to write to the file that is there now",
+                ),
+            ));
+        }
+        w.begin(full).map_err(self.err("begin"))
     }
 
     fn err(&self, context: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> Error + '_ {
@@ -283,7 +320,7 @@ impl SqliteCache {
         args: Vec<rusqlite::types::Value>,
     ) -> Result<u64> {
         self.write(move |this, w| {
-            let tx = w.begin(this.inner.durable).map_err(this.err("begin"))?;
+            let tx = this.begin(w, this.inner.durable)?;
             // The blobs the deleted rows own (the ownership rule): refs they only cite stay.
             let refs: Vec<String> = {
                 let mut stmt = tx
@@ -464,7 +501,7 @@ impl OutputCache for SqliteCache {
             return Ok(false);
         };
         self.write(move |this, w| {
-            let tx = w.begin(this.inner.durable).map_err(this.err("begin"))?;
+            let tx = this.begin(w, this.inner.durable)?;
             let row = tx
                 .query_row(
                     "SELECT task_type, fingerprint, refs, json_valid(output) FROM rows WHERE rowid = ?1",
@@ -578,7 +615,7 @@ impl OutputCache for SqliteCache {
             .map_or(0, |d| d.as_millis() as i64);
         self.write(move |this, w| {
             // Access times are advisory: no fsync for them.
-            let tx = w.begin(false).map_err(this.err("begin"))?;
+            let tx = this.begin(w, false)?;
             {
                 let mut stmt = tx
                     .prepare_cached(
@@ -666,7 +703,7 @@ impl OutputCache for SqliteCache {
         let published = self
             .write(move |this, w| {
                 // FULL here also makes every chunk committed before it durable (WAL order).
-                let tx = w.begin(this.inner.durable).map_err(this.err("begin"))?;
+                let tx = this.begin(w, this.inner.durable)?;
                 // The manifest says the blob is whole, so check it is, in the same transaction: a
                 // producer that stalled past the janitor's grace may have had its chunks swept as a
                 // temp. Then the write fails and nothing is published (DESIGN §7 invariant 14).
@@ -766,7 +803,7 @@ impl OutputCache for SqliteCache {
             return Ok(());
         };
         self.write(move |this, w| {
-            let tx = w.begin(this.inner.durable).map_err(this.err("begin"))?;
+            let tx = this.begin(w, this.inner.durable)?;
             delete_blob_in(&tx, &id).map_err(this.err(format!("delete blob {id}")))?;
             tx.commit().map_err(this.err(format!("delete blob {id}")))
         })
@@ -779,7 +816,7 @@ impl SqliteCache {
     fn commit_batch(&self, w: &mut Writer, batch: Vec<PendingRow>) {
         let mut results: Vec<Result<()>> = Vec::with_capacity(batch.len());
         let committed = (|| -> Result<()> {
-            let tx = w.begin(self.inner.durable).map_err(self.err("begin"))?;
+            let tx = self.begin(w, self.inner.durable)?;
             {
                 let mut stmt = tx
                     .prepare_cached(
@@ -841,7 +878,7 @@ impl SqliteCache {
             let batch = batch.to_vec();
             deleted.extend(
                 self.write(move |this, w| {
-                    let tx = w.begin(this.inner.durable).map_err(this.err("begin"))?;
+                    let tx = this.begin(w, this.inner.durable)?;
                     let mut deleted = Vec::new();
                     for (key, version) in batch {
                         let refs: Option<String> = tx
