@@ -449,6 +449,41 @@ fn a_full_disk_is_507_and_the_server_goes_on() {
     }
 }
 
+/// Listening beyond loopback with no tokens says so on stderr, right after the address line; with
+/// tokens, or on 127.0.0.1, it does not.
+#[test]
+fn an_open_server_beyond_loopback_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tokens"), "rw t\n").unwrap();
+    let url = format!("fs://{}/cache", dir.path().display());
+    for (listen, tokens, warned) in [
+        ("0.0.0.0:0", false, true),
+        ("0.0.0.0:0", true, false),
+        ("127.0.0.1:0", false, false),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outcache"));
+        cmd.args(["--url", &url, "serve", "--listen", listen])
+            .env_remove("OUTCACHE_URL")
+            .env_remove("OUTCACHE_CONFIG")
+            .env_remove("OUTCACHE_SERVE_TOKENS_FILE")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if tokens {
+            cmd.arg("--tokens-file").arg(dir.path().join("tokens"));
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let first = lines.next().unwrap().unwrap();
+        assert!(first.contains(" on http://"), "{first}");
+        unsafe_kill(&mut child);
+        let rest: Vec<String> = lines.map_while(Result::ok).collect();
+        let warning = rest
+            .iter()
+            .any(|l| l.contains("warning") && l.contains("tokens"));
+        assert_eq!(warning, warned, "{listen} tokens={tokens}: {rest:?}");
+    }
+}
+
 /// Malformed requests get a 4xx and store nothing: a `..` key (sent raw: HTTP clients normalise it
 /// away), a key past 1 KiB, a Bazel key that is not a digest, a malformed Turborepo hash.
 #[test]

@@ -73,6 +73,17 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
         "outcache serve: {} on http://{bound} ({writes})",
         cache.backend()
     );
+    if tokens.is_empty() && !bound.ip().is_loopback() {
+        let who = if args.allow_anonymous_writes {
+            "read and write"
+        } else {
+            "read"
+        };
+        eprintln!(
+            "outcache serve: warning: {bound} is reachable beyond this machine and no tokens are \
+             configured: anyone who reaches it can {who} the cache (add --tokens-file)"
+        );
+    }
     let janitor = args.prune_every.map(|every| {
         let mut options = outcache::janitor::PruneOptions::new();
         options.older_than = args.older_than;
