@@ -307,6 +307,62 @@ async fn an_upload_cut_off_half_way_stores_nothing_and_leaves_no_temp() {
     }
 }
 
+/// An upload that stops sending (the connection left open) is answered 408 once the idle timeout
+/// passes, stores nothing and leaves no temp — on both store paths, declared and chunked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upload_times_out_with_408_and_stores_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = start(
+        "fs",
+        ServeOptions {
+            body_idle_timeout: std::time::Duration::from_millis(300),
+            ..writer()
+        },
+    )
+    .await;
+    let host = server.base.trim_start_matches("http://").to_owned();
+    let cases = [
+        ("/stall/small", "Content-Length: 400000", 200_000),
+        ("/stall/big", "Content-Length: 6000000", 3_000_000),
+        ("/stall/chunked", "Transfer-Encoding: chunked", 3_000_000),
+    ];
+    for (path, framing, sent) in cases {
+        let mut conn = tokio::net::TcpStream::connect(&host).await.unwrap();
+        let head = format!("PUT {path} HTTP/1.1\r\nHost: {host}\r\n{framing}\r\n\r\n");
+        conn.write_all(head.as_bytes()).await.unwrap();
+        if framing.starts_with("Transfer-Encoding") {
+            conn.write_all(format!("{sent:x}\r\n").as_bytes())
+                .await
+                .unwrap();
+            conn.write_all(&pattern(sent)).await.unwrap();
+            conn.write_all(b"\r\n").await.unwrap();
+        } else {
+            conn.write_all(&pattern(sent)).await.unwrap();
+        }
+        // Then nothing, with the connection open: the server must answer on its own.
+        let mut answer = vec![0u8; 12];
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            conn.read_exact(&mut answer),
+        )
+        .await;
+        assert!(read.is_ok(), "{path}: no answer 10 s into the stall");
+        read.unwrap().unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 408", "{path}");
+    }
+    let client = reqwest::Client::new();
+    for (path, _, _) in cases {
+        let url = format!("{}{path}", server.base);
+        assert_eq!(
+            client.get(&url).send().await.unwrap().status(),
+            StatusCode::NOT_FOUND,
+            "{path}: a stalled upload was stored"
+        );
+    }
+    let left = temps(&server.cache).await;
+    assert!(left.is_empty(), "stalled uploads left temps: {left:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_gate_reads_and_writes() {
     // No tokens: reads are open, writes refused unless anonymous writes are allowed.

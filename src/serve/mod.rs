@@ -48,6 +48,8 @@ use crate::wire::{CacheRef, InlineBinary};
 
 /// Largest upload accepted by default.
 pub const DEFAULT_MAX_BODY: u64 = 4 << 30;
+/// How long an upload may go without sending a byte by default (nginx's `client_body_timeout`).
+pub const DEFAULT_BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How the server treats its clients.
 #[derive(Clone, Debug)]
@@ -58,6 +60,10 @@ pub struct ServeOptions {
     pub allow_anonymous_writes: bool,
     /// Largest request body accepted (413 above it, and nothing stored).
     pub max_body: u64,
+    /// Longest wait for the next bytes of a request body: an upload that stalls longer is answered 408
+    /// and stores nothing, so a stalled or hostile client cannot hold a connection and a temp file for
+    /// ever.
+    pub body_idle_timeout: std::time::Duration,
     /// One line per request on stderr: method, path, status, bytes, duration.
     pub access_log: bool,
 }
@@ -68,6 +74,7 @@ impl Default for ServeOptions {
             tokens: Tokens::default(),
             allow_anonymous_writes: false,
             max_body: DEFAULT_MAX_BODY,
+            body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
             access_log: false,
         }
     }
@@ -462,15 +469,18 @@ async fn fetch(
 
 /// Feeds `body` to the thread storing it, gathered into pieces of [`UPLOAD_GATHER`]; finishes the
 /// handover only when the whole body arrived, so a cut-off upload is never stored short.
-async fn pump(body: Body, tx: offload::Handover) {
-    let mut body = body.into_data_stream();
+async fn pump(
+    body: impl futures::Stream<Item = crate::Result<Bytes>> + Send,
+    tx: offload::Handover,
+) {
+    let mut body = std::pin::pin!(body);
     let mut buffers = GatherBuffers::default();
     let mut gathered = buffers.next();
     while let Some(frame) = body.next().await {
         let bytes = match frame {
             Ok(bytes) => bytes,
             Err(e) => {
-                tx.send(Err(Error::stream(e))).await;
+                tx.send(Err(e)).await;
                 return;
             }
         };
@@ -523,6 +533,41 @@ enum Refusal {
     TooLarge,
     WrongDigest,
     Aborted,
+    Stalled,
+}
+
+/// Record `why` an upload is refused, unless an earlier reason was (the first cause wins: a stall
+/// also ends the stream as an abort would).
+fn refuse(refusal: &std::sync::Mutex<Option<Refusal>>, why: Refusal) {
+    refusal
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert(why);
+}
+
+/// The request body's frames, ending with an error (and [`Refusal::Stalled`]) when the client sends
+/// nothing for `idle`.
+fn idle_limited(
+    body: Body,
+    idle: std::time::Duration,
+    refusal: Arc<std::sync::Mutex<Option<Refusal>>>,
+) -> impl futures::Stream<Item = crate::Result<Bytes>> + Send + 'static {
+    futures::stream::unfold(Some(body.into_data_stream()), move |frames| {
+        let refusal = refusal.clone();
+        async move {
+            let mut frames = frames?;
+            match tokio::time::timeout(idle, frames.next()).await {
+                Ok(Some(Ok(bytes))) => Some((Ok(bytes), Some(frames))),
+                Ok(Some(Err(e))) => Some((Err(Error::stream(e)), None)),
+                Ok(None) => None,
+                Err(_) => {
+                    refuse(&refusal, Refusal::Stalled);
+                    let stalled = format!("no bytes of the body for {idle:?}");
+                    Some((Err(Error::stream(std::io::Error::other(stalled))), None))
+                }
+            }
+        }
+    })
 }
 
 async fn store(
@@ -546,6 +591,7 @@ async fn store(
         );
     }
     let refusal = Arc::new(std::sync::Mutex::new(None::<Refusal>));
+    let body = idle_limited(body, state.options.body_idle_timeout, refusal.clone());
     // A big upload is hashed and written on a thread of its own, fed through a short queue by this
     // (the connection's) task, which then only reads the socket (see `offload`).
     let place = declared
@@ -573,8 +619,7 @@ async fn store(
             (stored, received)
         }
         None => {
-            let (stream, received) =
-                checked_body(body.into_data_stream(), max, expect_sha256, refusal.clone());
+            let (stream, received) = checked_body(body, max, expect_sha256, refusal.clone());
             (put(stream).await, received)
         }
     };
@@ -606,6 +651,14 @@ async fn store(
                     status(
                         StatusCode::BAD_REQUEST,
                         "the upload was cut off; nothing stored",
+                    )
+                }
+                Some(Refusal::Stalled) => {
+                    state.metrics.count(protocol, Outcome::Refused, 0);
+                    let idle = state.options.body_idle_timeout;
+                    status(
+                        StatusCode::REQUEST_TIMEOUT,
+                        format!("no bytes of the body for {idle:?}; nothing stored"),
                     )
                 }
                 None => backend_error(state, protocol, &e),
@@ -640,7 +693,7 @@ fn checked_body<E>(
         done: false,
     };
     let refuse = move |why: Refusal, refusal: &Arc<std::sync::Mutex<Option<Refusal>>>| {
-        *refusal.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        refuse(refusal, why);
         Error::stream(std::io::Error::other(format!("{why:?}")))
     };
     let stream = futures::stream::try_unfold(start, move |mut s| {
