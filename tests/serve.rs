@@ -315,7 +315,7 @@ async fn a_stalled_upload_times_out_with_408_and_stores_nothing() {
     let server = start(
         "fs",
         ServeOptions {
-            body_idle_timeout: std::time::Duration::from_millis(300),
+            idle_timeout: std::time::Duration::from_millis(300),
             ..writer()
         },
     )
@@ -361,6 +361,52 @@ async fn a_stalled_upload_times_out_with_408_and_stores_nothing() {
     }
     let left = temps(&server.cache).await;
     assert!(left.is_empty(), "stalled uploads left temps: {left:?}");
+}
+
+/// A download the client stops taking (the connection left open) is cut off once the idle timeout
+/// passes: the server closes the connection short of the body's length, so the client can never take
+/// what it got for the whole, and the server's reader stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_the_client_stops_taking_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = start(
+        "fs",
+        ServeOptions {
+            idle_timeout: std::time::Duration::from_millis(300),
+            ..writer()
+        },
+    )
+    .await;
+    let size = 48 << 20; // well past what the socket buffers hold between the two ends
+    let client = reqwest::Client::new();
+    let url = format!("{}/big", server.base);
+    assert_eq!(put(&client, &url, pattern(size)).await, StatusCode::OK);
+    let host = server.base.trim_start_matches("http://").to_owned();
+    let mut conn = tokio::net::TcpStream::connect(&host).await.unwrap();
+    let request = format!("GET /big HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut first = vec![0u8; 64 << 10];
+    conn.read_exact(&mut first).await.unwrap();
+    assert!(first.starts_with(b"HTTP/1.1 200"));
+    // Take nothing for well past the idle timeout, then drain what is left: the connection must end
+    // (EOF or reset) before the whole body has come through.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let mut taken = first.len();
+    let mut buf = vec![0u8; 1 << 20];
+    let drained = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => taken += n,
+            }
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the connection stayed open");
+    assert!(
+        taken < size,
+        "the whole body ({taken} bytes) came through after the client stalled"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

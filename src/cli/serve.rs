@@ -17,10 +17,10 @@ pub(crate) struct ServeArgs {
     /// Largest upload accepted (413 above it, nothing stored).
     #[arg(long, default_value = "4GiB", value_name = "SIZE", value_parser = outcache::config::parse_size)]
     pub(crate) max_body: u64,
-    /// Longest wait for the next bytes of an upload: a client that sends nothing for longer gets 408,
-    /// and nothing of its upload is stored.
+    /// Longest wait for a client to send the next bytes of an upload (else 408, nothing stored) or to
+    /// take the next bytes of a download (else the connection is closed).
     #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = outcache::config::parse_duration)]
-    pub(crate) body_idle_timeout: std::time::Duration,
+    pub(crate) idle_timeout: std::time::Duration,
     /// Run the janitor this often while serving (with --older-than, --max-size, --orphans).
     #[arg(long, value_name = "DURATION", value_parser = outcache::config::parse_duration)]
     pub(crate) prune_every: Option<std::time::Duration>,
@@ -114,7 +114,7 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
         tokens,
         allow_anonymous_writes: args.allow_anonymous_writes,
         max_body: args.max_body,
-        body_idle_timeout: args.body_idle_timeout,
+        idle_timeout: args.idle_timeout,
         access_log: !ctx.quiet,
     };
     let stop = super::signals::stop_signals();

@@ -48,8 +48,9 @@ use crate::wire::{CacheRef, InlineBinary};
 
 /// Largest upload accepted by default.
 pub const DEFAULT_MAX_BODY: u64 = 4 << 30;
-/// How long an upload may go without sending a byte by default (nginx's `client_body_timeout`).
-pub const DEFAULT_BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long a client may go without sending (or taking) a byte of a body by default (nginx's
+/// `client_body_timeout` and `send_timeout`).
+pub const DEFAULT_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How the server treats its clients.
 #[derive(Clone, Debug)]
@@ -60,10 +61,11 @@ pub struct ServeOptions {
     pub allow_anonymous_writes: bool,
     /// Largest request body accepted (413 above it, and nothing stored).
     pub max_body: u64,
-    /// Longest wait for the next bytes of a request body: an upload that stalls longer is answered 408
-    /// and stores nothing, so a stalled or hostile client cannot hold a connection and a temp file for
-    /// ever.
-    pub body_idle_timeout: std::time::Duration,
+    /// Longest wait for a client to send the next bytes of an upload, or to take the next bytes of a
+    /// download: an upload that stalls longer is answered 408 and stores nothing, a download is cut
+    /// off (the connection closed), so a stalled or hostile client cannot hold a connection, a thread
+    /// or a temp file for ever.
+    pub idle_timeout: std::time::Duration,
     /// One line per request on stderr: method, path, status, bytes, duration.
     pub access_log: bool,
 }
@@ -74,7 +76,7 @@ impl Default for ServeOptions {
             tokens: Tokens::default(),
             allow_anonymous_writes: false,
             max_body: DEFAULT_MAX_BODY,
-            body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
             access_log: false,
         }
     }
@@ -416,6 +418,7 @@ async fn fetch(
                     hold_last(run_ahead(
                         stream,
                         big.then(|| state.offload.try_place()).flatten(),
+                        state.options.idle_timeout,
                     ))
                     .map(|c| c.map_err(std::io::Error::other)),
                 );
@@ -591,7 +594,7 @@ async fn store(
         );
     }
     let refusal = Arc::new(std::sync::Mutex::new(None::<Refusal>));
-    let body = idle_limited(body, state.options.body_idle_timeout, refusal.clone());
+    let body = idle_limited(body, state.options.idle_timeout, refusal.clone());
     // A big upload is hashed and written on a thread of its own, fed through a short queue by this
     // (the connection's) task, which then only reads the socket (see `offload`).
     let place = declared
@@ -655,7 +658,7 @@ async fn store(
                 }
                 Some(Refusal::Stalled) => {
                     state.metrics.count(protocol, Outcome::Refused, 0);
-                    let idle = state.options.body_idle_timeout;
+                    let idle = state.options.idle_timeout;
                     status(
                         StatusCode::REQUEST_TIMEOUT,
                         format!("no bytes of the body for {idle:?}; nothing stored"),
@@ -737,17 +740,22 @@ const RUN_AHEAD_CHUNKS: usize = 2;
 /// `stream` driven a few chunks ahead of whoever reads the result, by a thread of its own when given a
 /// `place` (else by a task of its own): the work behind each chunk (reading and verifying a blob) then
 /// runs on one core while the consumer's (sending it) runs on another, instead of taking turns. Dropping
-/// the result stops the driver, at its next chunk, and drops `stream`.
+/// the result stops the driver, at its next chunk, and drops `stream`; so does a consumer that takes
+/// nothing for `idle`.
 fn run_ahead(
     mut stream: crate::ByteStream,
     place: Option<tokio::sync::OwnedSemaphorePermit>,
+    idle: std::time::Duration,
 ) -> crate::ByteStream {
     let (tx, ahead) = offload::handover(RUN_AHEAD_CHUNKS);
     let drive = async move {
         while let Some(item) = stream.next().await {
             let failed = item.is_err();
-            if !tx.send(item).await || failed {
-                return;
+            // A client that takes nothing for `idle` is let go: the body ends with an error (the
+            // connection is closed, never a short body passed off as whole) and the reader stops.
+            match tokio::time::timeout(idle, tx.send(item)).await {
+                Ok(true) if !failed => {}
+                _ => return,
             }
         }
         tx.finish().await;
