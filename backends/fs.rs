@@ -925,7 +925,15 @@ impl OutputCache for FsCache {
             match self.read_small_now(&path, reference, None)? {
                 Small::Missing => return Ok(None),
                 Small::Read(bytes) => return Ok(Some(bytes)),
-                Small::Large => {}
+                // Read on the blocking pool from the file already open, bounded by its size.
+                Small::Large(mut file, size) => {
+                    return blocking(move || {
+                        crate::blob::read_chunk(&mut file, size as usize)
+                            .map(Some)
+                            .map_err(|e| Error::io("read blob", &path, e))
+                    })
+                    .await;
+                }
             }
         }
         let this = self.clone();
@@ -981,23 +989,30 @@ impl OutputCache for FsCache {
         let Some(path) = self.blob_path(reference) else {
             return Ok(None);
         };
+        // A larger blob found open here goes on to the blocking pool as it is, not opened again.
+        let mut opened_here = None;
         if self.inline_small_reads {
             match self.read_small_now(&path, reference, range.as_ref())? {
                 Small::Missing => return Ok(None),
                 Small::Read(bytes) => return Ok(Some(crate::blob::chunked(bytes))),
-                Small::Large => {}
+                Small::Large(file, size) => opened_here = Some((file, size)),
             }
         }
         let (path_for_open, reference) = (path.clone(), reference.to_owned());
         let this = self.clone();
         let opened = blocking(move || {
-            if !this.existing_work_dir("blobs")? {
-                return Ok(None);
-            }
-            let (mut file, size) = match open_regular_with_meta(&path_for_open, false) {
-                Ok(Some((f, meta))) => (f, meta.len()),
-                Ok(None) => return Ok(None),
-                Err(e) => return Err(Error::io("open blob", &path_for_open, e)),
+            let (mut file, size) = match opened_here {
+                Some(opened) => opened,
+                None => {
+                    if !this.existing_work_dir("blobs")? {
+                        return Ok(None);
+                    }
+                    match open_regular_with_meta(&path_for_open, false) {
+                        Ok(Some((f, meta))) => (f, meta.len()),
+                        Ok(None) => return Ok(None),
+                        Err(e) => return Err(Error::io("open blob", &path_for_open, e)),
+                    }
+                }
             };
             // The size the open's fstat saw bounds the read: a blob is published by rename and never
             // written in place, so the stream ends there without a last trip to find the end.
@@ -1030,7 +1045,8 @@ impl OutputCache for FsCache {
 enum Small {
     Missing,
     Read(Bytes),
-    Large,
+    /// Too large to read here: the file, open, and its size.
+    Large(File, u64),
 }
 
 /// Blobs up to this size (one chunk) are read on the calling thread when `inline_small_reads` is on: a
@@ -1057,7 +1073,7 @@ impl FsCache {
             return Ok(Small::Missing);
         };
         if meta.len() > INLINE_READ_MAX {
-            return Ok(Small::Large);
+            return Ok(Small::Large(file, meta.len()));
         }
         let bytes = crate::blob::read_chunk(&mut file, meta.len() as usize)
             .map_err(|e| Error::io("read blob", path, e))?;
