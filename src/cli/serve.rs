@@ -18,7 +18,7 @@ pub(crate) struct ServeArgs {
     #[arg(long, default_value = "4GiB", value_name = "SIZE", value_parser = outcache::config::parse_size)]
     pub(crate) max_body: u64,
     /// Longest wait for a client to send the next bytes of an upload (else 408, nothing stored) or to
-    /// take the next bytes of a download (else the connection is closed).
+    /// take the next bytes of a download (else the connection is closed). 0 turns the limit off.
     #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = outcache::config::parse_duration)]
     pub(crate) idle_timeout: std::time::Duration,
     /// Run the janitor this often while serving (with --older-than, --max-size, --orphans).

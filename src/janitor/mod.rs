@@ -444,14 +444,15 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
     let (mut rows, unreadable, listing_only) = if !rows_prune {
         (Vec::new(), Vec::new(), false)
     } else if age_only {
-        let age_cutoff = cutoff(now, options.older_than.unwrap_or_default());
         let (mut old, mut listing_only) = (Vec::new(), false);
         let mut pages = backend.shallow_row_pages();
         while let Some(page) = pages.try_next().await? {
             listing_only |= page.listing_only;
-            old.extend(page.rows.into_iter().filter(|r| {
-                r.key.task_type() != LEDGER_TASK_TYPE && in_scope(r) && r.created_at < age_cutoff
-            }));
+            old.extend(
+                page.rows
+                    .into_iter()
+                    .filter(|r| r.key.task_type() != LEDGER_TASK_TYPE && aged(r)),
+            );
         }
         (old, Vec::new(), listing_only)
     } else if size_streamed {
@@ -501,10 +502,9 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
             );
         }
         plan.by_age = std::mem::take(&mut rows);
-    } else if let Some(age) = options.older_than {
-        let cutoff = cutoff(now, age);
+    } else {
         for (i, r) in rows.iter().enumerate() {
-            if in_scope(r) && r.created_at < cutoff {
+            if aged(r) {
                 doomed.insert(i);
                 take_row(
                     backend,
@@ -592,26 +592,27 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
                 &mut plan.report.by_size,
             )
             .await?;
-        }
-        let mut held: Vec<(usize, &RowEntry)> = rows
-            .iter()
-            .enumerate()
-            .filter(|(i, r)| !candidates.overflow && !doomed.contains(i) && in_scope(r))
-            .collect();
-        held.sort_by_key(|(_, r)| lru::lru_order(r));
-        for (_, r) in held {
-            if total <= budget {
-                break;
+        } else {
+            let mut held: Vec<(usize, &RowEntry)> = rows
+                .iter()
+                .enumerate()
+                .filter(|(i, r)| !doomed.contains(i) && in_scope(r))
+                .collect();
+            held.sort_by_key(|(_, r)| lru::lru_order(r));
+            for (_, r) in held {
+                if total <= budget {
+                    break;
+                }
+                let freed = take_row(
+                    backend,
+                    r,
+                    &plan.owned,
+                    &mut gone_blobs,
+                    &mut plan.report.by_size,
+                );
+                total = total.saturating_sub(freed);
+                plan.by_size.push(r.clone());
             }
-            let freed = take_row(
-                backend,
-                r,
-                &plan.owned,
-                &mut gone_blobs,
-                &mut plan.report.by_size,
-            );
-            total = total.saturating_sub(freed);
-            plan.by_size.push(r.clone());
         }
     }
 

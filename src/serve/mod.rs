@@ -64,7 +64,7 @@ pub struct ServeOptions {
     /// Longest wait for a client to send the next bytes of an upload, or to take the next bytes of a
     /// download: an upload that stalls longer is answered 408 and stores nothing, a download is cut
     /// off (the connection closed), so a stalled or hostile client cannot hold a connection, a thread
-    /// or a temp file for ever.
+    /// or a temp file for ever. Zero turns the limit off.
     pub idle_timeout: std::time::Duration,
     /// One line per request on stderr: method, path, status, bytes, duration.
     pub access_log: bool,
@@ -548,6 +548,17 @@ fn refuse(refusal: &std::sync::Mutex<Option<Refusal>>, why: Refusal) {
         .get_or_insert(why);
 }
 
+/// `work`, given up after `idle` (never, if `idle` is zero: `--idle-timeout 0` turns the limit off).
+async fn within<T>(
+    idle: std::time::Duration,
+    work: impl std::future::Future<Output = T>,
+) -> std::result::Result<T, tokio::time::error::Elapsed> {
+    if idle.is_zero() {
+        return Ok(work.await);
+    }
+    tokio::time::timeout(idle, work).await
+}
+
 /// The request body's frames, ending with an error (and [`Refusal::Stalled`]) when the client sends
 /// nothing for `idle`.
 fn idle_limited(
@@ -559,7 +570,7 @@ fn idle_limited(
         let refusal = refusal.clone();
         async move {
             let mut frames = frames?;
-            match tokio::time::timeout(idle, frames.next()).await {
+            match within(idle, frames.next()).await {
                 Ok(Some(Ok(bytes))) => Some((Ok(bytes), Some(frames))),
                 Ok(Some(Err(e))) => Some((Err(Error::stream(e)), None)),
                 Ok(None) => None,
@@ -753,7 +764,7 @@ fn run_ahead(
             let failed = item.is_err();
             // A client that takes nothing for `idle` is let go: the body ends with an error (the
             // connection is closed, never a short body passed off as whole) and the reader stops.
-            match tokio::time::timeout(idle, tx.send(item)).await {
+            match within(idle, tx.send(item)).await {
                 Ok(true) if !failed => {}
                 _ => return,
             }
@@ -782,4 +793,21 @@ fn hold_last(stream: crate::ByteStream) -> crate::ByteStream {
     })
     .filter(|c| futures::future::ready(!matches!(c, Ok(b) if b.is_empty())))
     .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_idle_limit_of_zero_waits_as_long_as_it_takes() {
+        let slow = tokio::time::sleep(std::time::Duration::from_millis(50));
+        assert!(within(std::time::Duration::ZERO, slow).await.is_ok());
+        let slower = tokio::time::sleep(std::time::Duration::from_secs(5));
+        assert!(
+            within(std::time::Duration::from_millis(10), slower)
+                .await
+                .is_err()
+        );
+    }
 }
