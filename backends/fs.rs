@@ -306,8 +306,7 @@ impl FsCache {
         let dir = self.root.join(name);
         match real_dir(&dir) {
             Err(e) if is_not_found(&e) => {
-                let made = fs::create_dir(&dir);
-                match made {
+                match fs::create_dir(&dir) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                     Err(e) => return Err(Error::io("create cache directory", &dir, e)),
