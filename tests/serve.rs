@@ -246,15 +246,20 @@ async fn an_oversize_upload_is_refused_and_nothing_is_stored() {
     assert_eq!(blobs(&server).await, 0);
 }
 
-/// Sends the head of a PUT to `path` and `sent` bytes of its body, then closes the connection.
-async fn cut_off_upload(server: &Server, path: &str, framing: &str, sent: usize) {
+/// Sends the head of a PUT to `path` (`framing`: a `Content-Length` or chunked header) and `sent`
+/// bytes of its body (chunked: one whole chunk and no last one); returns the connection, still open.
+async fn partial_upload(
+    server: &Server,
+    path: &str,
+    framing: &str,
+    sent: usize,
+) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
     let host = server.base.trim_start_matches("http://");
     let mut conn = tokio::net::TcpStream::connect(host).await.unwrap();
     let head = format!("PUT {path} HTTP/1.1\r\nHost: {host}\r\n{framing}\r\n\r\n");
     conn.write_all(head.as_bytes()).await.unwrap();
     if framing.starts_with("Transfer-Encoding") {
-        // One whole chunk, and no last chunk.
         conn.write_all(format!("{sent:x}\r\n").as_bytes())
             .await
             .unwrap();
@@ -264,7 +269,7 @@ async fn cut_off_upload(server: &Server, path: &str, framing: &str, sent: usize)
         conn.write_all(&pattern(sent)).await.unwrap();
     }
     conn.flush().await.unwrap();
-    drop(conn);
+    conn
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -280,7 +285,7 @@ async fn an_upload_cut_off_half_way_stores_nothing_and_leaves_no_temp() {
             ("/chunked", "Transfer-Encoding: chunked", 3_000_000),
         ];
         for (path, framing, sent) in cases {
-            cut_off_upload(&server, path, framing, sent).await;
+            drop(partial_upload(&server, path, framing, sent).await); // and cut off
         }
         // The server notices each cut on its own time: wait for the temps to go.
         let mut left = usize::MAX;
@@ -307,38 +312,28 @@ async fn an_upload_cut_off_half_way_stores_nothing_and_leaves_no_temp() {
     }
 }
 
+/// An fs server that lets a client idle for 300 ms at most.
+async fn impatient() -> Server {
+    let options = ServeOptions {
+        idle_timeout: std::time::Duration::from_millis(300),
+        ..writer()
+    };
+    start("fs", options).await
+}
+
 /// An upload that stops sending (the connection left open) is answered 408 once the idle timeout
 /// passes, stores nothing and leaves no temp — on both store paths, declared and chunked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_upload_times_out_with_408_and_stores_nothing() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let server = start(
-        "fs",
-        ServeOptions {
-            idle_timeout: std::time::Duration::from_millis(300),
-            ..writer()
-        },
-    )
-    .await;
-    let host = server.base.trim_start_matches("http://").to_owned();
+    use tokio::io::AsyncReadExt;
+    let server = impatient().await;
     let cases = [
         ("/stall/small", "Content-Length: 400000", 200_000),
         ("/stall/big", "Content-Length: 6000000", 3_000_000),
         ("/stall/chunked", "Transfer-Encoding: chunked", 3_000_000),
     ];
     for (path, framing, sent) in cases {
-        let mut conn = tokio::net::TcpStream::connect(&host).await.unwrap();
-        let head = format!("PUT {path} HTTP/1.1\r\nHost: {host}\r\n{framing}\r\n\r\n");
-        conn.write_all(head.as_bytes()).await.unwrap();
-        if framing.starts_with("Transfer-Encoding") {
-            conn.write_all(format!("{sent:x}\r\n").as_bytes())
-                .await
-                .unwrap();
-            conn.write_all(&pattern(sent)).await.unwrap();
-            conn.write_all(b"\r\n").await.unwrap();
-        } else {
-            conn.write_all(&pattern(sent)).await.unwrap();
-        }
+        let mut conn = partial_upload(&server, path, framing, sent).await;
         // Then nothing, with the connection open: the server must answer on its own.
         let mut answer = vec![0u8; 12];
         let read = tokio::time::timeout(
@@ -369,14 +364,7 @@ async fn a_stalled_upload_times_out_with_408_and_stores_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_the_client_stops_taking_is_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let server = start(
-        "fs",
-        ServeOptions {
-            idle_timeout: std::time::Duration::from_millis(300),
-            ..writer()
-        },
-    )
-    .await;
+    let server = impatient().await;
     let size = 48 << 20; // well past what the socket buffers hold between the two ends
     let client = reqwest::Client::new();
     let url = format!("{}/big", server.base);

@@ -62,7 +62,7 @@ unsafe impl GlobalAlloc for Peak {
 static ALLOCATOR: Peak = Peak;
 
 /// A cache on local disk with `rows` rows that each hold a blob, and as many orphan blobs.
-async fn seeded(dir: &std::path::Path, rows: usize) -> ObjectCache {
+async fn seeded(dir: std::path::PathBuf, rows: usize) -> ObjectCache {
     let local = LocalFileSystem::new_with_prefix(dir).unwrap();
     let cache = ObjectCache::new(Arc::new(local), Path::from("cache"), "local");
     cache.index_refs().await.unwrap();
@@ -122,15 +122,28 @@ fn assert_flat(what: &str, peaks: &[usize], small: &str, large: &str) {
     );
 }
 
+/// A cache seeded with `rows` and one seeded with four times as many, each in a temp dir of its own
+/// (returned too: the caches live on disk there).
+async fn pair<Seeded>(
+    seed: impl Fn(std::path::PathBuf, usize) -> Seeded,
+    rows: usize,
+) -> (ObjectCache, ObjectCache, [tempfile::TempDir; 2])
+where
+    Seeded: std::future::Future<Output = ObjectCache>,
+{
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let small = seed(dirs[0].path().to_owned(), rows).await;
+    let large = seed(dirs[1].path().to_owned(), 4 * rows).await;
+    (small, large, dirs)
+}
+
 /// One test at a time: the counters are the whole process's.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test(flavor = "current_thread")]
 async fn the_orphan_sweep_needs_no_more_memory_for_a_cache_four_times_larger() {
     let _turn = SERIAL.lock().await;
-    let (small_dir, large_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let small = seeded(small_dir.path(), 1_500).await;
-    let large = seeded(large_dir.path(), 6_000).await;
+    let (small, large, _dirs) = pair(seeded, 1_500).await;
     let (small_peak, small_removed) = sweep_peak(&small).await;
     let (large_peak, large_removed) = sweep_peak(&large).await;
     // Every orphan found, no kept blob taken.
@@ -153,7 +166,7 @@ async fn the_orphan_sweep_needs_no_more_memory_for_a_cache_four_times_larger() {
 }
 
 /// A cache on local disk with `rows` small rows (no blobs: the blob listing is held whole by `stats`).
-async fn rows_only(dir: &std::path::Path, rows: usize) -> ObjectCache {
+async fn rows_only(dir: std::path::PathBuf, rows: usize) -> ObjectCache {
     let local = LocalFileSystem::new_with_prefix(dir).unwrap();
     let cache = ObjectCache::new(Arc::new(local), Path::from("cache"), "local");
     futures::stream::iter(0..rows)
@@ -176,9 +189,7 @@ async fn rows_only(dir: &std::path::Path, rows: usize) -> ObjectCache {
 #[tokio::test(flavor = "current_thread")]
 async fn stats_needs_no_more_memory_for_four_times_the_rows() {
     let _turn = SERIAL.lock().await;
-    let (small_dir, large_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let small = rows_only(small_dir.path(), 2_000).await;
-    let large = rows_only(large_dir.path(), 8_000).await;
+    let (small, large, _dirs) = pair(rows_only, 2_000).await;
     let mut peaks = Vec::new();
     for (cache, rows) in [(&small, 2_000), (&large, 8_000)] {
         let (peak, inv) = peak_of(outcache::janitor::inventory(cache, 5)).await;
@@ -196,9 +207,7 @@ async fn stats_needs_no_more_memory_for_four_times_the_rows() {
 #[tokio::test(flavor = "current_thread")]
 async fn index_refs_needs_no_more_memory_for_four_times_the_rows() {
     let _turn = SERIAL.lock().await;
-    let (small_dir, large_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let small = seeded(small_dir.path(), 1_500).await;
-    let large = seeded(large_dir.path(), 6_000).await;
+    let (small, large, _dirs) = pair(seeded, 1_500).await;
     let mut peaks = Vec::new();
     for (cache, rows) in [(&small, 1_500), (&large, 6_000)] {
         // Every row read again and marked again (it is idempotent), a page at a time.
@@ -216,9 +225,7 @@ async fn index_refs_needs_no_more_memory_for_four_times_the_rows() {
 #[tokio::test(flavor = "current_thread")]
 async fn an_age_prune_holds_only_the_rows_it_removes() {
     let _turn = SERIAL.lock().await;
-    let (small_dir, large_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let small = rows_only(small_dir.path(), 2_000).await;
-    let large = rows_only(large_dir.path(), 8_000).await;
+    let (small, large, _dirs) = pair(rows_only, 2_000).await;
     let mut peaks = Vec::new();
     for cache in [&small, &large] {
         // Nothing is an hour old: the listing streams past and nothing is kept.
@@ -244,9 +251,7 @@ async fn an_age_prune_holds_only_the_rows_it_removes() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_size_budget_past_its_bound_holds_no_more_for_four_times_the_rows() {
     let _turn = SERIAL.lock().await;
-    let (small_dir, large_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let small = rows_only(small_dir.path(), 2_000).await;
-    let large = rows_only(large_dir.path(), 8_000).await;
+    let (small, large, _dirs) = pair(rows_only, 2_000).await;
     let mut peaks = Vec::new();
     for cache in [&small, &large] {
         // A budget ten rows short: the least recently used ten go, found by listing the rows again.
