@@ -31,6 +31,19 @@ async fn listen(router: axum::Router) -> String {
     base
 }
 
+/// `outcache serve` itself (its accept loop and limits, not only its routes) over `cache`.
+async fn serve(cache: &Cache) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let options = ServeOptions {
+        allow_anonymous_writes: true,
+        ..ServeOptions::default()
+    };
+    let served = outcache::serve::serve(listener, cache.clone(), options, std::future::pending());
+    tokio::spawn(async move { served.await.unwrap() });
+    base
+}
+
 /// 32 clients, each GETting 200 random keys of `KEYS` from `base/{prefix}{i}`; checks every body.
 async fn hammer(client: &reqwest::Client, base: &str, prefix: &str) {
     let tasks: Vec<_> = (0..CLIENTS)
@@ -152,14 +165,7 @@ fn main() {
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::open(&format!("fs://{}/cache", dir.path().display())).unwrap();
-        let (router, _) = outcache::serve::router(
-            cache.clone(),
-            ServeOptions {
-                allow_anonymous_writes: true,
-                ..ServeOptions::default()
-            },
-        );
-        let served = listen(router).await;
+        let served = serve(&cache).await;
         let raw_dir = dir.path().join("raw");
         std::fs::create_dir_all(&raw_dir).unwrap();
         let files = Arc::new(raw_dir.clone());
@@ -251,14 +257,7 @@ fn main() {
             dir.path().display()
         ))
         .unwrap();
-        let (quick_router, _) = outcache::serve::router(
-            quick.clone(),
-            ServeOptions {
-                allow_anonymous_writes: true,
-                ..ServeOptions::default()
-            },
-        );
-        let quick_served = listen(quick_router).await;
+        let quick_served = serve(&quick).await;
         for round in 0..rounds {
             let started = std::time::Instant::now();
             upload(&client, format!("{transport}/drain"), &data).await;

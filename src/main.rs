@@ -89,7 +89,8 @@ enum Command {
     /// Works in an isolated child location (like `conformance`) and removes what it wrote.
     Bench(bench::BenchArgs),
     /// Serve the cache over HTTP to build tools: simple key/value (ccache's http storage), Bazel's
-    /// HTTP cache (/ac/, /cas/ with digest check), /healthz and /metrics.
+    /// HTTP cache (/ac/, /cas/ with digest check), Turborepo's remote cache (/v8/artifacts/),
+    /// /healthz and /metrics.
     ///
     /// Listens on 127.0.0.1:8080 unless told otherwise. With a tokens file every request but /healthz
     /// needs a token (Bearer, or Basic with the token as password); without one, reads are open and

@@ -397,6 +397,156 @@ async fn a_download_the_client_stops_taking_is_cut_off() {
     );
 }
 
+/// Reads `conn` until the server closes it (EOF or reset); the bytes it sent, or None if it was still
+/// open after `secs`.
+async fn until_closed(conn: &mut tokio::net::TcpStream, secs: u64) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(std::time::Duration::from_secs(secs), async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok()?;
+    Some(got)
+}
+
+/// A client that sends half a request head and then nothing, or keeps a connection idle after its
+/// request, is let go once the idle timeout passes: neither can hold a connection (and its file
+/// descriptor) for ever. Without a limit (0) the connection stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_sent_head_and_an_idle_connection_are_let_go() {
+    use tokio::io::AsyncWriteExt;
+    let server = impatient().await;
+    let host = server.base.trim_start_matches("http://").to_owned();
+
+    let mut half = tokio::net::TcpStream::connect(&host).await.unwrap();
+    half.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    assert!(
+        until_closed(&mut half, 10).await.is_some(),
+        "a half-sent head held its connection 10 s"
+    );
+
+    let mut idle = tokio::net::TcpStream::connect(&host).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let answered = until_closed(&mut idle, 10)
+        .await
+        .expect("an idle keep-alive connection was kept 10 s");
+    assert!(
+        answered.starts_with(b"HTTP/1.1 200"),
+        "the request before the idle time was answered: {:?}",
+        String::from_utf8_lossy(&answered)
+    );
+
+    let patient = start(
+        "fs",
+        ServeOptions {
+            idle_timeout: std::time::Duration::ZERO,
+            ..writer()
+        },
+    )
+    .await;
+    let host = patient.base.trim_start_matches("http://").to_owned();
+    let mut half = tokio::net::TcpStream::connect(&host).await.unwrap();
+    half.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    assert!(
+        until_closed(&mut half, 2).await.is_none(),
+        "--idle-timeout 0 still let a slow client go"
+    );
+}
+
+/// Past `max_connections` a client waits to be accepted (it is not refused), and is served as soon
+/// as a connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_past_the_connection_cap_wait_their_turn() {
+    let server = start(
+        "fs",
+        ServeOptions {
+            max_connections: 2,
+            ..writer()
+        },
+    )
+    .await;
+    let host = server.base.trim_start_matches("http://").to_owned();
+    let first = tokio::net::TcpStream::connect(&host).await.unwrap();
+    let _second = tokio::net::TcpStream::connect(&host).await.unwrap();
+    let client = reqwest::Client::new();
+    let url = format!("{}/healthz", server.base);
+    let waiting = tokio::spawn(async move { client.get(url).send().await.map(|r| r.status()) });
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a third connection was served while two were open: {:?}",
+        waiting.await
+    );
+    drop(first);
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiting client was not served once a connection closed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+}
+
+/// An embedder that drops the server's future drops its connections with it: an upload in flight
+/// is cut off (the client sees its connection end), stores nothing and leaves no temp.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_server_drops_its_connections_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(&format!("fs://{}", dir.path().display())).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let serving = tokio::spawn(outcache::serve::serve(
+        listener,
+        cache.clone(),
+        writer(),
+        std::future::pending(),
+    ));
+    let server = Server {
+        base,
+        cache,
+        _dir: dir,
+    };
+    let mut conn = partial_upload(&server, "/dropped", "Content-Length: 6000000", 3_000_000).await;
+    // Until the temp file shows, the upload may not have reached the backend yet.
+    for _ in 0..200 {
+        if !temps(&server.cache).await.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    serving.abort();
+    assert!(serving.await.unwrap_err().is_cancelled());
+    assert!(
+        until_closed(&mut conn, 10).await.is_some(),
+        "the connection outlived the server"
+    );
+    let mut left = temps(&server.cache).await;
+    for _ in 0..200 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        left = temps(&server.cache).await;
+    }
+    assert!(left.is_empty(), "a dropped upload left temps: {left:?}");
+    let rows = outcache::OutputCacheExt::list_rows(server.cache.backend().as_ref())
+        .await
+        .unwrap();
+    assert!(rows.is_empty(), "a dropped upload stored {rows:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_gate_reads_and_writes() {
     // No tokens: reads are open, writes refused unless anonymous writes are allowed.

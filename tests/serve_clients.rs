@@ -484,6 +484,57 @@ fn an_open_server_beyond_loopback_is_warned_about() {
     }
 }
 
+/// The server raises its soft open-file limit to the hard one, and serves no more connections than
+/// the limit can hold (with a warning saying so), so a busy server waits to accept instead of failing
+/// its transfers with EMFILE.
+#[test]
+fn the_connection_cap_fits_the_open_file_limit() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("fs://{}/cache", dir.path().display());
+    for (soft, hard, wanted, warned) in [
+        (100, 200, "1000", Some("holds 68 connections")),
+        (100, 1000, "400", None),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outcache"));
+        cmd.args(["--url", &url, "serve", "--listen", "127.0.0.1:0"])
+            .args(["--max-connections", wanted])
+            .env_remove("OUTCACHE_URL")
+            .env_remove("OUTCACHE_CONFIG")
+            .env_remove("OUTCACHE_SERVE_TOKENS_FILE")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: setrlimit is async-signal-safe and touches only this child's limits.
+        unsafe {
+            cmd.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: soft,
+                    rlim_max: hard,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let first = lines.next().unwrap().unwrap();
+        assert!(first.contains(" on http://"), "{first}");
+        unsafe_kill(&mut child);
+        let rest: Vec<String> = lines.map_while(Result::ok).collect();
+        let warning = rest.iter().find(|l| l.contains("open-file limit"));
+        match warned {
+            Some(text) => assert!(
+                warning.is_some_and(|l| l.contains(text)),
+                "soft {soft} hard {hard}, --max-connections {wanted}: {rest:?}"
+            ),
+            // 400 connections fit once the soft limit (100) is raised to the hard one (1000).
+            None => assert!(warning.is_none(), "{rest:?}"),
+        }
+    }
+}
+
 /// Malformed requests get a 4xx and store nothing: a `..` key (sent raw: HTTP clients normalise it
 /// away), a key past 1 KiB, a Bazel key that is not a digest, a malformed Turborepo hash.
 #[test]

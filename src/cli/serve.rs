@@ -21,6 +21,10 @@ pub(crate) struct ServeArgs {
     /// take the next bytes of a download (else the connection is closed). 0 turns the limit off.
     #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = outcache::config::parse_duration)]
     pub(crate) idle_timeout: std::time::Duration,
+    /// Connections open at once; clients past it wait to be accepted until one closes. Lowered (with a
+    /// warning) when the open-file limit could not hold that many connections and their files.
+    #[arg(long, default_value_t = outcache::serve::DEFAULT_MAX_CONNECTIONS, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub(crate) max_connections: usize,
     /// Run the janitor this often while serving (with --older-than, --max-size, --orphans).
     #[arg(long, value_name = "DURATION", value_parser = outcache::config::parse_duration)]
     pub(crate) prune_every: Option<std::time::Duration>,
@@ -60,6 +64,9 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
         .into());
     }
     let cache = open(&ctx.config, ctx.run_id.as_deref())?;
+    // Handlers go in before the address is announced: a client (or a test) that reacts to the address
+    // line with a SIGTERM must get the graceful stop, not the default death.
+    let stop = super::signals::stop_signals();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| outcache::Error::io("listen on", args.listen.to_string(), e))?;
@@ -88,6 +95,7 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
              configured: anyone who reaches it can {who} the cache (add --tokens-file)"
         );
     }
+    let max_connections = connections_the_file_limit_allows(args.max_connections);
     let janitor = args.prune_every.map(|every| {
         let mut options = outcache::janitor::PruneOptions::new();
         options.older_than = args.older_than;
@@ -115,9 +123,9 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
         allow_anonymous_writes: args.allow_anonymous_writes,
         max_body: args.max_body,
         idle_timeout: args.idle_timeout,
+        max_connections,
         access_log: !ctx.quiet,
     };
-    let stop = super::signals::stop_signals();
     let (first_signal, stopping) = tokio::sync::oneshot::channel();
     let shutdown = async move {
         let signal = stop.await;
@@ -155,4 +163,57 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
         served?;
     }
     Ok(())
+}
+
+/// Descriptors kept back for the process itself (the cache's database, logs, the janitor).
+const FILES_KEPT_BACK: u64 = 64;
+
+/// `wanted`, or fewer if the open-file limit cannot hold that many connections with the file or two
+/// each of their transfers opens (a connection past the limit would fail its transfers with EMFILE
+/// instead of waiting its turn). The soft limit is raised to the hard one first, as Go's runtime and
+/// most servers do: the soft default (often 1024) is a leftover of `select`.
+fn connections_the_file_limit_allows(wanted: usize) -> usize {
+    let Some(files) = raise_open_file_limit() else {
+        return wanted;
+    };
+    let room = usize::try_from(files.saturating_sub(FILES_KEPT_BACK) / 2)
+        .unwrap_or(usize::MAX)
+        .max(1);
+    if wanted > room {
+        eprintln!(
+            "outcache serve: warning: the open-file limit ({files}) holds {room} connections, not \
+             {wanted}: serving at most {room} at once (raise `ulimit -n` for more)"
+        );
+        return room;
+    }
+    wanted
+}
+
+/// The open-file limit after raising the soft limit to the hard one, if it can be read.
+#[cfg(target_os = "linux")]
+fn raise_open_file_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return None;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    Some(limit.rlim_cur)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn raise_open_file_limit() -> Option<u64> {
+    None
 }

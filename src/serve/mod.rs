@@ -20,6 +20,7 @@
 //! operator allows anonymous writes. Tokens are compared by digest and never logged.
 
 mod auth;
+mod connections;
 mod metrics;
 mod offload;
 mod turbo;
@@ -51,6 +52,9 @@ pub const DEFAULT_MAX_BODY: u64 = 4 << 30;
 /// How long a client may go without sending (or taking) a byte of a body by default (nginx's
 /// `client_body_timeout` and `send_timeout`).
 pub const DEFAULT_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Connections open at once by default (nginx's `worker_connections` is 512 to 1024): each can hold a
+/// transfer's buffers and a file or two, so the cap bounds both memory and file descriptors.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 /// How the server treats its clients.
 #[derive(Clone, Debug)]
@@ -64,8 +68,11 @@ pub struct ServeOptions {
     /// Longest wait for a client to send the next bytes of an upload, or to take the next bytes of a
     /// download: an upload that stalls longer is answered 408 and stores nothing, a download is cut
     /// off (the connection closed), so a stalled or hostile client cannot hold a connection, a thread
-    /// or a temp file for ever. Zero turns the limit off.
+    /// or a temp file for ever. The same limit bounds how long a client may take to send a request's
+    /// head, and how long a connection may sit idle between requests. Zero turns the limit off.
     pub idle_timeout: std::time::Duration,
+    /// Connections open at once; clients past it wait to be accepted until one closes.
+    pub max_connections: usize,
     /// One line per request on stderr: method, path, status, bytes, duration.
     pub access_log: bool,
 }
@@ -77,6 +84,7 @@ impl Default for ServeOptions {
             allow_anonymous_writes: false,
             max_body: DEFAULT_MAX_BODY,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             access_log: false,
         }
     }
@@ -131,16 +139,20 @@ pub fn router(cache: Cache, options: ServeOptions) -> (Router, Arc<ServeMetrics>
 }
 
 /// Serve `cache` on `listener` until `shutdown` resolves; requests in flight (uploads included) finish
-/// first, and a new upload started after the signal is not accepted.
+/// first, and a new upload started after the signal is not accepted. Dropping the future drops every
+/// connection (an upload cut off that way stores nothing).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     cache: Cache,
     options: ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> crate::Result<()> {
+    let limits = connections::Limits {
+        idle: options.idle_timeout,
+        max_connections: options.max_connections,
+    };
     let (router, _) = router(cache, options);
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
+    connections::run(listener, router, limits, shutdown)
         .await
         .map_err(|e| Error::io("serve", "listener", e))
 }
@@ -165,7 +177,7 @@ async fn log_and_count(
     next: axum::middleware::Next,
 ) -> Response {
     let started = Instant::now();
-    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    let (method, path) = (request.method().clone(), loggable(request.uri().path()));
     let in_flight = state.metrics.start();
     let response = next.run(request).await;
     if state.options.access_log {
@@ -187,6 +199,22 @@ async fn log_and_count(
             _in_flight: in_flight,
         })
     })
+}
+
+/// Longest path an access-log line shows: a key may be 1 KiB and a refused path far longer, and
+/// one request should not make a line an operator's log tools choke on.
+const LOGGED_PATH: usize = 200;
+
+/// `path` as the access log shows it: whole up to [`LOGGED_PATH`] bytes, else its start and its length.
+fn loggable(path: &str) -> String {
+    if path.len() <= LOGGED_PATH {
+        return path.to_owned();
+    }
+    let mut end = LOGGED_PATH;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…({} bytes)", &path[..end], path.len())
 }
 
 /// A response body that keeps its request counted as in flight until the body is done with.
@@ -798,6 +826,17 @@ fn hold_last(stream: crate::ByteStream) -> crate::ByteStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_paths_are_cut_short_in_the_access_log() {
+        assert_eq!(loggable("/ac/abc"), "/ac/abc");
+        let long = format!("/{}", "k".repeat(10_000));
+        let logged = loggable(&long);
+        assert!(logged.len() < LOGGED_PATH + 30, "{logged}");
+        assert!(logged.ends_with("…(10001 bytes)"), "{logged}");
+        let wide = "é".repeat(300); // never cut inside a character
+        assert!(loggable(&wide).starts_with(&"é".repeat(100)));
+    }
 
     #[tokio::test]
     async fn an_idle_limit_of_zero_waits_as_long_as_it_takes() {
