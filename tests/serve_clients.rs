@@ -484,6 +484,57 @@ fn an_open_server_beyond_loopback_is_warned_about() {
     }
 }
 
+/// A tokens file that holds no token (every line commented out) is refused rather than served as an
+/// open cache; one that others can read is warned about, a private one is not.
+#[test]
+fn a_tokens_file_must_hold_a_token_and_is_warned_about_when_others_can_read_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("fs://{}/cache", dir.path().display());
+    let tokens = dir.path().join("tokens");
+    let server = |tokens: &Path| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outcache"));
+        cmd.args([
+            "--url",
+            &url,
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--tokens-file",
+        ])
+        .arg(tokens)
+        .env_remove("OUTCACHE_URL")
+        .env_remove("OUTCACHE_CONFIG")
+        .env_remove("OUTCACHE_SERVE_TOKENS_FILE")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        cmd
+    };
+
+    std::fs::write(&tokens, "# rw old-token\n\n").unwrap();
+    let refused = server(&tokens).output().unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "served with no token: {stderr}");
+    assert!(stderr.contains("holds no token"), "{stderr}");
+
+    std::fs::write(&tokens, "rw a-token\n").unwrap();
+    for (mode, warned) in [(0o644, true), (0o600, false)] {
+        std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(mode)).unwrap();
+        let mut child = server(&tokens).spawn().unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let first = lines.next().unwrap().unwrap();
+        assert!(first.contains(" on http://"), "{first}");
+        unsafe_kill(&mut child);
+        let rest: Vec<String> = lines.map_while(Result::ok).collect();
+        let warning = rest.iter().any(|l| l.contains("readable by others"));
+        assert_eq!(warning, warned, "mode {mode:o}: {rest:?}");
+        assert!(
+            !rest.iter().any(|l| l.contains("a-token")),
+            "the token itself was printed: {rest:?}"
+        );
+    }
+}
+
 /// The server raises its soft open-file limit to the hard one, and serves no more connections than
 /// the limit can hold (with a warning saying so), so a busy server waits to accept instead of failing
 /// its transfers with EMFILE.

@@ -42,15 +42,21 @@ pub(crate) struct ServeArgs {
 
 pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
     let mut tokens = outcache::serve::Tokens::default();
+    let mut exposed_tokens = None;
     if let Some(path) = &args.tokens_file {
         let text = std::fs::read_to_string(path)
             .map_err(|e| outcache::Error::io("read tokens file", path, e))?;
-        tokens = outcache::serve::Tokens::parse(&text).map_err(|reason| {
-            outcache::Error::InvalidInput {
-                what: format!("tokens file {}", path.display()),
-                reason,
-            }
-        })?;
+        let invalid = |reason: String| outcache::Error::InvalidInput {
+            what: format!("tokens file {}", path.display()),
+            reason,
+        };
+        tokens = outcache::serve::Tokens::parse(&text).map_err(invalid)?;
+        // Fail closed: a tokens file whose every line is commented out would otherwise serve the
+        // cache to anyone, which is not what naming a tokens file asks for.
+        if tokens.is_empty() {
+            return Err(invalid("holds no token (lines `rw TOKEN` or `ro TOKEN`)".into()).into());
+        }
+        exposed_tokens = readable_by_others(path);
     }
     if args.prune_every.is_some()
         && args.older_than.is_none()
@@ -94,6 +100,9 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
             "outcache serve: warning: {bound} is reachable beyond this machine and no tokens are \
              configured: anyone who reaches it can {who} the cache (add --tokens-file)"
         );
+    }
+    if let Some(warning) = exposed_tokens {
+        eprintln!("outcache serve: warning: {warning}");
     }
     let max_connections = connections_the_file_limit_allows(args.max_connections);
     let janitor = args.prune_every.map(|every| {
@@ -215,5 +224,24 @@ fn raise_open_file_limit() -> Option<u64> {
 
 #[cfg(not(target_os = "linux"))]
 fn raise_open_file_limit() -> Option<u64> {
+    None
+}
+
+/// Why the tokens file at `path` is exposed, if users other than its owner may read it (as ssh says
+/// of private keys).
+#[cfg(unix)]
+fn readable_by_others(path: &std::path::Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "tokens file {} is readable by others (mode {mode:o}): `chmod 600` it",
+            path.display()
+        )
+    })
+}
+
+#[cfg(not(unix))]
+fn readable_by_others(_path: &std::path::Path) -> Option<String> {
     None
 }

@@ -85,9 +85,12 @@ impl Tokens {
         else {
             return Access::Anonymous;
         };
-        let token = if let Some(t) = value.strip_prefix("Bearer ") {
-            t.trim().to_owned()
-        } else if let Some(b) = value.strip_prefix("Basic ") {
+        // The scheme is case-insensitive (RFC 9110 §11.1): some clients send `bearer`.
+        let (scheme, credentials) = value.split_once(' ').unwrap_or((value, ""));
+        let token = if scheme.eq_ignore_ascii_case("bearer") {
+            credentials.trim().to_owned()
+        } else if scheme.eq_ignore_ascii_case("basic") {
+            let b = credentials;
             let Some(pair) = base64::engine::general_purpose::STANDARD
                 .decode(b.trim())
                 .ok()
@@ -110,5 +113,36 @@ impl Tokens {
         } else {
             Access::Denied
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(authorization: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, authorization.parse().unwrap());
+        headers
+    }
+
+    #[test]
+    fn schemes_are_case_insensitive_and_tokens_exact() {
+        let tokens = Tokens::parse("rw secret\nro reader\n").unwrap();
+        let basic = base64::engine::general_purpose::STANDARD.encode("user:secret");
+        for (header, access) in [
+            ("Bearer secret", Access::ReadWrite),
+            ("bearer secret", Access::ReadWrite),
+            ("BEARER  reader ", Access::ReadOnly),
+            (&*format!("Basic {basic}"), Access::ReadWrite),
+            (&*format!("basic {basic}"), Access::ReadWrite),
+            ("Bearer Secret", Access::Denied),
+            ("Bearer", Access::Denied),
+            ("Token secret", Access::Denied),
+            ("Basic !!!", Access::Denied),
+        ] {
+            assert_eq!(tokens.access(&with(header)), access, "{header}");
+        }
+        assert_eq!(tokens.access(&HeaderMap::new()), Access::Anonymous);
     }
 }
