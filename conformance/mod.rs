@@ -377,6 +377,7 @@ macro_rules! __conformance_each_case {
             delete_blob_is_idempotent,
             delete_blob_touches_only_its_blob,
             dropped_read_stream_releases_blob,
+            read_stream_outlives_the_blobs_deletion,
             range_reads_start_middle_end,
             open_blob_range_empty_and_past_the_end,
             delete_row_cascades_to_blobs,

@@ -202,3 +202,54 @@ pub async fn dropped_read_stream_releases_blob(cache: Backend) -> CaseResult {
     );
     Ok(())
 }
+
+/// Invariant 5: a read stream opened before its blob is deleted still yields the whole blob (as an
+/// open file does after an unlink, and an S3 GET after a DELETE), while new reads miss. A download
+/// racing a client's DELETE, or an overwrite that removes the old blob, must not be cut off half-way.
+pub async fn read_stream_outlives_the_blobs_deletion(cache: Backend) -> CaseResult {
+    gate!(cache, BLOB_CAPS);
+    let data = pattern(3 * MAX_READ_CHUNK + 12_345, 4);
+    let r = write(&cache, &data, MAX_READ_CHUNK).await?;
+    for read_first in [false, true] {
+        let r = if read_first {
+            write(&cache, &data, MAX_READ_CHUNK).await?
+        } else {
+            r.clone()
+        };
+        let mut stream = cache
+            .open_blob(&r.reference, None)
+            .await?
+            .ok_or(Failure("blob missing".into()))?;
+        let mut got = Vec::with_capacity(data.len());
+        if read_first {
+            if let Some(chunk) = stream.next().await {
+                got.extend_from_slice(&chunk?);
+            }
+        }
+        cache.delete_blob(&r.reference).await?;
+        ensure!(
+            cache.open_blob(&r.reference, None).await?.is_none(),
+            "the deleted blob still opens for a new reader"
+        );
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(chunk) => got.extend_from_slice(&chunk),
+                Err(e) => {
+                    return Err(Failure(format!(
+                        "a stream opened before the delete{} failed after {} of {} bytes: {e}",
+                        if read_first { " (and read from)" } else { "" },
+                        got.len(),
+                        data.len()
+                    )));
+                }
+            }
+        }
+        ensure!(
+            got == data[..],
+            "the stream gave {} bytes, not the blob's {}",
+            got.len(),
+            data.len()
+        );
+    }
+    Ok(())
+}

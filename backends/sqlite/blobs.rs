@@ -11,10 +11,121 @@ pub(super) fn incremental_vacuum(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-pub(super) fn delete_blob_in(conn: &Connection, id: &str) -> rusqlite::Result<()> {
+/// Deletes blob `id`'s manifest: from the commit on, the blob no longer exists for new readers. Its
+/// chunks go with [`SqliteCache::release_chunks`] once the transaction has committed, and not while a
+/// stream of this process is still reading them.
+pub(super) fn delete_manifest_in(conn: &Connection, id: &str) -> rusqlite::Result<()> {
     conn.execute("DELETE FROM blobs WHERE id = ?1", [id])?;
-    conn.execute("DELETE FROM chunks WHERE blob_id = ?1", [id])?;
     Ok(())
+}
+
+/// Blobs that streams of this process are reading, and whether each was deleted meanwhile.
+///
+/// A stream reads one chunk row per step, each in its own read transaction, so a delete committed
+/// half-way through would cut it off, where an open file outlives its unlink and an S3 GET its DELETE
+/// (the `read_stream_outlives_the_blobs_deletion` conformance case). A stream therefore pins its blob
+/// before it reads the manifest; a delete removes the manifest, commits, and only then looks here: a
+/// pinned blob's chunks are left to its last reader, which removes them when it is done. No reader can
+/// slip between the two: one that pins after the look finds the manifest already gone.
+#[derive(Debug, Default)]
+pub(super) struct Pins(Mutex<std::collections::HashMap<String, Pin>>);
+
+#[derive(Debug, Default)]
+struct Pin {
+    readers: usize,
+    deleted: bool,
+}
+
+/// One stream's pin on a blob; dropped, it removes the chunks if the blob was deleted meanwhile and
+/// this was its last reader.
+pub(super) struct ReadPin {
+    cache: SqliteCache,
+    id: String,
+}
+
+impl ReadPin {
+    pub(super) fn new(cache: &SqliteCache, id: &str) -> Self {
+        lock(&cache.inner.pins.0)
+            .entry(id.to_owned())
+            .or_default()
+            .readers += 1;
+        ReadPin {
+            cache: cache.clone(),
+            id: id.to_owned(),
+        }
+    }
+}
+
+impl Drop for ReadPin {
+    fn drop(&mut self) {
+        let release = {
+            let mut pins = lock(&self.cache.inner.pins.0);
+            let Some(pin) = pins.get_mut(&self.id) else {
+                return;
+            };
+            pin.readers -= 1;
+            if pin.readers > 0 {
+                return;
+            }
+            pins.remove(&self.id).is_some_and(|pin| pin.deleted)
+        };
+        if !release {
+            return;
+        }
+        let cleanup = remove_chunks(self.cache.clone(), self.id.clone(), None);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn(cleanup)),
+            // No runtime: the chunks have no manifest, so the janitor sweeps them as a temp.
+            Err(_) => drop(cleanup),
+        }
+    }
+}
+
+impl Pins {
+    /// True if a stream of this process is reading blob `id`.
+    pub(super) fn is_pinned(&self, id: &str) -> bool {
+        lock(&self.0).contains_key(id)
+    }
+}
+
+impl SqliteCache {
+    /// Removes the chunks of the blobs in `ids`, whose manifests a committed transaction deleted,
+    /// except those a stream is reading (their last reader removes them). Not durable: chunks a crash
+    /// leaves behind have no manifest, and the janitor sweeps them as temps.
+    pub(super) fn release_chunks(&self, w: &mut Writer, ids: Vec<String>) {
+        let free: Vec<String> = {
+            let mut pins = lock(&self.inner.pins.0);
+            ids.into_iter()
+                .filter(|id| match pins.get_mut(id) {
+                    Some(pin) => {
+                        pin.deleted = true;
+                        false
+                    }
+                    None => true,
+                })
+                .collect()
+        };
+        if free.is_empty() {
+            return;
+        }
+        let removed = (|| -> rusqlite::Result<()> {
+            let tx = w.begin(false)?;
+            {
+                let mut stmt = tx.prepare_cached("DELETE FROM chunks WHERE blob_id = ?1")?;
+                for id in &free {
+                    stmt.execute([id])?;
+                }
+            }
+            tx.commit()
+        })();
+        if let Err(e) = removed {
+            tracing::warn!(
+                target: "outcache::sqlite",
+                "removing the chunks of {} deleted blob(s) failed ({e}); the janitor sweeps them as temps",
+                free.len()
+            );
+        }
+    }
 }
 
 /// The manifest of blob `id`: (size, sha256).

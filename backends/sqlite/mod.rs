@@ -8,7 +8,9 @@
 //! row in `blobs` written **last**: a blob exists only once its manifest does, so a crash mid-stream leaves
 //! only chunks without a manifest, which the janitor lists as temps. Chunks are committed with
 //! `synchronous=NORMAL` and the manifest with `FULL`: in WAL mode the manifest's fsync also makes every
-//! earlier chunk durable, so a blob costs one fsync, not one per chunk.
+//! earlier chunk durable, so a blob costs one fsync, not one per chunk. A delete removes the manifest,
+//! and the chunks after its commit unless a stream of this process is reading them (its last reader
+//! removes them then, see `Pins`): a download here never breaks off because its blob was deleted.
 //!
 //! All SQLite calls run on the blocking pool (point reads of rows inline, see `get_row`). One writer
 //! connection (behind a mutex) and a small pool of reader connections: WAL lets readers proceed while the
@@ -117,6 +119,8 @@ struct Inner {
     fast_reader: Mutex<Connection>,
     /// Rows waiting for the next group commit (see `save_row`).
     pending: Mutex<Pending>,
+    /// Blobs being streamed (see [`Pins`]).
+    pins: Pins,
 }
 
 /// The group commit's queue.
@@ -246,6 +250,7 @@ impl SqliteCache {
                 readers: Mutex::new(Vec::new()),
                 fast_reader: Mutex::new(fast_reader),
                 pending: Mutex::new(Pending::default()),
+                pins: Pins::default(),
             }),
         })
     }
@@ -349,12 +354,15 @@ impl SqliteCache {
                     rusqlite::params_from_iter(args.iter()),
                 )
                 .map_err(this.err("delete rows"))?;
+            let mut ids = Vec::new();
             for r in refs {
                 if let Some(id) = parse_ref_name(&r, REF_PREFIX, "") {
-                    delete_blob_in(&tx, id).map_err(this.err(format!("delete blob {r}")))?;
+                    delete_manifest_in(&tx, id).map_err(this.err(format!("delete blob {r}")))?;
+                    ids.push(id.to_owned());
                 }
             }
             tx.commit().map_err(this.err("commit delete"))?;
+            this.release_chunks(w, ids);
             Ok(n as u64)
         })
         .await
@@ -569,6 +577,9 @@ impl OutputCache for SqliteCache {
             let dir = self.scratch_parent();
             let id = id.to_owned();
             return blocking(move || crate::layout::remove_scratch(&dir, &id)).await;
+        }
+        if self.inner.pins.is_pinned(id) {
+            return Ok(false); // a deleted blob a stream is still reading: its last reader removes it
         }
         let id = id.to_owned();
         self.write(move |this, w| {
@@ -804,8 +815,10 @@ impl OutputCache for SqliteCache {
         };
         self.write(move |this, w| {
             let tx = this.begin(w, this.inner.durable)?;
-            delete_blob_in(&tx, &id).map_err(this.err(format!("delete blob {id}")))?;
-            tx.commit().map_err(this.err(format!("delete blob {id}")))
+            delete_manifest_in(&tx, &id).map_err(this.err(format!("delete blob {id}")))?;
+            tx.commit().map_err(this.err(format!("delete blob {id}")))?;
+            this.release_chunks(w, vec![id]);
+            Ok(())
         })
         .await
     }
@@ -880,6 +893,7 @@ impl SqliteCache {
                 self.write(move |this, w| {
                     let tx = this.begin(w, this.inner.durable)?;
                     let mut deleted = Vec::new();
+                    let mut ids = Vec::new();
                     for (key, version) in batch {
                         let refs: Option<String> = tx
                             .prepare_cached(
@@ -897,13 +911,15 @@ impl SqliteCache {
                         let Some(refs) = refs else { continue };
                         for r in owned_in_column(key.task_type(), key.fingerprint(), &refs) {
                             if let Some(id) = parse_ref_name(&r, REF_PREFIX, "") {
-                                delete_blob_in(&tx, id)
+                                delete_manifest_in(&tx, id)
                                     .map_err(this.err(format!("delete blob {r}")))?;
+                                ids.push(id.to_owned());
                             }
                         }
                         deleted.push(key);
                     }
                     tx.commit().map_err(this.err("commit delete"))?;
+                    this.release_chunks(w, ids);
                     Ok(deleted)
                 })
                 .await?,
@@ -923,6 +939,9 @@ impl SqliteCache {
         let Some(id) = parse_ref_name(reference, REF_PREFIX, "").map(str::to_owned) else {
             return Ok(None);
         };
+        // Pinned before the manifest is read, so a delete either comes first (no manifest: a miss) or
+        // leaves the chunks to this stream (see `Pins`).
+        let pin = ReadPin::new(self, &id);
         let id_for_manifest = id.clone();
         let found = self
             .read(move |this, conn| manifest(conn, &id_for_manifest).map_err(this.err("open blob")))
@@ -940,6 +959,7 @@ impl SqliteCache {
         let end_seq = span.end.div_ceil(chunk) as i64;
         let this = self.clone();
         let stream = futures::stream::try_unfold(first, move |seq| {
+            let _pinned_while_the_stream_lives = &pin;
             let (this, id, span) = (this.clone(), id.clone(), span.clone());
             async move {
                 if seq >= end_seq || span.start == span.end {
@@ -968,7 +988,7 @@ impl SqliteCache {
                                     backend: this.to_string(),
                                     context,
                                     source:
-                                        "the chunk is gone (the blob was deleted while being read)"
+                                        "the chunk is gone (another process deleted the blob while this one read it)"
                                             .into(),
                                 },
                             }
