@@ -479,7 +479,7 @@ fn an_open_server_beyond_loopback_is_warned_about() {
         let rest: Vec<String> = lines.map_while(Result::ok).collect();
         let warning = rest
             .iter()
-            .any(|l| l.contains("warning") && l.contains("tokens"));
+            .any(|l| l.contains("warning") && l.contains("reachable beyond this machine"));
         assert_eq!(warning, warned, "{listen} tokens={tokens}: {rest:?}");
     }
 }
