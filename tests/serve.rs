@@ -395,6 +395,13 @@ async fn a_download_the_client_stops_taking_is_cut_off() {
         taken < size,
         "the whole body ({taken} bytes) came through after the client stalled"
     );
+    // The client's stall is not the cache failing.
+    let metrics = get_body(&client, &format!("{}/metrics", server.base)).await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains("outcache_serve_errors_total{protocol=\"http\"} 0\n"),
+        "{metrics}"
+    );
 }
 
 /// Reads `conn` until the server closes it (EOF or reset); the bytes it sent, or None if it was still
@@ -653,6 +660,21 @@ async fn a_blob_that_fails_verification_never_reaches_the_client_whole() {
         Ok(b) => panic!("the client received {} bytes as a complete body", b.len()),
         Err(e) => assert!(e.is_body() || e.is_decode() || e.is_request(), "{e}"),
     }
+    // The status went out as 200, so the failure is counted (and logged) when the body breaks off.
+    let errors = "outcache_serve_errors_total{protocol=\"http\"} 1\n";
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        metrics = get_body(&client, &format!("{}/metrics", server.base))
+            .await
+            .iter()
+            .map(|&b| b as char)
+            .collect();
+        if metrics.contains(errors) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("the broken-off download was not counted as an error:\n{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

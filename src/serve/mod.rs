@@ -442,11 +442,23 @@ async fn fetch(
         return match state.cache.open_stream(&r).await {
             Ok(Some(stream)) => {
                 state.metrics.count(protocol, Outcome::Hit, size);
+                let (metrics, reference) = (state.metrics.clone(), r.reference.clone());
+                let broke_off = move |why: BrokeOff| match why {
+                    BrokeOff::Failed(e) => {
+                        metrics.count(protocol, Outcome::Error, 0);
+                        tracing::error!(target: "outcache::serve", "download of {reference}: {e}");
+                        eprintln!("outcache serve: download of {reference} cut off: {e}");
+                    }
+                    BrokeOff::Stalled(idle) => eprintln!(
+                        "outcache serve: download of {reference} cut off: the client took nothing for {idle:?}"
+                    ),
+                };
                 let body = Body::from_stream(
                     hold_last(run_ahead(
                         stream,
                         big.then(|| state.offload.try_place()).flatten(),
                         state.options.idle_timeout,
+                        broke_off,
                     ))
                     .map(|c| c.map_err(std::io::Error::other)),
                 );
@@ -773,6 +785,14 @@ fn checked_body<E>(
     (stream.boxed(), received)
 }
 
+/// Why a download's body ended before its length.
+enum BrokeOff {
+    /// Reading or verifying the blob failed (the cache's fault).
+    Failed(String),
+    /// The client took nothing for this long.
+    Stalled(std::time::Duration),
+}
+
 /// Chunks of `stream` in flight between its producer and its consumer.
 const RUN_AHEAD_CHUNKS: usize = 2;
 
@@ -785,16 +805,21 @@ fn run_ahead(
     mut stream: crate::ByteStream,
     place: Option<tokio::sync::OwnedSemaphorePermit>,
     idle: std::time::Duration,
+    broke_off: impl FnOnce(BrokeOff) + Send + 'static,
 ) -> crate::ByteStream {
     let (tx, ahead) = offload::handover(RUN_AHEAD_CHUNKS);
     let drive = async move {
         while let Some(item) = stream.next().await {
-            let failed = item.is_err();
+            let failure = item.as_ref().err().map(ToString::to_string);
             // A client that takes nothing for `idle` is let go: the body ends with an error (the
             // connection is closed, never a short body passed off as whole) and the reader stops.
             match within(idle, tx.send(item)).await {
-                Ok(true) if !failed => {}
-                _ => return,
+                Ok(true) => {}
+                Ok(false) => return, // the client went away: nothing of ours failed
+                Err(_) => return broke_off(BrokeOff::Stalled(idle)),
+            }
+            if let Some(e) = failure {
+                return broke_off(BrokeOff::Failed(e));
             }
         }
         tx.finish().await;
