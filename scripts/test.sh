@@ -28,4 +28,5 @@ echo "== real clients of outcache serve (ccache, turbo)"
 eval "$(bash scripts/clients.sh install)"
 
 echo "== cargo test"
-cargo test --all-features
+# Every test binary runs even after one fails, so a red run names every failure at once.
+cargo test --all-features --no-fail-fast
