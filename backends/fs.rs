@@ -585,6 +585,72 @@ enum ToWriter {
     Sync,
 }
 
+/// Allocates a growing temp file's blocks ahead of its writes (Linux `fallocate`), so ext4 reserves
+/// and maps them once per step instead of once per page as each write lands: a 256 MiB blob costs
+/// ~20 CPU-ms less to write (BENCHMARKS.md). Starts after the first MiB (small blobs never pay the
+/// extra calls), each step as large as what is written so far, at most 64 MiB, so a blob never holds
+/// more than twice its size, or 64 MiB, of space it does not use. The file is cut back to what was
+/// written before it is fsynced or published ([`Preallocation::trim`]); a temp left by a crash keeps
+/// the slack until the janitor removes it. A file system that cannot preallocate, or has no room for
+/// a step, is simply written as before (a full disk then fails the write itself).
+#[derive(Default)]
+struct Preallocation {
+    allocated: u64,
+    written: u64,
+    off: bool,
+}
+
+/// Writes past this many bytes start preallocating.
+const PREALLOCATE_FROM: u64 = 1 << 20;
+/// The largest step.
+const PREALLOCATE_MAX_STEP: u64 = 64 << 20;
+
+impl Preallocation {
+    fn before_write(&mut self, file: &File, len: u64) {
+        let end = self.written + len;
+        if !self.off && self.written >= PREALLOCATE_FROM && end > self.allocated {
+            let from = self.allocated.max(self.written);
+            let step = self.written.clamp(len, PREALLOCATE_MAX_STEP.max(len));
+            if preallocate(file, from, step).is_ok() {
+                self.allocated = from + step;
+            } else {
+                // Undo whatever part of the step was allocated; the writes go on without.
+                self.off = true;
+                let _ = file.set_len(self.written);
+                self.allocated = 0;
+            }
+        }
+        self.written = end;
+    }
+
+    /// Cuts the file back to the bytes written, if a step reached past them.
+    fn trim(&mut self, file: &File) -> io::Result<()> {
+        if self.allocated > self.written {
+            file.set_len(self.written)?;
+            self.allocated = self.written;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn preallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (libc::off64_t::try_from(offset), libc::off64_t::try_from(len)) else {
+        return Err(io::Error::other("past the largest file offset"));
+    };
+    // SAFETY: a plain syscall on a file descriptor we own; it reads no memory of ours.
+    match unsafe { libc::fallocate64(file.as_raw_fd(), 0, offset, len) } {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn preallocate(_file: &File, _offset: u64, _len: u64) -> io::Result<()> {
+    Err(io::Error::from(io::ErrorKind::Unsupported))
+}
+
 /// Starts the disk writeback of a temp file every [`WRITEBACK_EVERY`] bytes while the stream is still
 /// arriving (Linux `sync_file_range`), so the final fsync only waits for the tail instead of the whole
 /// blob: the flush overlaps with hashing and receiving. Elsewhere it does nothing and fsync does it all.
@@ -823,20 +889,29 @@ impl OutputCache for FsCache {
         let writer = tokio::task::spawn_blocking(move || -> Result<File> {
             let mut file = file;
             let mut writeback = Writeback::default();
+            let mut preallocation = Preallocation::default();
+            let trim = |p: &mut Preallocation, file: &File| {
+                p.trim(file)
+                    .map_err(|e| Error::io("trim temp file", &tmp_for_writer, e))
+            };
             while let Some(message) = rx.blocking_recv() {
                 match message {
                     ToWriter::Bytes(chunk) => {
+                        preallocation.before_write(&file, chunk.len() as u64);
                         file.write_all(&chunk)
                             .map_err(|e| Error::io("write temp file", &tmp_for_writer, e))?;
                         if durable {
                             writeback.wrote(&file, chunk.len() as u64);
                         }
                     }
-                    ToWriter::Sync => file
-                        .sync_all()
-                        .map_err(|e| Error::io("fsync temp file", &tmp_for_writer, e))?,
+                    ToWriter::Sync => {
+                        trim(&mut preallocation, &file)?;
+                        file.sync_all()
+                            .map_err(|e| Error::io("fsync temp file", &tmp_for_writer, e))?;
+                    }
                 }
             }
+            trim(&mut preallocation, &file)?;
             Ok(file)
         });
 
