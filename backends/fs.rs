@@ -636,7 +636,10 @@ impl Preallocation {
 #[cfg(target_os = "linux")]
 fn preallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let (Ok(offset), Ok(len)) = (libc::off64_t::try_from(offset), libc::off64_t::try_from(len)) else {
+    let (Ok(offset), Ok(len)) = (
+        libc::off64_t::try_from(offset),
+        libc::off64_t::try_from(len),
+    ) else {
         return Err(io::Error::other("past the largest file offset"));
     };
     // SAFETY: a plain syscall on a file descriptor we own; it reads no memory of ours.

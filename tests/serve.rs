@@ -942,4 +942,58 @@ async fn turborepo_artifacts_keep_their_duration_and_tag_per_team() {
         .await
         .unwrap();
     assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+
+    // The query endpoint answers per hash from the rows alone, per team, and stores nothing.
+    let query = |team: &str, body: &'static str| {
+        client
+            .post(format!("{}/v8/artifacts?teamId={team}", server.base))
+            .bearer_auth("turbo-token")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let answer = query("team1", r#"{"hashes":["0123abcd","ffff"]}"#)
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    let answer: serde_json::Value = serde_json::from_slice(&answer.bytes().await.unwrap()).unwrap();
+    assert_eq!(
+        answer,
+        serde_json::json!({
+            "0123abcd": {"size": 150_000, "taskDurationMs": 1234, "tag": "signed-tag"},
+            "ffff": {"error": {"message": "Artifact not found"}},
+        })
+    );
+    let elsewhere = query("team2", r#"{"hashes":["0123abcd"]}"#).await.unwrap();
+    let elsewhere: serde_json::Value =
+        serde_json::from_slice(&elsewhere.bytes().await.unwrap()).unwrap();
+    assert_eq!(
+        elsewhere["0123abcd"]["error"]["message"],
+        "Artifact not found"
+    );
+    for malformed in [
+        r#"{"hashes":"0123abcd"}"#,
+        r#"{"hashes":["bad.hash"]}"#,
+        "[1,2",
+    ] {
+        let refused = query("team1", malformed).await.unwrap();
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST, "{malformed}");
+    }
+    let rows = outcache::OutputCacheExt::list_rows(server.cache.backend().as_ref())
+        .await
+        .unwrap();
+    assert_eq!(
+        rows.len(),
+        2,
+        "the artifact and its metadata only: {rows:?}"
+    );
+    // Only the API's methods: a POST to an artifact stores nothing.
+    let post = client
+        .post(url("team3"))
+        .bearer_auth("turbo-token")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), StatusCode::METHOD_NOT_ALLOWED);
 }

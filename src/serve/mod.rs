@@ -11,7 +11,8 @@
 //!   lands here too.
 //! - **Turborepo remote cache** (API v8): `GET`/`HEAD`/`PUT /v8/artifacts/:hash` (task type
 //!   `turbo/<team>`, from `teamId` or `slug`), with `x-artifact-duration` and `x-artifact-tag` kept and
-//!   returned; `GET /v8/artifacts/status`; `POST /v8/artifacts/events` (accepted, not kept).
+//!   returned; `POST /v8/artifacts` (what the cache holds of a list of hashes); `GET
+//!   /v8/artifacts/status`; `POST /v8/artifacts/events` (accepted, not kept).
 //! - Operations: `/healthz`; `/metrics` in Prometheus text format.
 //!
 //! Auth: bearer tokens (`Authorization: Bearer T`, or HTTP Basic with the token as password, which is
@@ -126,6 +127,7 @@ pub fn router(cache: Cache, options: ServeOptions) -> (Router, Arc<ServeMetrics>
         .route("/metrics", get(metrics_text))
         .route("/ac/{digest}", any(bazel_ac))
         .route("/cas/{digest}", any(bazel_cas))
+        .route("/v8/artifacts", any(turbo::query))
         .route("/v8/artifacts/status", get(turbo::status))
         .route("/v8/artifacts/events", any(turbo::events))
         .route("/v8/artifacts/{hash}", any(turbo::artifact))

@@ -64,6 +64,92 @@ pub(super) async fn events(State(state): State<Served>, headers: HeaderMap) -> R
     StatusCode::OK.into_response()
 }
 
+/// Most hashes one query may ask about, and the largest query body.
+const QUERY_HASHES: usize = 1000;
+const QUERY_BODY: usize = 256 << 10;
+
+/// `POST /v8/artifacts` with `{"hashes": [...]}`: for each hash, its size, the task duration its
+/// uploader reported and its tag, or `{"error": {"message": …}}` for one not in the cache (as
+/// Vercel's API answers). Reads rows only, never a blob.
+pub(super) async fn query(
+    State(state): State<Served>,
+    Query(params): Query<HashMap<String, String>>,
+    method: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if method != Method::POST {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "POST a query of hashes");
+    }
+    if let Some(refused) = check(&state, &headers, &Method::GET) {
+        return refused;
+    }
+    let Some(task) = team_task(&params) else {
+        return reply(StatusCode::BAD_REQUEST, "a malformed team");
+    };
+    let Ok(body) = axum::body::to_bytes(body, QUERY_BODY).await else {
+        return reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("a query is at most {QUERY_BODY} bytes"),
+        );
+    };
+    let hashes = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(mut q)) => match q.remove("hashes") {
+            Some(Value::Array(hashes)) => hashes,
+            _ => return reply(StatusCode::BAD_REQUEST, "expected {\"hashes\": [...]}"),
+        },
+        _ => return reply(StatusCode::BAD_REQUEST, "expected {\"hashes\": [...]}"),
+    };
+    if hashes.len() > QUERY_HASHES {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            format!("a query asks about at most {QUERY_HASHES} hashes"),
+        );
+    }
+    let not_found = json!({ "error": { "message": "Artifact not found" } });
+    let mut answer = serde_json::Map::new();
+    for hash in hashes {
+        let Some(hash) = hash.as_str().filter(|h| valid_hash(h)) else {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                "a hash is 1 to 128 of [A-Za-z0-9_-]",
+            );
+        };
+        let inputs = json!({ "hash": hash });
+        let stored = match state.cache.get(&task, &inputs).await {
+            Ok(stored) => stored,
+            Err(e) => return super::backend_error(&state, Protocol::Turbo, &e),
+        };
+        let size = stored.as_ref().and_then(|v| {
+            crate::wire::CacheRef::from_value(v)
+                .and_then(|r| r.size)
+                .or_else(|| v.get("size").and_then(Value::as_u64))
+        });
+        let Some(size) = size else {
+            answer.insert(hash.to_owned(), not_found.clone());
+            continue;
+        };
+        let meta = state
+            .cache
+            .get(&format!("{task}/meta"), &inputs)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(Value::Null);
+        let duration = meta
+            .get("duration")
+            .and_then(Value::as_str)
+            .and_then(|d| d.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        let mut info = json!({ "size": size, "taskDurationMs": duration });
+        if let Some(tag) = meta.get("tag").and_then(Value::as_str) {
+            info["tag"] = tag.into();
+        }
+        answer.insert(hash.to_owned(), info);
+    }
+    json_reply(StatusCode::OK, &Value::Object(answer))
+}
+
 /// `GET`/`HEAD`/`PUT /v8/artifacts/:hash`.
 pub(super) async fn artifact(
     State(state): State<Served>,
@@ -73,6 +159,12 @@ pub(super) async fn artifact(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    if !matches!(method, Method::GET | Method::HEAD | Method::PUT) {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "GET, HEAD or PUT an artifact",
+        );
+    }
     if !valid_hash(&hash) {
         return reply(
             StatusCode::BAD_REQUEST,
