@@ -423,28 +423,29 @@ async fn until_closed(conn: &mut tokio::net::TcpStream, secs: u64) -> Option<Vec
     Some(got)
 }
 
+/// A connection to `server` that has sent `bytes` (raw: part of a request, or a whole one).
+async fn sent(server: &Server, bytes: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let host = server.base.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(host).await.unwrap();
+    conn.write_all(bytes).await.unwrap();
+    conn
+}
+
 /// A client that sends half a request head and then nothing, or keeps a connection idle after its
 /// request, is let go once the idle timeout passes: neither can hold a connection (and its file
 /// descriptor) for ever. Without a limit (0) the connection stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_sent_head_and_an_idle_connection_are_let_go() {
-    use tokio::io::AsyncWriteExt;
+    const HALF: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: x\r\n";
     let server = impatient().await;
-    let host = server.base.trim_start_matches("http://").to_owned();
-
-    let mut half = tokio::net::TcpStream::connect(&host).await.unwrap();
-    half.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .unwrap();
+    let mut half = sent(&server, HALF).await;
     assert!(
         until_closed(&mut half, 10).await.is_some(),
         "a half-sent head held its connection 10 s"
     );
 
-    let mut idle = tokio::net::TcpStream::connect(&host).await.unwrap();
-    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
+    let mut idle = sent(&server, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
     let answered = until_closed(&mut idle, 10)
         .await
         .expect("an idle keep-alive connection was kept 10 s");
@@ -462,11 +463,7 @@ async fn a_half_sent_head_and_an_idle_connection_are_let_go() {
         },
     )
     .await;
-    let host = patient.base.trim_start_matches("http://").to_owned();
-    let mut half = tokio::net::TcpStream::connect(&host).await.unwrap();
-    half.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .unwrap();
+    let mut half = sent(&patient, HALF).await;
     assert!(
         until_closed(&mut half, 2).await.is_none(),
         "--idle-timeout 0 still let a slow client go"

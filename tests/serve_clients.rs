@@ -29,23 +29,35 @@ fn ccache() -> Option<std::path::PathBuf> {
     }
 }
 
+/// `outcache --url URL serve --listen LISTEN`, clear of the environment's cache settings, stdout
+/// discarded and stderr piped (its first line names the address).
+fn serve_command(url: &str, listen: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outcache"));
+    cmd.args(["--url", url, "serve", "--listen", listen])
+        .env_remove("OUTCACHE_URL")
+        .env_remove("OUTCACHE_CONFIG")
+        .env_remove("OUTCACHE_SERVE_TOKENS_FILE")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Starts the server `cmd`, stops it (SIGTERM) once it has named its address, and returns the lines
+/// it wrote after that one.
+fn said_after_the_address(mut cmd: Command) -> Vec<String> {
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.contains(" on http://"), "{first}");
+    unsafe_kill(&mut child);
+    lines.map_while(Result::ok).collect()
+}
+
 /// The server on `url`, on an ephemeral port; returns the child and `http://127.0.0.1:PORT`.
 fn serve(url: &str, dir: &Path, extra_env: &[(&str, &str)]) -> (Child, String) {
     std::fs::write(dir.join("tokens"), "rw ccache-token\n").unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outcache"));
-    cmd.args([
-        "--url",
-        url,
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--tokens-file",
-    ])
-    .arg(dir.join("tokens"))
-    .env_remove("OUTCACHE_URL")
-    .env_remove("OUTCACHE_CONFIG")
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
+    let mut cmd = serve_command(url, "127.0.0.1:0");
+    cmd.arg("--tokens-file").arg(dir.join("tokens"));
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
@@ -477,22 +489,11 @@ fn an_open_server_beyond_loopback_is_warned_about() {
         ("0.0.0.0:0", true, false),
         ("127.0.0.1:0", false, false),
     ] {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outcache"));
-        cmd.args(["--url", &url, "serve", "--listen", listen])
-            .env_remove("OUTCACHE_URL")
-            .env_remove("OUTCACHE_CONFIG")
-            .env_remove("OUTCACHE_SERVE_TOKENS_FILE")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        let mut cmd = serve_command(&url, listen);
         if tokens {
             cmd.arg("--tokens-file").arg(dir.path().join("tokens"));
         }
-        let mut child = cmd.spawn().unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let first = lines.next().unwrap().unwrap();
-        assert!(first.contains(" on http://"), "{first}");
-        unsafe_kill(&mut child);
-        let rest: Vec<String> = lines.map_while(Result::ok).collect();
+        let rest = said_after_the_address(cmd);
         let warning = rest
             .iter()
             .any(|l| l.contains("warning") && l.contains("reachable beyond this machine"));
@@ -509,21 +510,8 @@ fn a_tokens_file_must_hold_a_token_and_is_warned_about_when_others_can_read_it()
     let url = format!("fs://{}/cache", dir.path().display());
     let tokens = dir.path().join("tokens");
     let server = |tokens: &Path| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outcache"));
-        cmd.args([
-            "--url",
-            &url,
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--tokens-file",
-        ])
-        .arg(tokens)
-        .env_remove("OUTCACHE_URL")
-        .env_remove("OUTCACHE_CONFIG")
-        .env_remove("OUTCACHE_SERVE_TOKENS_FILE")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        let mut cmd = serve_command(&url, "127.0.0.1:0");
+        cmd.arg("--tokens-file").arg(tokens);
         cmd
     };
 
@@ -536,12 +524,7 @@ fn a_tokens_file_must_hold_a_token_and_is_warned_about_when_others_can_read_it()
     std::fs::write(&tokens, "rw a-token\n").unwrap();
     for (mode, warned) in [(0o644, true), (0o600, false)] {
         std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(mode)).unwrap();
-        let mut child = server(&tokens).spawn().unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let first = lines.next().unwrap().unwrap();
-        assert!(first.contains(" on http://"), "{first}");
-        unsafe_kill(&mut child);
-        let rest: Vec<String> = lines.map_while(Result::ok).collect();
+        let rest = said_after_the_address(server(&tokens));
         let warning = rest.iter().any(|l| l.contains("readable by others"));
         assert_eq!(warning, warned, "mode {mode:o}: {rest:?}");
         assert!(
@@ -563,14 +546,8 @@ fn the_connection_cap_fits_the_open_file_limit() {
         (100, 200, "1000", Some("holds 68 connections")),
         (100, 1000, "400", None),
     ] {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outcache"));
-        cmd.args(["--url", &url, "serve", "--listen", "127.0.0.1:0"])
-            .args(["--max-connections", wanted])
-            .env_remove("OUTCACHE_URL")
-            .env_remove("OUTCACHE_CONFIG")
-            .env_remove("OUTCACHE_SERVE_TOKENS_FILE")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        let mut cmd = serve_command(&url, "127.0.0.1:0");
+        cmd.args(["--max-connections", wanted]);
         // SAFETY: setrlimit is async-signal-safe and touches only this child's limits.
         unsafe {
             cmd.pre_exec(move || {
@@ -584,12 +561,7 @@ fn the_connection_cap_fits_the_open_file_limit() {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let first = lines.next().unwrap().unwrap();
-        assert!(first.contains(" on http://"), "{first}");
-        unsafe_kill(&mut child);
-        let rest: Vec<String> = lines.map_while(Result::ok).collect();
+        let rest = said_after_the_address(cmd);
         let warning = rest.iter().find(|l| l.contains("open-file limit"));
         match warned {
             Some(text) => assert!(
@@ -714,19 +686,10 @@ fn the_janitor_runs_on_a_schedule() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("fs://{}/cache", dir.path().display());
     std::fs::write(dir.path().join("tokens"), "rw ccache-token\n").unwrap();
-    let mut server = Command::new(env!("CARGO_BIN_EXE_outcache"))
-        .args([
-            "--url",
-            &url,
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--tokens-file",
-        ])
+    let mut server = serve_command(&url, "127.0.0.1:0")
+        .arg("--tokens-file")
         .arg(dir.path().join("tokens"))
         .args(["--prune-every", "500ms", "--older-than", "1s"])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
