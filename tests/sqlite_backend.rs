@@ -230,6 +230,78 @@ async fn a_blob_deleted_mid_read_reads_to_the_end_and_then_goes() {
     );
 }
 
+/// Readers and deleters racing over the same blobs: every stream that opens reads its blob whole (a
+/// blob deleted first is a clean miss at open), and once all are done no chunk is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readers_racing_deletes_read_whole_blobs_and_leave_no_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(&dir.path().join("c.db"));
+    let blob = |i: usize| -> Vec<u8> {
+        (0..CHUNK_SIZE * 2 + 1000 * i)
+            .map(|n| (n * 7 + i) as u8)
+            .collect()
+    };
+    let mut refs = Vec::new();
+    for i in 0..24 {
+        let r = cache
+            .write_blob(&Default::default(), stream(blob(i)))
+            .await
+            .unwrap();
+        refs.push(r.reference);
+    }
+    let refs = Arc::new(refs);
+    let readers: Vec<_> = (0..16)
+        .map(|t| {
+            let (cache, refs) = (cache.clone(), refs.clone());
+            tokio::spawn(async move {
+                let (mut whole, mut missed) = (0, 0);
+                for n in 0..24 {
+                    let i = (t * 5 + n * 7) % refs.len();
+                    let Some(mut s) = cache.open_blob(&refs[i], None).await.unwrap() else {
+                        missed += 1;
+                        continue;
+                    };
+                    let mut got = Vec::new();
+                    while let Some(chunk) = s.next().await {
+                        got.extend_from_slice(&chunk.expect("a stream broke off"));
+                        tokio::task::yield_now().await;
+                    }
+                    assert!(got == blob(i), "blob {i}: {} bytes", got.len());
+                    whole += 1;
+                }
+                (whole, missed)
+            })
+        })
+        .collect();
+    let deleter = {
+        let (cache, refs) = (cache.clone(), refs.clone());
+        tokio::spawn(async move {
+            for r in refs.iter().rev() {
+                cache.delete_blob(r).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let (mut whole, mut missed) = (0, 0);
+    for r in readers {
+        let (w, m) = r.await.unwrap();
+        whole += w;
+        missed += m;
+    }
+    deleter.await.unwrap();
+    assert!(
+        whole > 0 && missed > 0,
+        "no race: {whole} whole, {missed} missed"
+    );
+    for _ in 0..200 {
+        if temps(&cache).await.is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("chunks left behind: {:?}", temps(&cache).await);
+}
+
 /// Another process (here: another open of the same file) that deletes a blob this one is streaming
 /// cannot see the stream: the stream then ends with an error naming that, never with short data
 /// that looks whole.
