@@ -90,11 +90,11 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Serve the cache over HTTP to build tools: simple key/value (ccache's http storage), Bazel's
     /// HTTP cache (/ac/, /cas/ with digest check), Turborepo's remote cache (/v8/artifacts/),
-    /// /healthz and /metrics.
+    /// /healthz, /readyz and /metrics.
     ///
     /// Listens on 127.0.0.1:8080 unless told otherwise. With a tokens file every request but /healthz
-    /// needs a token (Bearer, or Basic with the token as password); without one, reads are open and
-    /// writes need --allow-anonymous-writes. SIGTERM or SIGINT finishes requests in flight, then exits;
+    /// and /readyz needs a token (Bearer, or Basic with the token as password); without one, reads
+    /// are open and writes need --allow-anonymous-writes. SIGTERM or SIGINT finishes requests in flight, then exits;
     /// a second one stops at once.
     Serve(cli::serve::ServeArgs),
     /// Print the effective configuration, each value with where it came from (secrets redacted).

@@ -423,6 +423,42 @@ async fn until_closed(conn: &mut tokio::net::TcpStream, secs: u64) -> Option<Vec
     Some(got)
 }
 
+/// `/readyz` answers 200 while a read reaches the cache and 503 when it does not (an S3 endpoint
+/// nobody listens on), where `/healthz` still says the process is up; neither needs a token.
+#[cfg(feature = "s3")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_says_whether_the_cache_answers() {
+    let mut tokens = Tokens::default();
+    tokens.add_read_write("t");
+    let options = || ServeOptions {
+        tokens: tokens.clone(),
+        ..ServeOptions::default()
+    };
+    let client = reqwest::Client::new();
+    let ready = start("fs", options()).await;
+    let got = client
+        .get(format!("{}/readyz", ready.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), StatusCode::OK);
+    let dead = "s3://bucket/p?endpoint=http://127.0.0.1:1&allow_http=true\
+                &access_key_id=k&secret_access_key=s";
+    let unreachable = start(dead, options()).await;
+    let got = client
+        .get(format!("{}/readyz", unreachable.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let alive = client
+        .get(format!("{}/healthz", unreachable.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(alive.status(), StatusCode::OK);
+}
+
 /// A connection to `server` that has sent `bytes` (raw: part of a request, or a whole one).
 async fn sent(server: &Server, bytes: &[u8]) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;

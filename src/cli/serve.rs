@@ -8,7 +8,7 @@ pub(crate) struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
     pub(crate) listen: std::net::SocketAddr,
     /// File of tokens, one per line: `rw TOKEN` (read and write) or `ro TOKEN` (read only). With any,
-    /// every request but /healthz needs one. Also `OUTCACHE_SERVE_TOKENS_FILE`.
+    /// every request but /healthz and /readyz needs one. Also `OUTCACHE_SERVE_TOKENS_FILE`.
     #[arg(long, value_name = "PATH", env = "OUTCACHE_SERVE_TOKENS_FILE")]
     pub(crate) tokens_file: Option<std::path::PathBuf>,
     /// Accept writes without a token (only when no tokens are configured).

@@ -13,12 +13,13 @@
 //!   `turbo/<team>`, from `teamId` or `slug`), with `x-artifact-duration` and `x-artifact-tag` kept and
 //!   returned; `POST /v8/artifacts` (what the cache holds of a list of hashes); `GET
 //!   /v8/artifacts/status`; `POST /v8/artifacts/events` (accepted, not kept).
-//! - Operations: `/healthz`; `/metrics` in Prometheus text format.
+//! - Operations: `/healthz` (the process answers); `/readyz` (the cache answers a read, else 503);
+//!   `/metrics` in Prometheus text format.
 //!
 //! Auth: bearer tokens (`Authorization: Bearer T`, or HTTP Basic with the token as password, which is
-//! how ccache sends `http://user:T@host/`). With tokens configured every request but `/healthz` needs
-//! one and writes need a read-write one; with none, reads are open and writes are refused unless the
-//! operator allows anonymous writes. Tokens are compared by digest and never logged.
+//! how ccache sends `http://user:T@host/`). With tokens configured every request but `/healthz` and
+//! `/readyz` needs one and writes need a read-write one; with none, reads are open and writes are
+//! refused unless the operator allows anonymous writes. Tokens are compared by digest and never logged.
 
 mod auth;
 mod connections;
@@ -124,6 +125,7 @@ pub fn router(cache: Cache, options: ServeOptions) -> (Router, Arc<ServeMetrics>
     };
     let router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .route("/ac/{digest}", any(bazel_ac))
         .route("/cas/{digest}", any(bazel_cas))
@@ -157,6 +159,36 @@ pub async fn serve(
     connections::run(listener, router, limits, shutdown)
         .await
         .map_err(|e| Error::io("serve", "listener", e))
+}
+
+/// How long `/readyz` waits for the cache to answer.
+const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `/readyz`: 200 once a read of one row reaches the cache (a miss is an answer), 503 if it fails or
+/// takes longer than [`READY_WITHIN`]; so a load balancer stops sending requests to a server whose
+/// backend it cannot reach (`/healthz` only says the process answers). Like `/healthz` it needs no
+/// token: it tells nothing about what is stored. It goes to the backend directly, so probes do not
+/// show as misses in the engine's counters.
+async fn readyz(State(state): State<Served>) -> Response {
+    let probe = async {
+        let key = crate::wire::RowKey::new("outcache/readyz", &json!("probe"))?;
+        state.cache.backend().get_row(&key).await
+    };
+    match tokio::time::timeout(READY_WITHIN, probe).await {
+        Ok(Ok(_)) => "ready\n".into_response(),
+        Ok(Err(e)) => {
+            tracing::error!(target: "outcache::serve", "readyz: {e}");
+            eprintln!("outcache serve: not ready: {e}");
+            status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the cache cannot be read; see the server log",
+            )
+        }
+        Err(_) => status(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the cache did not answer within {READY_WITHIN:?}"),
+        ),
+    }
 }
 
 async fn metrics_text(State(state): State<Served>) -> Response {
