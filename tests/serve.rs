@@ -703,6 +703,13 @@ async fn a_blob_that_fails_verification_never_reaches_the_client_whole() {
             .map(|&b| b as char)
             .collect();
         if metrics.contains(errors) {
+            // And only what went out counts as sent: not the whole blob.
+            let sent: u64 = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix("outcache_serve_bytes_out_total{protocol=\"http\"} "))
+                .and_then(|n| n.parse().ok())
+                .expect("a bytes_out line");
+            assert!(sent < 3_000_000, "{sent} bytes counted as sent");
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;

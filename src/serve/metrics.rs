@@ -78,6 +78,14 @@ impl ServeMetrics {
         InFlight(self.clone())
     }
 
+    /// `bytes` of a hit's body handed to the connection (a streamed body counts as it goes, so one
+    /// cut off counts only what went out).
+    pub(super) fn sent(&self, protocol: Protocol, bytes: u64) {
+        self.per[protocol.index()]
+            .bytes_out
+            .fetch_add(bytes, Ordering::Relaxed);
+    }
+
     pub(super) fn count(&self, protocol: Protocol, outcome: Outcome, bytes: u64) {
         let p = &self.per[protocol.index()];
         let add = |c: &AtomicU64, n: u64| {

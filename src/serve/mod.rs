@@ -475,7 +475,8 @@ async fn fetch(
         let big = r.size.is_none_or(|n| n >= OFFLOAD_FROM);
         return match state.cache.open_stream(&r).await {
             Ok(Some(stream)) => {
-                state.metrics.count(protocol, Outcome::Hit, size);
+                state.metrics.count(protocol, Outcome::Hit, 0);
+                let counted = state.metrics.clone();
                 let (metrics, reference) = (state.metrics.clone(), r.reference.clone());
                 let broke_off = move |why: BrokeOff| match why {
                     BrokeOff::Failed(e) => {
@@ -494,7 +495,12 @@ async fn fetch(
                         state.options.idle_timeout,
                         broke_off,
                     ))
-                    .map(|c| c.map_err(std::io::Error::other)),
+                    .map(move |c| {
+                        if let Ok(chunk) = &c {
+                            counted.sent(protocol, chunk.len() as u64);
+                        }
+                        c.map_err(std::io::Error::other)
+                    }),
                 );
                 (
                     [
