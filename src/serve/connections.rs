@@ -103,6 +103,7 @@ impl AcceptErrors {
         }
         if self.logged != Some(e.kind()) {
             tracing::error!(target: "outcache::serve", "accepting connections: {e} (retrying)");
+            eprintln!("outcache serve: accepting connections: {e} (retrying)");
             self.logged = Some(e.kind());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
