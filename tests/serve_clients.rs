@@ -534,6 +534,68 @@ fn a_tokens_file_must_hold_a_token_and_is_warned_about_when_others_can_read_it()
     }
 }
 
+/// SIGHUP reads the tokens file again: a revoked token is refused and a new one let in, with no
+/// restart; a file that then holds no token is refused, and the tokens in use are kept.
+#[test]
+fn sighup_reloads_the_tokens_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("fs://{}/cache", dir.path().display());
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "rw old-token\n").unwrap();
+    let mut cmd = serve_command(&url, "127.0.0.1:0");
+    cmd.arg("--tokens-file").arg(&tokens);
+    let mut server = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let base = first
+        .split(" on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    let (said, heard) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let _ = said.send(line);
+        }
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = reqwest::Client::new();
+    // A read of a key not stored: 404 once the token is let in, 401 while it is not.
+    let status = |token: &str| {
+        let get = client.get(format!("{base}/k")).bearer_auth(token).send();
+        rt.block_on(get).unwrap().status().as_u16()
+    };
+    let hang_up = || {
+        let sent = Command::new("kill")
+            .args(["-HUP", &server.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    let until = |what: &str| loop {
+        let line = heard
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("the server never said {what:?}"));
+        if line.contains(what) {
+            return line;
+        }
+    };
+    assert_eq!((status("old-token"), status("new-token")), (404, 401));
+
+    std::fs::write(&tokens, "rw new-token\n").unwrap();
+    hang_up();
+    until("reloaded tokens file");
+    assert_eq!((status("old-token"), status("new-token")), (401, 404));
+
+    std::fs::write(&tokens, "# rw new-token\n").unwrap();
+    hang_up();
+    let kept = until("kept the tokens in use");
+    assert!(kept.contains("holds no token"), "{kept}");
+    assert_eq!((status("old-token"), status("new-token")), (401, 404));
+    unsafe_kill(&mut server);
+}
+
 /// The server raises its soft open-file limit to the hard one, and serves no more connections than
 /// the limit can hold (with a warning saying so), so a busy server waits to accept instead of failing
 /// its transfers with EMFILE.

@@ -8,7 +8,8 @@ pub(crate) struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
     pub(crate) listen: std::net::SocketAddr,
     /// File of tokens, one per line: `rw TOKEN` (read and write) or `ro TOKEN` (read only). With any,
-    /// every request but /healthz and /readyz needs one. Also `OUTCACHE_SERVE_TOKENS_FILE`.
+    /// every request but /healthz and /readyz needs one. Read again on SIGHUP. Also
+    /// `OUTCACHE_SERVE_TOKENS_FILE`.
     #[arg(long, value_name = "PATH", env = "OUTCACHE_SERVE_TOKENS_FILE")]
     pub(crate) tokens_file: Option<std::path::PathBuf>,
     /// Accept writes without a token (only when no tokens are configured).
@@ -44,18 +45,7 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
     let mut tokens = outcache::serve::Tokens::default();
     let mut exposed_tokens = None;
     if let Some(path) = &args.tokens_file {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| outcache::Error::io("read tokens file", path, e))?;
-        let invalid = |reason: String| outcache::Error::InvalidInput {
-            what: format!("tokens file {}", path.display()),
-            reason,
-        };
-        tokens = outcache::serve::Tokens::parse(&text).map_err(invalid)?;
-        // Fail closed: a tokens file whose every line is commented out would otherwise serve the
-        // cache to anyone, which is not what naming a tokens file asks for.
-        if tokens.is_empty() {
-            return Err(invalid("holds no token (lines `rw TOKEN` or `ro TOKEN`)".into()).into());
-        }
+        tokens = read_tokens(path)?;
         exposed_tokens = readable_by_others(path);
     }
     if args.prune_every.is_some()
@@ -73,6 +63,7 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
     // Handlers go in before the address is announced: a client (or a test) that reacts to the address
     // line with a SIGTERM must get the graceful stop, not the default death.
     let stop = super::signals::stop_signals();
+    let hangups = args.tokens_file.as_ref().and_then(|_| hangups());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| outcache::Error::io("listen on", args.listen.to_string(), e))?;
@@ -127,6 +118,9 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
             }
         })
     });
+    if let (Some(path), Some(hangups)) = (args.tokens_file.clone(), hangups) {
+        tokio::spawn(reload_tokens_on_hangup(hangups, path, tokens.clone()));
+    }
     let options = outcache::serve::ServeOptions {
         tokens,
         allow_anonymous_writes: args.allow_anonymous_writes,
@@ -225,6 +219,71 @@ fn raise_open_file_limit() -> Option<u64> {
 #[cfg(not(target_os = "linux"))]
 fn raise_open_file_limit() -> Option<u64> {
     None
+}
+
+/// The tokens in the file at `path`. Fails closed: a file whose every line is commented out would
+/// otherwise serve the cache to anyone, which is not what naming a tokens file asks for.
+fn read_tokens(path: &std::path::Path) -> Result<outcache::serve::Tokens, outcache::Error> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| outcache::Error::io("read tokens file", path, e))?;
+    let invalid = |reason: String| outcache::Error::InvalidInput {
+        what: format!("tokens file {}", path.display()),
+        reason,
+    };
+    let tokens = outcache::serve::Tokens::parse(&text).map_err(invalid)?;
+    if tokens.is_empty() {
+        return Err(invalid(
+            "holds no token (lines `rw TOKEN` or `ro TOKEN`)".into(),
+        ));
+    }
+    Ok(tokens)
+}
+
+/// SIGHUP, caught from now on (before the address is announced, so an early one cannot kill the
+/// server the default way).
+#[cfg(unix)]
+fn hangups() -> Option<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+}
+
+#[cfg(not(unix))]
+fn hangups() -> Option<std::convert::Infallible> {
+    None
+}
+
+/// On each SIGHUP, reads the tokens file again and checks requests against what it now holds (a
+/// token can be added or revoked without a restart). A file that cannot be read, does not parse or
+/// holds no token is refused, and the tokens in use are kept.
+#[cfg(unix)]
+async fn reload_tokens_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
+    path: std::path::PathBuf,
+    tokens: outcache::serve::Tokens,
+) {
+    while hangups.recv().await.is_some() {
+        match read_tokens(&path) {
+            Ok(new) => {
+                tokens.replace_with(&new);
+                eprintln!(
+                    "outcache serve: SIGHUP: reloaded tokens file {} ({new:?})",
+                    path.display()
+                );
+                if let Some(warning) = readable_by_others(&path) {
+                    eprintln!("outcache serve: warning: {warning}");
+                }
+            }
+            Err(e) => eprintln!("outcache serve: SIGHUP: kept the tokens in use: {e}"),
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn reload_tokens_on_hangup(
+    hangups: std::convert::Infallible,
+    _path: std::path::PathBuf,
+    _tokens: outcache::serve::Tokens,
+) {
+    match hangups {}
 }
 
 /// Why the tokens file at `path` is exposed, if users other than its owner may read it (as ssh says

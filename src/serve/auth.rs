@@ -1,6 +1,8 @@
 //! Who may read and write: bearer tokens, read-only or read-write, compared by their SHA-256 so a
 //! comparison takes the same time whatever the guess, and never kept or logged in the clear.
 
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
 use axum::http::{HeaderMap, header};
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
@@ -18,20 +20,27 @@ pub enum Access {
     Denied,
 }
 
-/// The configured tokens (their digests).
+/// The configured tokens (their digests). Clones share one set, so the tokens of a running server
+/// can be replaced at once ([`Tokens::replace_with`], what `outcache serve` does on SIGHUP).
 #[derive(Clone, Default)]
 pub struct Tokens {
+    set: Arc<RwLock<TokenSet>>,
+}
+
+#[derive(Clone, Default)]
+struct TokenSet {
     read_write: Vec<[u8; 32]>,
     read_only: Vec<[u8; 32]>,
 }
 
 impl std::fmt::Debug for Tokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = self.read();
         write!(
             f,
             "Tokens {{ {} read-write, {} read-only }}",
-            self.read_write.len(),
-            self.read_only.len()
+            set.read_write.len(),
+            set.read_only.len()
         )
     }
 }
@@ -63,17 +72,33 @@ impl Tokens {
 
     /// Accept `token` for reads and writes.
     pub fn add_read_write(&mut self, token: &str) {
-        self.read_write.push(digest(token));
+        self.write().read_write.push(digest(token));
     }
 
     /// Accept `token` for reads.
     pub fn add_read_only(&mut self, token: &str) {
-        self.read_only.push(digest(token));
+        self.write().read_only.push(digest(token));
     }
 
     /// True if no token is configured.
     pub fn is_empty(&self) -> bool {
-        self.read_write.is_empty() && self.read_only.is_empty()
+        let set = self.read();
+        set.read_write.is_empty() && set.read_only.is_empty()
+    }
+
+    /// From now on accept `other`'s tokens instead of these, here and in every clone (the running
+    /// server's): requests already let in go on, the next ones are checked against the new set.
+    pub fn replace_with(&self, other: &Tokens) {
+        let new = other.read().clone();
+        *self.write() = new;
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, TokenSet> {
+        self.set.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, TokenSet> {
+        self.set.write().unwrap_or_else(|p| p.into_inner())
     }
 
     /// What the request's `Authorization` header allows: `Bearer TOKEN`, or `Basic` with the token as
@@ -106,9 +131,10 @@ impl Tokens {
             return Access::Denied;
         };
         let d = digest(&token);
-        if self.read_write.contains(&d) {
+        let set = self.read();
+        if set.read_write.contains(&d) {
             Access::ReadWrite
-        } else if self.read_only.contains(&d) {
+        } else if set.read_only.contains(&d) {
             Access::ReadOnly
         } else {
             Access::Denied
@@ -124,6 +150,20 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::AUTHORIZATION, authorization.parse().unwrap());
         headers
+    }
+
+    #[test]
+    fn a_replaced_set_holds_in_every_clone_at_once() {
+        let tokens = Tokens::parse("rw old\n").unwrap();
+        let serving = tokens.clone();
+        assert_eq!(serving.access(&with("Bearer old")), Access::ReadWrite);
+        tokens.replace_with(&Tokens::parse("ro new\n").unwrap());
+        assert_eq!(serving.access(&with("Bearer old")), Access::Denied);
+        assert_eq!(serving.access(&with("Bearer new")), Access::ReadOnly);
+        assert_eq!(
+            format!("{serving:?}"),
+            "Tokens { 0 read-write, 1 read-only }"
+        );
     }
 
     #[test]
