@@ -596,6 +596,89 @@ fn sighup_reloads_the_tokens_file() {
     unsafe_kill(&mut server);
 }
 
+/// The config file's `[serve]` table sets what the flags do not (a relative `tokens_file` is found
+/// beside the config file), a flag beats it, `outcache config` shows where each value came from, and
+/// a bad value fails naming its key.
+#[test]
+fn the_config_files_serve_table_sets_what_the_flags_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("secrets")).unwrap();
+    std::fs::write(dir.path().join("secrets/tokens"), "rw file-token\n").unwrap();
+    let config = dir.path().join("outcache.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "url = \"fs://{}/cache\"\n[serve]\nlisten = \"127.0.0.1:0\"\n\
+             tokens_file = \"secrets/tokens\"\nmax_body = \"1KiB\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let outcache = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outcache"));
+        cmd.arg("--config")
+            .arg(&config)
+            .args(args)
+            .env_remove("OUTCACHE_URL")
+            .env_remove("OUTCACHE_CONFIG")
+            .env_remove("OUTCACHE_SERVE_TOKENS_FILE");
+        cmd
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = reqwest::Client::new();
+    for (flags, limit) in [(&[][..], 1024), (&["--max-body", "4KiB"][..], 4096)] {
+        let mut cmd = outcache(&[&["serve"][..], flags].concat());
+        let mut server = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
+        let first = lines.next().unwrap().unwrap();
+        assert!(first.contains("1 read-write"), "{first}");
+        std::thread::spawn(move || for _ in lines {});
+        let base = first
+            .split(" on ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap()
+            .to_owned();
+        let put = |len: usize, token: Option<&str>| {
+            let mut request = client.put(format!("{base}/k{len}")).body(vec![1u8; len]);
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            rt.block_on(request.send()).unwrap().status().as_u16()
+        };
+        assert_eq!(
+            put(2000, Some("file-token")),
+            if limit > 2000 { 200 } else { 413 }
+        );
+        assert_eq!(put(100, Some("file-token")), 200);
+        assert_eq!(put(100, None), 401, "the file's tokens apply");
+        unsafe_kill(&mut server);
+    }
+
+    let shown = outcache(&["config"]).output().unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    let line = shown
+        .lines()
+        .find(|l| l.starts_with("serve.max_body"))
+        .unwrap_or_else(|| panic!("{shown}"));
+    assert!(line.contains("1024") && line.contains("(file "), "{line}");
+
+    std::fs::write(&config, "[serve]\nlisten = \"not an address\"\n").unwrap();
+    let refused = outcache(&["config"]).output().unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("serve.listen"), "{stderr}");
+    std::fs::write(&config, "[serve]\nlisen = \"127.0.0.1:1\"\n").unwrap();
+    let refused = outcache(&["config"]).output().unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("lisen"), "{stderr}");
+}
+
 /// The server raises its soft open-file limit to the hard one, and serves no more connections than
 /// the limit can hold (with a warning saying so), so a busy server waits to accept instead of failing
 /// its transfers with EMFILE.

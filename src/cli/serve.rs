@@ -2,11 +2,12 @@
 
 use super::prelude::*;
 
+/// The flags; each one not given falls back on the config file's `[serve]` table, then the default.
 #[derive(clap::Args, Debug)]
 pub(crate) struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
-    pub(crate) listen: std::net::SocketAddr,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) listen: Option<std::net::SocketAddr>,
     /// File of tokens, one per line: `rw TOKEN` (read and write) or `ro TOKEN` (read only). With any,
     /// every request but /healthz and /readyz needs one. Read again on SIGHUP. Also
     /// `OUTCACHE_SERVE_TOKENS_FILE`.
@@ -15,17 +16,19 @@ pub(crate) struct ServeArgs {
     /// Accept writes without a token (only when no tokens are configured).
     #[arg(long)]
     pub(crate) allow_anonymous_writes: bool,
-    /// Largest upload accepted (413 above it, nothing stored).
-    #[arg(long, default_value = "4GiB", value_name = "SIZE", value_parser = outcache::config::parse_size)]
-    pub(crate) max_body: u64,
+    /// Largest upload accepted (413 above it, nothing stored) [default: 4GiB].
+    #[arg(long, value_name = "SIZE", value_parser = outcache::config::parse_size)]
+    pub(crate) max_body: Option<u64>,
     /// Longest wait for a client to send the next bytes of an upload (else 408, nothing stored) or to
-    /// take the next bytes of a download (else the connection is closed). 0 turns the limit off.
-    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = outcache::config::parse_duration)]
-    pub(crate) idle_timeout: std::time::Duration,
+    /// take the next bytes of a download (else the connection is closed). 0 turns the limit off
+    /// [default: 60s].
+    #[arg(long, value_name = "DURATION", value_parser = outcache::config::parse_duration)]
+    pub(crate) idle_timeout: Option<std::time::Duration>,
     /// Connections open at once; clients past it wait to be accepted until one closes. Lowered (with a
-    /// warning) when the open-file limit could not hold that many connections and their files.
-    #[arg(long, default_value_t = outcache::serve::DEFAULT_MAX_CONNECTIONS, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
-    pub(crate) max_connections: usize,
+    /// warning) when the open-file limit could not hold that many connections and their files
+    /// [default: 1024].
+    #[arg(long, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub(crate) max_connections: Option<usize>,
     /// Run the janitor this often while serving (with --older-than, --max-size, --orphans).
     #[arg(long, value_name = "DURATION", value_parser = outcache::config::parse_duration)]
     pub(crate) prune_every: Option<std::time::Duration>,
@@ -41,7 +44,52 @@ pub(crate) struct ServeArgs {
     pub(crate) orphans: bool,
 }
 
+/// What the server runs with: each flag, else its `[serve]` key in the config file, else the default.
+struct Settings {
+    listen: std::net::SocketAddr,
+    tokens_file: Option<std::path::PathBuf>,
+    allow_anonymous_writes: bool,
+    max_body: u64,
+    idle_timeout: std::time::Duration,
+    max_connections: usize,
+    prune_every: Option<std::time::Duration>,
+    older_than: Option<std::time::Duration>,
+    max_size: Option<u64>,
+    orphans: bool,
+}
+
+impl Settings {
+    fn new(args: ServeArgs, file: &outcache::config::ServeSettings) -> Self {
+        Settings {
+            listen: args
+                .listen
+                .or(file.listen)
+                .unwrap_or(std::net::SocketAddr::from(([127, 0, 0, 1], 8080))),
+            tokens_file: args.tokens_file.or_else(|| file.tokens_file.clone()),
+            allow_anonymous_writes: args.allow_anonymous_writes
+                || file.allow_anonymous_writes == Some(true),
+            max_body: args
+                .max_body
+                .or(file.max_body)
+                .unwrap_or(outcache::serve::DEFAULT_MAX_BODY),
+            idle_timeout: args
+                .idle_timeout
+                .or(file.idle_timeout)
+                .unwrap_or(outcache::serve::DEFAULT_IDLE_TIMEOUT),
+            max_connections: args
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(outcache::serve::DEFAULT_MAX_CONNECTIONS),
+            prune_every: args.prune_every.or(file.prune_every),
+            older_than: args.older_than.or(file.older_than),
+            max_size: args.max_size.or(file.max_size),
+            orphans: args.orphans || file.orphans == Some(true),
+        }
+    }
+}
+
 pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
+    let args = Settings::new(args, &ctx.config.serve);
     let mut tokens = outcache::serve::Tokens::default();
     let mut exposed_tokens = None;
     if let Some(path) = &args.tokens_file {

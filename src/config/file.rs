@@ -44,6 +44,134 @@ struct JanitorFile {
     grace: Option<String>,
 }
 
+/// The `[serve]` table, as written.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServeFile {
+    listen: Option<String>,
+    tokens_file: Option<PathBuf>,
+    allow_anonymous_writes: Option<bool>,
+    max_body: Option<SizeValue>,
+    idle_timeout: Option<String>,
+    max_connections: Option<usize>,
+    prune_every: Option<String>,
+    older_than: Option<String>,
+    max_size: Option<SizeValue>,
+    orphans: Option<bool>,
+}
+
+/// `outcache serve`'s settings from the config file's `[serve]` table, each used where its flag (or
+/// environment variable) is not given; `None` where the file does not set it. Checked when the file is
+/// loaded, so a bad value fails every command, naming its key.
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct ServeSettings {
+    /// `serve.listen`: the address to listen on.
+    pub listen: Option<std::net::SocketAddr>,
+    /// `serve.tokens_file`: relative to the config file's directory.
+    pub tokens_file: Option<PathBuf>,
+    /// `serve.allow_anonymous_writes`.
+    pub allow_anonymous_writes: Option<bool>,
+    /// `serve.max_body`: the largest upload.
+    pub max_body: Option<u64>,
+    /// `serve.idle_timeout`.
+    pub idle_timeout: Option<std::time::Duration>,
+    /// `serve.max_connections`.
+    pub max_connections: Option<usize>,
+    /// `serve.prune_every`, with `older_than`, `max_size` and `orphans`: the janitor's schedule.
+    pub prune_every: Option<std::time::Duration>,
+    /// `serve.older_than`.
+    pub older_than: Option<std::time::Duration>,
+    /// `serve.max_size`.
+    pub max_size: Option<u64>,
+    /// `serve.orphans`.
+    pub orphans: Option<bool>,
+}
+
+impl ServeFile {
+    /// Checks and converts every value set, naming the key of one that is wrong; a relative
+    /// `tokens_file` is taken relative to `dir`, the config file's directory.
+    fn settings(self, dir: &std::path::Path) -> Result<ServeSettings> {
+        let bad = |key: &str, reason: String| Error::InvalidInput {
+            what: format!("config key serve.{key}"),
+            reason,
+        };
+        let duration = |key: &str, v: Option<String>| {
+            v.map(|v| parse_duration(&v).map_err(|reason| bad(key, reason)))
+                .transpose()
+        };
+        let size = |key: &str, v: Option<SizeValue>| {
+            v.map(|v| v.bytes(&format!("serve.{key}"))).transpose()
+        };
+        if self.max_connections == Some(0) {
+            return Err(bad("max_connections", "must be at least 1".into()));
+        }
+        Ok(ServeSettings {
+            listen: self
+                .listen
+                .map(|l| {
+                    l.parse()
+                        .map_err(|e| bad("listen", format!("{l:?} is not an address: {e}")))
+                })
+                .transpose()?,
+            tokens_file: self.tokens_file.map(|p| dir.join(p)),
+            allow_anonymous_writes: self.allow_anonymous_writes,
+            max_body: size("max_body", self.max_body)?,
+            idle_timeout: duration("idle_timeout", self.idle_timeout)?,
+            max_connections: self.max_connections,
+            prune_every: duration("prune_every", self.prune_every)?,
+            older_than: duration("older_than", self.older_than)?,
+            max_size: size("max_size", self.max_size)?,
+            orphans: self.orphans,
+        })
+    }
+
+    /// The keys set, in the order `outcache config` shows them.
+    fn keys(&self) -> Vec<&'static str> {
+        [
+            ("listen", self.listen.is_some()),
+            ("tokens_file", self.tokens_file.is_some()),
+            (
+                "allow_anonymous_writes",
+                self.allow_anonymous_writes.is_some(),
+            ),
+            ("max_body", self.max_body.is_some()),
+            ("idle_timeout", self.idle_timeout.is_some()),
+            ("max_connections", self.max_connections.is_some()),
+            ("prune_every", self.prune_every.is_some()),
+            ("older_than", self.older_than.is_some()),
+            ("max_size", self.max_size.is_some()),
+            ("orphans", self.orphans.is_some()),
+        ]
+        .into_iter()
+        .filter(|(_, set)| *set)
+        .map(|(key, _)| key)
+        .collect()
+    }
+}
+
+impl ServeSettings {
+    /// How `outcache config` shows the value of `key` (`serve.…`).
+    fn value(&self, key: &str) -> String {
+        let duration =
+            |d: Option<std::time::Duration>| d.map(|d| humantime::format_duration(d).to_string());
+        let shown = match key.trim_start_matches("serve.") {
+            "listen" => self.listen.map(|a| a.to_string()),
+            "tokens_file" => self.tokens_file.as_ref().map(|p| p.display().to_string()),
+            "allow_anonymous_writes" => self.allow_anonymous_writes.map(|b| b.to_string()),
+            "max_body" => self.max_body.map(|n| n.to_string()),
+            "idle_timeout" => duration(self.idle_timeout),
+            "max_connections" => self.max_connections.map(|n| n.to_string()),
+            "prune_every" => duration(self.prune_every),
+            "older_than" => duration(self.older_than),
+            "max_size" => self.max_size.map(|n| n.to_string()),
+            "orphans" => self.orphans.map(|b| b.to_string()),
+            _ => None,
+        };
+        shown.unwrap_or_default()
+    }
+}
+
 /// What a TOML config file may hold. Unknown keys are an error that names them.
 #[derive(Clone, Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,6 +186,8 @@ struct ConfigFile {
     object_store: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     janitor: JanitorFile,
+    #[serde(default)]
+    serve: ServeFile,
 }
 
 /// Where a setting's value came from.
@@ -99,6 +229,8 @@ pub struct Config {
     pub object_store: Vec<(String, String)>,
     /// Default grace period of the janitor.
     pub janitor_grace: std::time::Duration,
+    /// `outcache serve`'s settings from the `[serve]` table.
+    pub serve: ServeSettings,
     /// Where each setting came from, by key, in a stable order.
     pub sources: Vec<(String, Source)>,
 }
@@ -231,12 +363,21 @@ impl Config {
         for key in file.object_store.keys() {
             sources.push((format!("object_store.{key}"), from_file()));
         }
+        for key in file.serve.keys() {
+            sources.push((format!("serve.{key}"), from_file()));
+        }
+        let file_dir = path
+            .as_deref()
+            .and_then(std::path::Path::parent)
+            .unwrap_or(std::path::Path::new(""));
+        let serve = file.serve.settings(file_dir)?;
         Ok(Config {
             url: url.0,
             options,
             durable: file.durable,
             object_store: file.object_store.into_iter().collect(),
             janitor_grace,
+            serve,
             sources,
         })
     }
@@ -290,6 +431,7 @@ impl Config {
                     .durable
                     .map_or("true (unless the URL says)".into(), |d| d.to_string()),
                 "janitor.grace" => humantime::format_duration(self.janitor_grace).to_string(),
+                serve if serve.starts_with("serve.") => self.serve.value(serve),
                 other => {
                     let k = other.trim_start_matches("object_store.");
                     let v = self
