@@ -94,8 +94,9 @@ enum Command {
     ///
     /// Listens on 127.0.0.1:8080 unless told otherwise. With a tokens file every request but /healthz
     /// and /readyz needs a token (Bearer, or Basic with the token as password); without one, reads
-    /// are open and writes need --allow-anonymous-writes. SIGTERM or SIGINT finishes requests in flight, then exits;
-    /// a second one stops at once.
+    /// are open and writes need --allow-anonymous-writes. SIGTERM or SIGINT finishes requests in
+    /// flight, then exits; a second one stops at once; SIGHUP reads the tokens file again. A flag not
+    /// given is taken from the config file's [serve] table.
     Serve(cli::serve::ServeArgs),
     /// Print the effective configuration, each value with where it came from (secrets redacted).
     Config(show_config::ConfigArgs),
