@@ -573,7 +573,7 @@ async fn group_commit_answers_every_writer_and_loses_no_row() {
 /// fail naming the path instead of going on into a file nobody will see again; the cache opened anew
 /// writes to the file that is there now.
 #[tokio::test]
-async fn a_database_removed_or_replaced_under_an_open_cache_refuses_writes() {
+async fn a_database_removed_or_replaced_under_an_open_cache_refuses_writes_and_reads() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("c.db");
     let cache = Cache::new(open(&db));
@@ -607,11 +607,22 @@ async fn a_database_removed_or_replaced_under_an_open_cache_refuses_writes() {
         says_why(blob.as_ref().err()),
         "a blob into a deleted database: {blob:?}"
     );
+    // Reads look the path up once a second: within one, the old file still answers.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let read = cache.get("t", &json!(1)).await;
+    assert!(
+        says_why(read.as_ref().err()),
+        "a read from a deleted database: {read:?}"
+    );
 
     // Replaced: another cache made a new file there; the old handle still refuses, the new one writes.
     let fresh = Cache::new(open(&db));
     fresh.put("t", &json!(4), &json!("new")).await.unwrap();
     assert!(cache.put("t", &json!(5), &json!("lost")).await.is_err());
+    // The old handle never mixes in the new file's rows (a reader connection opened now would).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mixed = cache.get("t", &json!(4)).await;
+    assert!(says_why(mixed.as_ref().err()), "{mixed:?}");
     let reopened = Cache::new(open(&db));
     assert_eq!(
         reopened.get("t", &json!(4)).await.unwrap(),

@@ -121,7 +121,27 @@ struct Inner {
     pending: Mutex<Pending>,
     /// Blobs being streamed (see [`Pins`]).
     pins: Pins,
+    /// When reads last looked the file up (see [`SqliteCache::still_the_opened_file`]).
+    identity: IdentityCheck,
 }
+
+/// The last lookup of the database path by a read.
+#[derive(Debug)]
+struct IdentityCheck {
+    since: std::time::Instant,
+    checked_ms: std::sync::atomic::AtomicU64,
+    ours: std::sync::atomic::AtomicBool,
+}
+
+/// What a caller of [`SqliteCache::still_the_opened_file`] is about to do.
+#[derive(Clone, Copy, Debug)]
+enum Access {
+    Read,
+    Write,
+}
+
+/// How often reads look up the database path.
+const IDENTITY_EVERY: Duration = Duration::from_secs(1);
 
 /// The group commit's queue.
 #[derive(Debug, Default)]
@@ -251,6 +271,11 @@ impl SqliteCache {
                 fast_reader: Mutex::new(fast_reader),
                 pending: Mutex::new(Pending::default()),
                 pins: Pins::default(),
+                identity: IdentityCheck {
+                    since: std::time::Instant::now(),
+                    checked_ms: std::sync::atomic::AtomicU64::new(0),
+                    ours: std::sync::atomic::AtomicBool::new(true),
+                },
             }),
         })
     }
@@ -265,17 +290,44 @@ impl SqliteCache {
     /// clearing the cache), the open connections would go on writing into a file nobody will see again;
     /// the write fails instead, naming the path, until the cache is opened anew.
     fn begin<'w>(&self, w: &'w mut Writer, full: bool) -> Result<rusqlite::Transaction<'w>> {
-        if self.inner.file_id.is_some() && file_id(&self.inner.path) != self.inner.file_id {
-            return Err(Error::io(
-                "write to database",
-                &self.inner.path,
-                std::io::Error::other(
-                    "was removed or replaced since the cache was opened; open the cache again \
-                     (restart the server) to write to the file that is there now",
-                ),
-            ));
-        }
+        self.still_the_opened_file(Access::Write, Duration::ZERO)?;
         w.begin(full).map_err(self.err("begin"))
+    }
+
+    /// Fails, naming the path, if the path no longer names the file this cache opened: looked up at
+    /// most once per `every` (reads check once a second, a point read being cheaper than the lookup;
+    /// writes every time). Reads from the old file would serve a cache its operator removed, and a
+    /// reader connection opened now would read another file than the rest.
+    fn still_the_opened_file(&self, to: Access, every: Duration) -> Result<()> {
+        let Some(opened) = self.inner.file_id else {
+            return Ok(());
+        };
+        let identity = &self.inner.identity;
+        let now = u64::try_from(identity.since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let last = identity.checked_ms.load(std::sync::atomic::Ordering::Relaxed);
+        let ours = if !every.is_zero() && now.saturating_sub(last) < every.as_millis() as u64 {
+            identity.ours.load(std::sync::atomic::Ordering::Relaxed)
+        } else {
+            let ours = file_id(&self.inner.path) == Some(opened);
+            identity.ours.store(ours, std::sync::atomic::Ordering::Relaxed);
+            identity.checked_ms.store(now, std::sync::atomic::Ordering::Relaxed);
+            ours
+        };
+        if ours {
+            return Ok(());
+        }
+        let (op, verb) = match to {
+            Access::Read => ("read database", "read"),
+            Access::Write => ("write to database", "write to"),
+        };
+        Err(Error::io(
+            op,
+            &self.inner.path,
+            std::io::Error::other(format!(
+                "was removed or replaced since the cache was opened; open the cache again \
+                 (restart the server) to {verb} the file that is there now"
+            )),
+        ))
     }
 
     fn err(&self, context: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> Error + '_ {
@@ -301,11 +353,16 @@ impl SqliteCache {
         &self,
         f: impl FnOnce(&SqliteCache, &Connection) -> Result<T> + Send + 'static,
     ) -> Result<T> {
+        self.still_the_opened_file(Access::Read, IDENTITY_EVERY)?;
         let this = self.clone();
         blocking(move || {
             let conn = match lock(&this.inner.readers).pop() {
                 Some(c) => c,
-                None => open_connection(&this.inner.path, true)?,
+                None => {
+                    // A new connection opens whatever the path names now: it must be our file.
+                    this.still_the_opened_file(Access::Read, Duration::ZERO)?;
+                    open_connection(&this.inner.path, true)?
+                }
             };
             let result = f(&this, &conn);
             let mut idle = lock(&this.inner.readers);
@@ -453,6 +510,7 @@ impl OutputCache for SqliteCache {
         // waits for a lock. It is one B-tree descent, usually in the page cache, and the hop to the
         // blocking pool would cost several times as much. Contention or a busy database falls through
         // to the pool, where the read may wait for `busy_timeout`.
+        self.still_the_opened_file(Access::Read, IDENTITY_EVERY)?;
         if let Ok(fast) = self.inner.fast_reader.try_lock() {
             match read_row(&fast, key) {
                 Err(e) if e.sqlite_error_code() == Some(ErrorCode::DatabaseBusy) => {}
