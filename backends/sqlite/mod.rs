@@ -302,15 +302,16 @@ impl SqliteCache {
         let Some(opened) = self.inner.file_id else {
             return Ok(());
         };
+        use std::sync::atomic::Ordering::Relaxed;
         let identity = &self.inner.identity;
         let now = u64::try_from(identity.since.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let last = identity.checked_ms.load(std::sync::atomic::Ordering::Relaxed);
+        let last = identity.checked_ms.load(Relaxed);
         let ours = if !every.is_zero() && now.saturating_sub(last) < every.as_millis() as u64 {
-            identity.ours.load(std::sync::atomic::Ordering::Relaxed)
+            identity.ours.load(Relaxed)
         } else {
             let ours = file_id(&self.inner.path) == Some(opened);
-            identity.ours.store(ours, std::sync::atomic::Ordering::Relaxed);
-            identity.checked_ms.store(now, std::sync::atomic::Ordering::Relaxed);
+            identity.ours.store(ours, Relaxed);
+            identity.checked_ms.store(now, Relaxed);
             ours
         };
         if ours {
