@@ -200,9 +200,14 @@ async fn a_blob_deleted_mid_read_reads_to_the_end_and_then_goes() {
     let mut got = s.next().await.unwrap().unwrap().to_vec();
     cache.delete_blob(&r.reference).await.unwrap();
     assert!(cache.open_blob(&r.reference, None).await.unwrap().is_none());
-    sweep_orphans(cache.as_ref(), Duration::ZERO, false)
+    let swept = sweep_orphans(cache.as_ref(), Duration::ZERO, false)
         .await
         .unwrap();
+    assert!(
+        swept.temps.is_empty(),
+        "reported as swept: {:?}",
+        swept.temps
+    );
     assert_eq!(
         temps(&cache).await.len(),
         1,

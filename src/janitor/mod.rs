@@ -86,7 +86,7 @@ fn ledger_key() -> RowKey {
 pub struct OrphanSweep {
     /// Published blobs no row references, past the grace period.
     pub blobs: Vec<BlobEntry>,
-    /// Temp objects older than the grace period.
+    /// Temp objects older than the grace period (those removed; in a dry run, those that would be).
     pub temps: Vec<BlobEntry>,
     /// Bytes those entries hold.
     pub bytes: u64,
@@ -128,14 +128,16 @@ pub async fn sweep_orphans(
         }
     }
     plan.orphan_blobs = relisted;
-    let sweep = OrphanSweep {
+    let mut sweep = OrphanSweep {
         blobs,
         temps: plan.stale_temps.clone(),
         bytes: plan.report.orphans.bytes,
         dry_run,
     };
     if !dry_run {
-        execute(backend, plan, |_| {}).await?;
+        let (report, temps_left) = execute(backend, plan, |_| {}).await?;
+        sweep.temps.retain(|t| !temps_left.contains(&t.id));
+        sweep.bytes = report.orphans.bytes;
     }
     Ok(sweep)
 }
@@ -689,11 +691,13 @@ async fn delete_listed(
 }
 
 /// Carry out `plan`, reporting progress after each step; returns the report of what was removed.
+/// Carries out `plan`; returns its report and the ids of the stale temps it found gone or in use
+/// when it came to them (not removed, not counted).
 async fn execute(
     backend: &dyn OutputCache,
     mut plan: Plan,
     mut progress: impl FnMut(Progress) + Send,
-) -> Result<PruneReport> {
+) -> Result<(PruneReport, HashSet<String>)> {
     let total =
         (plan.corrupt.len() + plan.by_age.len() + plan.by_size.len() + plan.stale_temps.len())
             as u64
@@ -745,11 +749,14 @@ async fn execute(
             .await?;
         step(n);
     }
+    let mut temps_left = HashSet::new();
     for t in &plan.stale_temps {
         if !backend.remove_temp(&t.id).await? {
-            // Gone already (its write finished or failed meanwhile): not this run's to count.
+            // Gone already (its write finished or failed meanwhile), or still being read (a deleted
+            // SQLite blob a stream has pinned): not this run's to count.
             report.orphans.temps -= 1;
             report.orphans.bytes -= t.size;
+            temps_left.insert(t.id.clone());
         }
         step(1);
     }
@@ -760,7 +767,7 @@ async fn execute(
     if report.rows_removed + report.blobs_removed + report.temps_removed > 0 {
         backend.reclaim_space().await?;
     }
-    Ok(plan.report)
+    Ok((plan.report, temps_left))
 }
 
 async fn save_ledger(backend: &dyn OutputCache, ledger: BTreeMap<String, u64>) -> Result<()> {
@@ -786,7 +793,7 @@ pub async fn prune(
     let report = if options.dry_run {
         plan.report
     } else {
-        execute(backend, plan, progress).await?
+        execute(backend, plan, progress).await?.0
     };
     tracing::info!(
         target: "outcache::janitor",
