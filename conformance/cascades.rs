@@ -188,3 +188,53 @@ pub async fn age_prune_cascades_and_spares_newer(cache: Backend) -> CaseResult {
     );
     Ok(())
 }
+
+/// Invariant 6 with invariant 5: a read stream opened before its row is deleted (the cascade takes
+/// the blob, as a prune does) still yields the whole blob; new reads miss.
+pub async fn read_stream_outlives_its_rows_delete(cache: Backend) -> CaseResult {
+    gate!(cache, BLOB_CAPS);
+    let k = key("conformance/streamed", 1)?;
+    let data = pattern(5 * MAX_READ_CHUNK / 2, 8);
+    let r = cache
+        .write_blob(
+            &BlobMeta::for_key(&k),
+            stream_of(data.clone(), MAX_READ_CHUNK),
+        )
+        .await?;
+    cache.save_row(&k, &r.to_value()).await?;
+    let mut stream = cache
+        .open_blob(&r.reference, None)
+        .await?
+        .ok_or(Failure("blob missing".into()))?;
+    let mut got = Vec::with_capacity(data.len());
+    if let Some(chunk) = stream.next().await {
+        got.extend_from_slice(&chunk?);
+    }
+    ensure!(
+        cache.delete_rows(std::slice::from_ref(&k)).await? == 1,
+        "the row was not deleted"
+    );
+    ensure!(
+        cache.open_blob(&r.reference, None).await?.is_none(),
+        "the deleted row's blob still opens for a new reader"
+    );
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(chunk) => got.extend_from_slice(&chunk),
+            Err(e) => {
+                return Err(Failure(format!(
+                    "a stream opened before the row's delete failed after {} of {} bytes: {e}",
+                    got.len(),
+                    data.len()
+                )));
+            }
+        }
+    }
+    ensure!(
+        got == data[..],
+        "the stream gave {} bytes, not the blob's {}",
+        got.len(),
+        data.len()
+    );
+    Ok(())
+}

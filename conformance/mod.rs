@@ -382,6 +382,7 @@ macro_rules! __conformance_each_case {
             open_blob_range_empty_and_past_the_end,
             delete_row_cascades_to_blobs,
             delete_rows_removes_each_with_blobs,
+            read_stream_outlives_its_rows_delete,
             delete_prefix_cascades_to_blobs,
             delete_prefix_respects_boundaries,
             age_prune_cascades_and_spares_newer,
