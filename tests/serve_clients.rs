@@ -42,15 +42,35 @@ fn serve_command(url: &str, listen: &str) -> Command {
     cmd
 }
 
-/// Starts the server `cmd`, stops it (SIGTERM) once it has named its address, and returns the lines
-/// it wrote after that one.
-fn said_after_the_address(mut cmd: Command) -> Vec<String> {
-    let mut child = cmd.spawn().unwrap();
+type Said = std::io::Lines<BufReader<std::process::ChildStderr>>;
+
+/// Starts the server `cmd` (stderr piped); returns it, its `http://127.0.0.1:PORT` (from the first
+/// line, which it also returns) and the rest of what it says. Drain the rest: a server blocks on a
+/// full pipe.
+fn started(mut cmd: Command) -> (Child, String, String, Said) {
+    let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let first = lines.next().unwrap().unwrap();
-    assert!(first.contains(" on http://"), "{first}");
+    let base = first
+        .split(" on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {first:?}"))
+        .to_owned();
+    (child, base, first, lines)
+}
+
+/// Keeps reading `said` on a thread of its own, so the server never blocks on a full pipe.
+fn drain(said: Said) {
+    std::thread::spawn(move || for _ in said {});
+}
+
+/// Starts the server `cmd`, stops it (SIGTERM) once it has named its address, and returns the lines
+/// it wrote after that one.
+fn said_after_the_address(cmd: Command) -> Vec<String> {
+    let (mut child, _, _, said) = started(cmd);
     unsafe_kill(&mut child);
-    lines.map_while(Result::ok).collect()
+    said.map_while(Result::ok).collect()
 }
 
 /// The server on `url`, on an ephemeral port; returns the child and `http://127.0.0.1:PORT`.
@@ -61,18 +81,8 @@ fn serve(url: &str, dir: &Path, extra_env: &[(&str, &str)]) -> (Child, String) {
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let first = lines.next().unwrap().unwrap();
-    let base = first
-        .split(" on ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in {first:?}"))
-        .to_owned();
-    // Keep draining the access log so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    let (child, base, _, said) = started(cmd);
+    drain(said);
     (child, base)
 }
 
@@ -544,15 +554,7 @@ fn sighup_reloads_the_tokens_file() {
     std::fs::write(&tokens, "rw old-token\n").unwrap();
     let mut cmd = serve_command(&url, "127.0.0.1:0");
     cmd.arg("--tokens-file").arg(&tokens);
-    let mut server = cmd.spawn().unwrap();
-    let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
-    let base = first
-        .split(" on ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap()
-        .to_owned();
+    let (mut server, base, _, lines) = started(cmd);
     let (said, heard) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in lines.map_while(Result::ok) {
@@ -628,21 +630,10 @@ fn the_config_files_serve_table_sets_what_the_flags_do_not() {
     let client = reqwest::Client::new();
     for (flags, limit) in [(&[][..], 1024), (&["--max-body", "4KiB"][..], 4096)] {
         let mut cmd = outcache(&[&["serve"][..], flags].concat());
-        let mut server = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
-        let first = lines.next().unwrap().unwrap();
+        cmd.stdout(Stdio::null());
+        let (mut server, base, first, said) = started(cmd);
         assert!(first.contains("1 read-write"), "{first}");
-        std::thread::spawn(move || for _ in lines {});
-        let base = first
-            .split(" on ")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap()
-            .to_owned();
+        drain(said);
         let put = |len: usize, token: Option<&str>| {
             let mut request = client.put(format!("{base}/k{len}")).body(vec![1u8; len]);
             if let Some(token) = token {
@@ -658,6 +649,20 @@ fn the_config_files_serve_table_sets_what_the_flags_do_not() {
         assert_eq!(put(100, None), 401, "the file's tokens apply");
         unsafe_kill(&mut server);
     }
+
+    // The environment beats the file (and a flag the environment).
+    std::fs::write(dir.path().join("env-tokens"), "rw env-token\n").unwrap();
+    let mut cmd = outcache(&["serve"]);
+    cmd.env("OUTCACHE_SERVE_TOKENS_FILE", dir.path().join("env-tokens"));
+    cmd.stdout(Stdio::null());
+    let (mut server, base, _, said) = started(cmd);
+    drain(said);
+    let status = |token: &str| {
+        let get = client.get(format!("{base}/k")).bearer_auth(token).send();
+        rt.block_on(get).unwrap().status().as_u16()
+    };
+    assert_eq!((status("env-token"), status("file-token")), (404, 401));
+    unsafe_kill(&mut server);
 
     let shown = outcache(&["config"]).output().unwrap();
     let shown = String::from_utf8_lossy(&shown.stdout);
@@ -831,23 +836,12 @@ fn the_janitor_runs_on_a_schedule() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("fs://{}/cache", dir.path().display());
     std::fs::write(dir.path().join("tokens"), "rw ccache-token\n").unwrap();
-    let mut server = serve_command(&url, "127.0.0.1:0")
-        .arg("--tokens-file")
+    let mut cmd = serve_command(&url, "127.0.0.1:0");
+    cmd.arg("--tokens-file")
         .arg(dir.path().join("tokens"))
-        .args(["--prune-every", "500ms", "--older-than", "1s"])
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
-    let base = first
-        .split(" on ")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned();
-    std::thread::spawn(move || for _ in lines {});
+        .args(["--prune-every", "500ms", "--older-than", "1s"]);
+    let (mut server, base, _, said) = started(cmd);
+    drain(said);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = reqwest::Client::new();
     let get = |path: &str| {
