@@ -218,23 +218,5 @@ pub async fn read_stream_outlives_its_rows_delete(cache: Backend) -> CaseResult 
         cache.open_blob(&r.reference, None).await?.is_none(),
         "the deleted row's blob still opens for a new reader"
     );
-    while let Some(chunk) = stream.next().await {
-        match chunk {
-            Ok(chunk) => got.extend_from_slice(&chunk),
-            Err(e) => {
-                return Err(Failure(format!(
-                    "a stream opened before the row's delete failed after {} of {} bytes: {e}",
-                    got.len(),
-                    data.len()
-                )));
-            }
-        }
-    }
-    ensure!(
-        got == data[..],
-        "the stream gave {} bytes, not the blob's {}",
-        got.len(),
-        data.len()
-    );
-    Ok(())
+    finish_reading(stream, got, &data, "its row's delete").await
 }

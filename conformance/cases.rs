@@ -175,6 +175,35 @@ async fn check_blob(cache: &Backend, r: &CacheRef, data: &Bytes) -> CaseResult {
     Ok(())
 }
 
+/// Reads the rest of `stream` onto `got` (a stream opened before `what` happened to its blob) and
+/// checks it ends whole: equal to `data`, not cut off by an error nor short.
+async fn finish_reading(
+    mut stream: ByteStream,
+    mut got: Vec<u8>,
+    data: &Bytes,
+    what: &str,
+) -> CaseResult {
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(chunk) => got.extend_from_slice(&chunk),
+            Err(e) => {
+                return Err(Failure(format!(
+                    "a stream opened before {what} failed after {} of {} bytes: {e}",
+                    got.len(),
+                    data.len()
+                )));
+            }
+        }
+    }
+    ensure!(
+        got == data[..],
+        "a stream opened before {what} gave {} bytes, not the blob's {}",
+        got.len(),
+        data.len()
+    );
+    Ok(())
+}
+
 async fn published(cache: &Backend) -> Result<Vec<String>, Failure> {
     Ok(cache
         .list_blobs()

@@ -231,25 +231,12 @@ pub async fn read_stream_outlives_the_blobs_deletion(cache: Backend) -> CaseResu
             cache.open_blob(&r.reference, None).await?.is_none(),
             "the deleted blob still opens for a new reader"
         );
-        while let Some(chunk) = stream.next().await {
-            match chunk {
-                Ok(chunk) => got.extend_from_slice(&chunk),
-                Err(e) => {
-                    return Err(Failure(format!(
-                        "a stream opened before the delete{} failed after {} of {} bytes: {e}",
-                        if read_first { " (and read from)" } else { "" },
-                        got.len(),
-                        data.len()
-                    )));
-                }
-            }
-        }
-        ensure!(
-            got == data[..],
-            "the stream gave {} bytes, not the blob's {}",
-            got.len(),
-            data.len()
-        );
+        let what = if read_first {
+            "the delete (and read from)"
+        } else {
+            "the delete"
+        };
+        finish_reading(stream, got, &data, what).await?;
     }
     Ok(())
 }
