@@ -64,7 +64,7 @@ impl Settings {
             listen: args
                 .listen
                 .or(file.listen)
-                .unwrap_or(std::net::SocketAddr::from(([127, 0, 0, 1], 8080))),
+                .unwrap_or(outcache::serve::DEFAULT_LISTEN),
             tokens_file: args.tokens_file.or_else(|| file.tokens_file.clone()),
             allow_anonymous_writes: args.allow_anonymous_writes
                 || file.allow_anonymous_writes == Some(true),
@@ -89,17 +89,17 @@ impl Settings {
 }
 
 pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
-    let args = Settings::new(args, &ctx.config.serve);
+    let settings = Settings::new(args, &ctx.config.serve);
     let mut tokens = outcache::serve::Tokens::default();
     let mut exposed_tokens = None;
-    if let Some(path) = &args.tokens_file {
+    if let Some(path) = &settings.tokens_file {
         tokens = read_tokens(path)?;
         exposed_tokens = readable_by_others(path);
     }
-    if args.prune_every.is_some()
-        && args.older_than.is_none()
-        && args.max_size.is_none()
-        && !args.orphans
+    if settings.prune_every.is_some()
+        && settings.older_than.is_none()
+        && settings.max_size.is_none()
+        && !settings.orphans
     {
         return Err(outcache::Error::InvalidInput {
             what: "--prune-every".into(),
@@ -111,16 +111,16 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
     // Handlers go in before the address is announced: a client (or a test) that reacts to the address
     // line with a SIGTERM must get the graceful stop, not the default death.
     let stop = super::signals::stop_signals();
-    let hangups = args.tokens_file.as_ref().and_then(|_| hangups());
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let hangups = settings.tokens_file.as_ref().and_then(|_| hangups());
+    let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
-        .map_err(|e| outcache::Error::io("listen on", args.listen.to_string(), e))?;
+        .map_err(|e| outcache::Error::io("listen on", settings.listen.to_string(), e))?;
     let bound = listener
         .local_addr()
-        .map_err(|e| outcache::Error::io("listen on", args.listen.to_string(), e))?;
+        .map_err(|e| outcache::Error::io("listen on", settings.listen.to_string(), e))?;
     let writes = if !tokens.is_empty() {
         format!("{tokens:?}")
-    } else if args.allow_anonymous_writes {
+    } else if settings.allow_anonymous_writes {
         "no tokens, anonymous writes allowed".into()
     } else {
         "no tokens: reads only".into()
@@ -130,7 +130,7 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
         cache.backend()
     );
     if tokens.is_empty() && !bound.ip().is_loopback() {
-        let who = if args.allow_anonymous_writes {
+        let who = if settings.allow_anonymous_writes {
             "read and write"
         } else {
             "read"
@@ -143,12 +143,12 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
     if let Some(warning) = exposed_tokens {
         eprintln!("outcache serve: warning: {warning}");
     }
-    let max_connections = connections_the_file_limit_allows(args.max_connections);
-    let janitor = args.prune_every.map(|every| {
+    let max_connections = connections_the_file_limit_allows(settings.max_connections);
+    let janitor = settings.prune_every.map(|every| {
         let mut options = outcache::janitor::PruneOptions::new();
-        options.older_than = args.older_than;
-        options.max_size = args.max_size;
-        options.orphans = args.orphans;
+        options.older_than = settings.older_than;
+        options.max_size = settings.max_size;
+        options.orphans = settings.orphans;
         options.grace = ctx.config.janitor_grace;
         let backend = cache.backend().clone();
         tokio::spawn(async move {
@@ -166,14 +166,14 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
             }
         })
     });
-    if let (Some(path), Some(hangups)) = (args.tokens_file.clone(), hangups) {
+    if let (Some(path), Some(hangups)) = (settings.tokens_file.clone(), hangups) {
         tokio::spawn(reload_tokens_on_hangup(hangups, path, tokens.clone()));
     }
     let options = outcache::serve::ServeOptions {
         tokens,
-        allow_anonymous_writes: args.allow_anonymous_writes,
-        max_body: args.max_body,
-        idle_timeout: args.idle_timeout,
+        allow_anonymous_writes: settings.allow_anonymous_writes,
+        max_body: settings.max_body,
+        idle_timeout: settings.idle_timeout,
         max_connections,
         access_log: !ctx.quiet,
     };

@@ -49,6 +49,10 @@ use crate::engine::{BlobOptions, Cache};
 use crate::error::Error;
 use crate::wire::{CacheRef, InlineBinary};
 
+/// Where the server listens by default: loopback only, so opening it to a network is a decision.
+pub const DEFAULT_LISTEN: std::net::SocketAddr = std::net::SocketAddr::V4(
+    std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 8080),
+);
 /// Largest upload accepted by default.
 pub const DEFAULT_MAX_BODY: u64 = 4 << 30;
 /// How long a client may go without sending (or taking) a byte of a body by default (nginx's
