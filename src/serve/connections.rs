@@ -102,8 +102,7 @@ impl AcceptErrors {
             return; // that client gave up between connecting and being accepted
         }
         if self.logged != Some(e.kind()) {
-            tracing::error!(target: "outcache::serve", "accepting connections: {e} (retrying)");
-            eprintln!("outcache serve: accepting connections: {e} (retrying)");
+            super::failed(format_args!("accepting connections: {e} (retrying)"));
             self.logged = Some(e.kind());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

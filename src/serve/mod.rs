@@ -181,8 +181,7 @@ async fn readyz(State(state): State<Served>) -> Response {
     match tokio::time::timeout(READY_WITHIN, probe).await {
         Ok(Ok(_)) => "ready\n".into_response(),
         Ok(Err(e)) => {
-            tracing::error!(target: "outcache::serve", "readyz: {e}");
-            eprintln!("outcache serve: not ready: {e}");
+            failed(format_args!("not ready: {e}"));
             status(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the cache cannot be read; see the server log",
@@ -428,10 +427,16 @@ async fn handle(
     }
 }
 
+/// Says on stderr (logging is off unless asked for) and to `tracing` that something of the server's
+/// failed: an operator sees every failure without turning logging on.
+fn failed(what: std::fmt::Arguments<'_>) {
+    tracing::error!(target: "outcache::serve", "{what}");
+    eprintln!("outcache serve: {what}");
+}
+
 fn backend_error(state: &Served, protocol: Protocol, e: &Error) -> Response {
     state.metrics.count(protocol, Outcome::Error, 0);
-    tracing::error!(target: "outcache::serve", "{e}");
-    eprintln!("outcache serve: {e}");
+    failed(format_args!("{e}"));
     if e.is_out_of_space() {
         // Nothing was stored (a write that fails publishes nothing); the client may retry elsewhere.
         return status(
@@ -485,8 +490,7 @@ async fn fetch(
                 let broke_off = move |why: BrokeOff| match why {
                     BrokeOff::Failed(e) => {
                         metrics.count(protocol, Outcome::Error, 0);
-                        tracing::error!(target: "outcache::serve", "download of {reference}: {e}");
-                        eprintln!("outcache serve: download of {reference} cut off: {e}");
+                        failed(format_args!("download of {reference} cut off: {e}"));
                     }
                     BrokeOff::Stalled(idle) => eprintln!(
                         "outcache serve: download of {reference} cut off: the client took nothing for {idle:?}"

@@ -40,6 +40,9 @@ fn json_reply(code: StatusCode, value: &Value) -> Response {
         .into_response()
 }
 
+/// What [`valid_hash`] allows, as a refusal says it.
+const HASH_RULE: &str = "a hash is 1 to 128 of [A-Za-z0-9_-]";
+
 fn valid_hash(hash: &str) -> bool {
     !hash.is_empty()
         && hash.len() <= 128
@@ -110,10 +113,7 @@ pub(super) async fn query(
     let mut answer = serde_json::Map::new();
     for hash in hashes {
         let Some(hash) = hash.as_str().filter(|h| valid_hash(h)) else {
-            return reply(
-                StatusCode::BAD_REQUEST,
-                "a hash is 1 to 128 of [A-Za-z0-9_-]",
-            );
+            return reply(StatusCode::BAD_REQUEST, HASH_RULE);
         };
         let inputs = json!({ "hash": hash });
         let stored = match state.cache.get(&task, &inputs).await {
@@ -166,10 +166,7 @@ pub(super) async fn artifact(
         );
     }
     if !valid_hash(&hash) {
-        return reply(
-            StatusCode::BAD_REQUEST,
-            "a hash is 1 to 128 of [A-Za-z0-9_-]",
-        );
+        return reply(StatusCode::BAD_REQUEST, HASH_RULE);
     }
     let Some(task) = team_task(&query) else {
         return reply(StatusCode::BAD_REQUEST, "a malformed team");
