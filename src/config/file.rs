@@ -125,37 +125,29 @@ impl ServeFile {
             orphans: self.orphans,
         })
     }
-
-    /// The keys set, in the order `outcache config` shows them.
-    fn keys(&self) -> Vec<&'static str> {
-        [
-            ("listen", self.listen.is_some()),
-            ("tokens_file", self.tokens_file.is_some()),
-            (
-                "allow_anonymous_writes",
-                self.allow_anonymous_writes.is_some(),
-            ),
-            ("max_body", self.max_body.is_some()),
-            ("idle_timeout", self.idle_timeout.is_some()),
-            ("max_connections", self.max_connections.is_some()),
-            ("prune_every", self.prune_every.is_some()),
-            ("older_than", self.older_than.is_some()),
-            ("max_size", self.max_size.is_some()),
-            ("orphans", self.orphans.is_some()),
-        ]
-        .into_iter()
-        .filter(|(_, set)| *set)
-        .map(|(key, _)| key)
-        .collect()
-    }
 }
 
+/// The `[serve]` keys, in the order `outcache config` shows them.
+const SERVE_KEYS: [&str; 10] = [
+    "listen",
+    "tokens_file",
+    "allow_anonymous_writes",
+    "max_body",
+    "idle_timeout",
+    "max_connections",
+    "prune_every",
+    "older_than",
+    "max_size",
+    "orphans",
+];
+
 impl ServeSettings {
-    /// How `outcache config` shows the value of `key` (`serve.…`).
-    fn value(&self, key: &str) -> String {
+    /// How `outcache config` shows the value of `key` (`serve.…`); `None` where the file does not
+    /// set it.
+    fn value(&self, key: &str) -> Option<String> {
         let duration =
             |d: Option<std::time::Duration>| d.map(|d| humantime::format_duration(d).to_string());
-        let shown = match key.trim_start_matches("serve.") {
+        match key.trim_start_matches("serve.") {
             "listen" => self.listen.map(|a| a.to_string()),
             "tokens_file" => self.tokens_file.as_ref().map(|p| p.display().to_string()),
             "allow_anonymous_writes" => self.allow_anonymous_writes.map(|b| b.to_string()),
@@ -167,8 +159,7 @@ impl ServeSettings {
             "max_size" => self.max_size.map(|n| n.to_string()),
             "orphans" => self.orphans.map(|b| b.to_string()),
             _ => None,
-        };
-        shown.unwrap_or_default()
+        }
     }
 }
 
@@ -363,14 +354,14 @@ impl Config {
         for key in file.object_store.keys() {
             sources.push((format!("object_store.{key}"), from_file()));
         }
-        for key in file.serve.keys() {
-            sources.push((format!("serve.{key}"), from_file()));
-        }
         let file_dir = path
             .as_deref()
             .and_then(std::path::Path::parent)
             .unwrap_or(std::path::Path::new(""));
         let serve = file.serve.settings(file_dir)?;
+        for key in SERVE_KEYS.iter().filter(|k| serve.value(k).is_some()) {
+            sources.push((format!("serve.{key}"), from_file()));
+        }
         Ok(Config {
             url: url.0,
             options,
@@ -431,7 +422,7 @@ impl Config {
                     .durable
                     .map_or("true (unless the URL says)".into(), |d| d.to_string()),
                 "janitor.grace" => humantime::format_duration(self.janitor_grace).to_string(),
-                serve if serve.starts_with("serve.") => self.serve.value(serve),
+                serve if serve.starts_with("serve.") => self.serve.value(serve).unwrap_or_default(),
                 other => {
                     let k = other.trim_start_matches("object_store.");
                     let v = self
