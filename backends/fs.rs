@@ -16,6 +16,8 @@
 use std::fs::{self, File};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -222,9 +224,40 @@ pub fn digest_in_name(reference: &str) -> Option<&str> {
 /// Removes a temp file when dropped, unless disarmed after a successful rename.
 struct TempFile {
     path: Option<PathBuf>,
+    /// Set when dropped armed: a creation still running on the blocking pool for a caller that is
+    /// gone ([`TempFile::create`]) then removes the file it made itself.
+    abandoned: Arc<AtomicBool>,
 }
 
 impl TempFile {
+    fn new(path: PathBuf) -> Self {
+        TempFile {
+            path: Some(path),
+            abandoned: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Creates the file on the blocking pool, in `root`'s `tmp/` (made again if missing). Guarded
+    /// from before the creation starts: a caller dropped while it runs leaves no file behind, whether
+    /// the creation finished before the drop (the guard removes the file) or after it (the creation
+    /// sees the guard gone and removes it).
+    async fn create(&self, cache: &FsCache) -> Result<File> {
+        let (path, abandoned) = (self.path.clone(), self.abandoned.clone());
+        let cache = cache.clone();
+        blocking(move || {
+            let path = path.ok_or_else(|| Error::stream("the temp file was disarmed"))?;
+            cache.work_dir_for_write("tmp")?;
+            let file =
+                File::create_new(&path).map_err(|e| Error::io("create temp file", &path, e))?;
+            if abandoned.load(Ordering::SeqCst) {
+                let _ = fs::remove_file(&path);
+                return Err(Error::stream("the write was dropped"));
+            }
+            Ok(file)
+        })
+        .await
+    }
+
     fn disarm(&mut self) {
         self.path = None;
     }
@@ -233,6 +266,7 @@ impl TempFile {
 impl Drop for TempFile {
     fn drop(&mut self) {
         if let Some(path) = self.path.take() {
+            self.abandoned.store(true, Ordering::SeqCst);
             let _ = fs::remove_file(path);
         }
     }
@@ -385,9 +419,7 @@ impl FsCache {
         let tmp = self.temp_path("row");
         let mut file =
             File::create_new(&tmp).map_err(|e| Error::io("create temp file", &tmp, e))?;
-        let mut guard = TempFile {
-            path: Some(tmp.clone()),
-        };
+        let mut guard = TempFile::new(tmp.clone());
         // write_all loops on short writes.
         file.write_all(bytes)
             .map_err(|e| Error::io("write temp file", &tmp, e))?;
@@ -868,19 +900,10 @@ impl OutputCache for FsCache {
         let name = blob_name(meta);
         let tmp = self.temp_path("blob");
 
-        let tmp_for_create = tmp.clone();
-        let this = self.clone();
-        let file = blocking(move || {
-            this.work_dir_for_write("tmp")?;
-            File::create_new(&tmp_for_create)
-                .map_err(|e| Error::io("create temp file", &tmp_for_create, e))
-        })
-        .await?;
-        // From here on, any way out of this function (error, stream failure, the future being dropped)
-        // removes the temp file unless it was renamed into place.
-        let mut guard = TempFile {
-            path: Some(tmp.clone()),
-        };
+        // From here on, any way out of this function (error, stream failure, the future being dropped,
+        // even while the file is being created) removes the temp file unless it was renamed into place.
+        let mut guard = TempFile::new(tmp.clone());
+        let file = guard.create(self).await?;
 
         // Hash on this task while a blocking thread writes: the two overlap, so a durable write runs at
         // disk speed rather than disk + SHA-256 speed. The writer also fsyncs, when told the stream
