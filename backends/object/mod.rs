@@ -15,6 +15,7 @@
 //! cannot list multipart uploads): give the bucket an `AbortIncompleteMultipartUpload` lifecycle rule.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -209,6 +210,75 @@ impl ObjectCache {
 }
 
 /// Aborts a multipart upload that did not finish (error, failed stream, dropped future).
+/// Runs `request`, the one that makes a blob visible (its single PUT, or its multipart upload's
+/// completion), on a task of its own, and deletes the blob again if the writer is gone by the time it
+/// is published: a write dropped while that request is in flight would otherwise leave a published
+/// blob nobody was told of (and a request already sent cannot be unsent). The writer and the task each
+/// set their own flag before they look at the other's, so whichever comes second sees the first.
+async fn publish<T: Send + 'static>(
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    request: impl std::future::Future<Output = object_store::Result<T>> + Send + 'static,
+) -> object_store::Result<T> {
+    let flags = Arc::new(PublishFlags::default());
+    let mut writer = UndoIfGone {
+        flags: flags.clone(),
+        store: store.clone(),
+        path: path.clone(),
+        armed: true,
+    };
+    let task = tokio::spawn(async move {
+        let result = request.await;
+        if result.is_ok() {
+            flags.published.store(true, Ordering::SeqCst);
+            if flags.writer_gone.load(Ordering::SeqCst) {
+                let _ = store.delete(&path).await;
+            }
+        }
+        result
+    });
+    let result = task.await.unwrap_or_else(|e| {
+        Err(object_store::Error::Generic {
+            store: "outcache",
+            source: Box::new(e),
+        })
+    });
+    writer.armed = false;
+    result
+}
+
+#[derive(Default)]
+struct PublishFlags {
+    published: AtomicBool,
+    writer_gone: AtomicBool,
+}
+
+/// The writer's side of [`publish`]: dropped before the result reached it, it deletes the blob if
+/// the request already published it (else the request's task does, when it has).
+struct UndoIfGone {
+    flags: Arc<PublishFlags>,
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    armed: bool,
+}
+
+impl Drop for UndoIfGone {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.flags.writer_gone.store(true, Ordering::SeqCst);
+        if self.flags.published.load(Ordering::SeqCst) {
+            let (store, path) = (self.store.clone(), self.path.clone());
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = store.delete(&path).await;
+                });
+            }
+        }
+    }
+}
+
 struct AbortOnDrop(Option<WriteMultipart>);
 
 impl Drop for AbortOnDrop {
@@ -367,8 +437,9 @@ impl OutputCache for ObjectCache {
             }
         }
         if ended {
-            self.store
-                .put(&path, PutPayload::from(head.freeze()))
+            let (store, at) = (self.store.clone(), path.clone());
+            let put = async move { store.put(&at, PutPayload::from(head.freeze())).await };
+            publish(self.store.clone(), path, put)
                 .await
                 .map_err(self.err(format!("write blob {name}")))?;
             return Ok(digest.into_ref(format!("{REF_PREFIX}{name}"), meta));
@@ -408,8 +479,7 @@ impl OutputCache for ObjectCache {
         let Some(upload) = guard.0.take() else {
             return Err(Error::stream("the upload was given up before it finished"));
         };
-        upload
-            .finish()
+        publish(self.store.clone(), path, upload.finish())
             .await
             .map_err(self.err(format!("complete upload of blob {name}")))?;
         Ok(digest.into_ref(format!("{REF_PREFIX}{name}"), meta))
