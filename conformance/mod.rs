@@ -369,6 +369,7 @@ macro_rules! __conformance_each_case {
             stream_names_are_unique,
             failed_stream_publishes_nothing,
             dropped_write_publishes_nothing,
+            write_dropped_at_any_await_leaves_nothing,
             in_flight_write_is_not_published,
             unknown_ref_is_none,
             foreign_refs_never_resolve,
