@@ -137,16 +137,20 @@ pub(super) fn manifest(conn: &Connection, id: &str) -> rusqlite::Result<Option<(
 }
 
 /// Deletes a blob's chunks if its write does not reach the manifest (error, failed stream, dropped
-/// future). On drop it finishes in the background, after any chunk insert still in flight.
+/// future). On drop it finishes in the background, after any chunk insert still in flight, and takes
+/// the manifest too: a write dropped while its manifest was being committed publishes nothing, whichever
+/// of the two gets the write lock first (the commit checks [`ChunkGuard::abandoned`] under it).
 pub(super) struct ChunkGuard {
     pub(super) cache: SqliteCache,
     pub(super) id: String,
     pub(super) pending: Option<tokio::task::JoinHandle<Result<()>>>,
     pub(super) armed: bool,
+    /// Set when dropped armed: its writer is gone.
+    pub(super) abandoned: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// Wait for the chunk insert still in flight, then delete every chunk of `id` and give their pages back
-/// now, not at the next prune.
+/// Wait for the chunk insert still in flight, then delete every chunk of `id` (and its manifest, if a
+/// dropped write's commit landed) and give their pages back now, not at the next prune.
 async fn remove_chunks(
     cache: SqliteCache,
     id: String,
@@ -157,6 +161,7 @@ async fn remove_chunks(
     }
     let _ = cache
         .write(move |_, w| {
+            let _ = w.conn.execute("DELETE FROM blobs WHERE id = ?1", [&id]);
             let _ = w
                 .conn
                 .execute("DELETE FROM chunks WHERE blob_id = ?1", [&id]);
@@ -167,6 +172,20 @@ async fn remove_chunks(
 }
 
 impl ChunkGuard {
+    /// Waits for the chunk insert in flight, if any. It stays the guard's while awaited: a write
+    /// dropped meanwhile leaves it to the cleanup, which waits for it before deleting the chunks (taken
+    /// out first, an insert landing after the cleanup left a chunk behind).
+    pub(super) async fn finish_pending(&mut self) -> Result<()> {
+        let Some(pending) = self.pending.as_mut() else {
+            return Ok(());
+        };
+        let inserted = pending
+            .await
+            .unwrap_or_else(|e| Err(Error::stream(format!("chunk insert failed: {e}"))));
+        self.pending = None;
+        inserted
+    }
+
     pub(super) async fn cleanup_now(&mut self) {
         self.armed = false;
         remove_chunks(self.cache.clone(), self.id.clone(), self.pending.take()).await;
@@ -178,6 +197,8 @@ impl Drop for ChunkGuard {
         if !self.armed {
             return;
         }
+        self.abandoned
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let cleanup = remove_chunks(self.cache.clone(), self.id.clone(), self.pending.take());
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {

@@ -710,6 +710,7 @@ impl OutputCache for SqliteCache {
             id: id.clone(),
             pending: None,
             armed: true,
+            abandoned: Arc::default(),
         };
         let mut digest = BlobDigest::new();
         let mut page = BytesMut::with_capacity(CHUNK_SIZE);
@@ -754,14 +755,9 @@ impl OutputCache for SqliteCache {
             self.insert_chunk(&mut guard, seq, page.split().freeze())
                 .await?;
         }
-        if let Some(p) = guard.pending.take() {
-            if let Err(e) = p
-                .await
-                .unwrap_or_else(|e| Err(Error::stream(format!("chunk insert failed: {e}"))))
-            {
-                guard.cleanup_now().await;
-                return Err(e);
-            }
+        if let Err(e) = guard.finish_pending().await {
+            guard.cleanup_now().await;
+            return Err(e);
         }
         let reference = format!("{REF_PREFIX}{id}");
         let cache_ref = digest.into_ref(reference, meta);
@@ -770,6 +766,7 @@ impl OutputCache for SqliteCache {
             cache_ref.sha256.clone().unwrap_or_default(),
         );
         let (mime, port, manifest_id) = (meta.mime.clone(), meta.port.clone(), id.clone());
+        let abandoned = guard.abandoned.clone();
         let published = self
             .write(move |this, w| {
                 // FULL here also makes every chunk committed before it durable (WAL order).
@@ -788,6 +785,10 @@ impl OutputCache for SqliteCache {
                 let whole = total == size
                     && first.is_none_or(|f| f == 0)
                     && last.map_or(0, |l| l + 1) == count;
+                if abandoned.load(std::sync::atomic::Ordering::SeqCst) {
+                    // Its writer is gone: the guard's cleanup takes the chunks.
+                    return Err(Error::stream("the write was dropped"));
+                }
                 if !whole {
                     return Err(Error::Backend {
                         backend: this.to_string(),
@@ -1068,11 +1069,7 @@ impl SqliteCache {
     /// Commit one chunk row in its own short transaction, on the blocking pool, while the caller goes on
     /// hashing the next page (one insert in flight at a time).
     async fn insert_chunk(&self, guard: &mut ChunkGuard, seq: i64, page: Bytes) -> Result<()> {
-        if let Some(previous) = guard.pending.take() {
-            previous
-                .await
-                .unwrap_or_else(|e| Err(Error::stream(format!("chunk insert failed: {e}"))))?;
-        }
+        guard.finish_pending().await?;
         let this = self.clone();
         let id = guard.id.clone();
         guard.pending = Some(tokio::task::spawn_blocking(move || {
