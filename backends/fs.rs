@@ -224,9 +224,13 @@ pub fn digest_in_name(reference: &str) -> Option<&str> {
 /// Removes a temp file when dropped, unless disarmed after a successful rename.
 struct TempFile {
     path: Option<PathBuf>,
-    /// Set when dropped armed: a creation still running on the blocking pool for a caller that is
-    /// gone ([`TempFile::create`]) then removes the file it made itself.
+    /// Set when dropped armed: a creation or publication still running on the blocking pool for a
+    /// caller that is gone ([`TempFile::create`], [`TempFile::publish`]) then undoes itself.
     abandoned: Arc<AtomicBool>,
+    /// Where [`TempFile::publish`] renames the file, and whether it has: dropped armed after that, the
+    /// guard removes the published file (its writer never learnt of it).
+    dest: Option<PathBuf>,
+    published: Arc<AtomicBool>,
 }
 
 impl TempFile {
@@ -234,7 +238,46 @@ impl TempFile {
         TempFile {
             path: Some(path),
             abandoned: Arc::new(AtomicBool::new(false)),
+            dest: None,
+            published: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Closes `file` and renames it to `name` in `root`'s `blobs/` on the blocking pool, then fsyncs the
+    /// directory if `durable`. A caller dropped while this runs publishes nothing: the guard and the
+    /// rename each set their own flag before they look at the other's, so whichever comes second
+    /// removes the published file.
+    async fn publish(
+        &mut self,
+        cache: &FsCache,
+        file: File,
+        name: String,
+        durable: bool,
+    ) -> Result<()> {
+        let tmp = self
+            .path
+            .clone()
+            .ok_or_else(|| Error::stream("the temp file was disarmed"))?;
+        let dest = cache.root.join("blobs").join(name);
+        self.dest = Some(dest.clone());
+        let (abandoned, published) = (self.abandoned.clone(), self.published.clone());
+        let cache = cache.clone();
+        blocking(move || {
+            drop(file); // closed before the rename (fsynced already by the writer when durable)
+            cache.work_dir_for_write("blobs")?;
+            fs::rename(&tmp, &dest).map_err(|e| Error::io("rename into place", &dest, e))?;
+            published.store(true, Ordering::SeqCst);
+            if abandoned.load(Ordering::SeqCst) {
+                let _ = fs::remove_file(&dest);
+                return Err(Error::stream("the write was dropped"));
+            }
+            if durable {
+                let dir = dest.parent().unwrap_or(&cache.root);
+                sync_dir(dir).map_err(|e| Error::io("fsync directory", dir, e))?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Creates the file on the blocking pool, in `root`'s `tmp/` (made again if missing). Guarded
@@ -268,6 +311,11 @@ impl Drop for TempFile {
         if let Some(path) = self.path.take() {
             self.abandoned.store(true, Ordering::SeqCst);
             let _ = fs::remove_file(path);
+            if let Some(dest) = &self.dest {
+                if self.published.load(Ordering::SeqCst) {
+                    let _ = fs::remove_file(dest);
+                }
+            }
         }
     }
 }
@@ -999,20 +1047,7 @@ impl OutputCache for FsCache {
         let digest_hex = digest.clone().sha256_hex();
         let file_name = format!("{name}.{digest_hex}{REF_SUFFIX}");
         let reference = format!("{REF_PREFIX}{file_name}");
-        let tmp_for_publish = tmp.clone();
-        let this = self.clone();
-        blocking(move || {
-            let dest_for_publish = this.work_dir_for_write("blobs")?.join(file_name);
-            drop(file); // already fsynced by the writer when durable
-            fs::rename(&tmp_for_publish, &dest_for_publish)
-                .map_err(|e| Error::io("rename into place", &dest_for_publish, e))?;
-            if durable {
-                let dir = dest_for_publish.parent().unwrap_or(&this.root);
-                sync_dir(dir).map_err(|e| Error::io("fsync directory", dir, e))?;
-            }
-            Ok(())
-        })
-        .await?;
+        guard.publish(self, file, file_name, durable).await?;
         guard.disarm();
         Ok(digest.into_ref(reference, meta))
     }
