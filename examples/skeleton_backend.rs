@@ -201,10 +201,12 @@ impl OutputCache for SkeletonBackend {
         // The name carries the owning row's key tag (the ownership rule) and is unique per write.
         let name = blob_name(meta);
         let tmp = self.dir.join(format!("tmp-{name}"));
-        let mut file = tokio::fs::File::create_new(&tmp)
-            .await
-            .map_err(io("create", &tmp))?;
+        // Created and guarded with no await in between (one quick syscall, so done in place): a
+        // caller dropped while an awaited creation ran on the blocking pool would leave the file
+        // behind with no guard to remove it (the suite's `write_dropped_at_any_await_leaves_nothing`).
+        let file = std::fs::File::create_new(&tmp).map_err(io("create", &tmp))?;
         let guard = TempFile(Some(tmp.clone()));
+        let mut file = tokio::fs::File::from_std(file);
         let mut digest = BlobDigest::new();
         while let Some(chunk) = data.next().await {
             let chunk = chunk?; // the producer's error; the guard removes the temp
@@ -214,9 +216,9 @@ impl OutputCache for SkeletonBackend {
         file.sync_all().await.map_err(io("fsync", &tmp))?;
         drop(file);
         let dest = self.dir.join(&name);
-        tokio::fs::rename(&tmp, &dest)
-            .await
-            .map_err(io("publish", &dest))?;
+        // Renamed and disarmed with no await in between, for the same reason: a rename still running
+        // for a dropped caller would publish a blob nobody was told of.
+        std::fs::rename(&tmp, &dest).map_err(io("publish", &dest))?;
         std::mem::forget(guard); // published: nothing to remove
         Ok(digest.into_ref(format!("{REF_PREFIX}{name}"), meta))
     }
