@@ -76,6 +76,23 @@ pub enum Error {
         reason: String,
     },
 
+    /// Rows the janitor cannot read stop its orphan sweep: the blobs they reference cannot be told from
+    /// orphans. The prune that met them removed nothing; without the sweep the rest of it can run.
+    #[error(
+        "{rows} row(s) {why} (first: {first}); the blobs such rows reference cannot be seen, so \
+             the orphan sweep stops here. {remedy}"
+    )]
+    OrphanSweepBlocked {
+        /// How many such rows were listed.
+        rows: u64,
+        /// The first one's id and what is wrong with it.
+        first: String,
+        /// What the rows are: `cannot be decoded` or `were written by a newer outcache`.
+        why: &'static str,
+        /// What the operator can do about them.
+        remedy: &'static str,
+    },
+
     /// A store location that exists but is not an outcache store of a version this build can use (a
     /// foreign or corrupt database file, a newer schema). Nothing in it is modified or deleted.
     #[error("{location} is not a usable outcache store: {reason}")]

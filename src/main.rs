@@ -201,6 +201,8 @@ fn main() -> ExitCode {
             eprintln!("outcache: error: {e}");
             ExitCode::from(match e {
                 Error::Integrity { .. } => 3,
+                // Refused as asked, as bad input is: the operator must act (`--corrupt`) first.
+                Error::OrphanSweepBlocked { .. } => 2,
                 ref e if e.is_input_error() => 2,
                 _ => 1,
             })

@@ -840,7 +840,18 @@ fn the_janitor_runs_on_a_schedule() {
     cmd.arg("--tokens-file")
         .arg(dir.path().join("tokens"))
         .args(["--prune-every", "500ms", "--older-than", "1s"]);
-    let (mut server, base, _, said) = started(cmd);
+    let (mut server, base, _, mut said) = started(cmd);
+    // Without --orphans nothing removes what re-uploads and crashes leave: the operator is told.
+    let warned = said
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.contains("--orphans") || l.contains("janitor removed"));
+    assert!(
+        warned
+            .as_deref()
+            .is_some_and(|l| l.contains("without --orphans")),
+        "no warning about the orphans left: {warned:?}"
+    );
     drain(said);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = reqwest::Client::new();
@@ -879,4 +890,91 @@ fn the_janitor_runs_on_a_schedule() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A row the janitor cannot read stops its orphan sweep (the blobs it references cannot be told from
+/// orphans), but not the size budget: the server would otherwise never prune again and fill its
+/// disk. The refusal is reported, and the rest of the prune runs.
+#[test]
+fn an_unreadable_row_does_not_stop_the_scheduled_size_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("fs://{}/cache", dir.path().display());
+    std::fs::write(dir.path().join("tokens"), "rw ccache-token\n").unwrap();
+    let mut cmd = serve_command(&url, "127.0.0.1:0");
+    cmd.arg("--tokens-file")
+        .arg(dir.path().join("tokens"))
+        .args([
+            "--prune-every",
+            "300ms",
+            "--max-size",
+            "2500KiB",
+            "--orphans",
+        ]);
+    let (mut server, base, _, said) = started(cmd);
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let heard = lines.clone();
+    std::thread::spawn(move || {
+        for line in said.map_while(Result::ok) {
+            heard.lock().unwrap().push(line);
+        }
+    });
+    let garbled = dir.path().join("cache/rows/t");
+    std::fs::create_dir_all(&garbled).unwrap();
+    std::fs::write(
+        garbled.join(format!("{}.json", "b".repeat(64))),
+        b"not a row",
+    )
+    .unwrap();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = reqwest::Client::new();
+    let status = |request: reqwest::RequestBuilder| {
+        rt.block_on(async { request.send().await.unwrap().status() })
+    };
+    for i in 0..4 {
+        let put = client
+            .put(format!("{base}/big{i}"))
+            .bearer_auth("ccache-token")
+            .body(vec![i as u8; 1 << 20]);
+        assert_eq!(status(put), reqwest::StatusCode::OK);
+    }
+    let removed = || -> u64 {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| l.strip_prefix("outcache serve: janitor removed "))
+            .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while removed() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let said = lines.lock().unwrap().join("\n");
+    assert!(
+        removed() >= 2,
+        "the size budget never ran past the unreadable row:\n{said}"
+    );
+    assert!(
+        said.contains("cannot be decoded") && said.contains("without the orphan sweep"),
+        "the refusal was not reported:\n{said}"
+    );
+    let hits = (0..4)
+        .filter(|i| {
+            let get = client
+                .get(format!("{base}/big{i}"))
+                .bearer_auth("ccache-token");
+            status(get) == reqwest::StatusCode::OK
+        })
+        .count();
+    assert!(
+        hits <= 2,
+        "{hits} of 4 MiB-sized entries kept under 2500 KiB"
+    );
+    assert!(
+        garbled.join(format!("{}.json", "b".repeat(64))).exists(),
+        "the unreadable row was removed without --corrupt"
+    );
+    unsafe_kill(&mut server);
 }

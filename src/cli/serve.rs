@@ -156,16 +156,22 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                match outcache::janitor::prune(backend.as_ref(), &options, |_| {}).await {
-                    Ok(r) => eprintln!(
-                        "outcache serve: janitor removed {} rows, {} blobs, {} temps",
-                        r.rows_removed, r.blobs_removed, r.temps_removed
-                    ),
-                    Err(e) => eprintln!("outcache serve: janitor: {e}"),
-                }
+                scheduled_prune(backend.as_ref(), &options).await;
             }
         })
     });
+    if settings.prune_every.is_some() && !settings.orphans {
+        eprintln!(
+            "outcache serve: warning: the janitor runs without --orphans: a key uploaded again leaves \
+             its old blob behind, and an upload cut off by a crash its temp file; nothing removes \
+             them{}",
+            if settings.max_size.is_some() {
+                ", and --max-size evicts live entries to make room for them"
+            } else {
+                ""
+            }
+        );
+    }
     if let (Some(path), Some(hangups)) = (settings.tokens_file.clone(), hangups) {
         tokio::spawn(reload_tokens_on_hangup(hangups, path, tokens.clone()));
     }
@@ -214,6 +220,39 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
         served?;
     }
     Ok(())
+}
+
+/// One run of the server's janitor, reported on stderr. Rows the janitor cannot read stop the orphan
+/// sweep (their blobs cannot be told from orphans) and with it the whole prune: a server would then
+/// never apply its age and size limits again and fill its disk, so the rest of the prune runs
+/// without the sweep, and the refusal is reported each time until an operator removes those rows.
+async fn scheduled_prune(
+    backend: &dyn outcache::OutputCache,
+    options: &outcache::janitor::PruneOptions,
+) {
+    let report = |r: outcache::janitor::PruneReport| {
+        eprintln!(
+            "outcache serve: janitor removed {} rows, {} blobs, {} temps",
+            r.rows_removed, r.blobs_removed, r.temps_removed
+        )
+    };
+    match outcache::janitor::prune(backend, options, |_| {}).await {
+        Ok(r) => report(r),
+        Err(e @ outcache::Error::OrphanSweepBlocked { .. }) => {
+            eprintln!("outcache serve: janitor: {e}");
+            if options.older_than.is_none() && options.max_size.is_none() {
+                return;
+            }
+            let mut rest = options.clone();
+            rest.orphans = false;
+            eprintln!("outcache serve: janitor: pruning by age and size without the orphan sweep");
+            match outcache::janitor::prune(backend, &rest, |_| {}).await {
+                Ok(r) => report(r),
+                Err(e) => eprintln!("outcache serve: janitor: {e}"),
+            }
+        }
+        Err(e) => eprintln!("outcache serve: janitor: {e}"),
+    }
 }
 
 /// Descriptors kept back for the process itself (the cache's database, logs, the janitor).

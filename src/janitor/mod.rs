@@ -36,7 +36,9 @@
 //!   the temps of writes still streaming.
 //! - **Rows it cannot read stop the orphan sweep**, since the blobs they reference cannot be seen:
 //!   garbled rows until removed with `--corrupt`, rows of a newer format version (a newer outcache
-//!   shares the cache) always — those are never removed. (An object store with a refs index reads
+//!   shares the cache) always — those are never removed. The prune fails with
+//!   [`Error::OrphanSweepBlocked`] and removes nothing; `outcache serve`'s schedule then prunes by age
+//!   and size without the sweep. (An object store with a refs index reads
 //!   only the rows marked as holding refs; a row without a marker held none when written.) Foreign
 //!   entries (links, FIFOs where the cache keeps files) are reported and never touched.
 

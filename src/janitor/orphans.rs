@@ -54,27 +54,21 @@ pub(super) async fn referenced_refs(
         runs_spilled = referenced.runs_spilled(),
         "refs listed"
     );
-    if let (n, Some(c)) = newer {
-        return Err(Error::InvalidInput {
-            what: "prune".into(),
-            reason: format!(
-                "{n} was written by a newer outcache (first: {}: {}); the blobs such rows \
-                 reference cannot be seen, so the orphan sweep stops here. Run the sweep with the \
-                 newer version",
-                c.id, c.reason
-            ),
+    if let (rows, Some(c)) = newer {
+        return Err(Error::OrphanSweepBlocked {
+            rows,
+            first: format!("{}: {}", c.id, c.reason),
+            why: "were written by a newer outcache",
+            remedy: "Run the sweep with the newer version",
         });
     }
-    if let (n, Some(c)) = garbled {
+    if let (rows, Some(c)) = garbled {
         if !options.corrupt {
-            return Err(Error::InvalidInput {
-                what: "prune".into(),
-                reason: format!(
-                    "{n} row(s) cannot be decoded (first: {}: {}); their blobs cannot be told from \
-                     orphans, so the orphan sweep stops here. Remove them with --corrupt (see them \
-                     with --dry-run --corrupt)",
-                    c.id, c.reason
-                ),
+            return Err(Error::OrphanSweepBlocked {
+                rows,
+                first: format!("{}: {}", c.id, c.reason),
+                why: "cannot be decoded",
+                remedy: "Remove them with --corrupt (see them with --dry-run --corrupt)",
             });
         }
     }
