@@ -73,11 +73,18 @@ fn said_after_the_address(cmd: Command) -> Vec<String> {
     said.map_while(Result::ok).collect()
 }
 
-/// The server on `url`, on an ephemeral port; returns the child and `http://127.0.0.1:PORT`.
-fn serve(url: &str, dir: &Path, extra_env: &[(&str, &str)]) -> (Child, String) {
+/// The server on `url` on an ephemeral port, its tokens file in `dir` holding the read-write token
+/// `ccache-token`.
+fn serve_with_token(url: &str, dir: &Path) -> Command {
     std::fs::write(dir.join("tokens"), "rw ccache-token\n").unwrap();
     let mut cmd = serve_command(url, "127.0.0.1:0");
     cmd.arg("--tokens-file").arg(dir.join("tokens"));
+    cmd
+}
+
+/// The server on `url`, on an ephemeral port; returns the child and `http://127.0.0.1:PORT`.
+fn serve(url: &str, dir: &Path, extra_env: &[(&str, &str)]) -> (Child, String) {
+    let mut cmd = serve_with_token(url, dir);
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
@@ -835,11 +842,8 @@ fn concurrent_large_uploads_keep_the_servers_memory_flat() {
 fn the_janitor_runs_on_a_schedule() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("fs://{}/cache", dir.path().display());
-    std::fs::write(dir.path().join("tokens"), "rw ccache-token\n").unwrap();
-    let mut cmd = serve_command(&url, "127.0.0.1:0");
-    cmd.arg("--tokens-file")
-        .arg(dir.path().join("tokens"))
-        .args(["--prune-every", "500ms", "--older-than", "1s"]);
+    let mut cmd = serve_with_token(&url, dir.path());
+    cmd.args(["--prune-every", "500ms", "--older-than", "1s"]);
     let (mut server, base, _, mut said) = started(cmd);
     // Without --orphans nothing removes what re-uploads and crashes leave: the operator is told.
     let warned = said
@@ -899,17 +903,14 @@ fn the_janitor_runs_on_a_schedule() {
 fn an_unreadable_row_does_not_stop_the_scheduled_size_budget() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("fs://{}/cache", dir.path().display());
-    std::fs::write(dir.path().join("tokens"), "rw ccache-token\n").unwrap();
-    let mut cmd = serve_command(&url, "127.0.0.1:0");
-    cmd.arg("--tokens-file")
-        .arg(dir.path().join("tokens"))
-        .args([
-            "--prune-every",
-            "300ms",
-            "--max-size",
-            "2500KiB",
-            "--orphans",
-        ]);
+    let mut cmd = serve_with_token(&url, dir.path());
+    cmd.args([
+        "--prune-every",
+        "300ms",
+        "--max-size",
+        "2500KiB",
+        "--orphans",
+    ]);
     let (mut server, base, _, said) = started(cmd);
     let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let heard = lines.clone();
