@@ -104,11 +104,13 @@ impl Tokens {
     /// What the request's `Authorization` header allows: `Bearer TOKEN`, or `Basic` with the token as
     /// the password (the user is ignored), which is how ccache sends `http://user:TOKEN@host/`.
     pub fn access(&self, headers: &HeaderMap) -> Access {
-        let Some(value) = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-        else {
+        let Some(value) = headers.get(header::AUTHORIZATION) else {
             return Access::Anonymous;
+        };
+        // Credentials that are not even text match no token: refused as any wrong token is, not
+        // served as if none were sent.
+        let Ok(value) = value.to_str() else {
+            return Access::Denied;
         };
         // The scheme is case-insensitive (RFC 9110 §11.1): some clients send `bearer`.
         let (scheme, credentials) = value.split_once(' ').unwrap_or((value, ""));
@@ -184,5 +186,11 @@ mod tests {
             assert_eq!(tokens.access(&with(header)), access, "{header}");
         }
         assert_eq!(tokens.access(&HeaderMap::new()), Access::Anonymous);
+        let mut not_text = HeaderMap::new();
+        not_text.insert(
+            header::AUTHORIZATION,
+            axum::http::HeaderValue::from_bytes(b"Bearer \xffsecret").unwrap(),
+        );
+        assert_eq!(tokens.access(&not_text), Access::Denied);
     }
 }
