@@ -212,6 +212,57 @@ async fn cas_digest_refusal(size: usize) {
     );
 }
 
+/// Bazel under an instance prefix (`--remote_cache=http://host/linux`) is still Bazel: its CAS
+/// uploads are checked against their digest (not stored as plain keys), and each prefix is a cache
+/// of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bazel_under_an_instance_prefix_checks_digests_and_keeps_instances_apart() {
+    let server = start("fs", writer()).await;
+    let client = reqwest::Client::new();
+    let body = pattern(100_000);
+    let digest = outcache::wire::hex(&Sha256::digest(&body));
+    let base = &server.base;
+
+    let wrong = format!("{base}/linux/cas/{}", "0".repeat(64));
+    let refused = client.put(&wrong).body(body.clone()).send().await.unwrap();
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(blobs(&server).await, 0, "a refused upload was stored");
+
+    let good = format!("{base}/linux/cas/{digest}");
+    assert_eq!(put(&client, &good, body.clone()).await, StatusCode::OK);
+    assert_eq!(get_body(&client, &good).await.as_ref(), body.as_slice());
+    let ac = format!("{base}/team/linux/ac/{}", "b".repeat(64));
+    assert_eq!(put(&client, &ac, "result").await, StatusCode::OK);
+    assert_eq!(get_body(&client, &ac).await.as_ref(), b"result");
+
+    for elsewhere in [
+        format!("{base}/cas/{digest}"),
+        format!("{base}/mac/cas/{digest}"),
+        format!("{base}/ac/{}", "b".repeat(64)),
+        format!("{base}/linux/ac/{}", "b".repeat(64)),
+    ] {
+        let status = client.get(&elsewhere).send().await.unwrap().status();
+        assert_eq!(status, StatusCode::NOT_FOUND, "{elsewhere}");
+    }
+    let metrics = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // Counted as Bazel's, not as plain keys.
+    for line in [
+        "outcache_serve_uploads_refused_total{protocol=\"bazel_cas\"} 1",
+        "outcache_serve_uploads_stored_total{protocol=\"bazel_cas\"} 1",
+        "outcache_serve_uploads_stored_total{protocol=\"bazel_ac\"} 1",
+        "outcache_serve_uploads_stored_total{protocol=\"http\"} 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}:\n{metrics}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversize_upload_is_refused_and_nothing_is_stored() {
     let server = start(

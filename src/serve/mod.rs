@@ -7,8 +7,9 @@
 //!   `GET`/`HEAD`/`PUT`/`DELETE /<any path>`; the path is the key, so ccache's `flat` and `subdirs`
 //!   layouts work as they are (task type `http`).
 //! - **Bazel HTTP cache**: `/ac/<sha256>` (task type `bazel/ac`) and `/cas/<sha256>` (`bazel/cas`), where
-//!   an upload whose bytes do not hash to its key is refused and never stored. ccache's `bazel` layout
-//!   lands here too.
+//!   an upload whose bytes do not hash to its key is refused and never stored; under an instance
+//!   prefix too (`/<instance>/ac/<sha256>`, a cache of its own). ccache's `bazel` layout lands here
+//!   too.
 //! - **Turborepo remote cache** (API v8): `GET`/`HEAD`/`PUT /v8/artifacts/:hash` (task type
 //!   `turbo/<team>`, from `teamId` or `slug`), with `x-artifact-duration` and `x-artifact-tag` kept and
 //!   returned; `POST /v8/artifacts` (what the cache holds of a list of hashes); `GET
@@ -328,7 +329,7 @@ async fn bazel_ac(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    bazel(&state, false, &digest, method, &headers, body).await
+    bazel(&state, None, false, &digest, method, &headers, body).await
 }
 
 async fn bazel_cas(
@@ -338,13 +339,27 @@ async fn bazel_cas(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    bazel(&state, true, &digest, method, &headers, body).await
+    bazel(&state, None, true, &digest, method, &headers, body).await
+}
+
+/// A Bazel path under an instance prefix, as `--remote_cache=http://host/INSTANCE` sends it:
+/// `INSTANCE/ac/<digest>` or `INSTANCE/cas/<digest>` gives `(INSTANCE, cas, digest)`.
+fn bazel_instance_path(key: &str) -> Option<(&str, bool, &str)> {
+    let (rest, digest) = key.rsplit_once('/')?;
+    let (instance, store) = rest.rsplit_once('/')?;
+    let cas = match store {
+        "ac" => false,
+        "cas" => true,
+        _ => return None,
+    };
+    (!instance.is_empty() && is_sha256_hex(digest)).then_some((instance, cas, digest))
 }
 
 /// The action cache (`cas: false`: any bytes under a digest key) or the content-addressed store
 /// (`cas: true`: an upload must hash to its key).
 async fn bazel(
     state: &Served,
+    instance: Option<&str>,
     cas: bool,
     digest: &str,
     method: Method,
@@ -355,7 +370,12 @@ async fn bazel(
         return status(StatusCode::BAD_REQUEST, "the key must be 64 hex digits");
     }
     let digest = digest.to_ascii_lowercase();
-    let key = json!({ "digest": digest });
+    // Each instance prefix is a cache of its own (`linux/ac/D` is not `ac/D`); no prefix keeps the
+    // key entries were stored under before prefixes were told apart.
+    let key = match instance {
+        Some(instance) => json!({ "digest": digest, "instance": instance }),
+        None => json!({ "digest": digest }),
+    };
     let (protocol, task) = if cas {
         (Protocol::BazelCas, "bazel/cas")
     } else {
@@ -377,6 +397,10 @@ async fn key_value(
             StatusCode::BAD_REQUEST,
             "a key is a path of 1 to 1024 bytes without . or .. segments",
         );
+    }
+    if let Some((instance, cas, digest)) = bazel_instance_path(&key) {
+        // Bazel's under a prefix: its CAS uploads are checked against their digest like the others.
+        return bazel(&state, Some(instance), cas, digest, method, &headers, body).await;
     }
     let key = json!({ "key": key });
     handle(
