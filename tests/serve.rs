@@ -252,6 +252,18 @@ async fn bazel_under_an_instance_prefix_checks_digests_and_keeps_instances_apart
         .text()
         .await
         .unwrap();
+    // A 405 names the methods the route takes (RFC 9110): Bazel's entries are not deleted by clients.
+    for (url, allow) in [
+        (&ac, "GET, HEAD, PUT, POST"),
+        (&format!("{base}/plain-key"), "GET, HEAD, PUT, POST, DELETE"),
+    ] {
+        let patch = client.patch(url).send().await.unwrap();
+        assert_eq!(patch.status(), StatusCode::METHOD_NOT_ALLOWED, "{url}");
+        assert_eq!(patch.headers()["allow"], allow, "{url}");
+    }
+    let delete = client.delete(&ac).send().await.unwrap();
+    assert_eq!(delete.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(get_body(&client, &ac).await.as_ref(), b"result");
     // Counted as Bazel's, not as plain keys.
     for line in [
         "outcache_serve_uploads_refused_total{protocol=\"bazel_cas\"} 1",
@@ -1087,4 +1099,5 @@ async fn turborepo_artifacts_keep_their_duration_and_tag_per_team() {
         .await
         .unwrap();
     assert_eq!(post.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(post.headers()["allow"], "GET, HEAD, PUT");
 }

@@ -285,6 +285,15 @@ fn status(code: StatusCode, text: impl Into<String>) -> Response {
     (code, format!("{}\n", text.into())).into_response()
 }
 
+/// 405 for a method the route does not take, with the `Allow` header RFC 9110 asks for.
+fn not_allowed(allow: &'static str) -> Response {
+    let mut response = status(StatusCode::METHOD_NOT_ALLOWED, format!("allowed: {allow}"));
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    response
+}
+
 /// The response for a request `access` does not allow for `method` (401 without a token, 403 with one).
 fn check(state: &Served, headers: &HeaderMap, method: &Method) -> Option<Response> {
     let access = state.options.tokens.access(headers);
@@ -444,10 +453,8 @@ async fn handle(
                 Err(e) => backend_error(state, protocol, &e),
             }
         }
-        _ => status(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "GET, HEAD, PUT (DELETE for keys)",
-        ),
+        _ if protocol == Protocol::KeyValue => not_allowed("GET, HEAD, PUT, POST, DELETE"),
+        _ => not_allowed("GET, HEAD, PUT, POST"),
     }
 }
 

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::metrics::Protocol;
-use super::{Served, check, handle, status as reply};
+use super::{Served, check, handle, not_allowed, status as reply};
 
 const DURATION: &str = "x-artifact-duration";
 const TAG: &str = "x-artifact-tag";
@@ -82,7 +82,7 @@ pub(super) async fn query(
     body: Body,
 ) -> Response {
     if method != Method::POST {
-        return reply(StatusCode::METHOD_NOT_ALLOWED, "POST a query of hashes");
+        return not_allowed("POST");
     }
     if let Some(refused) = check(&state, &headers, &Method::GET) {
         return refused;
@@ -160,10 +160,7 @@ pub(super) async fn artifact(
     body: Body,
 ) -> Response {
     if !matches!(method, Method::GET | Method::HEAD | Method::PUT) {
-        return reply(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "GET, HEAD or PUT an artifact",
-        );
+        return not_allowed("GET, HEAD, PUT");
     }
     if !valid_hash(&hash) {
         return reply(StatusCode::BAD_REQUEST, HASH_RULE);
