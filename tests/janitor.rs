@@ -79,7 +79,7 @@ async fn seed(cache: &Cache, old_temp: impl FnOnce(), fresh_temp: impl FnOnce())
         .put_stream(
             "new/blobs",
             &json!({}),
-            bytes(7000, 9),
+            bytes(300_000, 9),
             BlobOptions::default(),
         )
         .await
@@ -595,4 +595,89 @@ async fn a_size_budget_too_large_to_hold_evicts_the_same_rows() {
             );
         }
     }
+}
+
+/// `stats` counts each task type's rows and the blobs they own, not the blobs they only cite nor
+/// orphans, the same whether its sorted runs stay in memory or spill a line at a time.
+async fn stats_attribute_owned_blobs(cache: Cache) {
+    for i in 0..3u8 {
+        cache
+            .put_stream(
+                "build/big",
+                &json!({ "i": i }),
+                bytes(200_000 + i as usize, i),
+                BlobOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+    // A row citing a build's blob owns none of it.
+    let cited = cache
+        .get("build/big", &json!({ "i": 0 }))
+        .await
+        .unwrap()
+        .unwrap();
+    cache
+        .put("bundle/cites", &json!({}), &json!({ "from": cited }))
+        .await
+        .unwrap();
+    // Overwritten: the old blob is an orphan until the sweep.
+    cache
+        .put_stream(
+            "build/big",
+            &json!({ "i": 2 }),
+            bytes(300_000, 9),
+            BlobOptions::default(),
+        )
+        .await
+        .unwrap();
+    let backend = cache.backend().as_ref();
+    let held = inventory(backend, 10).await.unwrap();
+    let spilled = outcache::janitor::inventory_spilling(backend, 10, 1)
+        .await
+        .unwrap();
+    assert_eq!(held, spilled, "spilling changed what stats counts");
+    let listed = cache.backend().list_blobs().await.unwrap();
+    assert_eq!((held.rows, held.blobs), (4, 4), "{held:?} {listed:?}");
+    let usage = |task: &str| {
+        held.top_task_types
+            .iter()
+            .find(|t| t.task_type == task)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {task} in {:?}", held.top_task_types))
+    };
+    let (big, cites) = (usage("build/big"), usage("bundle/cites"));
+    assert_eq!(big.rows, 3);
+    // Where rows were only listed (an object store), a row owns every blob carrying its key's tag
+    // written before it, its overwritten one too: the row's delete takes them all.
+    let orphan = if held.rows_read { 0 } else { 200_002 };
+    assert_eq!(
+        big.bytes + cites.bytes,
+        held.row_bytes + 200_000 + 200_001 + 300_000 + orphan,
+        "owned blobs counted once, the orphan only where the row's delete takes it: {held:?}"
+    );
+    assert!(
+        cites.bytes < 1000,
+        "the citing row was charged for the blob it cites: {cites:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_attribute_owned_blobs_on_fs_sqlite_and_an_object_store() {
+    let dir = tempfile::tempdir().unwrap();
+    for url in [
+        format!("fs://{}/fs", dir.path().display()),
+        format!("sqlite://{}/cache.db", dir.path().display()),
+    ] {
+        stats_attribute_owned_blobs(Cache::open(&url).unwrap()).await;
+    }
+    std::fs::create_dir_all(dir.path().join("objects")).unwrap();
+    let local =
+        object_store::local::LocalFileSystem::new_with_prefix(dir.path().join("objects")).unwrap();
+    let objects = outcache::backends::object::ObjectCache::new(
+        Arc::new(local),
+        object_store::path::Path::from("cache"),
+        "local",
+    );
+    stats_attribute_owned_blobs(Cache::new(Arc::new(objects))).await;
 }

@@ -165,7 +165,7 @@ async fn the_orphan_sweep_needs_no_more_memory_for_a_cache_four_times_larger() {
     );
 }
 
-/// A cache on local disk with `rows` small rows (no blobs: the blob listing is held whole by `stats`).
+/// A cache on local disk with `rows` small rows and no blobs.
 async fn rows_only(dir: std::path::PathBuf, rows: usize) -> ObjectCache {
     let local = LocalFileSystem::new_with_prefix(dir).unwrap();
     let cache = ObjectCache::new(Arc::new(local), Path::from("cache"), "local");
@@ -186,22 +186,37 @@ async fn rows_only(dir: std::path::PathBuf, rows: usize) -> ObjectCache {
     cache
 }
 
+/// `stats` holds neither listing whole: which blobs each task type's rows own is found by joining
+/// sorted runs (small ones here, so the larger cache spills many), and the bytes still add up.
 #[tokio::test(flavor = "current_thread")]
-async fn stats_needs_no_more_memory_for_four_times_the_rows() {
+async fn stats_needs_no_more_memory_for_four_times_the_rows_and_blobs() {
     let _turn = SERIAL.lock().await;
-    let (small, large, _dirs) = pair(rows_only, 2_000).await;
+    let (small, large, _dirs) = pair(seeded, 1_500).await;
     let mut peaks = Vec::new();
-    for (cache, rows) in [(&small, 2_000), (&large, 8_000)] {
-        let (peak, inv) = peak_of(outcache::janitor::inventory(cache, 5)).await;
+    for (cache, rows) in [(&small, 1_500u64), (&large, 6_000)] {
+        let (peak, inv) = peak_of(outcache::janitor::inventory_spilling(cache, 5, 200)).await;
         let inv = inv.unwrap();
         peaks.push(peak);
-        assert_eq!(inv.rows, rows);
+        assert_eq!((inv.rows, inv.blobs), (rows, 2 * rows));
         assert!(
             !inv.rows_read,
             "an object store lists rows for stats, never reads them"
         );
+        // The rows own the kept blobs; the orphans are nobody's.
+        let kept: u64 = (0..rows).map(|i| format!("kept {i}").len() as u64).sum();
+        assert_eq!(inv.top_task_types.len(), 1, "{:?}", inv.top_task_types);
+        let top = &inv.top_task_types[0];
+        assert_eq!(
+            (top.task_type.as_str(), top.rows, top.bytes),
+            ("app/build", rows, inv.row_bytes + kept)
+        );
     }
-    assert_flat("stats", &peaks, "2 000 rows", "8 000");
+    assert_flat(
+        "stats",
+        &peaks,
+        "1 500 rows and 3 000 blobs",
+        "four times as many",
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]

@@ -60,6 +60,7 @@ pub use spill::DEFAULT_SPILL_LINES;
 mod lru;
 mod orphans;
 mod spill;
+mod usage;
 
 use orphans::{OrphanReader, OrphanRule, blob_line, nanos, referenced_refs, spill_failed};
 
@@ -868,34 +869,37 @@ pub struct TaskTypeUsage {
     pub bytes: u64,
 }
 
-/// Count what the cache holds; `top` task types by bytes. The rows are taken a page at a time
-/// ([`OutputCache::shallow_row_pages`]): only the blob listing and one page of rows are held.
+/// Count what the cache holds; `top` task types by bytes. Rows and blobs are taken a page at a time
+/// ([`OutputCache::shallow_row_pages`], [`OutputCache::blob_pages`]); which blobs each task type's
+/// rows own is found by joining sorted runs that spill to temp files past [`DEFAULT_SPILL_LINES`]
+/// lines, so memory stays bounded however large the cache (`usage`).
 pub async fn inventory(backend: &dyn OutputCache, top: usize) -> Result<Inventory> {
-    let blobs = backend.list_blobs().await?;
+    inventory_spilling(backend, top, DEFAULT_SPILL_LINES).await
+}
+
+/// [`inventory`], keeping at most `spill_lines` lines of each sorted run in memory before spilling
+/// it to a temp file (0: [`DEFAULT_SPILL_LINES`]).
+pub async fn inventory_spilling(
+    backend: &dyn OutputCache,
+    top: usize,
+    spill_lines: usize,
+) -> Result<Inventory> {
+    let spill_lines = match spill_lines {
+        0 => DEFAULT_SPILL_LINES,
+        n => n,
+    };
     let mut inv = Inventory {
         rows_read: true,
         storage_bytes: backend.storage_bytes().await?,
         ..Inventory::default()
     };
-    for b in &blobs {
-        match b.state {
-            BlobState::Published => {
-                inv.blobs += 1;
-                inv.blob_bytes += b.size;
-            }
-            BlobState::Temp => {
-                inv.temps += 1;
-                inv.temp_bytes += b.size;
-            }
-            BlobState::Foreign => inv.foreign_entries += 1,
-        }
-    }
-    // Built with the first page, which says whether rows were read or only listed.
-    let mut owned: Option<Ownership> = None;
+    // Rows first: whether they were read or only listed decides how blobs are matched to them.
+    // Built with the first page, which says so.
+    let mut usage: Option<usage::Usage> = None;
     let mut per_task: HashMap<String, TaskTypeUsage> = HashMap::new();
     let mut pages = backend.shallow_row_pages();
     while let Some(page) = pages.try_next().await? {
-        let owned = owned.get_or_insert_with(|| Ownership::new(&blobs, page.listing_only));
+        let usage = usage.get_or_insert_with(|| usage::Usage::new(page.listing_only, spill_lines));
         inv.rows_read &= !page.listing_only;
         for c in &page.unreadable {
             match c.kind {
@@ -914,14 +918,38 @@ pub async fn inventory(backend: &dyn OutputCache, top: usize) -> Result<Inventor
             let ms = crate::layout::millis(r.created_at);
             inv.oldest_ms = Some(inv.oldest_ms.map_or(ms, |o| o.min(ms)));
             inv.newest_ms = Some(inv.newest_ms.map_or(ms, |n| n.max(ms)));
-            let usage = per_task
+            let entry = per_task
                 .entry(r.key.task_type().to_owned())
                 .or_insert_with(|| TaskTypeUsage {
                     task_type: r.key.task_type().to_owned(),
                     ..TaskTypeUsage::default()
                 });
-            usage.rows += 1;
-            usage.bytes += r.size + owned.of(backend, r).iter().map(|(_, s)| s).sum::<u64>();
+            entry.rows += 1;
+            entry.bytes += r.size;
+            usage.claim(backend, r).await?;
+        }
+    }
+    let mut usage = usage.unwrap_or_else(|| usage::Usage::new(false, spill_lines));
+    let mut blobs = backend.blob_pages();
+    while let Some(page) = blobs.try_next().await? {
+        for b in page {
+            match b.state {
+                BlobState::Published => {
+                    inv.blobs += 1;
+                    inv.blob_bytes += b.size;
+                }
+                BlobState::Temp => {
+                    inv.temps += 1;
+                    inv.temp_bytes += b.size;
+                }
+                BlobState::Foreign => inv.foreign_entries += 1,
+            }
+            usage.blob(&b).await?;
+        }
+    }
+    for (task_type, bytes) in usage.blob_bytes_per_task_type(backend).await? {
+        if let Some(entry) = per_task.get_mut(&task_type) {
+            entry.bytes += bytes;
         }
     }
     let mut tasks: Vec<TaskTypeUsage> = per_task.into_values().collect();

@@ -134,10 +134,15 @@ fn compact(spilled: Vec<File>) -> io::Result<Vec<File>> {
     Ok(vec![merged])
 }
 
+/// Read buffers of one merge, shared among its runs: however many runs there are (up to
+/// [`MAX_RUNS`]), a merge holds about this much, each run's buffer between 4 and 64 KiB.
+const MERGE_BUFFER_BYTES: usize = 256 << 10;
+
 fn readers(files: Vec<File>) -> Vec<Merged> {
+    let each = (MERGE_BUFFER_BYTES / files.len().max(1)).clamp(4 << 10, 64 << 10);
     files
         .into_iter()
-        .map(|f| Box::new(BufReader::new(f).lines()) as Merged)
+        .map(|f| Box::new(BufReader::with_capacity(each, f).lines()) as Merged)
         .collect()
 }
 
