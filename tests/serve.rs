@@ -67,6 +67,12 @@ async fn get_body(client: &reqwest::Client, url: &str) -> bytes::Bytes {
     client.get(url).send().await.unwrap().bytes().await.unwrap()
 }
 
+/// The server's `/metrics` page.
+async fn metrics_text(client: &reqwest::Client, base: &str) -> String {
+    let body = get_body(client, &format!("{base}/metrics")).await;
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
 /// The temps (writes in flight or abandoned) the cache lists.
 async fn temps(cache: &Cache) -> Vec<outcache::BlobEntry> {
     let listed = cache.backend().list_blobs().await.unwrap();
@@ -244,14 +250,7 @@ async fn bazel_under_an_instance_prefix_checks_digests_and_keeps_instances_apart
         let status = client.get(&elsewhere).send().await.unwrap().status();
         assert_eq!(status, StatusCode::NOT_FOUND, "{elsewhere}");
     }
-    let metrics = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&client, base).await;
     // A 405 names the methods the route takes (RFC 9110): Bazel's entries are not deleted by clients.
     for (url, allow) in [
         (&ac, "GET, HEAD, PUT, POST"),
@@ -459,8 +458,7 @@ async fn a_download_the_client_stops_taking_is_cut_off() {
         "the whole body ({taken} bytes) came through after the client stalled"
     );
     // The client's stall is not the cache failing.
-    let metrics = get_body(&client, &format!("{}/metrics", server.base)).await;
-    let metrics = String::from_utf8_lossy(&metrics);
+    let metrics = metrics_text(&client, &server.base).await;
     assert!(
         metrics.contains("outcache_serve_errors_total{protocol=\"http\"} 0\n"),
         "{metrics}"
@@ -760,11 +758,7 @@ async fn a_blob_that_fails_verification_never_reaches_the_client_whole() {
     let errors = "outcache_serve_errors_total{protocol=\"http\"} 1\n";
     let mut metrics = String::new();
     for _ in 0..100 {
-        metrics = get_body(&client, &format!("{}/metrics", server.base))
-            .await
-            .iter()
-            .map(|&b| b as char)
-            .collect();
+        metrics = metrics_text(&client, &server.base).await;
         if metrics.contains(errors) {
             // And only what went out counts as sent: not the whole blob.
             let sent: u64 = metrics
@@ -794,14 +788,7 @@ async fn metrics_count_hits_misses_and_refusals() {
         .send()
         .await
         .unwrap();
-    let text = client
-        .get(format!("{}/metrics", server.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&client, &server.base).await;
     for line in [
         "outcache_serve_hits_total{protocol=\"http\"} 1",
         "outcache_serve_misses_total{protocol=\"http\"} 1",

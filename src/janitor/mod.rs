@@ -383,10 +383,7 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
     }
     let now = SystemTime::now();
     let grace_cutoff = cutoff(now, options.grace);
-    let spill_lines = match options.spill_lines {
-        0 => spill::DEFAULT_SPILL_LINES,
-        n => n,
-    };
+    let spill_lines = spill::limit(options.spill_lines);
     // Row prunes hold the blob listing (and, but for an age prune alone, the row listing); the orphan
     // sweep streams everything.
     let rows_prune = options.older_than.is_some() || options.max_size.is_some() || options.corrupt;
@@ -884,10 +881,7 @@ pub async fn inventory_spilling(
     top: usize,
     spill_lines: usize,
 ) -> Result<Inventory> {
-    let spill_lines = match spill_lines {
-        0 => DEFAULT_SPILL_LINES,
-        n => n,
-    };
+    let spill_lines = spill::limit(spill_lines);
     let mut inv = Inventory {
         rows_read: true,
         storage_bytes: backend.storage_bytes().await?,

@@ -12,6 +12,14 @@ use crate::error::{Error, Result};
 /// Lines kept in memory before a run is spilled, unless told otherwise: about 20–30 MB of ref names.
 pub const DEFAULT_SPILL_LINES: usize = 200_000;
 
+/// The lines to keep in memory for a caller's `spill_lines` (0: the default).
+pub(crate) fn limit(spill_lines: usize) -> usize {
+    match spill_lines {
+        0 => DEFAULT_SPILL_LINES,
+        n => n,
+    }
+}
+
 /// Runs merged at once: past it, the runs spilled so far are merged into one, so the files (and read
 /// buffers) open at a time stay bounded however many lines come.
 const MAX_RUNS: usize = 64;
