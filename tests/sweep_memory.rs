@@ -237,15 +237,18 @@ async fn index_refs_needs_no_more_memory_for_four_times_the_rows() {
     assert_flat("index-refs", &peaks, "1 500 rows", "6 000");
 }
 
+/// An age prune holds the rows it removes and their blobs, not the listings: the blobs go into small
+/// sorted runs here (the larger cache spills many), and only those of the rows it removes come back.
 #[tokio::test(flavor = "current_thread")]
 async fn an_age_prune_holds_only_the_rows_it_removes() {
     let _turn = SERIAL.lock().await;
-    let (small, large, _dirs) = pair(rows_only, 2_000).await;
+    let (small, large, _dirs) = pair(seeded, 1_500).await;
     let mut peaks = Vec::new();
     for cache in [&small, &large] {
-        // Nothing is an hour old: the listing streams past and nothing is kept.
+        // Nothing is an hour old: the listings stream past and nothing is kept.
         let mut options = PruneOptions::new();
         options.older_than = Some(Duration::from_secs(3600));
+        options.spill_lines = 200;
         let (peak, report) = peak_of(prune(cache, &options, |_| {})).await;
         assert_eq!(report.unwrap().rows_removed, 0);
         peaks.push(peak);
@@ -253,14 +256,33 @@ async fn an_age_prune_holds_only_the_rows_it_removes() {
     assert_flat(
         "an age prune that removes nothing",
         &peaks,
-        "2 000 rows",
-        "8 000",
+        "1 500 rows and 3 000 blobs",
+        "four times as many",
     );
-    // And it still removes what is old: everything, past a zero age.
+    // And it still removes what is old, past a zero age: every row and the blob each owns, counted
+    // (the orphans are no row's: only --orphans takes them).
     let mut options = PruneOptions::new();
     options.older_than = Some(Duration::ZERO);
+    options.spill_lines = 200;
+    let row_bytes = outcache::janitor::inventory(&large, 1)
+        .await
+        .unwrap()
+        .row_bytes;
     let report = prune(&large, &options, |_| {}).await.unwrap();
-    assert_eq!(report.rows_removed, 8_000);
+    let kept: u64 = (0..6_000).map(|i| format!("kept {i}").len() as u64).sum();
+    assert_eq!(
+        (
+            report.rows_removed,
+            report.blobs_removed,
+            report.by_age.bytes
+        ),
+        (6_000, 6_000, row_bytes + kept)
+    );
+    assert_eq!(
+        large.list_blobs().await.unwrap().len(),
+        6_000,
+        "the orphans stay"
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]

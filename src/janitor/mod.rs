@@ -384,9 +384,12 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
     let now = SystemTime::now();
     let grace_cutoff = cutoff(now, options.grace);
     let spill_lines = spill::limit(options.spill_lines);
-    // Row prunes hold the blob listing (and, but for an age prune alone, the row listing); the orphan
-    // sweep streams everything.
+    // Row prunes hold the blob listing (and, but for an age prune alone, the row listing), except an
+    // age prune alone: it sorts the blobs into spilled runs and keeps just those of the rows it
+    // removes (`usage::BlobIndex`). The orphan sweep streams everything.
     let rows_prune = options.older_than.is_some() || options.max_size.is_some() || options.corrupt;
+    let age_only = options.older_than.is_some() && options.max_size.is_none() && !options.corrupt;
+    let mut blob_index = age_only.then(|| usage::BlobIndex::new(spill_lines));
 
     // The blobs first, page by page: a blob whose row commits while the janitor runs is then seen as
     // referenced, and one written after its page was listed is no candidate at all.
@@ -419,7 +422,9 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
                         BlobState::Temp | BlobState::Foreign => {}
                     }
                 }
-                if rows_prune {
+                if let Some(index) = blob_index.as_mut() {
+                    index.push(&b).await?;
+                } else if rows_prune {
                     blobs.push(b);
                 }
             }
@@ -435,7 +440,6 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
     // An age prune alone decides row by row, so it keeps only the rows it removes, page by page; a size
     // budget holds its candidates up to a bound and past it lists again (`lru`); the garbled-row search
     // holds the whole listing.
-    let age_only = options.older_than.is_some() && options.max_size.is_none() && !options.corrupt;
     let size_streamed = options.max_size.is_some() && !options.corrupt;
     let age_cutoff = options.older_than.map(|age| cutoff(now, age));
     let aged = |r: &RowEntry| age_cutoff.is_some_and(|c| in_scope(r) && r.created_at < c);
@@ -488,6 +492,9 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
             .collect();
         (rows, scan.unreadable, scan.listing_only)
     };
+    if let Some(index) = blob_index {
+        blobs = index.claimed_by(&rows, listing_only).await?;
+    }
     plan.owned = Ownership::new(&blobs, listing_only);
 
     let mut gone_blobs: HashSet<String> = HashSet::new();

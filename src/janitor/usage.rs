@@ -1,6 +1,7 @@
-//! Bytes per task type for `stats` (rows plus the blobs they own), with bounded memory: each row's
-//! claims on blobs and the published blobs are sorted into runs that spill to temp files past a
-//! bound, then joined in one pass, so neither listing is ever held whole, however large the cache.
+//! Which blobs rows own, without holding the blob listing: the rows' claims on blobs and the published
+//! blobs are sorted into runs that spill to temp files past a bound, then joined in one pass, so
+//! neither listing is ever held whole, however large the cache. `stats` sums the bytes per task type
+//! ([`Usage`]); an age prune finds just the blobs of the rows it removes ([`BlobIndex`]).
 //!
 //! A claim and a blob meet on the blob's id where rows were read (their refs name their blobs), and
 //! on the key tag where rows were only listed (an object store): there a row owns the blobs that
@@ -16,6 +17,7 @@ use super::tag_parts;
 use crate::error::Result;
 use crate::store::{BlobEntry, BlobState, OutputCache, RowEntry};
 use crate::wire::{RowKey, key_tag};
+use std::time::{Duration, SystemTime};
 
 /// Task types by index (claims carry the index, so a task type's text is held once).
 #[derive(Default)]
@@ -235,4 +237,122 @@ fn parse_blob(line: &str, listing_only: bool) -> Option<(u64, String, u64)> {
         let id = parts.next()?.to_owned();
         Some((0, id, parts.next()?.parse().ok()?))
     }
+}
+
+/// The published blobs, by id and by key tag (rows not yet listed: which of the two a join needs is
+/// known only once they are), for [`BlobIndex::claimed_by`].
+pub(super) struct BlobIndex {
+    by_id: SortedLines,
+    by_tag: SortedLines,
+    spill_lines: usize,
+}
+
+impl BlobIndex {
+    pub(super) fn new(spill_lines: usize) -> Self {
+        BlobIndex {
+            by_id: SortedLines::new(spill_lines),
+            by_tag: SortedLines::new(spill_lines),
+            spill_lines,
+        }
+    }
+
+    /// Note a listed blob (only published ones are owned).
+    pub(super) async fn push(&mut self, b: &BlobEntry) -> Result<()> {
+        if b.state != BlobState::Published || !joinable(&b.id) {
+            return Ok(());
+        }
+        let entry = format!("{}\t{}\t{}", b.id, b.size, nanos(b.modified));
+        for tag in tag_parts(&b.id) {
+            self.by_tag.push(format!("{tag}\t{entry}")).await?;
+        }
+        self.by_id.push(entry).await
+    }
+
+    /// The blobs `rows` may own: those their refs name where rows were read, those carrying their
+    /// key tags where rows were only listed. A superset: [`super::Ownership`] applies the rule itself.
+    pub(super) async fn claimed_by(
+        self,
+        rows: &[RowEntry],
+        listing_only: bool,
+    ) -> Result<Vec<BlobEntry>> {
+        let mut wanted = SortedLines::new(self.spill_lines);
+        for r in rows {
+            if listing_only {
+                wanted.push(key_tag(&r.key)).await?;
+            } else {
+                for id in r.refs.iter().filter(|id| joinable(id)) {
+                    wanted.push(id.clone()).await?;
+                }
+            }
+        }
+        let index = if listing_only {
+            self.by_tag
+        } else {
+            self.by_id
+        };
+        tokio::task::spawn_blocking(move || semi_join(wanted, index, listing_only))
+            .await
+            .map_err(|e| spill_failed(std::io::Error::other(e)))?
+            .map_err(spill_failed)
+    }
+}
+
+/// The index's blobs whose key is among the `wanted` keys, each once.
+fn semi_join(
+    wanted: SortedLines,
+    index: SortedLines,
+    by_tag: bool,
+) -> std::io::Result<Vec<BlobEntry>> {
+    let mut found = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut index = index.into_sorted().peekable();
+    let mut last: Option<String> = None;
+    for key in wanted.into_sorted() {
+        let key = key?;
+        if last.as_deref() == Some(key.as_str()) {
+            continue;
+        }
+        while let Some(next) = index.peek() {
+            let line = match next {
+                Ok(line) => line,
+                Err(_) => {
+                    return Err(index
+                        .next()
+                        .and_then(|r| r.err())
+                        .unwrap_or_else(|| std::io::Error::other("a sorted run failed")));
+                }
+            };
+            match join_key(line).cmp(key.as_str()) {
+                std::cmp::Ordering::Less => {}
+                std::cmp::Ordering::Equal => {
+                    let entry = if by_tag {
+                        line.split_once('\t').map(|(_, rest)| rest)
+                    } else {
+                        Some(line.as_str())
+                    };
+                    if let Some(b) = entry.and_then(parse_entry) {
+                        if seen.insert(b.id.clone()) {
+                            found.push(b);
+                        }
+                    }
+                }
+                std::cmp::Ordering::Greater => break,
+            }
+            index.next();
+        }
+        last = Some(key);
+    }
+    Ok(found)
+}
+
+/// `id TAB size TAB modified` as a published blob.
+fn parse_entry(line: &str) -> Option<BlobEntry> {
+    let mut parts = line.split('\t');
+    let (id, size, modified) = (parts.next()?, parts.next()?, parts.next()?);
+    Some(BlobEntry {
+        id: id.to_owned(),
+        state: BlobState::Published,
+        size: size.parse().ok()?,
+        modified: SystemTime::UNIX_EPOCH + Duration::from_nanos(modified.parse().ok()?),
+    })
 }
