@@ -92,7 +92,10 @@ pub(super) fn nanos(t: SystemTime) -> u64 {
 /// the lines sorts by id (a tab sorts before every character of a ref). `None` for an id no line can
 /// hold: never a candidate, so never removed.
 pub(super) fn blob_line(b: &BlobEntry) -> Option<String> {
-    if b.id.contains(['\t', '\n']) {
+    // Lines sort as `id TAB …`; an id holding a byte below TAB (a third-party backend's odd name)
+    // would sort apart from the same id among the refs, and look unreferenced. Such a blob is left
+    // out: never an orphan, never removed.
+    if b.id.bytes().any(|c| c < b' ') {
         return None;
     }
     Some(format!("{}\t{}\t{}", b.id, b.size, nanos(b.modified)))

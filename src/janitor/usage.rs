@@ -57,10 +57,11 @@ struct Candidate {
     size: u64,
 }
 
-/// No id or tag that holds a tab or newline can be joined (lines are tab-separated); such names
-/// are never blobs this crate writes.
+/// Only names without control characters are joined: lines are tab-separated and sort as `key TAB
+/// …`, which orders them by key only while no key holds a byte below TAB. Blobs this crate writes
+/// never do.
 fn joinable(s: &str) -> bool {
-    !s.contains(['\t', '\n'])
+    !s.bytes().any(|c| c < b' ')
 }
 
 impl Usage {
@@ -355,4 +356,44 @@ fn parse_entry(line: &str) -> Option<BlobEntry> {
         size: size.parse().ok()?,
         modified: SystemTime::UNIX_EPOCH + Duration::from_nanos(modified.parse().ok()?),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blob(id: &str, size: u64) -> BlobEntry {
+        BlobEntry {
+            id: id.to_owned(),
+            state: BlobState::Published,
+            size,
+            modified: SystemTime::UNIX_EPOCH + Duration::from_secs(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_semi_join_finds_each_wanted_blob_once_kept_or_spilled() {
+        for spill in [1, 1000] {
+            let mut index = BlobIndex::new(spill);
+            for b in [
+                blob("ab", 1),
+                blob("ab-c", 2),
+                blob("abc", 3),
+                blob("b", 4),
+                blob("odd\u{1}id", 5),
+            ] {
+                index.push(&b).await.unwrap();
+            }
+            let mut wanted = SortedLines::new(spill);
+            for key in ["abc", "ab", "ab", "zz", "odd\u{1}id"] {
+                wanted.push(key.to_owned()).await.unwrap();
+            }
+            let found = semi_join(wanted, index.by_id, false).unwrap();
+            let mut ids: Vec<(&str, u64)> = found.iter().map(|b| (b.id.as_str(), b.size)).collect();
+            ids.sort();
+            // A key that prefixes another finds only its own blob; a name with a control character
+            // is never joined (its lines would sort apart from its key).
+            assert_eq!(ids, [("ab", 1), ("abc", 3)], "spilling at {spill}");
+        }
+    }
 }
