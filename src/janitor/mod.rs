@@ -389,7 +389,7 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
     // removes (`usage::BlobIndex`). The orphan sweep streams everything.
     let rows_prune = options.older_than.is_some() || options.max_size.is_some() || options.corrupt;
     let age_only = options.older_than.is_some() && options.max_size.is_none() && !options.corrupt;
-    let mut blob_index = age_only.then(|| usage::BlobIndex::new(spill_lines));
+    let mut blob_index = age_only.then(|| usage::BlobIndex::new(None, spill_lines));
 
     // The blobs first, page by page: a blob whose row commits while the janitor runs is then seen as
     // referenced, and one written after its page was listed is no candidate at all.

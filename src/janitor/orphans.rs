@@ -102,7 +102,7 @@ pub(super) fn blob_line(b: &BlobEntry) -> Option<String> {
 }
 
 /// The blob a [`blob_line`] describes.
-fn parse_blob_line(line: &str) -> Option<BlobEntry> {
+pub(super) fn parse_blob_line(line: &str) -> Option<BlobEntry> {
     let mut parts = line.split('\t');
     let (id, size, modified) = (parts.next()?, parts.next()?, parts.next()?);
     Some(BlobEntry {

@@ -1,23 +1,185 @@
 //! Which blobs rows own, without holding the blob listing: the rows' claims on blobs and the published
 //! blobs are sorted into runs that spill to temp files past a bound, then joined in one pass, so
 //! neither listing is ever held whole, however large the cache. `stats` sums the bytes per task type
-//! ([`Usage`]); an age prune finds just the blobs of the rows it removes ([`BlobIndex`]).
+//! ([`Usage`]); an age prune finds just the blobs of the rows it removes ([`BlobIndex::claimed_by`]).
 //!
 //! A claim and a blob meet on the blob's id where rows were read (their refs name their blobs), and
 //! on the key tag where rows were only listed (an object store): there a row owns the blobs that
 //! carry its tag and were written no later than the row, as [`super::Ownership`] counts them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::iter::Peekable;
 
 use tokio::sync::mpsc;
 
-use super::orphans::{nanos, spill_failed};
-use super::spill::SortedLines;
+use super::orphans::{blob_line, nanos, parse_blob_line, spill_failed};
+use super::spill::{Merged, SortedLines};
 use super::tag_parts;
 use crate::error::Result;
 use crate::store::{BlobEntry, BlobState, OutputCache, RowEntry};
 use crate::wire::{RowKey, key_tag};
-use std::time::{Duration, SystemTime};
+
+/// Only names without control characters are joined: lines are tab-separated and sort as `key TAB
+/// …`, which orders them by key only while no key holds a byte below TAB. Blobs this crate writes
+/// never do.
+fn joinable(s: &str) -> bool {
+    !s.bytes().any(|c| c < b' ')
+}
+
+/// The part of a line before its first tab.
+fn join_key(line: &str) -> &str {
+    line.split('\t').next().unwrap_or_default()
+}
+
+/// The published blobs as [`blob_line`]s, by id, and by key tag (`tag TAB` before the line), for
+/// joins with rows' claims. Which of the two a join needs is known once the rows say whether they
+/// were read or only listed; a blob listed before them goes into both.
+pub(super) struct BlobIndex {
+    by_id: Option<SortedLines>,
+    by_tag: Option<SortedLines>,
+    spill_lines: usize,
+}
+
+impl BlobIndex {
+    /// `listing_only`: whether the rows were only listed, if known yet.
+    pub(super) fn new(listing_only: Option<bool>, spill_lines: usize) -> Self {
+        let lines = || Some(SortedLines::new(spill_lines));
+        BlobIndex {
+            by_id: if listing_only == Some(true) {
+                None
+            } else {
+                lines()
+            },
+            by_tag: if listing_only == Some(false) {
+                None
+            } else {
+                lines()
+            },
+            spill_lines,
+        }
+    }
+
+    /// Note a listed blob (only published ones are owned).
+    pub(super) async fn push(&mut self, b: &BlobEntry) -> Result<()> {
+        if b.state != BlobState::Published || !joinable(&b.id) {
+            return Ok(());
+        }
+        let Some(line) = blob_line(b) else {
+            return Ok(());
+        };
+        if let Some(by_tag) = self.by_tag.as_mut() {
+            for tag in tag_parts(&b.id) {
+                by_tag.push(format!("{tag}\t{line}")).await?;
+            }
+        }
+        if let Some(by_id) = self.by_id.as_mut() {
+            by_id.push(line).await?;
+        }
+        Ok(())
+    }
+
+    /// The lines to join with claims of rows read (`false`) or only listed (`true`).
+    fn lines(self, listing_only: bool) -> SortedLines {
+        let lines = if listing_only {
+            self.by_tag
+        } else {
+            self.by_id
+        };
+        lines.unwrap_or_else(|| SortedLines::new(1))
+    }
+
+    /// The blobs `rows` may own: those their refs name where rows were read, those carrying their
+    /// key tags where rows were only listed. A superset: [`super::Ownership`] applies the rule itself.
+    pub(super) async fn claimed_by(
+        self,
+        rows: &[RowEntry],
+        listing_only: bool,
+    ) -> Result<Vec<BlobEntry>> {
+        let mut wanted = SortedLines::new(self.spill_lines);
+        for r in rows {
+            if listing_only {
+                wanted.push(key_tag(&r.key)).await?;
+            } else {
+                for id in r.refs.iter().filter(|id| joinable(id)) {
+                    wanted.push(id.clone()).await?;
+                }
+            }
+        }
+        let index = self.lines(listing_only);
+        tokio::task::spawn_blocking(move || {
+            let mut groups = Groups::new(index, listing_only);
+            let (mut found, mut seen) = (Vec::new(), HashSet::new());
+            for key in wanted.into_sorted() {
+                for b in groups.of(&key?)? {
+                    if seen.insert(b.id.clone()) {
+                        found.push(b.clone());
+                    }
+                }
+            }
+            Ok(found)
+        })
+        .await
+        .map_err(|e| spill_failed(std::io::Error::other(e)))?
+        .map_err(spill_failed)
+    }
+}
+
+/// Walks sorted index lines alongside sorted keys, handing out the blobs under each key in turn. A
+/// key's blobs are held only while its claims are read (one row's, as a rule).
+struct Groups {
+    index: Peekable<Merged>,
+    by_tag: bool,
+    key: String,
+    blobs: Vec<BlobEntry>,
+}
+
+impl Groups {
+    fn new(index: SortedLines, by_tag: bool) -> Self {
+        Groups {
+            index: index.into_sorted().peekable(),
+            by_tag,
+            key: String::new(),
+            blobs: Vec::new(),
+        }
+    }
+
+    /// The blobs under `key`; keys must come in sorted order.
+    fn of(&mut self, key: &str) -> std::io::Result<&[BlobEntry]> {
+        if key == self.key {
+            return Ok(&self.blobs);
+        }
+        self.key = key.to_owned();
+        self.blobs.clear();
+        while let Some(next) = self.index.peek() {
+            let line = match next {
+                Ok(line) => line,
+                Err(_) => {
+                    return Err(self
+                        .index
+                        .next()
+                        .and_then(|r| r.err())
+                        .unwrap_or_else(|| std::io::Error::other("a sorted run failed")));
+                }
+            };
+            match join_key(line).cmp(key) {
+                std::cmp::Ordering::Less => {}
+                std::cmp::Ordering::Equal => {
+                    let entry = if self.by_tag {
+                        line.split_once('\t').map(|(_, rest)| rest)
+                    } else {
+                        Some(line.as_str())
+                    };
+                    if let Some(b) = entry.and_then(parse_blob_line) {
+                        self.blobs.push(b);
+                    }
+                }
+                std::cmp::Ordering::Greater => break,
+            }
+            self.index.next();
+        }
+        Ok(&self.blobs)
+    }
+}
 
 /// Task types by index (claims carry the index, so a task type's text is held once).
 #[derive(Default)]
@@ -43,25 +205,18 @@ pub(super) struct Usage {
     listing_only: bool,
     tasks: TaskTypes,
     claims: SortedLines,
-    blobs: SortedLines,
+    blobs: BlobIndex,
 }
 
 /// Candidates sent back per batch (two batches queue at most: a few tens of KB).
 const CANDIDATES_PER_BATCH: usize = 64;
 
-/// A blob that a tag-joined claim may own, pending the backend's own ownership rule.
+/// A blob a claim may own, pending the backend's own ownership rule.
 struct Candidate {
     task: usize,
     fingerprint: String,
     id: String,
     size: u64,
-}
-
-/// Only names without control characters are joined: lines are tab-separated and sort as `key TAB
-/// …`, which orders them by key only while no key holds a byte below TAB. Blobs this crate writes
-/// never do.
-fn joinable(s: &str) -> bool {
-    !s.bytes().any(|c| c < b' ')
 }
 
 impl Usage {
@@ -71,11 +226,12 @@ impl Usage {
             listing_only,
             tasks: TaskTypes::default(),
             claims: SortedLines::new(spill_lines),
-            blobs: SortedLines::new(spill_lines),
+            blobs: BlobIndex::new(Some(listing_only), spill_lines),
         }
     }
 
-    /// Note the blobs row `r` owns (or, listing only, may own).
+    /// Note the blobs row `r` owns (or, listing only, may own): `id TAB task`, or `tag TAB created
+    /// TAB task TAB fingerprint`.
     pub(super) async fn claim(&mut self, backend: &dyn OutputCache, r: &RowEntry) -> Result<()> {
         let task = self.tasks.index_of(r.key.task_type());
         if self.listing_only {
@@ -97,17 +253,7 @@ impl Usage {
 
     /// Note a listed blob (only published ones are owned).
     pub(super) async fn blob(&mut self, b: &BlobEntry) -> Result<()> {
-        if b.state != BlobState::Published || !joinable(&b.id) {
-            return Ok(());
-        }
-        if self.listing_only {
-            for tag in tag_parts(&b.id) {
-                let line = format!("{tag}\t{}\t{}\t{}", nanos(b.modified), b.id, b.size);
-                self.blobs.push(line).await?;
-            }
-            return Ok(());
-        }
-        self.blobs.push(format!("{}\t{}", b.id, b.size)).await
+        self.blobs.push(b).await
     }
 
     /// The bytes of owned blobs per task type. The join reads the sorted runs on a blocking thread;
@@ -122,9 +268,10 @@ impl Usage {
             claims,
             blobs,
         } = self;
+        let index = blobs.lines(listing_only);
         let mut bytes = vec![0u64; tasks.names.len()];
         let (tx, mut rx) = mpsc::channel::<Vec<Candidate>>(2);
-        let join = tokio::task::spawn_blocking(move || join(claims, blobs, listing_only, &tx));
+        let join = tokio::task::spawn_blocking(move || join(claims, index, listing_only, &tx));
         while let Some(batch) = rx.recv().await {
             for c in batch {
                 let owned = !listing_only
@@ -142,62 +289,29 @@ impl Usage {
     }
 }
 
-/// The part of a line before its first tab.
-fn join_key(line: &str) -> &str {
-    line.split('\t').next().unwrap_or_default()
-}
-
-/// Merges the sorted claims with the sorted blobs; sends every (claim, blob) pair that meets, in
-/// batches. A key's blobs are held only while its claims are read (one row's, as a rule).
+/// Joins the sorted claims with the blob index; sends every (claim, blob) pair that meets, in batches.
 fn join(
     claims: SortedLines,
-    blobs: SortedLines,
+    index: SortedLines,
     listing_only: bool,
     tx: &mpsc::Sender<Vec<Candidate>>,
 ) -> std::io::Result<()> {
-    let mut blobs = blobs.into_sorted().peekable();
-    // The blobs of the key last joined: (key, [(modified, id, size)]).
-    let mut group: (String, Vec<(u64, String, u64)>) = (String::new(), Vec::new());
+    let mut groups = Groups::new(index, listing_only);
     let mut batch = Vec::new();
     for claim in claims.into_sorted() {
         let claim = claim?;
-        let key = join_key(&claim);
-        if key != group.0 {
-            group = (key.to_owned(), Vec::new());
-            while let Some(next) = blobs.peek() {
-                let line = match next {
-                    Ok(line) => line,
-                    Err(_) => {
-                        return Err(blobs
-                            .next()
-                            .and_then(|r| r.err())
-                            .unwrap_or_else(|| std::io::Error::other("a sorted run failed")));
-                    }
-                };
-                match join_key(line).cmp(key) {
-                    std::cmp::Ordering::Less => {}
-                    std::cmp::Ordering::Equal => {
-                        if let Some(blob) = parse_blob(line, listing_only) {
-                            group.1.push(blob);
-                        }
-                    }
-                    std::cmp::Ordering::Greater => break,
-                }
-                blobs.next();
-            }
-        }
         let Some((created, task, fingerprint)) = parse_claim(&claim, listing_only) else {
             continue;
         };
-        for (modified, id, size) in &group.1 {
-            if listing_only && *modified > created {
+        for b in groups.of(join_key(&claim))? {
+            if listing_only && nanos(b.modified) > created {
                 continue; // written after the row: a newer write's, not this row's
             }
             batch.push(Candidate {
                 task,
                 fingerprint: fingerprint.to_owned(),
-                id: id.clone(),
-                size: *size,
+                id: b.id.clone(),
+                size: b.size,
             });
         }
         if batch.len() >= CANDIDATES_PER_BATCH
@@ -212,8 +326,7 @@ fn join(
     Ok(())
 }
 
-/// A claim line: `id TAB task` (rows read) or `tag TAB created TAB task TAB fingerprint` (listing
-/// only) as (created, task, fingerprint).
+/// A claim line as (created, task, fingerprint) (see [`Usage::claim`]).
 fn parse_claim(line: &str, listing_only: bool) -> Option<(u64, usize, &str)> {
     let mut parts = line.split('\t').skip(1);
     if listing_only {
@@ -225,139 +338,6 @@ fn parse_claim(line: &str, listing_only: bool) -> Option<(u64, usize, &str)> {
     }
 }
 
-/// A blob line: `id TAB size` (rows read) or `tag TAB modified TAB id TAB size` (listing only) as
-/// (modified, id, size).
-fn parse_blob(line: &str, listing_only: bool) -> Option<(u64, String, u64)> {
-    let mut parts = line.split('\t');
-    if listing_only {
-        parts.next()?;
-        let modified = parts.next()?.parse().ok()?;
-        let id = parts.next()?.to_owned();
-        Some((modified, id, parts.next()?.parse().ok()?))
-    } else {
-        let id = parts.next()?.to_owned();
-        Some((0, id, parts.next()?.parse().ok()?))
-    }
-}
-
-/// The published blobs, by id and by key tag (rows not yet listed: which of the two a join needs is
-/// known only once they are), for [`BlobIndex::claimed_by`].
-pub(super) struct BlobIndex {
-    by_id: SortedLines,
-    by_tag: SortedLines,
-    spill_lines: usize,
-}
-
-impl BlobIndex {
-    pub(super) fn new(spill_lines: usize) -> Self {
-        BlobIndex {
-            by_id: SortedLines::new(spill_lines),
-            by_tag: SortedLines::new(spill_lines),
-            spill_lines,
-        }
-    }
-
-    /// Note a listed blob (only published ones are owned).
-    pub(super) async fn push(&mut self, b: &BlobEntry) -> Result<()> {
-        if b.state != BlobState::Published || !joinable(&b.id) {
-            return Ok(());
-        }
-        let entry = format!("{}\t{}\t{}", b.id, b.size, nanos(b.modified));
-        for tag in tag_parts(&b.id) {
-            self.by_tag.push(format!("{tag}\t{entry}")).await?;
-        }
-        self.by_id.push(entry).await
-    }
-
-    /// The blobs `rows` may own: those their refs name where rows were read, those carrying their
-    /// key tags where rows were only listed. A superset: [`super::Ownership`] applies the rule itself.
-    pub(super) async fn claimed_by(
-        self,
-        rows: &[RowEntry],
-        listing_only: bool,
-    ) -> Result<Vec<BlobEntry>> {
-        let mut wanted = SortedLines::new(self.spill_lines);
-        for r in rows {
-            if listing_only {
-                wanted.push(key_tag(&r.key)).await?;
-            } else {
-                for id in r.refs.iter().filter(|id| joinable(id)) {
-                    wanted.push(id.clone()).await?;
-                }
-            }
-        }
-        let index = if listing_only {
-            self.by_tag
-        } else {
-            self.by_id
-        };
-        tokio::task::spawn_blocking(move || semi_join(wanted, index, listing_only))
-            .await
-            .map_err(|e| spill_failed(std::io::Error::other(e)))?
-            .map_err(spill_failed)
-    }
-}
-
-/// The index's blobs whose key is among the `wanted` keys, each once.
-fn semi_join(
-    wanted: SortedLines,
-    index: SortedLines,
-    by_tag: bool,
-) -> std::io::Result<Vec<BlobEntry>> {
-    let mut found = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    let mut index = index.into_sorted().peekable();
-    let mut last: Option<String> = None;
-    for key in wanted.into_sorted() {
-        let key = key?;
-        if last.as_deref() == Some(key.as_str()) {
-            continue;
-        }
-        while let Some(next) = index.peek() {
-            let line = match next {
-                Ok(line) => line,
-                Err(_) => {
-                    return Err(index
-                        .next()
-                        .and_then(|r| r.err())
-                        .unwrap_or_else(|| std::io::Error::other("a sorted run failed")));
-                }
-            };
-            match join_key(line).cmp(key.as_str()) {
-                std::cmp::Ordering::Less => {}
-                std::cmp::Ordering::Equal => {
-                    let entry = if by_tag {
-                        line.split_once('\t').map(|(_, rest)| rest)
-                    } else {
-                        Some(line.as_str())
-                    };
-                    if let Some(b) = entry.and_then(parse_entry) {
-                        if seen.insert(b.id.clone()) {
-                            found.push(b);
-                        }
-                    }
-                }
-                std::cmp::Ordering::Greater => break,
-            }
-            index.next();
-        }
-        last = Some(key);
-    }
-    Ok(found)
-}
-
-/// `id TAB size TAB modified` as a published blob.
-fn parse_entry(line: &str) -> Option<BlobEntry> {
-    let mut parts = line.split('\t');
-    let (id, size, modified) = (parts.next()?, parts.next()?, parts.next()?);
-    Some(BlobEntry {
-        id: id.to_owned(),
-        state: BlobState::Published,
-        size: size.parse().ok()?,
-        modified: SystemTime::UNIX_EPOCH + Duration::from_nanos(modified.parse().ok()?),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -367,14 +347,14 @@ mod tests {
             id: id.to_owned(),
             state: BlobState::Published,
             size,
-            modified: SystemTime::UNIX_EPOCH + Duration::from_secs(1),
+            modified: std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1),
         }
     }
 
     #[tokio::test]
-    async fn the_semi_join_finds_each_wanted_blob_once_kept_or_spilled() {
+    async fn each_key_finds_its_own_blobs_kept_or_spilled() {
         for spill in [1, 1000] {
-            let mut index = BlobIndex::new(spill);
+            let mut index = BlobIndex::new(None, spill);
             for b in [
                 blob("ab", 1),
                 blob("ab-c", 2),
@@ -388,7 +368,16 @@ mod tests {
             for key in ["abc", "ab", "ab", "zz", "odd\u{1}id"] {
                 wanted.push(key.to_owned()).await.unwrap();
             }
-            let found = semi_join(wanted, index.by_id, false).unwrap();
+            let mut groups = Groups::new(index.lines(false), false);
+            let mut found = Vec::new();
+            let mut last = String::new();
+            for key in wanted.into_sorted() {
+                let key = key.unwrap();
+                if key != last {
+                    found.extend(groups.of(&key).unwrap().iter().cloned());
+                }
+                last = key;
+            }
             let mut ids: Vec<(&str, u64)> = found.iter().map(|b| (b.id.as_str(), b.size)).collect();
             ids.sort();
             // A key that prefixes another finds only its own blob; a name with a control character
