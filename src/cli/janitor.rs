@@ -86,7 +86,9 @@ pub(crate) struct PruneArgs {
     /// Accept a --grace below one minute (on a live cache it sweeps the temps of writes in flight).
     #[arg(long)]
     pub(crate) force: bool,
-    /// Evict least-recently-read rows (with their blobs) until the cache fits (e.g. 10GiB).
+    /// Evict least-recently-read rows (with their blobs) until the cache fits (e.g. 10GiB). Blobs no
+    /// row references (left by overwritten rows) count too and only --orphans removes them: add it, or
+    /// live rows are evicted to make room for them.
     #[arg(long, value_name = "SIZE", value_parser = outcache::config::parse_size)]
     pub(crate) max_size: Option<u64>,
     /// Only consider rows whose task type starts with this.

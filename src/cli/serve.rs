@@ -36,7 +36,7 @@ pub(crate) struct ServeArgs {
     #[arg(long, value_name = "DURATION", value_parser = outcache::config::parse_duration)]
     pub(crate) older_than: Option<std::time::Duration>,
     /// With --prune-every: keep the cache under this size, least recently used rows first (as
-    /// bazel-remote's LRU).
+    /// bazel-remote's LRU). Add --orphans: blobs left by re-uploaded keys count against it too.
     #[arg(long, value_name = "SIZE", value_parser = outcache::config::parse_size)]
     pub(crate) max_size: Option<u64>,
     /// With --prune-every: also remove orphan blobs and stale temps older than the configured grace.
