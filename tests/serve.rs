@@ -1088,3 +1088,59 @@ async fn turborepo_artifacts_keep_their_duration_and_tag_per_team() {
     assert_eq!(post.status(), StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(post.headers()["allow"], "GET, HEAD, PUT");
 }
+
+/// An embedder's server runs its janitor schedule (`ServeOptions::janitor`) and stops it with itself:
+/// once the `serve` future is dropped, nothing more is pruned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_janitor_schedule_runs_with_the_server_and_stops_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(&format!("fs://{}", dir.path().display())).unwrap();
+    let mut prune = outcache::janitor::PruneOptions::new();
+    prune.older_than = Some(std::time::Duration::ZERO);
+    let options = ServeOptions {
+        janitor: Some(outcache::serve::JanitorSchedule {
+            every: std::time::Duration::from_millis(50),
+            options: prune,
+        }),
+        ..writer()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = tokio::spawn(outcache::serve::serve(
+        listener,
+        cache.clone(),
+        options,
+        std::future::pending(),
+    ));
+    let present = |i: u32| {
+        let cache = cache.clone();
+        async move {
+            cache
+                .get("t", &serde_json::json!(i))
+                .await
+                .unwrap()
+                .is_some()
+        }
+    };
+    cache
+        .put("t", &serde_json::json!(1), &serde_json::json!("old"))
+        .await
+        .unwrap();
+    let mut pruned = false;
+    for _ in 0..100 {
+        if !present(1).await {
+            pruned = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(pruned, "the schedule never pruned");
+
+    server.abort();
+    let _ = server.await;
+    cache
+        .put("t", &serde_json::json!(2), &serde_json::json!("kept"))
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert!(present(2).await, "the janitor outlived its server");
+}

@@ -882,6 +882,21 @@ fn the_janitor_runs_on_a_schedule() {
         reqwest::StatusCode::NOT_FOUND,
         "the scheduled janitor did not prune"
     );
+    // And says so on /metrics, for an operator to alert on.
+    let metrics = rt.block_on(metrics_of(&client, &base));
+    at_least(
+        &metrics,
+        &[
+            ("outcache_serve_janitor_runs_ok_total", 1),
+            ("outcache_serve_janitor_rows_removed_total", 1),
+            ("outcache_serve_janitor_last_success_timestamp_seconds", 1),
+        ],
+    );
+    assert_eq!(
+        metric(&metrics, "outcache_serve_janitor_runs_failed_total"),
+        0,
+        "{metrics}"
+    );
     unsafe_kill(&mut server);
     // --prune-every alone says when but not what: refused.
     let out = Command::new(env!("CARGO_BIN_EXE_outcache"))
@@ -977,5 +992,39 @@ fn an_unreadable_row_does_not_stop_the_scheduled_size_budget() {
         garbled.join(format!("{}.json", "b".repeat(64))).exists(),
         "the unreadable row was removed without --corrupt"
     );
+    let metrics = rt.block_on(metrics_of(&client, &base));
+    at_least(
+        &metrics,
+        &[
+            ("outcache_serve_janitor_sweeps_blocked_total", 1),
+            ("outcache_serve_janitor_runs_failed_total", 1),
+            ("outcache_serve_janitor_rows_removed_total", 2),
+        ],
+    );
     unsafe_kill(&mut server);
+}
+
+/// The server's `/metrics` page (with the read-write token).
+async fn metrics_of(client: &reqwest::Client, base: &str) -> String {
+    let response = client
+        .get(format!("{base}/metrics"))
+        .bearer_auth("ccache-token")
+        .send()
+        .await
+        .unwrap();
+    response.text().await.unwrap()
+}
+
+/// Each unlabelled metric on `page` is at least its figure.
+fn at_least(page: &str, floors: &[(&str, u64)]) {
+    for &(name, floor) in floors {
+        assert!(metric(page, name) >= floor, "{name} below {floor}:\n{page}");
+    }
+}
+
+/// The value of the unlabelled metric `name` on a `/metrics` page.
+fn metric(page: &str, name: &str) -> u64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{page}"))
 }

@@ -150,15 +150,7 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
         options.max_size = settings.max_size;
         options.orphans = settings.orphans;
         options.grace = ctx.config.janitor_grace;
-        let backend = cache.backend().clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                scheduled_prune(backend.as_ref(), &options).await;
-            }
-        })
+        outcache::serve::JanitorSchedule { every, options }
     });
     if settings.prune_every.is_some() && !settings.orphans {
         eprintln!(
@@ -182,6 +174,7 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
         idle_timeout: settings.idle_timeout,
         max_connections,
         access_log: !ctx.quiet,
+        janitor,
     };
     let (first_signal, stopping) = tokio::sync::oneshot::channel();
     let shutdown = async move {
@@ -205,9 +198,6 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
         served = serving => (Some(served), None),
         signal = second_signal => (None, Some(signal)),
     };
-    if let Some(janitor) = janitor {
-        janitor.abort();
-    }
     cache.flush_access().await?;
     if let Some(signal) = forced {
         eprintln!(
@@ -220,39 +210,6 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
         served?;
     }
     Ok(())
-}
-
-/// One run of the server's janitor, reported on stderr. Rows the janitor cannot read stop the orphan
-/// sweep (their blobs cannot be told from orphans) and with it the whole prune: a server would then
-/// never apply its age and size limits again and fill its disk, so the rest of the prune runs
-/// without the sweep, and the refusal is reported each time until an operator removes those rows.
-async fn scheduled_prune(
-    backend: &dyn outcache::OutputCache,
-    options: &outcache::janitor::PruneOptions,
-) {
-    let report = |r: outcache::janitor::PruneReport| {
-        eprintln!(
-            "outcache serve: janitor removed {} rows, {} blobs, {} temps",
-            r.rows_removed, r.blobs_removed, r.temps_removed
-        )
-    };
-    match outcache::janitor::prune(backend, options, |_| {}).await {
-        Ok(r) => report(r),
-        Err(e @ outcache::Error::OrphanSweepBlocked { .. }) => {
-            eprintln!("outcache serve: janitor: {e}");
-            if options.older_than.is_none() && options.max_size.is_none() {
-                return;
-            }
-            let mut rest = options.clone();
-            rest.orphans = false;
-            eprintln!("outcache serve: janitor: pruning by age and size without the orphan sweep");
-            match outcache::janitor::prune(backend, &rest, |_| {}).await {
-                Ok(r) => report(r),
-                Err(e) => eprintln!("outcache serve: janitor: {e}"),
-            }
-        }
-        Err(e) => eprintln!("outcache serve: janitor: {e}"),
-    }
 }
 
 /// Descriptors kept back for the process itself (the cache's database, logs, the janitor).

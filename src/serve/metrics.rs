@@ -55,11 +55,25 @@ struct PerProtocol {
     bytes_out: AtomicU64,
 }
 
+/// What the scheduled janitor did (`janitor.rs`).
+#[derive(Debug, Default)]
+struct JanitorCounters {
+    runs_ok: AtomicU64,
+    runs_failed: AtomicU64,
+    sweeps_blocked: AtomicU64,
+    rows: AtomicU64,
+    blobs: AtomicU64,
+    temps: AtomicU64,
+    bytes: AtomicU64,
+    last_ok_unix: AtomicU64,
+}
+
 /// The server's counters.
 #[derive(Debug, Default)]
 pub struct ServeMetrics {
     per: [PerProtocol; 4],
     in_flight: AtomicI64,
+    janitor: JanitorCounters,
 }
 
 /// Counts a request in flight while it lives (it travels with the response body, so a download counts
@@ -106,6 +120,30 @@ impl ServeMetrics {
         }
     }
 
+    /// A scheduled janitor run that removed what `report` says.
+    pub(super) fn janitor_removed(&self, report: &crate::janitor::PruneReport) {
+        let j = &self.janitor;
+        j.runs_ok.fetch_add(1, Ordering::Relaxed);
+        j.rows.fetch_add(report.rows_removed, Ordering::Relaxed);
+        j.blobs.fetch_add(report.blobs_removed, Ordering::Relaxed);
+        j.temps.fetch_add(report.temps_removed, Ordering::Relaxed);
+        j.bytes.fetch_add(report.bytes_reclaimed, Ordering::Relaxed);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        j.last_ok_unix.store(now, Ordering::Relaxed);
+    }
+
+    /// A scheduled janitor run that failed.
+    pub(super) fn janitor_failed(&self) {
+        self.janitor.runs_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A scheduled orphan sweep stopped by rows the janitor cannot read.
+    pub(super) fn janitor_sweep_blocked(&self) {
+        self.janitor.sweeps_blocked.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Requests being served now.
     pub fn in_flight(&self) -> i64 {
         self.in_flight.load(Ordering::Relaxed)
@@ -144,6 +182,63 @@ impl ServeMetrics {
             "# HELP outcache_serve_in_flight requests being served\n# TYPE outcache_serve_in_flight gauge\noutcache_serve_in_flight {}\n",
             self.in_flight()
         ));
+        let j = &self.janitor;
+        let janitor: [(&str, &str, &str, &AtomicU64); 8] = [
+            (
+                "runs_ok_total",
+                "counter",
+                "scheduled janitor runs that completed",
+                &j.runs_ok,
+            ),
+            (
+                "runs_failed_total",
+                "counter",
+                "scheduled janitor runs that failed (see the log)",
+                &j.runs_failed,
+            ),
+            (
+                "sweeps_blocked_total",
+                "counter",
+                "orphan sweeps stopped by rows that cannot be read (prune --corrupt)",
+                &j.sweeps_blocked,
+            ),
+            (
+                "rows_removed_total",
+                "counter",
+                "rows the scheduled janitor removed",
+                &j.rows,
+            ),
+            (
+                "blobs_removed_total",
+                "counter",
+                "blobs the scheduled janitor removed",
+                &j.blobs,
+            ),
+            (
+                "temps_removed_total",
+                "counter",
+                "temp files the scheduled janitor removed",
+                &j.temps,
+            ),
+            (
+                "bytes_reclaimed_total",
+                "counter",
+                "bytes the scheduled janitor freed",
+                &j.bytes,
+            ),
+            (
+                "last_success_timestamp_seconds",
+                "gauge",
+                "when a scheduled janitor run last completed (0: never)",
+                &j.last_ok_unix,
+            ),
+        ];
+        for (name, kind, help, value) in janitor {
+            out.push_str(&format!(
+                "# HELP outcache_serve_janitor_{name} {help}\n# TYPE outcache_serve_janitor_{name} {kind}\noutcache_serve_janitor_{name} {}\n",
+                value.load(Ordering::Relaxed)
+            ));
+        }
         out
     }
 }

@@ -24,6 +24,7 @@
 
 mod auth;
 mod connections;
+mod janitor;
 mod metrics;
 mod offload;
 mod turbo;
@@ -43,6 +44,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 pub use auth::{Access, Tokens};
+pub use janitor::JanitorSchedule;
 pub use metrics::ServeMetrics;
 use metrics::{Outcome, Protocol};
 
@@ -82,6 +84,8 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// One line per request on stderr: method, path, status, bytes, duration.
     pub access_log: bool,
+    /// The janitor on a schedule while serving, its outcomes on `/metrics`.
+    pub janitor: Option<JanitorSchedule>,
 }
 
 impl Default for ServeOptions {
@@ -93,6 +97,7 @@ impl Default for ServeOptions {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             access_log: false,
+            janitor: None,
         }
     }
 }
@@ -160,10 +165,24 @@ pub async fn serve(
         idle: options.idle_timeout,
         max_connections: options.max_connections,
     };
-    let (router, _) = router(cache, options);
+    let schedule = options.janitor.clone();
+    let backend = cache.backend().clone();
+    let (router, metrics) = router(cache, options);
+    // Stopped with the server, however it stops (its future dropped too).
+    let _janitor = schedule
+        .map(|schedule| AbortOnDrop(tokio::spawn(janitor::run(backend, schedule, metrics))));
     connections::run(listener, router, limits, shutdown)
         .await
         .map_err(|e| Error::io("serve", "listener", e))
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// How long `/readyz` waits for the cache to answer.

@@ -1,0 +1,67 @@
+//! The janitor on a schedule while serving (`--prune-every`), with its outcomes on `/metrics` and
+//! stderr, so an operator can alert on a janitor that stopped freeing space.
+
+use std::sync::Arc;
+
+use super::metrics::ServeMetrics;
+use crate::janitor::{PruneOptions, PruneReport, prune};
+use crate::store::OutputCache;
+
+/// Runs `options` every `every`, until dropped.
+#[derive(Clone, Debug)]
+pub struct JanitorSchedule {
+    /// How often.
+    pub every: std::time::Duration,
+    /// What each run removes.
+    pub options: PruneOptions,
+}
+
+/// Runs the schedule for ever (the caller aborts it when the server stops).
+pub(super) async fn run(
+    backend: Arc<dyn OutputCache>,
+    schedule: JanitorSchedule,
+    metrics: Arc<ServeMetrics>,
+) {
+    let mut tick = tokio::time::interval(schedule.every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        once(backend.as_ref(), &schedule.options, &metrics).await;
+    }
+}
+
+/// One run, reported on stderr and in `metrics`. Rows the janitor cannot read stop the orphan sweep
+/// (their blobs cannot be told from orphans) and with it the whole prune: a server would then never
+/// apply its age and size limits again and fill its disk, so the rest of the prune runs without the
+/// sweep, and the refusal is reported each time until an operator removes those rows.
+async fn once(backend: &dyn OutputCache, options: &PruneOptions, metrics: &ServeMetrics) {
+    let report = |r: PruneReport| {
+        eprintln!(
+            "outcache serve: janitor removed {} rows, {} blobs, {} temps",
+            r.rows_removed, r.blobs_removed, r.temps_removed
+        );
+        metrics.janitor_removed(&r);
+    };
+    let failed = |e: crate::Error| {
+        eprintln!("outcache serve: janitor: {e}");
+        metrics.janitor_failed();
+    };
+    match prune(backend, options, |_| {}).await {
+        Ok(r) => report(r),
+        Err(e @ crate::Error::OrphanSweepBlocked { .. }) => {
+            metrics.janitor_sweep_blocked();
+            failed(e);
+            if options.older_than.is_none() && options.max_size.is_none() {
+                return;
+            }
+            let mut rest = options.clone();
+            rest.orphans = false;
+            eprintln!("outcache serve: janitor: pruning by age and size without the orphan sweep");
+            match prune(backend, &rest, |_| {}).await {
+                Ok(r) => report(r),
+                Err(e) => failed(e),
+            }
+        }
+        Err(e) => failed(e),
+    }
+}
