@@ -1093,13 +1093,23 @@ async fn turborepo_artifacts_keep_their_duration_and_tag_per_team() {
 /// once the `serve` future is dropped, nothing more is pruned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_janitor_schedule_runs_with_the_server_and_stops_with_it() {
+    // Zero too: an embedder's zero is "as often as it can", never a panic.
+    for every in [
+        std::time::Duration::from_millis(50),
+        std::time::Duration::ZERO,
+    ] {
+        schedule_runs_and_stops(every).await;
+    }
+}
+
+async fn schedule_runs_and_stops(every: std::time::Duration) {
     let dir = tempfile::tempdir().unwrap();
     let cache = Cache::open(&format!("fs://{}", dir.path().display())).unwrap();
     let mut prune = outcache::janitor::PruneOptions::new();
     prune.older_than = Some(std::time::Duration::ZERO);
     let options = ServeOptions {
         janitor: Some(outcache::serve::JanitorSchedule {
-            every: std::time::Duration::from_millis(50),
+            every,
             options: prune,
         }),
         ..writer()

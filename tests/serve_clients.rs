@@ -898,6 +898,25 @@ fn the_janitor_runs_on_a_schedule() {
         "{metrics}"
     );
     unsafe_kill(&mut server);
+    // A zero schedule is refused, not a panic.
+    let out = Command::new(env!("CARGO_BIN_EXE_outcache"))
+        .args([
+            "--url",
+            &url,
+            "serve",
+            "--prune-every",
+            "0s",
+            "--older-than",
+            "1d",
+        ])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("--prune-every") && !said.contains("panicked"),
+        "{said}"
+    );
     // --prune-every alone says when but not what: refused.
     let out = Command::new(env!("CARGO_BIN_EXE_outcache"))
         .args(["--url", &url, "serve", "--prune-every", "1m"])

@@ -107,6 +107,13 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
         }
         .into());
     }
+    if settings.prune_every.is_some_and(|every| every.is_zero()) {
+        return Err(outcache::Error::InvalidInput {
+            what: "--prune-every".into(),
+            reason: "must be longer than zero (e.g. 10m)".into(),
+        }
+        .into());
+    }
     let cache = open(&ctx.config, ctx.run_id.as_deref())?;
     // Handlers go in before the address is announced: a client (or a test) that reacts to the address
     // line with a SIGTERM must get the graceful stop, not the default death.

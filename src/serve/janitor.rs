@@ -7,7 +7,7 @@ use super::metrics::ServeMetrics;
 use crate::janitor::{PruneOptions, PruneReport, prune};
 use crate::store::OutputCache;
 
-/// Runs `options` every `every`, until dropped.
+/// Runs `options` every `every` (at least a millisecond), until the server stops.
 #[derive(Clone, Debug)]
 pub struct JanitorSchedule {
     /// How often.
@@ -22,7 +22,9 @@ pub(super) async fn run(
     schedule: JanitorSchedule,
     metrics: Arc<ServeMetrics>,
 ) {
-    let mut tick = tokio::time::interval(schedule.every);
+    // A zero period would panic in `interval`; an embedder's zero means "as often as it can".
+    let every = schedule.every.max(std::time::Duration::from_millis(1));
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
