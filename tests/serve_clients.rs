@@ -684,11 +684,16 @@ fn the_config_files_serve_table_sets_what_the_flags_do_not() {
     assert_eq!(refused.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("serve.listen"), "{stderr}");
-    std::fs::write(&config, "[serve]\nlisen = \"127.0.0.1:1\"\n").unwrap();
-    let refused = outcache(&["config"]).output().unwrap();
-    assert_eq!(refused.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(stderr.contains("lisen"), "{stderr}");
+    for (table, named) in [
+        ("lisen = \"127.0.0.1:1\"", "lisen"),
+        ("prune_every = \"0s\"", "serve.prune_every"),
+    ] {
+        std::fs::write(&config, format!("[serve]\n{table}\n")).unwrap();
+        let refused = outcache(&["config"]).output().unwrap();
+        assert_eq!(refused.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains(named), "{stderr}");
+    }
 }
 
 /// The server raises its soft open-file limit to the hard one, and serves no more connections than

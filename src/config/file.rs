@@ -119,7 +119,12 @@ impl ServeFile {
             max_body: size("max_body", self.max_body)?,
             idle_timeout: duration("idle_timeout", self.idle_timeout)?,
             max_connections: self.max_connections,
-            prune_every: duration("prune_every", self.prune_every)?,
+            prune_every: match duration("prune_every", self.prune_every)? {
+                Some(every) if every.is_zero() => {
+                    return Err(bad("prune_every", "must be longer than zero".into()));
+                }
+                every => every,
+            },
             older_than: duration("older_than", self.older_than)?,
             max_size: size("max_size", self.max_size)?,
             orphans: self.orphans,
