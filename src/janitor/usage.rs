@@ -61,10 +61,8 @@ impl BlobIndex {
 
     /// Note a listed blob (only published ones are owned).
     pub(super) async fn push(&mut self, b: &BlobEntry) -> Result<()> {
-        if b.state != BlobState::Published || !joinable(&b.id) {
-            return Ok(());
-        }
-        let Some(line) = blob_line(b) else {
+        // `blob_line` refuses the names `joinable` would.
+        let Some(line) = blob_line(b).filter(|_| b.state == BlobState::Published) else {
             return Ok(());
         };
         if let Some(by_tag) = self.by_tag.as_mut() {
