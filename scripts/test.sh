@@ -24,7 +24,7 @@ trap 'bash scripts/s3-server.sh stop; bash scripts/azurite.sh stop' EXIT
 eval "$(bash scripts/s3-server.sh start)"
 eval "$(bash scripts/azurite.sh start)"
 
-echo "== real clients of outcache serve (ccache, turbo)"
+echo "== real clients of outcache serve (ccache, turbo, sccache)"
 eval "$(bash scripts/clients.sh install)"
 
 echo "== cargo test"

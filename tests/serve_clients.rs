@@ -208,6 +208,89 @@ fn ccache_gets_remote_hits_from_s3() {
     round_trip(&ccache, &child, &[]);
 }
 
+/// sccache's `gcc` wrapper against the server as WebDAV storage, with the token; returns its stats.
+fn sccache_compile(sccache: &Path, dir: &Path, endpoint: &str, port: u16, out: &str) -> String {
+    let env = |cmd: &mut Command| {
+        cmd.current_dir(dir)
+            .env("SCCACHE_WEBDAV_ENDPOINT", endpoint)
+            .env("SCCACHE_WEBDAV_TOKEN", "ccache-token")
+            .env("SCCACHE_DIR", dir.join("sccache-local"))
+            .env("SCCACHE_SERVER_PORT", port.to_string())
+            .env("SCCACHE_IDLE_TIMEOUT", "0")
+            .env_remove("SCCACHE_BUCKET")
+            .env_remove("RUSTC_WRAPPER");
+    };
+    let mut compile = Command::new(sccache);
+    compile.args(["gcc", "-c", "hello.c", "-o", out]);
+    env(&mut compile);
+    assert!(compile.status().unwrap().success(), "sccache gcc failed");
+    let mut stats = Command::new(sccache);
+    stats.arg("--show-stats");
+    env(&mut stats);
+    let said = String::from_utf8(stats.output().unwrap().stdout).unwrap();
+    // A fresh sccache server for the next compile: its hits can only come from the remote storage.
+    let mut stop = Command::new(sccache);
+    stop.arg("--stop-server");
+    env(&mut stop);
+    let _ = stop.output();
+    said
+}
+
+/// The figure on the line of sccache's stats that starts with `what` (then only spaces).
+fn stat(stats: &str, what: &str) -> u64 {
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(what)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {what:?} in {stats}"))
+}
+
+/// sccache with its WebDAV storage (opendal's client, which looks up a file's folder with `PROPFIND`
+/// before it writes) gets a remote hit and a byte-identical object file.
+#[test]
+fn sccache_gets_remote_hits_over_webdav() {
+    let Some(sccache) = common::server_env("OUTCACHE_SCCACHE").map(std::path::PathBuf::from) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("hello.c"),
+        "int answer(void) { return 41; }\n",
+    )
+    .unwrap();
+    let url = format!("fs://{}/cache", dir.path().display());
+    let (mut server, base) = serve(&url, dir.path(), &[]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = format!("{base}/sccache");
+    let first = sccache_compile(&sccache, dir.path(), &endpoint, port, "first.o");
+    assert_eq!(
+        (
+            stat(&first, "Cache misses"),
+            stat(&first, "Cache write errors")
+        ),
+        (1, 0),
+        "{first}"
+    );
+    let second = sccache_compile(&sccache, dir.path(), &endpoint, port, "second.o");
+    assert_eq!(
+        (
+            stat(&second, "Cache hits"),
+            stat(&second, "Cache read errors")
+        ),
+        (1, 0),
+        "{second}"
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("first.o")).unwrap(),
+        std::fs::read(dir.path().join("second.o")).unwrap(),
+        "the object file from the server differs"
+    );
+    unsafe_kill(&mut server);
+}
+
 fn turbo() -> Option<std::path::PathBuf> {
     common::server_env("OUTCACHE_TURBO").map(std::path::PathBuf::from)
 }

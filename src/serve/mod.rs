@@ -5,7 +5,8 @@
 //!
 //! - **Simple key/value** (ccache's `remote_storage = http://…`, sccache/Gradle-style clients):
 //!   `GET`/`HEAD`/`PUT`/`DELETE /<any path>`; the path is the key, so ccache's `flat` and `subdirs`
-//!   layouts work as they are (task type `http`).
+//!   layouts work as they are (task type `http`). sccache's WebDAV storage too: `PROPFIND` of a folder
+//!   says it exists, which is all its client asks before a write.
 //! - **Bazel HTTP cache**: `/ac/<sha256>` (task type `bazel/ac`) and `/cas/<sha256>` (`bazel/cas`), where
 //!   an upload whose bytes do not hash to its key is refused and never stored; under an instance
 //!   prefix too (`/<instance>/ac/<sha256>`, a cache of its own). ccache's `bazel` layout lands here
@@ -430,6 +431,12 @@ async fn key_value(
         // Bazel's under a prefix: its CAS uploads are checked against their digest like the others.
         return bazel(&state, Some(instance), cas, digest, method, &headers, body).await;
     }
+    if method.as_str() == "PROPFIND" {
+        if let Some(refused) = check(&state, &headers, &Method::GET) {
+            return refused;
+        }
+        return collection(&key);
+    }
     let key = json!({ "key": key });
     handle(
         &state,
@@ -442,6 +449,44 @@ async fn key_value(
         None,
     )
     .await
+}
+
+/// WebDAV's `PROPFIND` (RFC 4918), as far as a WebDAV client that stores files needs it (opendal's,
+/// which sccache uses, stats a file's folder before it writes, and makes the folder if it is
+/// missing): every path ending in `/` is a folder that exists, since any prefix of a key is one; a
+/// key itself is not described (404). Its `MKCOL` then gets a 405, "exists" in RFC 4918.
+fn collection(key: &str) -> Response {
+    if !key.ends_with('/') {
+        return status(
+            StatusCode::NOT_FOUND,
+            "only folders (paths ending in /) are described",
+        );
+    }
+    let href: String = format!("/{key}")
+        .chars()
+        .map(|c| match c {
+            '&' => "&amp;".to_owned(),
+            '<' => "&lt;".to_owned(),
+            '>' => "&gt;".to_owned(),
+            c => c.to_string(),
+        })
+        .collect();
+    let xml = format!(
+        "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<D:multistatus xmlns:D=\"DAV:\"><D:response>\
+         <D:href>{href}</D:href><D:propstat><D:prop>\
+         <D:getlastmodified>Thu, 01 Jan 1970 00:00:00 GMT</D:getlastmodified>\
+         <D:resourcetype><D:collection/></D:resourcetype></D:prop>\
+         <D:status>HTTP/1.1 200 OK</D:status></D:propstat></D:response></D:multistatus>\n"
+    );
+    (
+        StatusCode::MULTI_STATUS,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/xml; charset=utf-8"),
+        )],
+        xml,
+    )
+        .into_response()
 }
 
 #[allow(clippy::too_many_arguments)]
