@@ -1154,3 +1154,31 @@ async fn schedule_runs_and_stops(every: std::time::Duration) {
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     assert!(present(2).await, "the janitor outlived its server");
 }
+
+/// `PROPFIND` of a folder says it exists (what a WebDAV client asks before it writes), with its path
+/// escaped in the XML; a key is not described, and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn propfind_describes_folders_only() {
+    let server = start("fs", writer()).await;
+    let client = reqwest::Client::new();
+    let propfind = reqwest::Method::from_bytes(b"PROPFIND").unwrap();
+    let folder = client
+        .request(propfind.clone(), format!("{}/a&b/c/", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(folder.status(), StatusCode::MULTI_STATUS);
+    let xml = folder.text().await.unwrap();
+    assert!(
+        xml.contains("<D:href>/a&amp;b/c/</D:href>") && xml.contains("<D:collection/>"),
+        "{xml}"
+    );
+    let key = client
+        .request(propfind, format!("{}/a/key", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(key.status(), StatusCode::NOT_FOUND);
+    assert_eq!(blobs(&server).await, 0);
+    assert!(server.cache.backend().list_rows().await.unwrap().is_empty());
+}
