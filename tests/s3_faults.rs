@@ -15,13 +15,7 @@ use outcache::config::Location;
 use outcache::{BlobState, RowKey};
 use serde_json::json;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::free_port;
 
 /// A running s3s-fs, killed (SIGKILL) and reaped when dropped, even if the test panics.
 struct Server(Child);

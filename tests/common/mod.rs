@@ -35,6 +35,15 @@ pub fn server_env(var: &str) -> Option<String> {
     }
 }
 
+/// A TCP port on 127.0.0.1 that was free a moment ago, for a server the test starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// An `s3://bucket/prefix?options` URL with `child` appended to its key prefix.
 pub fn s3_child(url: &str, child: &str) -> String {
     let (base, query) = url.split_once('?').unwrap_or((url, ""));
