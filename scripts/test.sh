@@ -6,6 +6,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# cargo's compiler probe reads /dev/null as an empty source file. A /dev/null that some tool replaced
+# with a regular file (by renaming a temp file over it, as `outcache cat -o /dev/null` once did) holds
+# whatever was last written to it, and every cargo command then fails parsing `<anon>`. Put the device
+# back when we may, or say what is wrong.
+if [ ! -c /dev/null ]; then
+  if [ "$(id -u)" = 0 ] && rm -f /dev/null && mknod -m 666 /dev/null c 1 3; then
+    echo "warning: /dev/null was a regular file (a tool renamed one over it); restored the device" >&2
+  else
+    echo "error: /dev/null is not a character device; as root: rm /dev/null; mknod -m 666 /dev/null c 1 3" >&2
+    exit 1
+  fi
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy (all targets, all features, warnings are errors)"

@@ -69,7 +69,8 @@ enum Command {
     /// (verified against the size and SHA-256 the store recorded, where it recorded one). To stdout, a
     /// blob up to --max-buffer is verified before its first byte is written; a larger one streams and
     /// a mismatch ends it with exit 3. With -o, bytes go to a temp file beside FILE, renamed into place
-    /// only once verified. Exit 1 if it does not resolve, 3 if its bytes fail verification.
+    /// only once verified (a link's target is replaced, the link kept; a device or FIFO such as
+    /// /dev/null is written in place, as stdout is). Exit 1 if it does not resolve, 3 if its bytes fail verification.
     Cat(cat::CatArgs),
     /// Count what the cache holds: rows, blobs, bytes, temp files, oldest and newest entry, and the task
     /// types with the most bytes.

@@ -169,6 +169,143 @@ fn put_blob_then_cat_returns_identical_bytes_by_json_or_ref_string() {
     assert_eq!(stdout(&got), stored, "get returns the stored ref");
 }
 
+/// `cat -o` renames a verified temp file over FILE, which must never replace what is not a regular file:
+/// renamed over `/dev/null`, it left the machine's `/dev/null` a regular file that collected every write
+/// (and then fed them to anything reading it, `cargo`'s compiler probe among them). A device or FIFO is
+/// written in place; a link keeps pointing where it did; a file keeps its mode; a new file gets the umask.
+#[test]
+fn cat_to_a_device_fifo_or_link_writes_through_and_keeps_the_node() {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt as _;
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+
+    let dir = tempfile::tempdir().unwrap();
+    let u = url(dir.path());
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let put = outcache(&u, &["put-blob", "t", "--inputs", "{}"], Some(&data));
+    assert!(put.status.success(), "{}", stderr(&put));
+    let stored = stdout(&put);
+    let c_path = |p: &Path| CString::new(p.as_os_str().as_bytes()).unwrap();
+
+    // A character device like /dev/null (1,3), made in the temp dir so a regression cannot break the host.
+    let null = dir.path().join("null");
+    // SAFETY: a valid NUL-terminated path; mknod only creates a node in our temp dir.
+    let made = unsafe {
+        libc::mknod(
+            c_path(&null).as_ptr(),
+            libc::S_IFCHR | 0o666,
+            libc::makedev(1, 3),
+        )
+    };
+    if made == 0 {
+        for max_buffer in ["64MiB", "64KiB"] {
+            let o = outcache(
+                &u,
+                &[
+                    "cat",
+                    &stored,
+                    "-o",
+                    null.to_str().unwrap(),
+                    "--max-buffer",
+                    max_buffer,
+                ],
+                None,
+            );
+            assert!(o.status.success(), "{}", stderr(&o));
+            let meta = std::fs::symlink_metadata(&null).unwrap();
+            assert!(
+                meta.file_type().is_char_device(),
+                "cat -o replaced a device node with {meta:?}"
+            );
+        }
+    } else {
+        let e = std::io::Error::last_os_error();
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI runs as root and makes device nodes: {e}"
+        );
+        eprintln!("mknod refused ({e}): the device case rests on the FIFO below");
+    }
+
+    // A FIFO: the reader gets every byte, verified (held, then streamed), and the FIFO stays one.
+    let fifo = dir.path().join("fifo");
+    // SAFETY: a valid NUL-terminated path; mkfifo only creates a FIFO in our temp dir.
+    let made = unsafe { libc::mkfifo(c_path(&fifo).as_ptr(), 0o600) };
+    assert_eq!(made, 0, "mkfifo: {}", std::io::Error::last_os_error());
+    for max_buffer in ["64MiB", "64KiB"] {
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::read(fifo).unwrap())
+        };
+        let o = outcache(
+            &u,
+            &[
+                "cat",
+                &stored,
+                "-o",
+                fifo.to_str().unwrap(),
+                "--max-buffer",
+                max_buffer,
+            ],
+            None,
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(
+            reader.join().unwrap() == data,
+            "the FIFO's reader got other bytes"
+        );
+        let meta = std::fs::symlink_metadata(&fifo).unwrap();
+        assert!(
+            meta.file_type().is_fifo(),
+            "cat -o replaced a FIFO with {meta:?}"
+        );
+    }
+
+    // A link to a file: the target gets the bytes and keeps its mode, the link stays a link.
+    let target = dir.path().join("target.bin");
+    std::fs::write(&target, b"old").unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let link = dir.path().join("link.bin");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let o = outcache(&u, &["cat", &stored, "-o", link.to_str().unwrap()], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "the link was replaced"
+    );
+    assert!(
+        std::fs::read(&target).unwrap() == data,
+        "the link's target did not get the bytes"
+    );
+    let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o640, "replacing a file changed its mode");
+
+    // A new file gets 0666 less the umask (the test binary's umask, which the child inherits).
+    // Read from /proc rather than set and reset, which would race the other tests' file creation.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let umask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .map(|m| u32::from_str_radix(m.trim(), 8).unwrap())
+        .unwrap();
+    let fresh = dir.path().join("fresh.bin");
+    let o = outcache(&u, &["cat", &stored, "-o", fresh.to_str().unwrap()], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o666 & !umask, "a new file's mode ignores the umask");
+
+    // A directory is refused by name, and nothing lands inside it.
+    let o = outcache(
+        &u,
+        &["cat", &stored, "-o", dir.path().to_str().unwrap()],
+        None,
+    );
+    assert_fails(&o, 2, "is a directory");
+}
+
 #[test]
 fn put_blob_of_a_directory_or_a_missing_file_names_it_and_stores_nothing() {
     let dir = tempfile::tempdir().unwrap();

@@ -2,6 +2,7 @@
 
 #[allow(unused_imports)]
 use super::prelude::*;
+use std::path::Path;
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct CatArgs {
@@ -38,16 +39,27 @@ pub(crate) async fn cat(ctx: &Ctx, args: CatArgs) -> Result<(), Failure> {
     let Some(stream) = cache.open_stream(&full).await? else {
         return Err(unresolved());
     };
+    // Where the bytes go is settled before the first byte is fetched: a bad FILE fails fast.
+    let sink = match output {
+        Some(path) => Some(FileSink::for_path(&path).await?),
+        None => None,
+    };
     let bar = transfer_bar(ctx.quiet, full.size);
     let stream = counted(stream, &bar);
-    match output {
-        Some(path) => cat_to_file(stream, &path).await?,
-        None if full.size.is_some_and(|size| size <= max_buffer) => {
+    let hold = full.size.is_some_and(|size| size <= max_buffer);
+    match sink {
+        Some(FileSink::Replace { path, mode }) => cat_to_file(stream, &path, mode).await?,
+        Some(FileSink::Device { path, file }) if hold => {
+            let bytes = outcache::blob::collect(stream).await?;
+            write_all_to(file, &bytes, &path).await?;
+        }
+        Some(FileSink::Device { path, file }) => cat_streaming(stream, file, &path).await?,
+        None if hold => {
             // Small enough to hold: verify all of it before stdout sees a byte.
             let bytes = outcache::blob::collect(stream).await?;
             write_stdout(&bytes)?;
         }
-        None => cat_streaming(stream).await?,
+        None => cat_streaming(stream, tokio::io::stdout(), Path::new("<stdout>")).await?,
     }
     if let Some(bar) = bar {
         bar.finish_and_clear();
@@ -55,34 +67,105 @@ pub(crate) async fn cat(ctx: &Ctx, args: CatArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Stream a verified blob to stdout as it arrives (a blob too large to hold): a verification failure
-/// ends the stream with an error, after the bytes before it were written.
-pub(crate) async fn cat_streaming(mut stream: outcache::ByteStream) -> Result<(), Error> {
-    let mut stdout = tokio::io::stdout();
+/// What `-o FILE` names, once symbolic links are followed.
+enum FileSink {
+    /// A regular file (or none yet): written beside and renamed over, keeping an existing file's mode.
+    Replace { path: PathBuf, mode: Option<u32> },
+    /// A device, FIFO or socket (`-o /dev/null` to verify and discard): written in place, since renaming
+    /// a temp file over it would replace the device node itself with a regular file.
+    Device {
+        path: PathBuf,
+        file: tokio::fs::File,
+    },
+}
+
+impl FileSink {
+    async fn for_path(path: &Path) -> Result<Self, Error> {
+        use std::os::unix::fs::PermissionsExt as _;
+        // Follow a link to what it names, so the rename replaces the target and keeps the link.
+        let resolved = match tokio::fs::symlink_metadata(path).await {
+            Ok(meta) if meta.file_type().is_symlink() => tokio::fs::canonicalize(path)
+                .await
+                .map_err(|e| Error::io("follow the symbolic link", path, e))?,
+            _ => path.to_path_buf(),
+        };
+        let meta = match tokio::fs::metadata(&resolved).await {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Self::Replace {
+                    path: resolved,
+                    mode: None,
+                });
+            }
+            Err(e) => return Err(Error::io("inspect", path, e)),
+        };
+        if meta.is_file() {
+            return Ok(Self::Replace {
+                path: resolved,
+                mode: Some(meta.permissions().mode() & 0o7777),
+            });
+        }
+        if meta.is_dir() {
+            return Err(Error::InvalidInput {
+                what: "-o FILE".into(),
+                reason: format!("{} is a directory", path.display()),
+            });
+        }
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .open(&resolved)
+            .await
+            .map_err(|e| Error::io("open for writing", path, e))?;
+        Ok(Self::Device {
+            path: resolved,
+            file,
+        })
+    }
+}
+
+async fn write_all_to(
+    mut sink: impl tokio::io::AsyncWrite + Unpin,
+    bytes: &[u8],
+    name: &Path,
+) -> Result<(), Error> {
+    match sink.write_all(bytes).await {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::io("write", name, e)),
+        _ => Ok(()),
+    }
+}
+
+/// Stream a verified blob to stdout (or a device) as it arrives (a blob too large to hold): a verification
+/// failure ends the stream with an error after the bytes before it went out, so the exit code tells.
+async fn cat_streaming(
+    mut stream: outcache::ByteStream,
+    mut sink: impl tokio::io::AsyncWrite + Unpin,
+    name: &Path,
+) -> Result<(), Error> {
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;
-        if let Err(e) = stdout.write_all(&chunk).await {
+        if let Err(e) = sink.write_all(&chunk).await {
             // A closed pipe (`| head`) is the reader's choice, not our failure.
             if e.kind() == std::io::ErrorKind::BrokenPipe {
                 return Ok(());
             }
-            return Err(Error::io("write", "<stdout>", e));
+            return Err(Error::io("write", name, e));
         }
     }
-    match stdout.flush().await {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-            Err(Error::io("flush", "<stdout>", e))
-        }
+    match sink.flush().await {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::io("flush", name, e)),
         _ => Ok(()),
     }
 }
 
 /// Write a verified blob to `path`: into a temp file beside it, renamed into place only once every byte
 /// was verified and synced, so `path` never holds wrong or partial bytes. The temp goes on any failure.
-pub(crate) async fn cat_to_file(
+/// A new file gets 0666 less the umask, as `cp` would give it; a replaced one keeps its mode.
+async fn cat_to_file(
     mut stream: outcache::ByteStream,
-    path: &std::path::Path,
+    path: &Path,
+    mode: Option<u32>,
 ) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt as _;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -90,6 +173,7 @@ pub(crate) async fn cat_to_file(
     let tmp = tempfile::Builder::new()
         .prefix(".outcache-cat-")
         .suffix(".tmp")
+        .permissions(std::fs::Permissions::from_mode(0o666))
         .tempfile_in(&dir)
         .map_err(|e| Error::io("create a temp file beside", path, e))?;
     let (file, tmp_path) = tmp.into_parts();
@@ -100,6 +184,11 @@ pub(crate) async fn cat_to_file(
             .await
             .map_err(|e| Error::io("write", &*tmp_path, e))?;
     }
+    if let Some(mode) = mode {
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .await
+            .map_err(|e| Error::io("set the mode of", &*tmp_path, e))?;
+    }
     file.sync_all()
         .await
         .map_err(|e| Error::io("fsync", &*tmp_path, e))?;
@@ -107,5 +196,9 @@ pub(crate) async fn cat_to_file(
     tmp_path
         .persist(path)
         .map_err(|e| Error::io("rename into place", path, e.error))?;
+    // The rename is durable once its directory is; a failure here leaves the file in place, so say nothing.
+    if let Ok(dir) = std::fs::File::open(&dir) {
+        let _ = dir.sync_all();
+    }
     Ok(())
 }
