@@ -1,4 +1,4 @@
-//! The memory of the orphan sweep, `stats`, `index-refs` and an age prune does not grow with the cache (issue "S3 at
+//! The memory of the orphan sweep, `stats`, `index-refs`, an age prune and a size budget does not grow with the cache (issue "S3 at
 //! scale": paginated end to end). A counting allocator records the peak heap a command adds; the same
 //! command over a cache four times larger must not need much more. The tests take turns (one allocator
 //! counts for all). The store is object_store's local filesystem, so the objects live on disk, not in
@@ -165,27 +165,6 @@ async fn the_orphan_sweep_needs_no_more_memory_for_a_cache_four_times_larger() {
     );
 }
 
-/// A cache on local disk with `rows` small rows and no blobs.
-async fn rows_only(dir: std::path::PathBuf, rows: usize) -> ObjectCache {
-    let local = LocalFileSystem::new_with_prefix(dir).unwrap();
-    let cache = ObjectCache::new(Arc::new(local), Path::from("cache"), "local");
-    futures::stream::iter(0..rows)
-        .map(|i| {
-            let cache = &cache;
-            async move {
-                let key = RowKey::new("app/small", &json!({ "i": i })).unwrap();
-                cache.save_row(&key, &json!({ "n": i })).await
-            }
-        })
-        .buffer_unordered(16)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<Vec<()>, _>>()
-        .unwrap();
-    cache
-}
-
 /// `stats` holds neither listing whole: which blobs each task type's rows own is found by joining
 /// sorted runs (small ones here, so the larger cache spills many), and the bytes still add up.
 #[tokio::test(flavor = "current_thread")]
@@ -285,21 +264,41 @@ async fn an_age_prune_holds_only_the_rows_it_removes() {
     );
 }
 
+/// A size budget over more candidates than it may hold lists the rows again, and joins their claims
+/// with the blobs in spilled runs: deciding what goes holds neither listing, only the rows it evicts
+/// and their blobs. (Carrying it out on an object store still lists the blobs whole, for the by-name
+/// cascade of the deleted rows: README, "Limits".)
 #[tokio::test(flavor = "current_thread")]
-async fn a_size_budget_past_its_bound_holds_no_more_for_four_times_the_rows() {
+async fn a_size_budget_past_its_bound_holds_neither_listing_for_four_times_the_rows_and_blobs() {
     let _turn = SERIAL.lock().await;
-    let (small, large, _dirs) = pair(rows_only, 2_000).await;
+    let (small, large, _dirs) = pair(seeded, 1_500).await;
     let mut peaks = Vec::new();
+    let mut options = PruneOptions::new();
+    options.spill_lines = 200;
     for cache in [&small, &large] {
-        // A budget ten rows short: the least recently used ten go, found by listing the rows again.
+        // A budget ten rows (each with its blob) short: the least recently used ten go.
         let inv = outcache::janitor::inventory(cache, 1).await.unwrap();
-        let mut options = PruneOptions::new();
-        options.max_size = Some(inv.row_bytes - 10 * (inv.row_bytes / inv.rows) + 1);
-        options.spill_lines = 200;
-        let (peak, report) = peak_of(prune(cache, &options, |_| {})).await;
-        let removed = report.unwrap().rows_removed;
-        assert!((10..=11).contains(&removed), "{removed} rows evicted");
+        let total = inv.row_bytes + inv.blob_bytes;
+        let per_row = (inv.row_bytes + inv.blob_bytes / 2) / inv.rows;
+        options.max_size = Some(total - 10 * per_row + 1);
+        options.dry_run = true;
+        let (peak, planned) = peak_of(prune(cache, &options, |_| {})).await;
+        let planned = planned.unwrap();
+        let (rows, blobs) = (planned.rows_removed, planned.blobs_removed);
+        assert!((10..=11).contains(&rows), "{rows} rows evicted");
+        assert_eq!(blobs, rows, "each evicted row takes its own blob, counted");
         peaks.push(peak);
+        // Carried out, it removes just what it planned, and then the cache is within the budget.
+        options.dry_run = false;
+        let done = prune(cache, &options, |_| {}).await.unwrap();
+        assert_eq!((done.rows_removed, done.blobs_removed), (rows, blobs));
+        let after = outcache::janitor::inventory(cache, 1).await.unwrap();
+        assert!(after.row_bytes + after.blob_bytes <= options.max_size.unwrap());
     }
-    assert_flat("a size budget", &peaks, "2 000 rows", "8 000");
+    assert_flat(
+        "a size budget",
+        &peaks,
+        "1 500 rows and 3 000 blobs",
+        "four times as many",
+    );
 }

@@ -1,16 +1,19 @@
 //! A size budget (`prune --max-size`, least recently used rows first) over a row listing too large to
 //! hold. The first listing only counts; past [`super::PruneOptions::spill_lines`] candidate rows it
 //! keeps none. Then a second listing adds up, per slice of the access-time span, the bytes each row's
-//! eviction would free, which finds the slice where the budget is met; a third takes every row older
-//! than that slice and, in exact LRU order, as many of the slice's own rows as the budget still needs.
-//! The same rows go as when every candidate is held and sorted (a test compares the two), for three
-//! listings instead of one and the memory of one slice's rows instead of every row's.
+//! eviction would free (its blobs' by a spilled join with the blob listing, never held), which finds
+//! the slice where the budget is met; a third takes every row older than that slice and, in exact LRU
+//! order, as many of the slice's own rows as the budget still needs. The same rows go as when every
+//! candidate is held and sorted (a test compares the two), for three listings of the rows and of the
+//! blobs instead of one, and the memory of the evicted rows and one slice's instead of every row's
+//! and every blob's.
 
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 
 use futures::TryStreamExt;
 
+use super::usage::{BlobIndex, Usage};
 use super::{LEDGER_TASK_TYPE, Ownership, Removed, take_row};
 use crate::error::Result;
 use crate::store::{OutputCache, RowEntry};
@@ -79,39 +82,53 @@ impl Candidates {
 /// What [`evict_streamed`] works on.
 pub(super) struct Budget<'a> {
     pub(super) backend: &'a dyn OutputCache,
-    pub(super) owned: &'a Ownership,
     /// Whether a listed row is a candidate: in scope, not removed by age, not the janitor's ledger.
     pub(super) candidate: &'a (dyn Fn(&RowEntry) -> bool + Send + Sync),
     pub(super) budget: u64,
+    /// Whether the rows come from a listing (their refs unknown): blobs are then theirs by key tag.
+    pub(super) listing_only: bool,
+    pub(super) spill_lines: usize,
 }
 
-/// Evict least recently used candidates until `total` is within the budget, listing the rows twice
-/// more; the evicted rows are counted into `counts` and returned.
+/// Evict least recently used candidates until `total` is within the budget, listing the blobs and
+/// the rows twice more; the evicted rows are counted into `counts` and returned, and the blobs they
+/// own added to `owned`.
 pub(super) async fn evict_streamed(
     job: &Budget<'_>,
     candidates: &Candidates,
     total: &mut u64,
+    owned: &mut Ownership,
     gone: &mut HashSet<String>,
     counts: &mut Removed,
 ) -> Result<Vec<RowEntry>> {
-    let mut evicted = Vec::new();
     if *total <= job.budget {
-        return Ok(evicted);
+        return Ok(Vec::new());
     }
-    // Second listing: what evicting each slice would free.
+    // Second listing: what evicting each slice would free. Blobs first, as the janitor always lists:
+    // a row that commits in between then has its blob listed.
+    let mut usage = Usage::new(job.listing_only, job.spill_lines);
+    let mut blob_pages = job.backend.blob_pages();
+    while let Some(page) = blob_pages.try_next().await? {
+        for b in &page {
+            usage.blob(b).await?;
+        }
+    }
+    drop(blob_pages);
     let mut freed = vec![0u64; SLICES as usize];
     let mut pages = job.backend.shallow_row_pages();
     while let Some(page) = pages.try_next().await? {
         for r in page.rows.iter().filter(|r| is_candidate(job, r)) {
-            let blobs: u64 = job
-                .owned
-                .of(job.backend, r)
-                .into_iter()
-                .filter(|(id, _)| !gone.contains(*id))
-                .map(|(_, size)| size)
-                .sum();
-            freed[candidates.slice_of(r)] += r.size + blobs;
+            let slice = candidates.slice_of(r);
+            freed[slice] += r.size;
+            usage.claim_for(job.backend, r, slice).await?;
         }
+    }
+    drop(pages);
+    let blob_bytes = usage
+        .blob_bytes_per_group(job.backend, freed.len(), gone)
+        .await?;
+    for (slice, bytes) in blob_bytes.into_iter().enumerate() {
+        freed[slice] += bytes;
     }
     // The slice where the running sum first covers the excess: all before it go, it goes in part.
     let mut excess = *total - job.budget;
@@ -123,28 +140,45 @@ pub(super) async fn evict_streamed(
         }
         excess -= bytes;
     }
-    // Third listing: take the older slices whole, and hold the cut slice's rows to order them.
-    let mut edge = Vec::new();
+    // Third listing: every row of the older slices goes, and the cut slice's rows are held to order.
+    let (mut older, mut edge) = (Vec::new(), Vec::new());
     let mut pages = job.backend.shallow_row_pages();
     while let Some(page) = pages.try_next().await? {
         for r in page.rows.into_iter().filter(|r| is_candidate(job, r)) {
             match candidates.slice_of(&r).cmp(&cut) {
-                std::cmp::Ordering::Less => {
-                    let freed = take_row(job.backend, &r, job.owned, gone, counts);
-                    *total = total.saturating_sub(freed);
-                    evicted.push(r);
-                }
+                std::cmp::Ordering::Less => older.push(r),
                 std::cmp::Ordering::Equal => edge.push(r),
                 std::cmp::Ordering::Greater => {}
             }
         }
+    }
+    drop(pages);
+    // The blobs of just those rows, from a third blob listing, to count what each eviction frees.
+    let mut index = BlobIndex::new(Some(job.listing_only), job.spill_lines);
+    let mut blob_pages = job.backend.blob_pages();
+    while let Some(page) = blob_pages.try_next().await? {
+        for b in &page {
+            index.push(b).await?;
+        }
+    }
+    drop(blob_pages);
+    let split = older.len();
+    let mut held = older;
+    held.extend(edge);
+    owned.add(&index.claimed_by(&held, job.listing_only).await?);
+    let mut edge = held.split_off(split);
+    let mut evicted = Vec::with_capacity(held.len());
+    for r in held {
+        let freed = take_row(job.backend, &r, owned, gone, counts);
+        *total = total.saturating_sub(freed);
+        evicted.push(r);
     }
     edge.sort_by_key(lru_order);
     for r in edge {
         if *total <= job.budget {
             break;
         }
-        let freed = take_row(job.backend, &r, job.owned, gone, counts);
+        let freed = take_row(job.backend, &r, owned, gone, counts);
         *total = total.saturating_sub(freed);
         evicted.push(r);
     }

@@ -14,10 +14,12 @@
 //! temp files past [`PruneOptions::spill_lines`], and one merged pass over the two sorted sets finds
 //! the unreferenced blobs (themselves spilled, then deleted a batch at a time). Its memory is bounded
 //! whatever the cache's size, except the ledger of blobs seen unreferenced within the grace period.
-//! An age prune alone streams the row listing and keeps only the rows it removes. A size budget holds
-//! its candidates up to [`PruneOptions::spill_lines`] and past that lists the rows twice more instead
-//! (an access-time histogram, then a select pass: `lru.rs`). `--corrupt` holds the row listing. Every
-//! row prune holds the blob listing, to count what each row takes along, and the rows it removes.
+//! An age prune streams the row listing and keeps only the rows it removes. A size budget holds its
+//! candidates up to [`PruneOptions::spill_lines`] and past that lists the rows and the blobs twice more
+//! instead (an access-time histogram, then a select pass: `lru.rs`). Both sort the blobs into spilled
+//! runs and join them with the rows they hold to count what each row takes along (`usage.rs`), so they
+//! hold the rows they remove and those rows' blobs, not the blob listing. `--corrupt` holds both
+//! listings.
 //!
 //! ## Races with writers (nothing is locked; every rule below is what keeps that safe)
 //! - **Rows are deleted by version.** A row is deleted only if it is still the one listed (same commit
@@ -295,11 +297,19 @@ impl Ownership {
             listing_only,
             ..Ownership::default()
         };
+        owned.add(blobs);
+        owned
+    }
+
+    /// Know `blobs` too (the ones already known are skipped).
+    fn add(&mut self, blobs: &[BlobEntry]) {
         for b in blobs.iter().filter(|b| b.state == BlobState::Published) {
-            owned.size.insert(b.id.clone(), b.size);
-            if listing_only {
+            if self.size.insert(b.id.clone(), b.size).is_some() {
+                continue;
+            }
+            if self.listing_only {
                 for tag in tag_parts(&b.id) {
-                    owned.by_tag.entry(tag.to_owned()).or_default().push((
+                    self.by_tag.entry(tag.to_owned()).or_default().push((
                         b.id.clone(),
                         b.size,
                         b.modified,
@@ -307,7 +317,6 @@ impl Ownership {
                 }
             }
         }
-        owned
     }
 
     /// The published blobs (id, size) the delete of row `r` takes along.
@@ -384,12 +393,15 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
     let now = SystemTime::now();
     let grace_cutoff = cutoff(now, options.grace);
     let spill_lines = spill::limit(options.spill_lines);
-    // Row prunes hold the blob listing (and, but for an age prune alone, the row listing), except an
-    // age prune alone: it sorts the blobs into spilled runs and keeps just those of the rows it
-    // removes (`usage::BlobIndex`). The orphan sweep streams everything.
+    // Age and size prunes sort the blobs into spilled runs and keep just those of the rows they hold
+    // (`usage::BlobIndex`); the search for garbled rows holds both listings whole. The orphan sweep
+    // streams everything.
     let rows_prune = options.older_than.is_some() || options.max_size.is_some() || options.corrupt;
     let age_only = options.older_than.is_some() && options.max_size.is_none() && !options.corrupt;
-    let mut blob_index = age_only.then(|| usage::BlobIndex::new(None, spill_lines));
+    let mut blob_index =
+        (rows_prune && !options.corrupt).then(|| usage::BlobIndex::new(None, spill_lines));
+    // What the blobs hold, for a size budget's total.
+    let (mut published_bytes, mut temp_bytes) = (0u64, 0u64);
 
     // The blobs first, page by page: a blob whose row commits while the janitor runs is then seen as
     // referenced, and one written after its page was listed is no candidate at all.
@@ -407,6 +419,11 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
         let mut pages = backend.blob_pages();
         while let Some(page) = pages.try_next().await? {
             for b in page {
+                match b.state {
+                    BlobState::Published => published_bytes += b.size,
+                    BlobState::Temp => temp_bytes += b.size,
+                    BlobState::Foreign => {}
+                }
                 if options.orphans {
                     match b.state {
                         BlobState::Published => {
@@ -499,6 +516,7 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
 
     let mut gone_blobs: HashSet<String> = HashSet::new();
     let mut doomed: HashSet<usize> = HashSet::new();
+    let mut gone_blob_bytes = 0u64;
     if age_only {
         // Every row kept is one to remove.
         for r in &rows {
@@ -515,13 +533,14 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
         for (i, r) in rows.iter().enumerate() {
             if aged(r) {
                 doomed.insert(i);
-                take_row(
+                let freed = take_row(
                     backend,
                     r,
                     &plan.owned,
                     &mut gone_blobs,
                     &mut plan.report.by_age,
                 );
+                gone_blob_bytes += freed - r.size;
                 plan.by_age.push(r.clone());
             }
         }
@@ -557,17 +576,14 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
         gone_blobs.extend(decided.ids);
         plan.report.orphans.blobs += decided.count;
         plan.report.orphans.bytes += decided.bytes;
+        gone_blob_bytes += decided.bytes;
         plan.orphan_blobs = decided.orphans;
         plan.ledger = Some(decided.ledger);
     }
 
     if let Some(budget) = options.max_size {
-        let stale_temps: HashSet<&str> = plan.stale_temps.iter().map(|t| t.id.as_str()).collect();
-        let temps_left: u64 = blobs
-            .iter()
-            .filter(|b| b.state == BlobState::Temp && !stale_temps.contains(b.id.as_str()))
-            .map(|b| b.size)
-            .sum();
+        let stale_temp_bytes: u64 = plan.stale_temps.iter().map(|t| t.size).sum();
+        let temps_left = temp_bytes.saturating_sub(stale_temp_bytes);
         let rows_left: u64 = if size_streamed {
             candidates.rows_left
         } else {
@@ -577,26 +593,22 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
                 .map(|(_, r)| r.size)
                 .sum()
         };
-        let blobs_left: u64 = plan
-            .owned
-            .size
-            .iter()
-            .filter(|(id, _)| !gone_blobs.contains(id.as_str()))
-            .map(|(_, s)| s)
-            .sum();
+        let blobs_left = published_bytes.saturating_sub(gone_blob_bytes);
         let mut total = temps_left + rows_left + blobs_left;
         if candidates.overflow {
             let candidate = |r: &RowEntry| in_scope(r) && !aged(r);
             let job = lru::Budget {
                 backend,
-                owned: &plan.owned,
                 candidate: &candidate,
                 budget,
+                listing_only,
+                spill_lines,
             };
             plan.by_size = lru::evict_streamed(
                 &job,
                 &candidates,
                 &mut total,
+                &mut plan.owned,
                 &mut gone_blobs,
                 &mut plan.report.by_size,
             )

@@ -1,7 +1,8 @@
 //! Which blobs rows own, without holding the blob listing: the rows' claims on blobs and the published
 //! blobs are sorted into runs that spill to temp files past a bound, then joined in one pass, so
 //! neither listing is ever held whole, however large the cache. `stats` sums the bytes per task type
-//! ([`Usage`]); an age prune finds just the blobs of the rows it removes ([`BlobIndex::claimed_by`]).
+//! and a size budget the bytes per slice of access times ([`Usage`]); a row prune finds just the blobs
+//! of the rows it removes ([`BlobIndex::claimed_by`]).
 //!
 //! A claim and a blob meet on the blob's id where rows were read (their refs name their blobs), and
 //! on the key tag where rows were only listed (an object store): there a row owns the blobs that
@@ -198,7 +199,8 @@ impl TaskTypes {
     }
 }
 
-/// The rows' claims and the blobs, gathered for [`Usage::blob_bytes_per_task_type`].
+/// The rows' claims and the blobs, gathered for [`Usage::blob_bytes_per_group`]: each claim names
+/// the group its bytes count towards (a task type for `stats`, a slice of access times for a budget).
 pub(super) struct Usage {
     listing_only: bool,
     tasks: TaskTypes,
@@ -212,6 +214,7 @@ const CANDIDATES_PER_BATCH: usize = 64;
 /// A blob a claim may own, pending the backend's own ownership rule.
 struct Candidate {
     task: usize,
+    group: usize,
     fingerprint: String,
     id: String,
     size: u64,
@@ -228,13 +231,24 @@ impl Usage {
         }
     }
 
-    /// Note the blobs row `r` owns (or, listing only, may own): `id TAB task`, or `tag TAB created
-    /// TAB task TAB fingerprint`.
+    /// Note the blobs row `r` owns (or, listing only, may own) as its task type's.
     pub(super) async fn claim(&mut self, backend: &dyn OutputCache, r: &RowEntry) -> Result<()> {
+        let task = self.tasks.index_of(r.key.task_type());
+        self.claim_for(backend, r, task).await
+    }
+
+    /// Note the blobs row `r` owns (or, listing only, may own) as `group`'s: `id TAB task TAB group`,
+    /// or `tag TAB created TAB task TAB group TAB fingerprint`.
+    pub(super) async fn claim_for(
+        &mut self,
+        backend: &dyn OutputCache,
+        r: &RowEntry,
+        group: usize,
+    ) -> Result<()> {
         let task = self.tasks.index_of(r.key.task_type());
         if self.listing_only {
             let line = format!(
-                "{}\t{}\t{task}\t{}",
+                "{}\t{}\t{task}\t{group}\t{}",
                 key_tag(&r.key),
                 nanos(r.created_at),
                 r.key.fingerprint()
@@ -243,7 +257,7 @@ impl Usage {
         }
         for id in &r.refs {
             if joinable(id) && backend.owns_ref(&r.key, id) {
-                self.claims.push(format!("{id}\t{task}")).await?;
+                self.claims.push(format!("{id}\t{task}\t{group}")).await?;
             }
         }
         Ok(())
@@ -254,12 +268,27 @@ impl Usage {
         self.blobs.push(b).await
     }
 
-    /// The bytes of owned blobs per task type. The join reads the sorted runs on a blocking thread;
-    /// tag-joined candidates come back in batches to be checked with the backend's ownership rule.
+    /// The bytes of owned blobs per task type (claims noted with [`Usage::claim`]).
     pub(super) async fn blob_bytes_per_task_type(
         self,
         backend: &dyn OutputCache,
     ) -> Result<HashMap<String, u64>> {
+        let names = self.tasks.names.clone();
+        let bytes = self
+            .blob_bytes_per_group(backend, names.len(), &HashSet::new())
+            .await?;
+        Ok(names.into_iter().zip(bytes).collect())
+    }
+
+    /// The bytes of owned blobs per group, `groups` of them, leaving out the blobs in `skip` (already
+    /// counted elsewhere). The join reads the sorted runs on a blocking thread; tag-joined candidates
+    /// come back in batches to be checked with the backend's ownership rule.
+    pub(super) async fn blob_bytes_per_group(
+        self,
+        backend: &dyn OutputCache,
+        groups: usize,
+        skip: &HashSet<String>,
+    ) -> Result<Vec<u64>> {
         let Usage {
             listing_only,
             tasks,
@@ -267,7 +296,7 @@ impl Usage {
             blobs,
         } = self;
         let index = blobs.lines(listing_only);
-        let mut bytes = vec![0u64; tasks.names.len()];
+        let mut bytes = vec![0u64; groups];
         let (tx, mut rx) = mpsc::channel::<Vec<Candidate>>(2);
         let join = tokio::task::spawn_blocking(move || join(claims, index, listing_only, &tx));
         while let Some(batch) = rx.recv().await {
@@ -275,15 +304,17 @@ impl Usage {
                 let owned = !listing_only
                     || RowKey::from_parts(&tasks.names[c.task], &c.fingerprint)
                         .is_ok_and(|key| backend.owns_ref(&key, &c.id));
-                if owned {
-                    bytes[c.task] += c.size;
+                if owned && !skip.contains(&c.id) {
+                    if let Some(sum) = bytes.get_mut(c.group) {
+                        *sum += c.size;
+                    }
                 }
             }
         }
         join.await
             .map_err(|e| spill_failed(std::io::Error::other(e)))?
             .map_err(spill_failed)?;
-        Ok(tasks.names.into_iter().zip(bytes).collect())
+        Ok(bytes)
     }
 }
 
@@ -298,7 +329,7 @@ fn join(
     let mut batch = Vec::new();
     for claim in claims.into_sorted() {
         let claim = claim?;
-        let Some((created, task, fingerprint)) = parse_claim(&claim, listing_only) else {
+        let Some((created, task, group, fingerprint)) = parse_claim(&claim, listing_only) else {
             continue;
         };
         for b in groups.of(join_key(&claim))? {
@@ -307,6 +338,7 @@ fn join(
             }
             batch.push(Candidate {
                 task,
+                group,
                 fingerprint: fingerprint.to_owned(),
                 id: b.id.clone(),
                 size: b.size,
@@ -324,16 +356,17 @@ fn join(
     Ok(())
 }
 
-/// A claim line as (created, task, fingerprint) (see [`Usage::claim`]).
-fn parse_claim(line: &str, listing_only: bool) -> Option<(u64, usize, &str)> {
+/// A claim line as (created, task, group, fingerprint) (see [`Usage::claim_for`]).
+fn parse_claim(line: &str, listing_only: bool) -> Option<(u64, usize, usize, &str)> {
     let mut parts = line.split('\t').skip(1);
-    if listing_only {
-        let created = parts.next()?.parse().ok()?;
-        let task = parts.next()?.parse().ok()?;
-        Some((created, task, parts.next()?))
+    let created = if listing_only {
+        parts.next()?.parse().ok()?
     } else {
-        Some((0, parts.next()?.parse().ok()?, ""))
-    }
+        0
+    };
+    let task = parts.next()?.parse().ok()?;
+    let group = parts.next()?.parse().ok()?;
+    Some((created, task, group, parts.next().unwrap_or_default()))
 }
 
 #[cfg(test)]
