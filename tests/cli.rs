@@ -186,6 +186,16 @@ fn cat_to_a_device_fifo_or_link_writes_through_and_keeps_the_node() {
     assert!(put.status.success(), "{}", stderr(&put));
     let stored = stdout(&put);
     let c_path = |p: &Path| CString::new(p.as_os_str().as_bytes()).unwrap();
+    // `cat -o path`, with the blob held and verified first (64MiB) or streamed (64KiB); must succeed.
+    let cat_to = |path: &Path, max_buffer: &str| {
+        let path = path.to_str().unwrap();
+        let o = outcache(
+            &u,
+            &["cat", &stored, "-o", path, "--max-buffer", max_buffer],
+            None,
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
 
     // A character device like /dev/null (1,3), made in the temp dir so a regression cannot break the host.
     let null = dir.path().join("null");
@@ -199,19 +209,7 @@ fn cat_to_a_device_fifo_or_link_writes_through_and_keeps_the_node() {
     };
     if made == 0 {
         for max_buffer in ["64MiB", "64KiB"] {
-            let o = outcache(
-                &u,
-                &[
-                    "cat",
-                    &stored,
-                    "-o",
-                    null.to_str().unwrap(),
-                    "--max-buffer",
-                    max_buffer,
-                ],
-                None,
-            );
-            assert!(o.status.success(), "{}", stderr(&o));
+            cat_to(&null, max_buffer);
             let meta = std::fs::symlink_metadata(&null).unwrap();
             assert!(
                 meta.file_type().is_char_device(),
@@ -237,19 +235,7 @@ fn cat_to_a_device_fifo_or_link_writes_through_and_keeps_the_node() {
             let fifo = fifo.clone();
             std::thread::spawn(move || std::fs::read(fifo).unwrap())
         };
-        let o = outcache(
-            &u,
-            &[
-                "cat",
-                &stored,
-                "-o",
-                fifo.to_str().unwrap(),
-                "--max-buffer",
-                max_buffer,
-            ],
-            None,
-        );
-        assert!(o.status.success(), "{}", stderr(&o));
+        cat_to(&fifo, max_buffer);
         assert!(
             reader.join().unwrap() == data,
             "the FIFO's reader got other bytes"
@@ -267,8 +253,7 @@ fn cat_to_a_device_fifo_or_link_writes_through_and_keeps_the_node() {
     std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o640)).unwrap();
     let link = dir.path().join("link.bin");
     std::os::unix::fs::symlink(&target, &link).unwrap();
-    let o = outcache(&u, &["cat", &stored, "-o", link.to_str().unwrap()], None);
-    assert!(o.status.success(), "{}", stderr(&o));
+    cat_to(&link, "64MiB");
     assert!(
         std::fs::symlink_metadata(&link)
             .unwrap()
@@ -292,8 +277,7 @@ fn cat_to_a_device_fifo_or_link_writes_through_and_keeps_the_node() {
         .map(|m| u32::from_str_radix(m.trim(), 8).unwrap())
         .unwrap();
     let fresh = dir.path().join("fresh.bin");
-    let o = outcache(&u, &["cat", &stored, "-o", fresh.to_str().unwrap()], None);
-    assert!(o.status.success(), "{}", stderr(&o));
+    cat_to(&fresh, "64MiB");
     let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o666 & !umask, "a new file's mode ignores the umask");
 
@@ -304,6 +288,14 @@ fn cat_to_a_device_fifo_or_link_writes_through_and_keeps_the_node() {
         None,
     );
     assert_fails(&o, 2, "is a directory");
+    let temps = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_string_lossy().starts_with(".outcache-cat-")
+        })
+        .count();
+    assert_eq!(temps, 0, "a refused -o left a temp file");
 }
 
 #[test]
