@@ -267,6 +267,17 @@ fn cat_to_a_device_fifo_or_link_writes_through_and_keeps_the_node() {
     );
     let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o640, "replacing a file changed its mode");
+    // A link to nothing yet (relative, as most are): the file it names is created, the link kept.
+    let dangling = dir.path().join("dangling.bin");
+    std::os::unix::fs::symlink("made-through-link.bin", &dangling).unwrap();
+    cat_to(&dangling, "64MiB");
+    assert!(
+        std::fs::symlink_metadata(&dangling)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert!(std::fs::read(dir.path().join("made-through-link.bin")).unwrap() == data);
 
     // A new file gets 0666 less the umask (the test binary's umask, which the child inherits).
     // Read from /proc rather than set and reset, which would race the other tests' file creation.

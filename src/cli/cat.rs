@@ -82,11 +82,21 @@ enum FileSink {
 impl FileSink {
     async fn for_path(path: &Path) -> Result<Self, Error> {
         use std::os::unix::fs::PermissionsExt as _;
-        // Follow a link to what it names, so the rename replaces the target and keeps the link.
+        // Follow a link to what it names, so the rename replaces the target and keeps the link; a
+        // link to nothing yet names the file to create, as `cp` reads it.
         let resolved = match tokio::fs::symlink_metadata(path).await {
-            Ok(meta) if meta.file_type().is_symlink() => tokio::fs::canonicalize(path)
-                .await
-                .map_err(|e| Error::io("follow the symbolic link", path, e))?,
+            Ok(meta) if meta.file_type().is_symlink() => {
+                match tokio::fs::canonicalize(path).await {
+                    Ok(target) => target,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        let target = tokio::fs::read_link(path)
+                            .await
+                            .map_err(|e| Error::io("read the symbolic link", path, e))?;
+                        path.parent().unwrap_or(Path::new(".")).join(target)
+                    }
+                    Err(e) => return Err(Error::io("follow the symbolic link", path, e)),
+                }
+            }
             _ => path.to_path_buf(),
         };
         let meta = match tokio::fs::metadata(&resolved).await {
