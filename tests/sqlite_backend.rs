@@ -110,6 +110,22 @@ fn files_that_are_not_ours_are_refused_untouched() {
         Err(Error::NotACache { reason, .. }) => assert!(reason.contains("directory")),
         other => panic!("a directory: {other:?}"),
     }
+    // A FIFO (as a device such as /dev/null would be) is refused before SQLite opens it: no hang, and
+    // no journal left beside it, where `sqlite:///dev/null` had left `/dev/null-journal`.
+    let fifo = dir.path().join("fifo.db");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo only creates a FIFO in our temp dir.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    match SqliteCache::open(&fifo, SqliteOptions::default()) {
+        Err(Error::NotACache { reason, .. }) => assert!(reason.contains("FIFO"), "{reason}"),
+        other => panic!("a FIFO: {other:?}"),
+    }
+    let beside: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("fifo.db-"))
+        .collect();
+    assert!(beside.is_empty(), "left beside the FIFO: {beside:?}");
 }
 
 #[tokio::test]

@@ -241,11 +241,23 @@ impl SqliteCache {
             std::fs::create_dir_all(parent)
                 .map_err(|e| Error::io("create database directory", parent, e))?;
         }
-        if path.is_dir() {
-            return Err(Error::NotACache {
-                location: path.display().to_string(),
-                reason: "is a directory, not a database file".into(),
-            });
+        // Only a regular file (or none yet) is opened: SQLite given a device or a FIFO (`/dev/null`)
+        // would leave its journal files beside it, outside any cache, or hang on the FIFO.
+        if let Ok(meta) = std::fs::metadata(&path) {
+            let kind = meta.file_type();
+            let what = if kind.is_dir() {
+                Some("a directory")
+            } else if kind.is_file() {
+                None
+            } else {
+                Some("a device, FIFO or socket")
+            };
+            if let Some(what) = what {
+                return Err(Error::NotACache {
+                    location: path.display().to_string(),
+                    reason: format!("is {what}, not a database file"),
+                });
+            }
         }
         let mut conn = open_connection(&path, false)?;
         migrate(&mut conn, &path)?;
