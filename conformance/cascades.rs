@@ -189,6 +189,64 @@ pub async fn age_prune_cascades_and_spares_newer(cache: Backend) -> CaseResult {
     Ok(())
 }
 
+/// Invariant 6: a delete by listed version takes only the blobs its row owns, whatever blobs the caller
+/// hands it ([`crate::RowVersion::owned_blobs`], which a backend may use instead of listing its own):
+/// another row's blob and a traversal named there stay, and ids from a listing that began before the
+/// row committed are not taken as all of its blobs.
+pub async fn a_delete_takes_only_its_rows_blobs_whatever_it_is_handed(
+    cache: Backend,
+) -> CaseResult {
+    gate!(cache, BLOB_CAPS);
+    let mut rows = Vec::new();
+    for i in 1..=4 {
+        rows.push(row_with_blob(&cache, "conformance/handed", i).await?);
+    }
+    let [foreign, traversal, stale, other] =
+        <[_; 4]>::try_from(rows).map_err(|_| Failure("four rows".into()))?;
+    let listed = cache.list_rows().await?;
+    let handed = |(key, _): &(RowKey, CacheRef), ids: Vec<String>, listing_began| {
+        let listed = listed
+            .iter()
+            .find(|r| &r.key == key)
+            .ok_or(Failure(format!("{key} is not listed")))?;
+        Ok::<_, Failure>(crate::RowVersion {
+            owned_blobs: Some(crate::ListedBlobs { ids, listing_began }),
+            ..listed.listed_version()
+        })
+    };
+    let later = SystemTime::now() + Duration::from_secs(3600);
+    let outside = traversal.1.reference.replace("blobs/", "blobs/../");
+    let versions = [
+        handed(&foreign, vec![other.1.reference.clone()], later)?,
+        handed(&traversal, vec![outside], later)?,
+        handed(&stale, Vec::new(), SystemTime::UNIX_EPOCH)?,
+    ];
+    let deleted = cache.delete_rows_listed(&versions).await?;
+    ensure!(
+        deleted.len() == 3,
+        "deleted {deleted:?}, expected three rows"
+    );
+    ensure!(
+        cache.read_blob(&other.1.reference).await?.is_some(),
+        "another row's blob, handed over as the deleted row's, was deleted"
+    );
+    ensure!(
+        cache.get_row(&other.0).await?.is_some(),
+        "the other row was deleted"
+    );
+    for (what, (_, r)) in [
+        ("another row's", &foreign),
+        ("a traversal as its", &traversal),
+        ("stale", &stale),
+    ] {
+        ensure!(
+            cache.read_blob(&r.reference).await?.is_none(),
+            "a row handed {what} blobs left its own blob behind"
+        );
+    }
+    Ok(())
+}
+
 /// Invariant 6 with invariant 5: a read stream opened before its row is deleted (the cascade takes
 /// the blob, as a prune does) still yields the whole blob; new reads miss.
 pub async fn read_stream_outlives_its_rows_delete(cache: Backend) -> CaseResult {

@@ -387,6 +387,7 @@ macro_rules! __conformance_each_case {
             delete_prefix_cascades_to_blobs,
             delete_prefix_respects_boundaries,
             age_prune_cascades_and_spares_newer,
+            a_delete_takes_only_its_rows_blobs_whatever_it_is_handed,
             row_commit_failure_removes_blob,
             janitor_sees_unreferenced_blob,
             janitor_sweep_keeps_referenced_blobs,

@@ -78,7 +78,7 @@ pub use error::{Error, Result};
 pub use metrics::Metrics;
 pub use store::{
     BlobEntry, BlobMeta, BlobStat, BlobState, ByteRange, ByteStream, Capabilities, CorruptEntry,
-    CorruptKind, OutputCache, OutputCacheExt, Row, RowEntry, RowScan, RowVersion,
+    CorruptKind, ListedBlobs, OutputCache, OutputCacheExt, Row, RowEntry, RowScan, RowVersion,
 };
 pub use wire::{CacheRef, InlineBinary, RowKey, fingerprint};
 

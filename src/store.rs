@@ -247,6 +247,7 @@ impl RowEntry {
             key: self.key.clone(),
             created_at: self.created_at,
             version: self.version.clone(),
+            owned_blobs: None,
         }
     }
 }
@@ -337,6 +338,21 @@ pub struct RowVersion {
     pub created_at: SystemTime,
     /// Its [`RowEntry::version`] when listed.
     pub version: Option<String>,
+    /// The blobs the row owns as the caller found them in a blob listing, if it did: a backend that
+    /// would otherwise list its blobs to find them by name (an object store whose rows were only
+    /// listed) may delete these instead. `None`: the backend finds them itself.
+    pub owned_blobs: Option<ListedBlobs>,
+}
+
+/// The blobs a row owns, found in a blob listing ([`RowVersion::owned_blobs`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListedBlobs {
+    /// The ids of every published blob in the listing that the row owns by the backend's rule
+    /// ([`OutputCache::owns_ref`]) and that was written no later than the row.
+    pub ids: Vec<String>,
+    /// When the listing began (this host's clock). It holds all of a row's blobs only if the row
+    /// committed before then; a backend uses the ids only for such rows, and for others looks itself.
+    pub listing_began: SystemTime,
 }
 
 /// One blob or temp object as the janitor sees it.

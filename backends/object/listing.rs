@@ -374,8 +374,9 @@ impl ObjectCache {
     /// The janitor's delete by version, with no read of any row it can avoid: the rows still at their
     /// listed version (one re-listing of their key range; S3 has no conditional delete, so a rewrite
     /// landing between that listing and the delete request is the one race left), deleted in bulk,
-    /// then the blobs each deleted row owns found by name (its key tag) among those written no later
-    /// than the row, also in bulk. S3's times are whole seconds, so a blob of a newer write of the same
+    /// then the blobs each deleted row owns, also in bulk: those the janitor found in its own blob
+    /// listing ([`RowVersion::owned_blobs`]) where that listing holds them all, else found by name (its
+    /// key tag) among those written no later than the row in a listing of ours. S3's times are whole seconds, so a blob of a newer write of the same
     /// key cannot be told from the row's own when both fall in the row's second: rows with a
     /// whole-second time within [`BY_NAME_MARGIN`] of now are read instead and cascade by the refs
     /// they hold.
@@ -386,7 +387,7 @@ impl ObjectCache {
         let settled = SystemTime::now()
             .checked_sub(BY_NAME_MARGIN)
             .unwrap_or(SystemTime::UNIX_EPOCH);
-        let (mut by_name, mut young): (Vec<(Path, RowKey, SystemTime)>, Vec<&RowVersion>) =
+        let (mut by_name, mut young): (Vec<(Path, &RowVersion, SystemTime, bool)>, Vec<_>) =
             (Vec::new(), Vec::new());
         for (path, listed) in &wanted {
             let Some(meta) = current.get(path).filter(|m| same_version(m, listed)) else {
@@ -396,7 +397,7 @@ impl ObjectCache {
             // A time with a fraction comes from a store with fine timestamps: no same-second doubt.
             let fine = meta.last_modified.timestamp_subsec_nanos() != 0;
             if fine || committed < settled {
-                by_name.push((path.clone(), listed.key.clone(), committed));
+                by_name.push((path.clone(), *listed, committed, fine));
             } else {
                 young.push(listed);
             }
@@ -404,17 +405,52 @@ impl ObjectCache {
         // Their refs-index markers stay: deleting them here would cost a bulk request per batch (a
         // fifth more time on moto), while a stale marker costs the next orphan sweep one GET, after
         // which the sweep removes it. A marker left is always safe; a missing one never is.
-        self.delete_many(by_name.iter().map(|(p, _, _)| p.clone()).collect())
+        self.delete_many(by_name.iter().map(|(p, ..)| p.clone()).collect())
             .await?;
-        self.cascade_by_name(by_name.iter().map(|(_, k, t)| (k, *t)))
-            .await?;
-        let mut deleted: Vec<RowKey> = by_name.into_iter().map(|(_, k, _)| k).collect();
+        // Their blobs: those the caller listed where its listing holds them all, else found by name.
+        let (mut handed, mut look) = (Vec::new(), Vec::new());
+        for (_, listed, committed, fine) in &by_name {
+            match self.listed_blob_paths(listed, *committed, *fine) {
+                Some(paths) => handed.extend(paths),
+                None => look.push((&listed.key, *committed)),
+            }
+        }
+        handed.sort();
+        handed.dedup();
+        self.delete_many(handed).await?;
+        self.cascade_by_name(look.into_iter()).await?;
+        let mut deleted: Vec<RowKey> = by_name.iter().map(|(_, l, ..)| l.key.clone()).collect();
         for listed in young {
             if self.delete_read_row(listed).await? {
                 deleted.push(listed.key.clone());
             }
         }
         Ok(deleted)
+    }
+
+    /// The paths of the blobs the caller listed as the row's own ([`RowVersion::owned_blobs`]), if they
+    /// can stand in for a listing of ours: the caller's listing began after the row committed (by
+    /// [`BY_NAME_MARGIN`] where the store's times are whole seconds), and every id is a blob of this
+    /// cache that the row owns by name. `None`: find them by name.
+    fn listed_blob_paths(
+        &self,
+        listed: &RowVersion,
+        committed: SystemTime,
+        fine: bool,
+    ) -> Option<Vec<Path>> {
+        let blobs = listed.owned_blobs.as_ref()?;
+        let margin = if fine { Duration::ZERO } else { BY_NAME_MARGIN };
+        if committed + margin >= blobs.listing_began {
+            return None;
+        }
+        blobs
+            .ids
+            .iter()
+            .map(|id| {
+                let name = parse_ref_name(id, REF_PREFIX, "")?;
+                crate::wire::ref_owned_by(id, &listed.key).then(|| self.blobs_root().join(name))
+            })
+            .collect()
     }
 
     /// Read the row `listed` names, and if it is still that version delete it and the blobs it owns

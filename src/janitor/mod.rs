@@ -52,7 +52,7 @@ use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
 use crate::store::{
-    BlobEntry, BlobState, CorruptEntry, CorruptKind, OutputCache, RowEntry, RowVersion,
+    BlobEntry, BlobState, CorruptEntry, CorruptKind, ListedBlobs, OutputCache, RowEntry, RowVersion,
 };
 use crate::wire::{RowKey, sha256_hex};
 
@@ -277,6 +277,9 @@ struct Plan {
 #[derive(Debug, Default)]
 struct Ownership {
     listing_only: bool,
+    /// When the blob listing these blobs came from began: set where the rows were only listed, so
+    /// the deletes can hand each row's blobs to the backend instead of it listing them again.
+    listing_began: Option<SystemTime>,
     size: HashMap<String, u64>,
     /// Published blobs by the key tags in their names: (id, size, modified).
     by_tag: HashMap<String, Vec<(String, u64, SystemTime)>>,
@@ -317,6 +320,20 @@ impl Ownership {
                 }
             }
         }
+    }
+
+    /// The blobs the delete of row `r` takes along, for the backend ([`crate::store::ListedBlobs`]):
+    /// only where the rows were only listed (a backend that read them cascades by their refs).
+    fn listed_for(&self, backend: &dyn OutputCache, r: &RowEntry) -> Option<ListedBlobs> {
+        let listing_began = self.listing_began.filter(|_| self.listing_only)?;
+        Some(ListedBlobs {
+            ids: self
+                .of(backend, r)
+                .into_iter()
+                .map(|(id, _)| id.to_owned())
+                .collect(),
+            listing_began,
+        })
     }
 
     /// The published blobs (id, size) the delete of row `r` takes along.
@@ -513,6 +530,8 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
         blobs = index.claimed_by(&rows, listing_only).await?;
     }
     plan.owned = Ownership::new(&blobs, listing_only);
+    // Every blob listing the plan reads began after `now`: blobs of rows committed before it are in.
+    plan.owned.listing_began = Some(now);
 
     let mut gone_blobs: HashSet<String> = HashSet::new();
     let mut doomed: HashSet<usize> = HashSet::new();
@@ -688,7 +707,13 @@ async fn delete_listed(
     let jobs: Vec<Deleting<'_>> = rows
         .chunks(PRUNE_BATCH)
         .map(|batch| -> Deleting<'_> {
-            let versions: Vec<RowVersion> = batch.iter().map(RowEntry::listed_version).collect();
+            let versions: Vec<RowVersion> = batch
+                .iter()
+                .map(|r| RowVersion {
+                    owned_blobs: owned.listed_for(backend, r),
+                    ..r.listed_version()
+                })
+                .collect();
             Box::pin(async move {
                 let gone = backend.delete_rows_listed(&versions).await?;
                 Ok((versions.len() as u64, gone))
