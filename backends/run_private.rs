@@ -209,6 +209,14 @@ impl OutputCache for RunPrivate {
             .is_ok_and(|inner| self.inner.owns_ref(&inner, reference))
     }
 
+    fn blob_tag(&self, key: &RowKey) -> String {
+        // The run's blobs are written under the inner key (`write_blob`), so they carry its tag.
+        match self.inner_key(key) {
+            Ok(inner) => self.inner.blob_tag(&inner),
+            Err(_) => crate::wire::key_tag(key),
+        }
+    }
+
     async fn save_row(&self, key: &RowKey, output: &Value) -> Result<()> {
         self.inner.save_row(&self.inner_key(key)?, output).await
     }

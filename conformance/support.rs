@@ -156,6 +156,9 @@ impl OutputCache for FailingRows {
     fn owns_ref(&self, key: &RowKey, reference: &str) -> bool {
         self.inner.owns_ref(key, reference)
     }
+    fn blob_tag(&self, key: &RowKey) -> String {
+        self.inner.blob_tag(key)
+    }
     async fn get_row(&self, key: &RowKey) -> Result<Option<Row>> {
         self.inner.get_row(key).await
     }

@@ -392,6 +392,13 @@ pub trait OutputCache: Debug + Display + Send + Sync + 'static {
         crate::wire::ref_owned_by(reference, key)
     }
 
+    /// The key tag the names of row `key`'s blobs carry ([`crate::wire::key_tag`]): where rows are only
+    /// listed ([`RowScan::listing_only`]), the janitor finds a row's blobs by it. A wrapper that writes
+    /// blobs under keys of its own (a namespace) answers with the tag of the key it writes them under.
+    fn blob_tag(&self, key: &RowKey) -> String {
+        crate::wire::key_tag(key)
+    }
+
     /// Store `output` under `key`, atomically replacing any earlier row (last writer wins). The blobs a
     /// replaced row referenced are left for the janitor's orphan sweep: another reader may still hold
     /// the old row.

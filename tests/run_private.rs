@@ -162,3 +162,42 @@ proptest! {
         prop_assert!(!run_namespace(&longer).starts_with(&run_namespace(&base)));
     }
 }
+
+/// Over an object store (rows only listed, blobs found by the key tags in their names), a prune
+/// through the run removes the run's blobs from the backing store and counts them. The run's blobs
+/// carry the tag of the key the wrapper writes them under: matched by the run's own key, the janitor
+/// found none, counted none, and handed the store an empty list of blobs to delete with each row.
+#[cfg(feature = "object-store")]
+#[tokio::test]
+async fn a_prune_through_a_run_over_an_object_store_removes_and_counts_the_runs_blobs() {
+    use object_store::memory::InMemory;
+    use object_store::path::Path;
+    use outcache::backends::object::ObjectCache;
+    use outcache::janitor::{PruneOptions, prune};
+
+    let inner: Arc<dyn OutputCache> = Arc::new(ObjectCache::new(
+        Arc::new(InMemory::new()),
+        Path::from("shared"),
+        "memory",
+    ));
+    let run: Arc<dyn OutputCache> = Arc::new(RunPrivate::new(inner.clone(), "run-9").unwrap());
+    let cache = engine(run.clone());
+    for seed in 0..3 {
+        put_blob(&cache, "build/out", seed).await;
+    }
+    assert_eq!(inner.list_blobs().await.unwrap().len(), 3);
+
+    let mut options = PruneOptions::new();
+    options.older_than = Some(std::time::Duration::ZERO);
+    let report = prune(run.as_ref(), &options, |_| {}).await.unwrap();
+    assert_eq!(
+        (report.rows_removed, report.blobs_removed),
+        (3, 3),
+        "{report:?}"
+    );
+    let left = inner.list_blobs().await.unwrap();
+    assert!(
+        left.is_empty(),
+        "the run's blobs stayed in the backing store: {left:?}"
+    );
+}

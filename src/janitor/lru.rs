@@ -165,7 +165,11 @@ pub(super) async fn evict_streamed(
     let split = older.len();
     let mut held = older;
     held.extend(edge);
-    owned.add(&index.claimed_by(&held, job.listing_only).await?);
+    owned.add(
+        &index
+            .claimed_by(job.backend, &held, job.listing_only)
+            .await?,
+    );
     let mut edge = held.split_off(split);
     let mut evicted = Vec::with_capacity(held.len());
     for r in held {

@@ -339,7 +339,7 @@ impl Ownership {
     /// The published blobs (id, size) the delete of row `r` takes along.
     fn of<'a>(&'a self, backend: &dyn OutputCache, r: &'a RowEntry) -> Vec<(&'a str, u64)> {
         if self.listing_only {
-            let tagged = self.by_tag.get(&crate::wire::key_tag(&r.key));
+            let tagged = self.by_tag.get(&backend.blob_tag(&r.key));
             tagged
                 .into_iter()
                 .flatten()
@@ -527,7 +527,7 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
         (rows, scan.unreadable, scan.listing_only)
     };
     if let Some(index) = blob_index {
-        blobs = index.claimed_by(&rows, listing_only).await?;
+        blobs = index.claimed_by(backend, &rows, listing_only).await?;
     }
     plan.owned = Ownership::new(&blobs, listing_only);
     // Every blob listing the plan reads began after `now`: blobs of rows committed before it are in.

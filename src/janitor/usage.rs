@@ -18,7 +18,7 @@ use super::spill::{Merged, SortedLines};
 use super::tag_parts;
 use crate::error::Result;
 use crate::store::{BlobEntry, BlobState, OutputCache, RowEntry};
-use crate::wire::{RowKey, key_tag};
+use crate::wire::RowKey;
 
 /// Only names without control characters are joined: lines are tab-separated and sort as `key TAB
 /// …`, which orders them by key only while no key holds a byte below TAB. Blobs this crate writes
@@ -91,13 +91,14 @@ impl BlobIndex {
     /// key tags where rows were only listed. A superset: [`super::Ownership`] applies the rule itself.
     pub(super) async fn claimed_by(
         self,
+        backend: &dyn OutputCache,
         rows: &[RowEntry],
         listing_only: bool,
     ) -> Result<Vec<BlobEntry>> {
         let mut wanted = SortedLines::new(self.spill_lines);
         for r in rows {
             if listing_only {
-                wanted.push(key_tag(&r.key)).await?;
+                wanted.push(backend.blob_tag(&r.key)).await?;
             } else {
                 for id in r.refs.iter().filter(|id| joinable(id)) {
                     wanted.push(id.clone()).await?;
@@ -249,7 +250,7 @@ impl Usage {
         if self.listing_only {
             let line = format!(
                 "{}\t{}\t{task}\t{group}\t{}",
-                key_tag(&r.key),
+                backend.blob_tag(&r.key),
                 nanos(r.created_at),
                 r.key.fingerprint()
             );
