@@ -163,10 +163,11 @@ proptest! {
     }
 }
 
-/// Over an object store (rows only listed, blobs found by the key tags in their names), a prune
-/// through the run removes the run's blobs from the backing store and counts them. The run's blobs
-/// carry the tag of the key the wrapper writes them under: matched by the run's own key, the janitor
-/// found none, counted none, and handed the store an empty list of blobs to delete with each row.
+/// Over an object store (rows only listed, blobs found by the key tags in their names), `stats`
+/// through the run charges the run's blobs to its task types, and a prune removes them from the backing
+/// store and counts them. The run's blobs carry the tag of the key the wrapper writes them under:
+/// matched by the run's own key, the janitor found none, counted none, and handed the store an empty
+/// list of blobs to delete with each row.
 #[cfg(feature = "object-store")]
 #[tokio::test]
 async fn a_prune_through_a_run_over_an_object_store_removes_and_counts_the_runs_blobs() {
@@ -186,6 +187,12 @@ async fn a_prune_through_a_run_over_an_object_store_removes_and_counts_the_runs_
         put_blob(&cache, "build/out", seed).await;
     }
     assert_eq!(inner.list_blobs().await.unwrap().len(), 3);
+    // `stats` through the run charges the blobs to the run's task type, by the same tag.
+    let inv = outcache::janitor::inventory(run.as_ref(), 5).await.unwrap();
+    let build = &inv.top_task_types[0];
+    assert_eq!(build.task_type, "build/out");
+    assert_eq!(build.bytes, inv.row_bytes + inv.blob_bytes, "{inv:?}");
+    assert_eq!(inv.blob_bytes, 3000);
 
     let mut options = PruneOptions::new();
     options.older_than = Some(std::time::Duration::ZERO);
