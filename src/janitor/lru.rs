@@ -106,14 +106,9 @@ pub(super) async fn evict_streamed(
     }
     // Second listing: what evicting each slice would free. Blobs first, as the janitor always lists:
     // a row that commits in between then has its blob listed.
-    let mut usage = Usage::new(job.listing_only, job.spill_lines);
-    let mut blob_pages = job.backend.blob_pages();
-    while let Some(page) = blob_pages.try_next().await? {
-        for b in &page {
-            usage.blob(b).await?;
-        }
-    }
-    drop(blob_pages);
+    let listing_only = Some(job.listing_only);
+    let blobs = BlobIndex::listed(job.backend, listing_only, job.spill_lines).await?;
+    let mut usage = Usage::over(blobs, job.listing_only);
     let mut freed = vec![0u64; SLICES as usize];
     let mut pages = job.backend.shallow_row_pages();
     while let Some(page) = pages.try_next().await? {
@@ -154,14 +149,7 @@ pub(super) async fn evict_streamed(
     }
     drop(pages);
     // The blobs of just those rows, from a third blob listing, to count what each eviction frees.
-    let mut index = BlobIndex::new(Some(job.listing_only), job.spill_lines);
-    let mut blob_pages = job.backend.blob_pages();
-    while let Some(page) = blob_pages.try_next().await? {
-        for b in &page {
-            index.push(b).await?;
-        }
-    }
-    drop(blob_pages);
+    let index = BlobIndex::listed(job.backend, listing_only, job.spill_lines).await?;
     let split = older.len();
     let mut held = older;
     held.extend(edge);

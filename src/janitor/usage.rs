@@ -60,6 +60,23 @@ impl BlobIndex {
         }
     }
 
+    /// Every blob `backend` lists now, in a new index (see [`BlobIndex::new`]).
+    pub(super) async fn listed(
+        backend: &dyn OutputCache,
+        listing_only: Option<bool>,
+        spill_lines: usize,
+    ) -> Result<Self> {
+        use futures::TryStreamExt as _;
+        let mut index = BlobIndex::new(listing_only, spill_lines);
+        let mut pages = backend.blob_pages();
+        while let Some(page) = pages.try_next().await? {
+            for b in &page {
+                index.push(b).await?;
+            }
+        }
+        Ok(index)
+    }
+
     /// Note a listed blob (only published ones are owned).
     pub(super) async fn push(&mut self, b: &BlobEntry) -> Result<()> {
         // `blob_line` refuses the names `joinable` would.
@@ -224,11 +241,19 @@ struct Candidate {
 impl Usage {
     /// `listing_only`: the rows come from a listing (refs unknown), so claims join on key tags.
     pub(super) fn new(listing_only: bool, spill_lines: usize) -> Self {
+        Self::over(
+            BlobIndex::new(Some(listing_only), spill_lines),
+            listing_only,
+        )
+    }
+
+    /// Claims to join with `blobs` (built for `listing_only` rows, or for either).
+    pub(super) fn over(blobs: BlobIndex, listing_only: bool) -> Self {
         Usage {
             listing_only,
             tasks: TaskTypes::default(),
-            claims: SortedLines::new(spill_lines),
-            blobs: BlobIndex::new(Some(listing_only), spill_lines),
+            claims: SortedLines::new(blobs.spill_lines),
+            blobs,
         }
     }
 
