@@ -265,3 +265,45 @@ fn no_secret_reaches_any_output() {
         check(run(dir.path(), &env, &all), &format!("env {args:?}"));
     }
 }
+
+/// A plain `http://` endpoint without `allow_http=true` is refused when the cache opens, naming the
+/// option to add; object_store alone failed every request with a bare "builder error". With the option
+/// the request goes out (and fails here on the dead port, as a dead server does).
+#[cfg(all(feature = "s3", feature = "azure"))]
+#[test]
+fn a_plain_http_endpoint_needs_allow_http_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let fast = "max_retries=0&retry_timeout=1s&connect_timeout=1s&timeout=2s";
+    for (url, fixed) in [
+        (
+            format!(
+                "s3://b/p?endpoint=http://127.0.0.1:9&access_key_id=a&secret_access_key=s&{fast}"
+            ),
+            true,
+        ),
+        (
+            format!(
+                "s3://b/p?endpoint=HTTP://127.0.0.1:9&access_key_id=a&secret_access_key=s&allow_http=false&{fast}"
+            ),
+            false,
+        ),
+        (
+            format!(
+                "az://c/p?account_name=acct&access_key=a2V5&endpoint=http://127.0.0.1:9/acct&{fast}"
+            ),
+            true,
+        ),
+    ] {
+        let out = run(dir.path(), &[], &["--url", &url, "stats"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{url}: {stderr}");
+        assert!(stderr.contains("add allow_http=true"), "{url}: {stderr}");
+        if fixed {
+            let allowed = format!("{url}&allow_http=true");
+            let out = run(dir.path(), &[], &["--url", &allowed, "stats"]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{allowed}: {stderr}");
+            assert!(!stderr.contains("allow_http"), "{allowed}: {stderr}");
+        }
+    }
+}

@@ -199,6 +199,25 @@ fn store_options(options: &[(String, String)]) -> impl Iterator<Item = (String, 
         .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
 }
 
+/// Refuses a plain `http://` endpoint without `allow_http=true`: object_store would fail every request
+/// with a bare "builder error", long after the URL was accepted.
+#[cfg(any(feature = "s3", feature = "azure"))]
+fn refuse_plain_http(
+    endpoint: Option<String>,
+    allow_http: Option<String>,
+    invalid: &dyn Fn(String) -> Error,
+) -> Result<()> {
+    let plain = endpoint.is_some_and(|e| e.to_ascii_lowercase().starts_with("http://"));
+    if plain && !allow_http.is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        return Err(invalid(
+            "the endpoint is plain http://: add allow_http=true to the URL to use it without TLS \
+             (or give an https:// endpoint)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Open `<scheme>://bucket/prefix` with `options` (already validated by [`validate_options`]).
 pub fn open(
     cloud: Cloud,
@@ -237,6 +256,13 @@ pub fn open(
             let unsigned = builder
                 .get_config_value(&AmazonS3ConfigKey::SkipSignature)
                 .is_some_and(|v| v == "true");
+            refuse_plain_http(
+                builder.get_config_value(&AmazonS3ConfigKey::Endpoint),
+                builder.get_config_value(&AmazonS3ConfigKey::Client(
+                    object_store::ClientConfigKey::AllowHttp,
+                )),
+                &invalid,
+            )?;
             if has_endpoint && !has_key && !unsigned {
                 // Without static credentials object_store would ask the AWS instance metadata
                 // service, which an S3-compatible endpoint never needs.
@@ -271,6 +297,18 @@ pub fn open(
             for (key, value) in store_options(options) {
                 let parsed = key.parse::<AzureConfigKey>().map_err(|_| unknown(&key))?;
                 builder = builder.with_config(parsed, value);
+            }
+            let emulator = builder
+                .get_config_value(&AzureConfigKey::UseEmulator)
+                .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+            if !emulator {
+                refuse_plain_http(
+                    builder.get_config_value(&AzureConfigKey::Endpoint),
+                    builder.get_config_value(&AzureConfigKey::Client(
+                        object_store::ClientConfigKey::AllowHttp,
+                    )),
+                    &invalid,
+                )?;
             }
             Arc::new(builder.build().map_err(|e| invalid(e.to_string()))?)
         }
