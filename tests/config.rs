@@ -306,4 +306,16 @@ fn a_plain_http_endpoint_needs_allow_http_and_says_so() {
             assert!(!stderr.contains("allow_http"), "{allowed}: {stderr}");
         }
     }
+    // object_store's own environment variable counts too (it was dropped when outcache set its
+    // timeouts, so http endpoints failed even with it set).
+    let url =
+        format!("s3://b/p?endpoint=http://127.0.0.1:9&access_key_id=a&secret_access_key=s&{fast}");
+    let out = run(
+        dir.path(),
+        &[("AWS_ALLOW_HTTP", "true")],
+        &["--url", &url, "stats"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("error sending request"), "{stderr}");
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use object_store::path::Path;
-use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
+use object_store::{BackoffConfig, ClientConfigKey, ObjectStore, RetryConfig};
 
 use super::ObjectCache;
 use crate::error::{Error, Result};
@@ -160,11 +160,13 @@ fn has_userinfo(url: &str) -> bool {
     })
 }
 
-/// The timeouts and retries of outcache's own options (already validated).
+/// The timeouts and retries of outcache's own options (already validated): the client's settings as
+/// config pairs, applied on top of what the builder read from the environment (so `AWS_ALLOW_HTTP`
+/// and the like still count), and the retry policy.
 fn client_and_retry(
     options: &[(String, String)],
     invalid: &impl Fn(String) -> Error,
-) -> Result<(ClientOptions, RetryConfig)> {
+) -> Result<(Vec<(ClientConfigKey, String)>, RetryConfig)> {
     let (mut timeout, mut connect_timeout) = (DEFAULT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT);
     let (mut max_retries, mut retry_timeout) = (DEFAULT_MAX_RETRIES, DEFAULT_RETRY_TIMEOUT);
     for (key, value) in options {
@@ -180,9 +182,16 @@ fn client_and_retry(
             _ => {}
         }
     }
-    let client = ClientOptions::new()
-        .with_timeout(timeout)
-        .with_connect_timeout(connect_timeout);
+    let client = vec![
+        (
+            ClientConfigKey::Timeout,
+            format!("{}ms", timeout.as_millis()),
+        ),
+        (
+            ClientConfigKey::ConnectTimeout,
+            format!("{}ms", connect_timeout.as_millis()),
+        ),
+    ];
     let retry = RetryConfig {
         backoff: BackoffConfig::default(),
         max_retries,
@@ -239,8 +248,10 @@ pub fn open(
             // Client options first: `allow_http` and friends below are client settings too.
             let mut builder = AmazonS3Builder::from_env()
                 .with_bucket_name(bucket)
-                .with_client_options(client)
                 .with_retry(retry);
+            for (key, value) in client {
+                builder = builder.with_config(AmazonS3ConfigKey::Client(key), value);
+            }
             for (key, value) in store_options(options) {
                 let parsed = key
                     .parse::<AmazonS3ConfigKey>()
@@ -279,8 +290,10 @@ pub fn open(
             use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
             let mut builder = GoogleCloudStorageBuilder::from_env()
                 .with_bucket_name(bucket)
-                .with_client_options(client)
                 .with_retry(retry);
+            for (key, value) in client {
+                builder = builder.with_config(GoogleConfigKey::Client(key), value);
+            }
             for (key, value) in store_options(options) {
                 let parsed = key.parse::<GoogleConfigKey>().map_err(|_| unknown(&key))?;
                 builder = builder.with_config(parsed, value);
@@ -292,8 +305,10 @@ pub fn open(
             use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
             let mut builder = MicrosoftAzureBuilder::from_env()
                 .with_container_name(bucket)
-                .with_client_options(client)
                 .with_retry(retry);
+            for (key, value) in client {
+                builder = builder.with_config(AzureConfigKey::Client(key), value);
+            }
             for (key, value) in store_options(options) {
                 let parsed = key.parse::<AzureConfigKey>().map_err(|_| unknown(&key))?;
                 builder = builder.with_config(parsed, value);
