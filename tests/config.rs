@@ -266,12 +266,13 @@ fn no_secret_reaches_any_output() {
     }
 }
 
-/// A plain `http://` endpoint without `allow_http=true` is refused when the cache opens, naming the
-/// option to add; object_store alone failed every request with a bare "builder error". With the option
-/// the request goes out (and fails here on the dead port, as a dead server does).
+/// An endpoint object_store cannot use is refused when the cache opens, saying what to give: a plain
+/// `http://` one without `allow_http=true` (object_store alone failed every request with a bare
+/// "builder error"), and one that is no http(s) URL. With the option the request goes out (and fails
+/// here on the dead port, as a dead server does).
 #[cfg(all(feature = "s3", feature = "azure"))]
 #[test]
-fn a_plain_http_endpoint_needs_allow_http_and_says_so() {
+fn an_endpoint_object_store_cannot_use_is_refused_at_open() {
     let dir = tempfile::tempdir().unwrap();
     let fast = "max_retries=0&retry_timeout=1s&connect_timeout=1s&timeout=2s";
     for (url, fixed) in [
@@ -305,6 +306,28 @@ fn a_plain_http_endpoint_needs_allow_http_and_says_so() {
             assert_eq!(out.status.code(), Some(1), "{allowed}: {stderr}");
             assert!(!stderr.contains("allow_http"), "{allowed}: {stderr}");
         }
+    }
+    // An endpoint that is no http(s) URL is refused too: without a scheme object_store panicked
+    // signing the first request, and with another scheme it failed each one with "builder error".
+    for (endpoint, env) in [
+        ("127.0.0.1:9", None),
+        ("ftp://127.0.0.1:9", None),
+        ("http://", None),
+        ("", Some("127.0.0.1:9")),
+    ] {
+        let url = if endpoint.is_empty() {
+            format!("s3://b/p?access_key_id=a&secret_access_key=s&{fast}")
+        } else {
+            format!("s3://b/p?endpoint={endpoint}&access_key_id=a&secret_access_key=s&{fast}")
+        };
+        let env: Vec<(&str, &str)> = env.map(|e| ("AWS_ENDPOINT", e)).into_iter().collect();
+        let out = run(dir.path(), &env, &["--url", &url, "stats"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{endpoint:?} {env:?}: {stderr}");
+        assert!(
+            stderr.contains("http:// or https:// URL with a host") && !stderr.contains("panicked"),
+            "{endpoint:?} {env:?}: {stderr}"
+        );
     }
     // object_store's own environment variable counts too (it was dropped when outcache set its
     // timeouts, so http endpoints failed even with it set).

@@ -208,23 +208,41 @@ fn store_options(options: &[(String, String)]) -> impl Iterator<Item = (String, 
         .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
 }
 
-/// Refuses a plain `http://` endpoint without `allow_http=true`: object_store would fail every request
-/// with a bare "builder error", long after the URL was accepted.
+/// Refuses an endpoint object_store cannot talk to, before any request: one that is not an
+/// `http(s)://host` URL (object_store panicked signing a request to `127.0.0.1:9000`, and failed every
+/// request to an `ftp://` one with a bare "builder error"), and a plain `http://` one without
+/// `allow_http=true`. The endpoint itself is never echoed: its userinfo may hold a secret.
 #[cfg(any(feature = "s3", feature = "azure"))]
-fn refuse_plain_http(
+fn check_endpoint(
     endpoint: Option<String>,
     allow_http: Option<String>,
     invalid: &dyn Fn(String) -> Error,
 ) -> Result<()> {
-    let plain = endpoint.is_some_and(|e| e.to_ascii_lowercase().starts_with("http://"));
-    if plain && !allow_http.is_some_and(|v| v.eq_ignore_ascii_case("true")) {
-        return Err(invalid(
-            "the endpoint is plain http://: add allow_http=true to the URL to use it without TLS \
-             (or give an https:// endpoint)"
+    let Some(endpoint) = endpoint else {
+        return Ok(());
+    };
+    let parsed = url::Url::parse(&endpoint).ok();
+    let scheme = parsed.as_ref().map(|u| u.scheme().to_owned());
+    let has_host = parsed.as_ref().is_some_and(|u| u.host_str().is_some());
+    match scheme.as_deref() {
+        Some("https") if has_host => Ok(()),
+        Some("http") if has_host => {
+            if allow_http.is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+                Ok(())
+            } else {
+                Err(invalid(
+                    "the endpoint is plain http://: add allow_http=true to the URL to use it \
+                     without TLS (or give an https:// endpoint)"
+                        .into(),
+                ))
+            }
+        }
+        _ => Err(invalid(
+            "the endpoint must be an http:// or https:// URL with a host, e.g. \
+             endpoint=https://minio.internal:9000"
                 .into(),
-        ));
+        )),
     }
-    Ok(())
 }
 
 /// Open `<scheme>://bucket/prefix` with `options` (already validated by [`validate_options`]).
@@ -267,7 +285,7 @@ pub fn open(
             let unsigned = builder
                 .get_config_value(&AmazonS3ConfigKey::SkipSignature)
                 .is_some_and(|v| v == "true");
-            refuse_plain_http(
+            check_endpoint(
                 builder.get_config_value(&AmazonS3ConfigKey::Endpoint),
                 builder.get_config_value(&AmazonS3ConfigKey::Client(
                     object_store::ClientConfigKey::AllowHttp,
@@ -317,7 +335,7 @@ pub fn open(
                 .get_config_value(&AzureConfigKey::UseEmulator)
                 .is_some_and(|v| v.eq_ignore_ascii_case("true"));
             if !emulator {
-                refuse_plain_http(
+                check_endpoint(
                     builder.get_config_value(&AzureConfigKey::Endpoint),
                     builder.get_config_value(&AzureConfigKey::Client(
                         object_store::ClientConfigKey::AllowHttp,
