@@ -268,11 +268,11 @@ fn no_secret_reaches_any_output() {
 
 /// An endpoint object_store cannot use is refused when the cache opens, saying what to give: a plain
 /// `http://` one without `allow_http=true` (object_store alone failed every request with a bare
-/// "builder error"), and one that is no http(s) URL. With the option the request goes out (and fails
+/// "builder error"), one that is no http(s) URL, and a region no request can carry. With the option the request goes out (and fails
 /// here on the dead port, as a dead server does).
 #[cfg(all(feature = "s3", feature = "azure"))]
 #[test]
-fn an_endpoint_object_store_cannot_use_is_refused_at_open() {
+fn an_endpoint_or_region_object_store_cannot_use_is_refused_at_open() {
     let dir = tempfile::tempdir().unwrap();
     let fast = "max_retries=0&retry_timeout=1s&connect_timeout=1s&timeout=2s";
     for (url, fixed) in [
@@ -327,6 +327,22 @@ fn an_endpoint_object_store_cannot_use_is_refused_at_open() {
         assert!(
             stderr.contains("http:// or https:// URL with a host") && !stderr.contains("panicked"),
             "{endpoint:?} {env:?}: {stderr}"
+        );
+    }
+    // So is a region that cannot stand in a host name or a signature (a line break panicked too).
+    for (region, env) in [("us%0Aeast", None), ("%20", None), ("", Some("a b"))] {
+        let url = if region.is_empty() {
+            format!("s3://b/p?access_key_id=a&secret_access_key=s&{fast}")
+        } else {
+            format!("s3://b/p?region={region}&access_key_id=a&secret_access_key=s&{fast}")
+        };
+        let env: Vec<(&str, &str)> = env.map(|e| ("AWS_REGION", e)).into_iter().collect();
+        let out = run(dir.path(), &env, &["--url", &url, "stats"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{region:?} {env:?}: {stderr}");
+        assert!(
+            stderr.contains("the region must be"),
+            "{region:?}: {stderr}"
         );
     }
     // object_store's own environment variable counts too (it was dropped when outcache set its

@@ -285,6 +285,20 @@ pub fn open(
             let unsigned = builder
                 .get_config_value(&AmazonS3ConfigKey::SkipSignature)
                 .is_some_and(|v| v == "true");
+            // The region goes into every request's host or signature: a space or a line break in
+            // it made object_store panic signing the first request.
+            let region = builder.get_config_value(&AmazonS3ConfigKey::Region);
+            if region.is_some_and(|r| {
+                r.is_empty()
+                    || !r
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            }) {
+                return Err(invalid(
+                    "the region must be letters, digits, '-', '_' or '.' (e.g. region=us-east-1)"
+                        .into(),
+                ));
+            }
             check_endpoint(
                 builder.get_config_value(&AmazonS3ConfigKey::Endpoint),
                 builder.get_config_value(&AmazonS3ConfigKey::Client(
