@@ -13,7 +13,8 @@
 set -euo pipefail
 
 TOOLS="${OUTCACHE_TOOLS:-$HOME/.cache/outcache-tools}"
-RUN="${OUTCACHE_AZURITE_RUN:-$TOOLS/run}"
+# Pid, log and data files: per checkout, so a test run in one clone never stops another's server.
+RUN="${OUTCACHE_AZURITE_RUN:-$(cd "$(dirname "$0")/.." && pwd)/target/outcache-run}"
 CONTAINER="${OUTCACHE_AZURE_CONTAINER:-outcache-test}"
 AZURITE_VERSION="3.35.0"
 mkdir -p "$TOOLS" "$RUN"

@@ -16,7 +16,8 @@
 set -euo pipefail
 
 TOOLS="${OUTCACHE_TOOLS:-$HOME/.cache/outcache-tools}"
-RUN="${OUTCACHE_S3_RUN:-$TOOLS/run}"  # pid and log files; separate ones allow separate servers
+# Pid, log and data files: per checkout, so a test run in one clone never stops another's server.
+RUN="${OUTCACHE_S3_RUN:-$(cd "$(dirname "$0")/.." && pwd)/target/outcache-run}"
 BUCKET="${OUTCACHE_S3_BUCKET:-outcache-test}"
 MOTO_VERSION="5.2.5"
 S3S_VERSION="0.14.1"
