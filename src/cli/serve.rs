@@ -5,8 +5,8 @@ use super::prelude::*;
 /// The flags; each one not given falls back on the config file's `[serve]` table, then the default.
 #[derive(clap::Args, Debug)]
 pub(crate) struct ServeArgs {
-    /// Address to listen on [default: 127.0.0.1:8080].
-    #[arg(long, value_name = "ADDR")]
+    /// Address to listen on, IP:PORT or HOST:PORT [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR", value_parser = outcache::config::parse_listen_addr)]
     pub(crate) listen: Option<std::net::SocketAddr>,
     /// File of tokens, one per line: `rw TOKEN` (read and write) or `ro TOKEN` (read only). With any,
     /// every request but /healthz and /readyz needs one. Read again on SIGHUP. Also

@@ -109,10 +109,7 @@ impl ServeFile {
         Ok(ServeSettings {
             listen: self
                 .listen
-                .map(|l| {
-                    l.parse()
-                        .map_err(|e| bad("listen", format!("{l:?} is not an address: {e}")))
-                })
+                .map(|l| super::parse_listen_addr(&l).map_err(|e| bad("listen", e)))
                 .transpose()?,
             tokens_file: self.tokens_file.map(|p| dir.join(p)),
             allow_anonymous_writes: self.allow_anonymous_writes,
