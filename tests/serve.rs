@@ -194,6 +194,8 @@ async fn cas_digest_refusal(size: usize) {
     let wrong = format!("{}/cas/{}", server.base, "0".repeat(64));
     let refused = client.put(&wrong).body(body.clone()).send().await.unwrap();
     assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    let why = refused.text().await.unwrap();
+    assert!(why.contains("does not hash to its key"), "{size} B: {why}");
     assert_eq!(
         client.get(&wrong).send().await.unwrap().status(),
         StatusCode::NOT_FOUND
@@ -232,6 +234,8 @@ async fn bazel_under_an_instance_prefix_checks_digests_and_keeps_instances_apart
     let wrong = format!("{base}/linux/cas/{}", "0".repeat(64));
     let refused = client.put(&wrong).body(body.clone()).send().await.unwrap();
     assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    let why = refused.text().await.unwrap();
+    assert!(why.contains("does not hash to its key"), "{why}");
     assert_eq!(blobs(&server).await, 0, "a refused upload was stored");
 
     let good = format!("{base}/linux/cas/{digest}");
