@@ -597,6 +597,82 @@ async fn a_size_budget_too_large_to_hold_evicts_the_same_rows() {
     }
 }
 
+/// The same on an object store, whose rows are only listed: a row's blobs are joined in by the key tag
+/// in their names, and the order is by commit time (it keeps no access time). Both caches get the same
+/// rows in the same order, so the held and the listed plan must evict the same ones, counting the same
+/// blobs and bytes.
+#[cfg(feature = "object-store")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_size_budget_too_large_to_hold_evicts_the_same_rows_on_an_object_store() {
+    use object_store::memory::InMemory;
+    use object_store::path::Path;
+    use outcache::backends::object::ObjectCache;
+
+    let open = || {
+        let store = ObjectCache::new(Arc::new(InMemory::new()), Path::from("c"), "memory");
+        Cache::with_options(
+            Arc::new(store),
+            CacheOptions::default().reference_threshold(1024),
+        )
+    };
+    let (held, listed) = (open(), open());
+    for i in 0..150u32 {
+        for cache in [&held, &listed] {
+            let inputs = json!({ "i": i });
+            if i % 3 == 0 {
+                let len = 2_000 + (i as usize * 997) % 30_000;
+                cache
+                    .put_stream(
+                        "lru/y",
+                        &inputs,
+                        bytes(len, i as u8),
+                        BlobOptions::default(),
+                    )
+                    .await
+                    .unwrap();
+            } else {
+                let filler = "x".repeat((i as usize * 131) % 700);
+                cache
+                    .put("lru/y", &inputs, &json!({ "v": filler }))
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    let total = |inv: Inventory| inv.row_bytes + inv.blob_bytes;
+    let all = total(inventory(held.backend().as_ref(), 1).await.unwrap());
+    let mut left = all;
+    for budget in [all * 9 / 10, all / 2, all / 5] {
+        let mut options = PruneOptions::new();
+        options.max_size = Some(budget);
+        let in_memory = prune(held.backend().as_ref(), &options, |_| {})
+            .await
+            .unwrap();
+        options.spill_lines = 10; // far fewer than the candidates
+        let streamed = prune(listed.backend().as_ref(), &options, |_| {})
+            .await
+            .unwrap();
+        assert!(
+            in_memory.by_size.blobs > 0,
+            "budget {budget}: {in_memory:?}"
+        );
+        assert_eq!(in_memory.by_size, streamed.by_size, "budget {budget}");
+        assert_eq!(
+            row_keys(&held).await,
+            row_keys(&listed).await,
+            "budget {budget}: different rows left"
+        );
+        let after = total(inventory(listed.backend().as_ref(), 1).await.unwrap());
+        assert!(after <= budget, "budget {budget}: {after} bytes left");
+        assert_eq!(
+            left - after,
+            streamed.by_size.bytes,
+            "budget {budget}: bytes freed"
+        );
+        left = after;
+    }
+}
+
 /// `stats` counts each task type's rows and the blobs they own, not the blobs they only cite nor
 /// orphans, the same whether its sorted runs stay in memory or spill a line at a time.
 async fn stats_attribute_owned_blobs(cache: Cache) {
