@@ -245,7 +245,7 @@ pub(crate) fn print_report(r: &outcache::janitor::PruneReport) -> Result<(), Fai
     }
     if r.rows_kept_rewritten > 0 {
         out!(
-            "  kept {} rows rewritten since they were listed",
+            "  left {} rows that changed after they were listed (rewritten, or removed by another prune)",
             r.rows_kept_rewritten
         );
     }

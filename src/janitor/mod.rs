@@ -227,7 +227,8 @@ pub struct PruneReport {
     pub by_size: Removed,
     /// Garbled rows, found (and removed if asked).
     pub corrupt: Removed,
-    /// Listed rows that were rewritten before their delete, and so kept.
+    /// Listed rows not deleted because they changed before their delete: rewritten (and so kept) or
+    /// already removed by someone else (another janitor).
     #[serde(default)]
     pub rows_kept_rewritten: u64,
 }
