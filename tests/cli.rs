@@ -216,6 +216,27 @@ fn cat_to_a_device_fifo_or_link_writes_through_and_keeps_the_node() {
                 "cat -o replaced a device node with {meta:?}"
             );
         }
+        // A device that refuses the bytes (/dev/full, 1,7) fails the command, held or streamed: a
+        // write that is only finished in the background must not lose its error.
+        let full = dir.path().join("full");
+        // SAFETY: a valid NUL-terminated path; mknod only creates a node in our temp dir.
+        let made = unsafe {
+            libc::mknod(
+                c_path(&full).as_ptr(),
+                libc::S_IFCHR | 0o666,
+                libc::makedev(1, 7),
+            )
+        };
+        assert_eq!(made, 0, "mknod: {}", std::io::Error::last_os_error());
+        for max_buffer in ["64MiB", "64KiB"] {
+            let path = full.to_str().unwrap();
+            let o = outcache(
+                &u,
+                &["cat", &stored, "-o", path, "--max-buffer", max_buffer],
+                None,
+            );
+            assert_fails(&o, 1, "No space left on device");
+        }
     } else {
         let e = std::io::Error::last_os_error();
         assert!(

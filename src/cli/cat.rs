@@ -138,7 +138,12 @@ async fn write_all_to(
     bytes: &[u8],
     name: &Path,
 ) -> Result<(), Error> {
-    match sink.write_all(bytes).await {
+    // Flushed too: a tokio file finishes its last write in the background, and its error with it.
+    let written = match sink.write_all(bytes).await {
+        Ok(()) => sink.flush().await,
+        Err(e) => Err(e),
+    };
+    match written {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::io("write", name, e)),
         _ => Ok(()),
     }
