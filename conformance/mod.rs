@@ -406,6 +406,8 @@ macro_rules! __conformance_each_case {
             stalled_write_swept_never_reports_an_unreadable_blob,
             janitor_keeps_rows_rewritten_after_its_listing,
             janitor_spares_the_blob_of_a_newer_write_in_flight,
+            two_janitors_at_once_both_finish_and_leave_nothing_behind,
+            an_age_prune_with_the_sweep_takes_an_overwritten_blob_once,
             orphan_grace_counts_from_when_it_became_one,
             in_flight_write_is_listed_as_a_temp,
         }

@@ -269,6 +269,8 @@ struct Plan {
     stale_temps: Vec<BlobEntry>,
     /// The orphan ledger to save after the run (`None`: leave it as it is).
     ledger: Option<BTreeMap<String, u64>>,
+    /// Orphans a row prune had claimed as its rows', counted with the orphans instead.
+    swept_not_cascaded: HashSet<String>,
 }
 
 /// Which published blobs a row's delete takes along, as the janitor counts them: the refs it holds that
@@ -574,26 +576,35 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
             cutoff_ms: crate::layout::millis(grace_cutoff),
             now_ms: crate::layout::millis(now),
         };
-        // Blobs the row prunes take are theirs to count; the size budget needs the orphans' ids.
-        let exclude = std::mem::take(&mut gone_blobs);
+        // An orphan the row prunes claimed (by key tag) is the sweep's to take and count: a row's
+        // delete that reads the row takes only the blobs it refers to. The size budget needs the
+        // orphans' ids.
+        let claimed = std::mem::take(&mut gone_blobs);
         let keep_ids = options.max_size.is_some();
         let decided = tokio::task::spawn_blocking(move || {
             rule.decide(
                 published,
                 referenced,
-                &exclude,
+                &claimed,
                 &seen,
                 keep_ids,
                 spill_lines,
             )
-            .map(|decided| (decided, exclude))
+            .map(|decided| (decided, claimed))
         })
         .await
         .map_err(|e| spill_failed(std::io::Error::other(e)))?
         .map_err(spill_failed)?;
-        let (decided, exclude) = decided;
-        gone_blobs = exclude;
+        let (decided, claimed) = decided;
+        gone_blobs = claimed;
         gone_blobs.extend(decided.ids);
+        for (id, size) in decided.claimed {
+            let by_age = &mut plan.report.by_age;
+            by_age.blobs = by_age.blobs.saturating_sub(1);
+            by_age.bytes = by_age.bytes.saturating_sub(size);
+            gone_blob_bytes = gone_blob_bytes.saturating_sub(size);
+            plan.swept_not_cascaded.insert(id);
+        }
         plan.report.orphans.blobs += decided.count;
         plan.report.orphans.bytes += decided.bytes;
         gone_blob_bytes += decided.bytes;
@@ -695,6 +706,7 @@ async fn delete_listed(
     backend: &dyn OutputCache,
     rows: &[RowEntry],
     owned: &Ownership,
+    counted_elsewhere: &HashSet<String>,
     counts: &mut Removed,
     kept: &mut u64,
     step: &mut (dyn FnMut(u64) + Send),
@@ -727,7 +739,7 @@ async fn delete_listed(
         step(listed);
     }
     *counts = Removed::default();
-    let mut gone = HashSet::new();
+    let mut gone = counted_elsewhere.clone();
     for r in rows.iter().filter(|r| deleted.contains(&r.key)) {
         take_row(backend, r, owned, &mut gone, counts);
     }
@@ -766,6 +778,7 @@ async fn execute(
         backend,
         &plan.by_age,
         &plan.owned,
+        &plan.swept_not_cascaded,
         &mut report.by_age,
         &mut report.rows_kept_rewritten,
         &mut step,
@@ -775,6 +788,7 @@ async fn execute(
         backend,
         &plan.by_size,
         &plan.owned,
+        &plan.swept_not_cascaded,
         &mut report.by_size,
         &mut report.rows_kept_rewritten,
         &mut step,

@@ -128,6 +128,10 @@ pub(super) struct Decided {
     pub(super) orphans: spill::SortedLines,
     /// Their ids, where asked for (the size budget needs them).
     pub(super) ids: Vec<String>,
+    /// The orphans among the blobs the row prunes claimed as their rows' (by key tag, where rows were
+    /// only listed): unreferenced, so the sweep takes them and counts them, not the row's delete (which
+    /// takes only the blobs a row refers to when it reads the row).
+    pub(super) claimed: Vec<(String, u64)>,
     /// First sightings of the unreferenced blobs that are not orphans yet.
     pub(super) ledger: BTreeMap<String, u64>,
 }
@@ -138,7 +142,7 @@ impl OrphanRule {
         &self,
         published: spill::SortedLines,
         referenced: spill::SortedLines,
-        exclude: &HashSet<String>,
+        claimed: &HashSet<String>,
         seen: &BTreeMap<String, u64>,
         keep_ids: bool,
         spill_lines: usize,
@@ -148,6 +152,7 @@ impl OrphanRule {
             bytes: 0,
             orphans: spill::SortedLines::new(spill_lines),
             ids: Vec::new(),
+            claimed: Vec::new(),
             ledger: BTreeMap::new(),
         };
         let mut refs = referenced.into_sorted().peekable();
@@ -177,13 +182,16 @@ impl OrphanRule {
                     },
                 }
             }
-            if is_referenced || exclude.contains(&b.id) {
+            if is_referenced {
                 continue;
             }
             let first_seen = seen.get(&b.id).copied().unwrap_or(self.now_ms);
             if nanos(b.modified) <= self.cutoff_nanos && first_seen <= self.cutoff_ms {
                 decided.count += 1;
                 decided.bytes += b.size;
+                if claimed.contains(&b.id) {
+                    decided.claimed.push((b.id.clone(), b.size));
+                }
                 decided.orphans.push_blocking(line)?;
                 if keep_ids {
                     decided.ids.push(b.id);
