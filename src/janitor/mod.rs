@@ -26,7 +26,10 @@
 //!   time, [`OutputCache::delete_rows_listed`]): a row rewritten between the listing and the delete is
 //!   a fresh row and stays.
 //! - **A row's delete takes only the blobs it owns** (the ownership rule, [`crate::wire::ref_owned_by`]):
-//!   blobs it only cites stay for their owners, and the report counts only what was removed.
+//!   blobs it only cites stay for their owners, and the report counts only what was removed. Where
+//!   rows are only listed, the plan counts a row's blobs by the key tag in their names; one of those
+//!   that no row refers to (left by an overwrite) is an orphan, and with `--orphans` the sweep takes
+//!   and counts it, since the delete of a row it reads takes only the blobs the row refers to.
 //! - **The grace period protects writes in flight and readers of replaced rows.** A blob is an orphan
 //!   candidate only if it is older than the grace period *and* the janitor first saw it unreferenced at
 //!   least the grace period ago. The first sighting is kept in a small ledger row
