@@ -355,6 +355,36 @@ pub async fn janitor_spares_the_blob_of_a_newer_write_in_flight(cache: Backend) 
     Ok(())
 }
 
+/// `rows` rows of `task`, each with a blob, then key 0 written again: its first blob an orphan.
+async fn rows_and_an_overwrite(cache: &Backend, task: &str, rows: u64) -> Result<(), Failure> {
+    for i in 0..rows {
+        super::cascades::row_with_blob(cache, task, i).await?;
+    }
+    super::cascades::row_with_blob(cache, task, 0).await?;
+    Ok(())
+}
+
+/// A prune of every row by age, with the orphan sweep at no grace.
+fn prune_everything() -> PruneOptions {
+    let mut options = PruneOptions::new();
+    options.older_than = Some(Duration::ZERO);
+    options.orphans = true;
+    options.grace = Duration::ZERO;
+    options
+}
+
+/// Fails listing the published blobs left, if any.
+async fn no_blob_left(cache: &Backend, after: &str) -> CaseResult {
+    let blobs: Vec<_> = cache
+        .list_blobs()
+        .await?
+        .into_iter()
+        .filter(|b| b.state == crate::store::BlobState::Published)
+        .collect();
+    ensure!(blobs.is_empty(), "left after {after}: {blobs:?}");
+    Ok(())
+}
+
 /// Invariant 15: two janitors at once (two hosts' cron lines, a server's schedule beside an operator's
 /// prune) both finish without an error though each deletes rows and blobs from under the other, and
 /// between them remove every row past the cutoff with its blob and the orphan an overwrite left, with
@@ -364,15 +394,8 @@ pub async fn two_janitors_at_once_both_finish_and_leave_nothing_behind(
 ) -> CaseResult {
     gate!(cache, BLOB_CAPS);
     let task = "conformance/twice";
-    for i in 0..6 {
-        super::cascades::row_with_blob(&cache, task, i).await?;
-    }
-    // Writing key 0 again leaves its first blob an orphan.
-    super::cascades::row_with_blob(&cache, task, 0).await?;
-    let mut options = PruneOptions::new();
-    options.older_than = Some(Duration::ZERO);
-    options.orphans = true;
-    options.grace = Duration::ZERO;
+    rows_and_an_overwrite(&cache, task, 6).await?;
+    let options = prune_everything();
     let (a, b) = tokio::join!(
         prune(cache.as_ref(), &options, |_| {}),
         prune(cache.as_ref(), &options, |_| {})
@@ -385,17 +408,7 @@ pub async fn two_janitors_at_once_both_finish_and_leave_nothing_behind(
         rows.iter().all(|r| r.key.task_type() != task),
         "rows past the cutoff survived two janitors: {rows:?}"
     );
-    let blobs: Vec<_> = cache
-        .list_blobs()
-        .await?
-        .into_iter()
-        .filter(|b| b.state == crate::store::BlobState::Published)
-        .collect();
-    ensure!(
-        blobs.is_empty(),
-        "blobs survived two janitors that removed every row: {blobs:?}"
-    );
-    Ok(())
+    no_blob_left(&cache, "two janitors that removed every row").await
 }
 
 /// Invariant 15: a prune by age with the orphan sweep, over a key written twice, removes every row,
@@ -408,16 +421,8 @@ pub async fn an_age_prune_with_the_sweep_takes_an_overwritten_blob_once(
     cache: Backend,
 ) -> CaseResult {
     gate!(cache, BLOB_CAPS);
-    let task = "conformance/overwritten";
-    for i in 0..3 {
-        super::cascades::row_with_blob(&cache, task, i).await?;
-    }
-    super::cascades::row_with_blob(&cache, task, 0).await?;
-    let mut options = PruneOptions::new();
-    options.older_than = Some(Duration::ZERO);
-    options.orphans = true;
-    options.grace = Duration::ZERO;
-    let report = prune(cache.as_ref(), &options, |_| {}).await?;
+    rows_and_an_overwrite(&cache, "conformance/overwritten", 3).await?;
+    let report = prune(cache.as_ref(), &prune_everything(), |_| {}).await?;
     ensure!(
         (
             report.by_age.rows,
@@ -426,12 +431,5 @@ pub async fn an_age_prune_with_the_sweep_takes_an_overwritten_blob_once(
         ) == (3, 3, 1),
         "expected 3 rows with their 3 blobs by age and 1 orphan: {report:?}"
     );
-    let blobs: Vec<_> = cache
-        .list_blobs()
-        .await?
-        .into_iter()
-        .filter(|b| b.state == crate::store::BlobState::Published)
-        .collect();
-    ensure!(blobs.is_empty(), "left after the prune: {blobs:?}");
-    Ok(())
+    no_blob_left(&cache, "the prune").await
 }

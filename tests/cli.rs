@@ -186,28 +186,35 @@ fn cat_to_a_device_fifo_or_link_writes_through_and_keeps_the_node() {
     assert!(put.status.success(), "{}", stderr(&put));
     let stored = stdout(&put);
     let c_path = |p: &Path| CString::new(p.as_os_str().as_bytes()).unwrap();
-    // `cat -o path`, with the blob held and verified first (64MiB) or streamed (64KiB); must succeed.
-    let cat_to = |path: &Path, max_buffer: &str| {
+    // `cat -o path`, with the blob held and verified first (64MiB) or streamed (64KiB).
+    let cat_into = |path: &Path, max_buffer: &str| {
         let path = path.to_str().unwrap();
-        let o = outcache(
+        outcache(
             &u,
             &["cat", &stored, "-o", path, "--max-buffer", max_buffer],
             None,
-        );
-        assert!(o.status.success(), "{}", stderr(&o));
-    };
-
-    // A character device like /dev/null (1,3), made in the temp dir so a regression cannot break the host.
-    let null = dir.path().join("null");
-    // SAFETY: a valid NUL-terminated path; mknod only creates a node in our temp dir.
-    let made = unsafe {
-        libc::mknod(
-            c_path(&null).as_ptr(),
-            libc::S_IFCHR | 0o666,
-            libc::makedev(1, 3),
         )
     };
-    if made == 0 {
+    let cat_to = |path: &Path, max_buffer: &str| {
+        let o = cat_into(path, max_buffer);
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    // A character device node (major, minor) in the temp dir, so a regression cannot break the host's.
+    let device = |name: &str, major, minor| {
+        let path = dir.path().join(name);
+        // SAFETY: a valid NUL-terminated path; mknod only creates a node in our temp dir.
+        let made = unsafe {
+            libc::mknod(
+                c_path(&path).as_ptr(),
+                libc::S_IFCHR | 0o666,
+                libc::makedev(major, minor),
+            )
+        };
+        (made == 0).then_some(path)
+    };
+
+    // A character device like /dev/null (1,3).
+    if let Some(null) = device("null", 1, 3) {
         for max_buffer in ["64MiB", "64KiB"] {
             cat_to(&null, max_buffer);
             let meta = std::fs::symlink_metadata(&null).unwrap();
@@ -218,24 +225,9 @@ fn cat_to_a_device_fifo_or_link_writes_through_and_keeps_the_node() {
         }
         // A device that refuses the bytes (/dev/full, 1,7) fails the command, held or streamed: a
         // write that is only finished in the background must not lose its error.
-        let full = dir.path().join("full");
-        // SAFETY: a valid NUL-terminated path; mknod only creates a node in our temp dir.
-        let made = unsafe {
-            libc::mknod(
-                c_path(&full).as_ptr(),
-                libc::S_IFCHR | 0o666,
-                libc::makedev(1, 7),
-            )
-        };
-        assert_eq!(made, 0, "mknod: {}", std::io::Error::last_os_error());
+        let full = device("full", 1, 7).expect("a second device node");
         for max_buffer in ["64MiB", "64KiB"] {
-            let path = full.to_str().unwrap();
-            let o = outcache(
-                &u,
-                &["cat", &stored, "-o", path, "--max-buffer", max_buffer],
-                None,
-            );
-            assert_fails(&o, 1, "No space left on device");
+            assert_fails(&cat_into(&full, max_buffer), 1, "No space left on device");
         }
     } else {
         let e = std::io::Error::last_os_error();

@@ -307,42 +307,41 @@ fn an_endpoint_or_region_object_store_cannot_use_is_refused_at_open() {
             assert!(!stderr.contains("allow_http"), "{allowed}: {stderr}");
         }
     }
-    // An endpoint that is no http(s) URL is refused too: without a scheme object_store panicked
-    // signing the first request, and with another scheme it failed each one with "builder error".
-    for (endpoint, env) in [
-        ("127.0.0.1:9", None),
-        ("ftp://127.0.0.1:9", None),
-        ("http://", None),
-        ("", Some("127.0.0.1:9")),
+    // An endpoint that is no http(s) URL is refused too (without a scheme object_store panicked
+    // signing the first request, with another scheme it failed each one with "builder error"), and so
+    // is a region that cannot stand in a host name or a signature (a line break panicked too). Each
+    // given in the URL (`key=value`) or in object_store's environment variable (`VAR=value`).
+    let creds = format!("access_key_id=a&secret_access_key=s&{fast}");
+    for (given, mentions) in [
+        (
+            "endpoint=127.0.0.1:9",
+            "http:// or https:// URL with a host",
+        ),
+        (
+            "endpoint=ftp://127.0.0.1:9",
+            "http:// or https:// URL with a host",
+        ),
+        ("endpoint=http://", "http:// or https:// URL with a host"),
+        (
+            "AWS_ENDPOINT=127.0.0.1:9",
+            "http:// or https:// URL with a host",
+        ),
+        ("region=us%0Aeast", "the region must be"),
+        ("region=%20", "the region must be"),
+        ("AWS_REGION=a b", "the region must be"),
     ] {
-        let url = if endpoint.is_empty() {
-            format!("s3://b/p?access_key_id=a&secret_access_key=s&{fast}")
-        } else {
-            format!("s3://b/p?endpoint={endpoint}&access_key_id=a&secret_access_key=s&{fast}")
+        let (url, env) = match given.split_once('=') {
+            Some((var, value)) if var.starts_with("AWS_") => {
+                (format!("s3://b/p?{creds}"), vec![(var, value)])
+            }
+            _ => (format!("s3://b/p?{given}&{creds}"), Vec::new()),
         };
-        let env: Vec<(&str, &str)> = env.map(|e| ("AWS_ENDPOINT", e)).into_iter().collect();
         let out = run(dir.path(), &env, &["--url", &url, "stats"]);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{endpoint:?} {env:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(2), "{given}: {stderr}");
         assert!(
-            stderr.contains("http:// or https:// URL with a host") && !stderr.contains("panicked"),
-            "{endpoint:?} {env:?}: {stderr}"
-        );
-    }
-    // So is a region that cannot stand in a host name or a signature (a line break panicked too).
-    for (region, env) in [("us%0Aeast", None), ("%20", None), ("", Some("a b"))] {
-        let url = if region.is_empty() {
-            format!("s3://b/p?access_key_id=a&secret_access_key=s&{fast}")
-        } else {
-            format!("s3://b/p?region={region}&access_key_id=a&secret_access_key=s&{fast}")
-        };
-        let env: Vec<(&str, &str)> = env.map(|e| ("AWS_REGION", e)).into_iter().collect();
-        let out = run(dir.path(), &env, &["--url", &url, "stats"]);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{region:?} {env:?}: {stderr}");
-        assert!(
-            stderr.contains("the region must be"),
-            "{region:?}: {stderr}"
+            stderr.contains(mentions) && !stderr.contains("panicked"),
+            "{given}: {stderr}"
         );
     }
     // object_store's own environment variable counts too (it was dropped when outcache set its
