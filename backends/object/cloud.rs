@@ -301,9 +301,7 @@ pub fn open(
             }
             check_endpoint(
                 builder.get_config_value(&AmazonS3ConfigKey::Endpoint),
-                builder.get_config_value(&AmazonS3ConfigKey::Client(
-                    object_store::ClientConfigKey::AllowHttp,
-                )),
+                builder.get_config_value(&AmazonS3ConfigKey::Client(ClientConfigKey::AllowHttp)),
                 &invalid,
             )?;
             if has_endpoint && !has_key && !unsigned {
@@ -351,9 +349,7 @@ pub fn open(
             if !emulator {
                 check_endpoint(
                     builder.get_config_value(&AzureConfigKey::Endpoint),
-                    builder.get_config_value(&AzureConfigKey::Client(
-                        object_store::ClientConfigKey::AllowHttp,
-                    )),
+                    builder.get_config_value(&AzureConfigKey::Client(ClientConfigKey::AllowHttp)),
                     &invalid,
                 )?;
             }
