@@ -187,17 +187,93 @@ fn write_string(s: &str, out: &mut String) {
     out.push('"');
 }
 
-/// Parse JSON text handed in by a person or a file (the CLI's `--inputs`), refusing integer literals that
-/// `serde_json` would silently round to a double: anything outside the 64-bit range, so that
-/// `18446744073709551617` never reads as `18446744073709551616`. The error names the JSON path. Decimal
-/// and exponent literals are IEEE doubles, as RFC 8785 defines JSON numbers.
+/// Parse JSON text handed in by a person or a file (the CLI's `--inputs`), refusing what `serde_json`
+/// would silently change:
+/// - integer literals outside the 64-bit range, which it rounds to a double, so that
+///   `18446744073709551617` never reads as `18446744073709551616` (the error names the JSON path);
+/// - an object naming a key twice, where it keeps the last: `{"a":3,"a":4}` would fingerprint as
+///   `{"a":4}` and hit another task's entry. RFC 8785 canonicalises I-JSON (RFC 7493), which forbids
+///   duplicate names.
+///
+/// Decimal and exponent literals are IEEE doubles, as RFC 8785 defines JSON numbers.
 pub fn parse_json(what: &str, text: &str) -> Result<Value> {
-    let value: Value = serde_json::from_str(text).map_err(|e| Error::InvalidInput {
+    let StrictValue(value) = serde_json::from_str(text).map_err(|e| Error::InvalidInput {
         what: what.into(),
         reason: format!("not valid JSON: {e}"),
     })?;
     check_integer_literals(what, text, &value)?;
     Ok(value)
+}
+
+/// A [`Value`] read from text that refuses an object with a duplicate key (serde_json's own keeps the
+/// last silently).
+struct StrictValue(Value);
+
+impl<'de> serde::Deserialize<'de> for StrictValue {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        deserializer.deserialize_any(StrictVisitor).map(StrictValue)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> std::result::Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> std::result::Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> std::result::Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<Value, E> {
+        serde_json::Number::from_f64(v)
+            .map(Value::Number)
+            .ok_or_else(|| E::custom("a number JSON cannot hold"))
+    }
+    fn visit_str<E>(self, v: &str) -> std::result::Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> std::result::Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> std::result::Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+        while let Some(StrictValue(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                return Err(serde::de::Error::custom(format_args!(
+                    "the key {key:?} appears twice in one object"
+                )));
+            }
+            let StrictValue(value) = map.next_value()?;
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
+    }
 }
 
 /// Walk the text beside its parsed value: every integer literal must be held exactly.

@@ -344,6 +344,34 @@ fn text_inputs_refuse_integers_beyond_64_bits_naming_the_path() {
 }
 
 #[test]
+fn text_inputs_refuse_a_key_named_twice_in_one_object() {
+    use outcache::wire::parse_json;
+    // serde_json alone keeps the last: `{"a":3,"a":4}` would be the task `{"a":4}`.
+    for text in [
+        r#"{"a":3,"a":4}"#,
+        r#"{"a":3,"a":3}"#,
+        r#"[1,{"x":{"deep":1,"b":[],"deep":2}}]"#,
+        r#"{"a":1,"\u0061":2}"#,
+    ] {
+        match parse_json("--inputs JSON", text) {
+            Err(Error::InvalidInput { what, reason }) => {
+                assert_eq!(what, "--inputs JSON");
+                assert!(reason.contains("appears twice"), "{text}: {reason}");
+                assert!(reason.contains("column"), "{text}: says where: {reason}");
+            }
+            other => panic!("{text}: {other:?}"),
+        }
+    }
+    // The same key in different objects, and every kind of value, read as serde_json reads them.
+    let text =
+        r#"{"a":{"a":1},"b":[{"a":2},{"a":-3}],"c":[true,null,"s",1.5,-0.0,18446744073709551615]}"#;
+    assert_eq!(
+        parse_json("x", text).unwrap(),
+        serde_json::from_str::<serde_json::Value>(text).unwrap()
+    );
+}
+
+#[test]
 fn absurdly_deep_inputs_are_refused_not_overflowed() {
     let mut v = json!(1);
     for _ in 0..1000 {
