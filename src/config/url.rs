@@ -231,6 +231,22 @@ impl Location {
             return Err(invalid(text, "'..' path segments are not allowed"));
         }
         let url = Url::parse(text.trim()).map_err(|e| invalid(text, e.to_string()))?;
+        // Both would otherwise be dropped without a word: `fs:///builds/cache#2` would open
+        // `/builds/cache`, and `s3://KEY:SECRET@bucket` would sign with whatever the environment holds.
+        if url.fragment().is_some() {
+            return Err(invalid(
+                text,
+                "a '#' starts a URL fragment, which names nothing here: write a '#' in a path as %23",
+            ));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(invalid(
+                text,
+                "credentials in the URL's user part are not read: give them as options \
+                 (access_key_id=…&secret_access_key=… for s3://), in the environment \
+                 (AWS_ACCESS_KEY_ID …) or in the config file",
+            ));
+        }
         #[cfg(feature = "cloud")]
         if let Some(cloud) = crate::backends::object::cloud::Cloud::from_scheme(url.scheme()) {
             return parse_cloud(cloud, text, &url);
@@ -317,6 +333,22 @@ mod tests {
         assert_eq!(scrub_urls("no url here"), "no url here");
     }
 
+    #[cfg(feature = "s3")]
+    #[test]
+    fn refuses_credentials_in_the_user_part_without_echoing_them() {
+        for bad in [
+            "s3://AKIAKEY:SUPERSECRET@bucket/p",
+            "s3://SUPERSECRET@bucket/p",
+        ] {
+            let err = Location::parse(bad).unwrap_err();
+            let text = err.to_string();
+            assert!(matches!(err, Error::InvalidUrl { .. }), "{bad}: {text}");
+            assert!(text.contains("user part"), "{bad}: {text}");
+            assert!(!text.contains("SUPERSECRET"), "{bad}: {text}");
+        }
+        Location::parse("s3://bucket/p?access_key_id=K&secret_access_key=S").unwrap();
+    }
+
     #[test]
     fn parses_sizes_and_durations() {
         assert_eq!(parse_size("10GiB"), Ok(10 << 30));
@@ -354,6 +386,9 @@ mod tests {
             "fs:///tmp/x?durable=maybe",
             "sqlite://relative.db",
             "sqlite:///tmp/dir/",
+            "fs:///tmp/builds#2",
+            "sqlite:///tmp/c.db#x",
+            "memory://#x",
             "not a url",
             "",
         ] {
