@@ -326,12 +326,16 @@ fn an_endpoint_or_region_object_store_cannot_use_is_refused_at_open() {
             "AWS_ENDPOINT=127.0.0.1:9",
             "http:// or https:// URL with a host",
         ),
+        ("proxy_url=notaurl", "proxy_url must be an http://"),
+        ("PROXY_URL=ftp://proxy:21", "proxy_url must be an http://"),
+        ("aws_proxy_url=http://", "proxy_url must be an http://"),
+        ("AWS_PROXY_URL=notaurl", "proxy_url must be an http://"),
         ("region=us%0Aeast", "the region must be"),
         ("region=%20", "the region must be"),
         ("AWS_REGION=a b", "the region must be"),
     ] {
         let (url, env) = match given.split_once('=') {
-            Some((var, value)) if var.starts_with("AWS_") => {
+            Some((var, value)) if var.starts_with("AWS_") && var.to_uppercase() == var => {
                 (format!("s3://b/p?{creds}"), vec![(var, value)])
             }
             _ => (format!("s3://b/p?{given}&{creds}"), Vec::new()),

@@ -151,6 +151,26 @@ pub fn validate_options(
     Ok(())
 }
 
+/// Refuses a proxy URL the HTTP client cannot use, from the URL's options or the environment: it
+/// would otherwise fail only the first request, with "error sending request". The value may carry a
+/// password, so it is never echoed.
+fn check_proxy(proxy: Option<String>, invalid: &dyn Fn(String) -> Error) -> Result<()> {
+    let usable = |value: &str| {
+        url::Url::parse(value).is_ok_and(|u| {
+            matches!(u.scheme(), "http" | "https" | "socks5" | "socks5h")
+                && u.host_str().is_some_and(|h| !h.is_empty())
+        })
+    };
+    match proxy {
+        Some(value) if !usable(&value) => Err(invalid(
+            "proxy_url must be an http://, https:// or socks5:// URL with a host, e.g. \
+             proxy_url=http://proxy.internal:3128"
+                .into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Whether a URL's authority holds userinfo (`user@`, `user:password@`).
 fn has_userinfo(url: &str) -> bool {
     url.split_once("://").is_some_and(|(_, rest)| {
@@ -299,6 +319,10 @@ pub fn open(
                         .into(),
                 ));
             }
+            check_proxy(
+                builder.get_config_value(&AmazonS3ConfigKey::Client(ClientConfigKey::ProxyUrl)),
+                &invalid,
+            )?;
             check_endpoint(
                 builder.get_config_value(&AmazonS3ConfigKey::Endpoint),
                 builder.get_config_value(&AmazonS3ConfigKey::Client(ClientConfigKey::AllowHttp)),
@@ -328,6 +352,10 @@ pub fn open(
                 let parsed = key.parse::<GoogleConfigKey>().map_err(|_| unknown(&key))?;
                 builder = builder.with_config(parsed, value);
             }
+            check_proxy(
+                builder.get_config_value(&GoogleConfigKey::Client(ClientConfigKey::ProxyUrl)),
+                &invalid,
+            )?;
             Arc::new(builder.build().map_err(|e| invalid(e.to_string()))?)
         }
         #[cfg(feature = "azure")]
@@ -343,6 +371,10 @@ pub fn open(
                 let parsed = key.parse::<AzureConfigKey>().map_err(|_| unknown(&key))?;
                 builder = builder.with_config(parsed, value);
             }
+            check_proxy(
+                builder.get_config_value(&AzureConfigKey::Client(ClientConfigKey::ProxyUrl)),
+                &invalid,
+            )?;
             let emulator = builder
                 .get_config_value(&AzureConfigKey::UseEmulator)
                 .is_some_and(|v| v.eq_ignore_ascii_case("true"));
