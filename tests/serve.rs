@@ -1021,6 +1021,17 @@ async fn turborepo_artifacts_keep_their_duration_and_tag_per_team() {
         .await
         .unwrap();
     assert_eq!(other.status(), StatusCode::NOT_FOUND);
+    // A team that is not UTF-8 is refused: decoded, `%FF` and `%FE` would be one team.
+    for team in ["%FF", "%FE", "a%0Ab"] {
+        let refused = client
+            .put(url(team))
+            .bearer_auth("turbo-token")
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST, "{team}");
+    }
     let events = client
         .post(format!("{}/v8/artifacts/events", server.base))
         .bearer_auth("turbo-token")

@@ -24,7 +24,9 @@ fn team_task(query: &HashMap<String, String>) -> Option<String> {
         (None, Some(slug)) => ("slug", slug.as_str()),
         (None, None) => ("none", ""),
     };
-    if team.len() > 256 || team.chars().any(char::is_control) {
+    // U+FFFD is what the query's decoding makes of bytes that are not UTF-8: `%FF` and `%FE` would
+    // otherwise both name the team "\u{FFFD}" and share its artifacts.
+    if team.len() > 256 || team.chars().any(|c| c.is_control() || c == '\u{FFFD}') {
         return None;
     }
     Some(format!("turbo/{kind}/{team}"))
