@@ -132,6 +132,7 @@ async fn key_value_round_trips_large_and_small_bodies_on_fs_and_sqlite() {
 /// The backends a big transfer is tried on: fs and SQLite, and S3 when the test command's moto runs
 /// (required under `CI=true`).
 fn big_transfer_backends() -> Vec<String> {
+    #[cfg_attr(not(feature = "s3"), allow(unused_mut))]
     let mut backends = vec!["fs".to_owned(), "sqlite".to_owned()];
     #[cfg(feature = "s3")]
     if let Some(url) = common::server_env("OUTCACHE_S3_URL") {

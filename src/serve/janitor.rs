@@ -2,6 +2,7 @@
 //! stderr, so an operator can alert on a janitor that stopped freeing space.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::metrics::ServeMetrics;
 use crate::janitor::{PruneOptions, PruneReport, prune};
@@ -16,11 +17,12 @@ pub struct JanitorSchedule {
     pub options: PruneOptions,
 }
 
-/// Runs the schedule for ever (the caller aborts it when the server stops).
+/// Runs the schedule until `stopped` is set (the caller also aborts the task when the server stops).
 pub(super) async fn run(
     backend: Arc<dyn OutputCache>,
     schedule: JanitorSchedule,
     metrics: Arc<ServeMetrics>,
+    stopped: Arc<AtomicBool>,
 ) {
     // A zero period would panic in `interval`; an embedder's zero means "as often as it can".
     let every = schedule.every.max(std::time::Duration::from_millis(1));
@@ -28,7 +30,13 @@ pub(super) async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if stopped.load(Ordering::Acquire) {
+            return;
+        }
         once(backend.as_ref(), &schedule.options, &metrics).await;
+        // A run that never had to wait, followed by a tick already due, would otherwise keep this
+        // worker (and the abort) waiting for the next one.
+        tokio::task::yield_now().await;
     }
 }
 

@@ -170,19 +170,29 @@ pub async fn serve(
     let backend = cache.backend().clone();
     let (router, metrics) = router(cache, options);
     // Stopped with the server, however it stops (its future dropped too).
-    let _janitor = schedule
-        .map(|schedule| AbortOnDrop(tokio::spawn(janitor::run(backend, schedule, metrics))));
+    let _janitor = schedule.map(|schedule| {
+        let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = tokio::spawn(janitor::run(backend, schedule, metrics, stopped.clone()));
+        StopOnDrop { task, stopped }
+    });
     connections::run(listener, router, limits, shutdown)
         .await
         .map_err(|e| Error::io("serve", "listener", e))
 }
 
-/// Aborts its task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Stops the janitor's task when dropped. An abort alone takes effect only when the task next waits,
+/// and back-to-back prunes whose I/O completes at once (a short period, a small fs cache) may not wait
+/// for many runs: the flag keeps any further run from starting once the server is gone.
+struct StopOnDrop {
+    task: tokio::task::JoinHandle<()>,
+    stopped: Arc<std::sync::atomic::AtomicBool>,
+}
 
-impl Drop for AbortOnDrop {
+impl Drop for StopOnDrop {
     fn drop(&mut self) {
-        self.0.abort();
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.task.abort();
     }
 }
 
