@@ -57,7 +57,7 @@ pub(crate) async fn cat(ctx: &Ctx, args: CatArgs) -> Result<(), Failure> {
         None if hold => {
             // Small enough to hold: verify all of it before stdout sees a byte.
             let bytes = outcache::blob::collect(stream).await?;
-            write_stdout(&bytes)?;
+            write_all_to(tokio::io::stdout(), &bytes, Path::new("<stdout>")).await?;
         }
         None => cat_streaming(stream, tokio::io::stdout(), Path::new("<stdout>")).await?,
     }
@@ -133,6 +133,7 @@ impl FileSink {
     }
 }
 
+/// Write `bytes` to `sink` and flush; a closed pipe is the reader's choice and ends the command quietly.
 async fn write_all_to(
     mut sink: impl tokio::io::AsyncWrite + Unpin,
     bytes: &[u8],

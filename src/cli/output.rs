@@ -1,10 +1,7 @@
 //! Output that behaves on a terminal, in a pipe and on a full disk: progress bars on stderr, human sizes
 //! and times.
 
-use std::io::Write as _;
-
 use futures::StreamExt;
-use outcache::Error;
 
 /// A progress bar on stderr for a transfer of `size` bytes (bytes, rate, ETA), or `None` when stderr is
 /// not a terminal or `--quiet` was given. Never on stdout.
@@ -42,17 +39,6 @@ pub(crate) fn counted(
             })
             .boxed(),
         None => stream,
-    }
-}
-
-/// Write `bytes` to stdout; a closed pipe is the reader's choice and ends the command quietly.
-pub(crate) fn write_stdout(bytes: &[u8]) -> Result<(), Error> {
-    let mut stdout = std::io::stdout().lock();
-    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-            Err(Error::io("write", "<stdout>", e))
-        }
-        _ => Ok(()),
     }
 }
 
