@@ -31,6 +31,7 @@ mod offload;
 mod turbo;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use axum::Router;
@@ -171,7 +172,7 @@ pub async fn serve(
     let (router, metrics) = router(cache, options);
     // Stopped with the server, however it stops (its future dropped too).
     let _janitor = schedule.map(|schedule| {
-        let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = Arc::new(AtomicBool::new(false));
         let task = tokio::spawn(janitor::run(backend, schedule, metrics, stopped.clone()));
         StopOnDrop { task, stopped }
     });
@@ -185,13 +186,12 @@ pub async fn serve(
 /// for many runs: the flag keeps any further run from starting once the server is gone.
 struct StopOnDrop {
     task: tokio::task::JoinHandle<()>,
-    stopped: Arc<std::sync::atomic::AtomicBool>,
+    stopped: Arc<AtomicBool>,
 }
 
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
-        self.stopped
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.stopped.store(true, Ordering::Release);
         self.task.abort();
     }
 }
