@@ -1105,6 +1105,83 @@ async fn turborepo_artifacts_keep_their_duration_and_tag_per_team() {
     assert_eq!(post.headers()["allow"], "GET, HEAD, PUT");
 }
 
+/// A team name is a namespace of its own whatever it holds: team `a/meta` is not where team `a` keeps
+/// its artifacts' metadata (so it cannot read or replace another team's signature tags), `a/b` and
+/// `a%2Fb` stay apart, and a team named twice in one query is refused rather than one of the two
+/// picked (a proxy that checked the first must not let the request act on the second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turbo_team_names_cannot_reach_another_teams_rows() {
+    let server = start("fs", writer()).await;
+    let client = reqwest::Client::new();
+    let url = |query: &str| format!("{}/v8/artifacts/0123abcd?{query}", server.base);
+    let put = |query: &str, body: &'static str, tag: &'static str| {
+        client
+            .put(url(query))
+            .header("x-artifact-duration", "77")
+            .header("x-artifact-tag", tag)
+            .body(body)
+            .send()
+    };
+    assert_eq!(
+        put("teamId=a", "team a's artifact", "a-tag")
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::ACCEPTED
+    );
+    // `a/meta` would be where team `a` keeps what its uploaders said, if teams were spliced in raw.
+    for team in ["a%2Fmeta", "a/meta"] {
+        let got = client
+            .get(url(&format!("teamId={team}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            got.status(),
+            StatusCode::NOT_FOUND,
+            "{team} sees nothing yet"
+        );
+    }
+    assert_eq!(
+        put("teamId=a%2Fmeta", "team a/meta's artifact", "meta-tag")
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::ACCEPTED
+    );
+    let got = client.get(url("teamId=a")).send().await.unwrap();
+    assert_eq!(got.status(), StatusCode::OK);
+    assert_eq!(
+        got.headers()["x-artifact-tag"],
+        "a-tag",
+        "team a's tag kept"
+    );
+    assert_eq!(got.bytes().await.unwrap().as_ref(), b"team a's artifact");
+    let got = client.get(url("teamId=a%2Fmeta")).send().await.unwrap();
+    assert_eq!(got.headers()["x-artifact-tag"], "meta-tag");
+    assert_eq!(
+        got.bytes().await.unwrap().as_ref(),
+        b"team a/meta's artifact"
+    );
+    // A team spelled with a `%` of its own is yet another team.
+    let got = client.get(url("teamId=a%252Fmeta")).send().await.unwrap();
+    assert_eq!(got.status(), StatusCode::NOT_FOUND);
+
+    for twice in ["teamId=a&teamId=b", "slug=a&slug=b", "teamId=a&teamId=a"] {
+        let refused = put(twice, "x", "t").await.unwrap();
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST, "{twice}");
+        let refused = client.get(url(twice)).send().await.unwrap();
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST, "{twice}");
+    }
+    let queried = client
+        .post(format!("{}/v8/artifacts?teamId=a&teamId=b", server.base))
+        .body(r#"{"hashes":["0123abcd"]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(queried.status(), StatusCode::BAD_REQUEST);
+}
+
 /// An embedder's server runs its janitor schedule (`ServeOptions::janitor`) and stops it with itself:
 /// once the `serve` future is dropped, nothing more is pruned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,8 +2,6 @@
 //! `TURBO_TEAM`: artifacts by hash per team, with the duration and signature tag the client sends
 //! kept beside them (a small sidecar row) and returned on a hit.
 
-use std::collections::HashMap;
-
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
@@ -16,10 +14,25 @@ use super::{Served, check, handle, not_allowed, status as reply};
 const DURATION: &str = "x-artifact-duration";
 const TAG: &str = "x-artifact-tag";
 
-/// The task type of a team's artifacts (`None` for a malformed team): `teamId` and `slug` are separate namespaces (a client that
-/// switches between them sees two caches).
-fn team_task(query: &HashMap<String, String>) -> Option<String> {
-    let (kind, team) = match (query.get("teamId"), query.get("slug")) {
+/// A request's query, as given: pairs in order, a name repeated as often as it was sent.
+type QueryPairs = Vec<(String, String)>;
+
+/// The task type of a team's artifacts (`None` for a malformed team): `teamId` and `slug` are separate
+/// namespaces (a client that switches between them sees two caches).
+///
+/// Refused: a team that is too long, holds control characters or bytes that are not UTF-8, or is named
+/// twice (`teamId=a&teamId=b`: a proxy that checked one of them must not see the request act on the
+/// other). The team is escaped into the task type (`%` and `/`), so that no team's name reaches
+/// another's rows: unescaped, team `a/meta` would read and replace team `a`'s artifact metadata.
+fn team_task(query: &[(String, String)]) -> Option<String> {
+    let named = |name: &str| {
+        let mut given = query.iter().filter(|(k, _)| k == name).map(|(_, v)| v);
+        match (given.next(), given.next()) {
+            (_, Some(_)) => Err(()),
+            (one, None) => Ok(one),
+        }
+    };
+    let (kind, team) = match (named("teamId").ok()?, named("slug").ok()?) {
         (Some(id), _) => ("id", id.as_str()),
         (None, Some(slug)) => ("slug", slug.as_str()),
         (None, None) => ("none", ""),
@@ -29,6 +42,7 @@ fn team_task(query: &HashMap<String, String>) -> Option<String> {
     if team.len() > 256 || team.chars().any(|c| c.is_control() || c == '\u{FFFD}') {
         return None;
     }
+    let team = team.replace('%', "%25").replace('/', "%2F");
     Some(format!("turbo/{kind}/{team}"))
 }
 
@@ -78,7 +92,7 @@ const QUERY_BODY: usize = 256 << 10;
 /// Vercel's API answers). Reads rows only, never a blob.
 pub(super) async fn query(
     State(state): State<Served>,
-    Query(params): Query<HashMap<String, String>>,
+    Query(params): Query<QueryPairs>,
     method: Method,
     headers: HeaderMap,
     body: Body,
@@ -156,7 +170,7 @@ pub(super) async fn query(
 pub(super) async fn artifact(
     State(state): State<Served>,
     Path(hash): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
+    Query(query): Query<QueryPairs>,
     method: Method,
     headers: HeaderMap,
     body: Body,
