@@ -51,6 +51,23 @@ impl Samples {
         v.get(v.len() / 2).copied()
     }
 
+    /// Every sample of `case`, in the order taken, in milliseconds (with `OUTCACHE_BENCH_SAMPLES` set):
+    /// a median hides whether a ratio moved in every round or in a few slow ones.
+    fn print_samples(&self, case: &str, baseline: &'static str, contender: &'static str) {
+        let timings = self.0.lock().unwrap();
+        for who in [baseline, contender] {
+            let ms: Vec<String> = timings
+                .get(&(case.to_owned(), who))
+                .map(|v| {
+                    v.iter()
+                        .map(|d| format!("{:.0}", d.as_secs_f64() * 1e3))
+                        .collect()
+                })
+                .unwrap_or_default();
+            println!("  {case:<12} {who} samples (ms): {}", ms.join(" "));
+        }
+    }
+
     /// Print `contender` against `baseline` for each case: medians as operations (or MB) per second, and
     /// the throughput ratio contender/baseline.
     pub fn print_ratio(
@@ -68,6 +85,9 @@ impl Samples {
                 continue;
             };
             let (amount, label) = unit(case);
+            if std::env::var_os("OUTCACHE_BENCH_SAMPLES").is_some() {
+                self.print_samples(case, baseline, contender);
+            }
             println!(
                 "  {case:<12} {baseline}: {:>10.0} {label}/s   {contender}: {:>10.0} {label}/s   ratio {:.2}",
                 amount / b.as_secs_f64(),
