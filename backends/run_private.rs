@@ -40,6 +40,16 @@ pub fn run_namespace(run_id: &str) -> String {
     format!("run/{}:{run_id}/", run_id.len())
 }
 
+/// Whether `task_type` lies in some run's namespace (`run/<digits>:…`), where only a run-private tier
+/// writes. The engine refuses such task types from its callers: a row planted there would read as the
+/// run's own, and the run's `clear_run` would remove it.
+pub fn in_run_namespace(task_type: &str) -> bool {
+    task_type
+        .strip_prefix("run/")
+        .and_then(|rest| rest.split_once(':'))
+        .is_some_and(|(len, _)| !len.is_empty() && len.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// A run-private view of `inner`.
 #[derive(Debug, Clone)]
 pub struct RunPrivate {

@@ -136,3 +136,53 @@ pub async fn engine_resolve_hydrates_branded_refs_only(cache: Backend) -> CaseRe
     );
     Ok(())
 }
+
+/// A task type in a run-private tier's namespace (`run/<length>:<run id>/…`) is refused by the engine
+/// before the backend sees it: a row planted there from outside would read as that run's own, and the
+/// run's `clear_run` would take it. Task types that only begin like one (`run/lint`) are ordinary.
+pub async fn engine_refuses_task_types_in_a_run_namespace(cache: Backend) -> CaseResult {
+    let engine = Cache::new(cache.clone());
+    let inputs = json!({"planted": true});
+    let planted = format!(
+        "{}r/conformance",
+        crate::backends::run_private::run_namespace("victim")
+    );
+    let rows_before = cache.list_rows().await?.len();
+    let put = engine.put(&planted, &inputs, &json!(1)).await;
+    ensure!(
+        matches!(put, Err(Error::InvalidInput { .. })),
+        "put to {planted:?} gave {put:?}"
+    );
+    let streamed = engine
+        .put_stream(
+            &planted,
+            &inputs,
+            stream_of(pattern(100_000, 9), 10_000),
+            BlobOptions::default(),
+        )
+        .await;
+    ensure!(
+        matches!(streamed, Err(Error::InvalidInput { .. })),
+        "put_stream to {planted:?} gave {streamed:?}"
+    );
+    let got = engine.get(&planted, &inputs).await;
+    ensure!(
+        matches!(got, Err(Error::InvalidInput { .. })),
+        "get of {planted:?} gave {got:?}"
+    );
+    ensure!(
+        cache.list_rows().await?.len() == rows_before,
+        "a refused task type stored a row"
+    );
+    ensure!(
+        published(&cache).await?.is_empty() && temps(&cache).await? == 0,
+        "a refused task type left a blob or a temp"
+    );
+    engine.put("run/lint", &inputs, &json!(2)).await?;
+    let ordinary = engine.get("run/lint", &inputs).await?;
+    ensure!(
+        ordinary == Some(json!(2)),
+        "run/lint read back {ordinary:?}"
+    );
+    Ok(())
+}

@@ -92,7 +92,7 @@ impl Cache {
 
     /// Store `output` for `task_type` run on `inputs`.
     pub async fn put(&self, task_type: &str, inputs: &Value, output: &Value) -> Result<()> {
-        let key = RowKey::new(task_type, inputs)?;
+        let key = callers_key(task_type, inputs)?;
         let started = Instant::now();
         let result = self.backend.save_row(&key, output).await;
         self.committed(&key, "put", 0, started, &result);
@@ -129,7 +129,7 @@ impl Cache {
     /// served). The check is a stat per distinct ref (none for rows without refs); a backend that cannot
     /// read refs at all serves the row as stored.
     pub async fn get(&self, task_type: &str, inputs: &Value) -> Result<Option<Value>> {
-        let key = RowKey::new(task_type, inputs)?;
+        let key = callers_key(task_type, inputs)?;
         let started = Instant::now();
         let outcome = self.lookup(&key).await;
         let (label, counter) = match &outcome {
@@ -214,7 +214,7 @@ impl Cache {
     /// Delete the row for `task_type` run on `inputs` and its blobs. Returns whether it existed.
     pub async fn delete(&self, task_type: &str, inputs: &Value) -> Result<bool> {
         self.backend
-            .delete_row(&RowKey::new(task_type, inputs)?)
+            .delete_row(&callers_key(task_type, inputs)?)
             .await
     }
 
@@ -231,7 +231,7 @@ impl Cache {
         mut data: ByteStream,
         blob: BlobOptions,
     ) -> Result<Value> {
-        let key = RowKey::new(task_type, inputs)?;
+        let key = callers_key(task_type, inputs)?;
         let started = Instant::now();
         let threshold = self.options.reference_threshold;
         let can_stream = self.backend.capabilities().write_blob;
@@ -475,6 +475,23 @@ enum Dangling {
     Miss,
     /// An [`Error::DanglingRef`] (resolving a value the caller holds).
     Error,
+}
+
+/// The key of a caller's task. Task types in a run's namespace (`run/<len>:…`) are refused: only a
+/// run-private tier writes there, and a row planted from outside would read as the run's own and go
+/// with the run's `clear_run`.
+fn callers_key(task_type: &str, inputs: &Value) -> Result<RowKey> {
+    if crate::backends::run_private::in_run_namespace(task_type) {
+        return Err(Error::InvalidInput {
+            what: "task type".into(),
+            reason: format!(
+                "{:?} is in a run-private tier's namespace (run/<length>:<run id>/…); \
+                 use --run-id (or RunPrivate) to reach a run's rows",
+                task_type.chars().take(80).collect::<String>()
+            ),
+        });
+    }
+    RowKey::new(task_type, inputs)
 }
 
 fn replace_refs(value: Value, fetched: &HashMap<String, Value>) -> Value {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use outcache::OutputCacheExt as _;
 use outcache::backends::memory::MemoryCache;
-use outcache::backends::run_private::{RunPrivate, run_namespace};
+use outcache::backends::run_private::{RunPrivate, in_run_namespace, run_namespace};
 use outcache::{BlobOptions, Cache, CacheOptions, CacheRef, OutputCache};
 use proptest::prelude::*;
 use serde_json::json;
@@ -145,6 +145,61 @@ async fn capabilities_mirror_the_backing_store() {
     let backing: Arc<dyn OutputCache> = Arc::new(MemoryCache::new());
     let run = RunPrivate::new(backing.clone(), "r").unwrap();
     assert_eq!(run.capabilities(), backing.capabilities());
+}
+
+/// The shared tier cannot plant a row in a run's namespace: through the engine, a task type spelled as
+/// the wrapper spells a run's rows is refused, so the run never reads a row it did not write and its
+/// `clear_run` never removes a row of the shared tier. Task types that only start with `run/` are
+/// ordinary.
+#[tokio::test]
+async fn the_shared_tier_cannot_plant_rows_in_a_runs_namespace() {
+    let backing: Arc<dyn OutputCache> = Arc::new(MemoryCache::new());
+    let shared = engine(backing.clone());
+    let run = Arc::new(RunPrivate::new(backing.clone(), "abc").unwrap());
+    let private = engine(run.clone());
+    let planted = format!("{}r/build", run_namespace("abc"));
+    assert_eq!(planted, "run/3:abc/r/build");
+    let inputs = json!({"a": 1});
+    for refused in [
+        shared
+            .put(&planted, &inputs, &json!({"forged": true}))
+            .await,
+        shared
+            .put_stream(&planted, &inputs, bytes(100, 1), BlobOptions::default())
+            .await
+            .map(drop),
+        shared.get(&planted, &inputs).await.map(drop),
+        shared.delete(&planted, &inputs).await.map(drop),
+    ] {
+        let e = refused.unwrap_err();
+        assert!(
+            matches!(e, outcache::Error::InvalidInput { .. })
+                && e.to_string().contains("run-private"),
+            "{e}"
+        );
+    }
+    assert_eq!(private.get("build", &inputs).await.unwrap(), None);
+    assert!(
+        backing.list_rows().await.unwrap().is_empty(),
+        "nothing stored"
+    );
+
+    // Ordinary task types that begin like a run's are the shared tier's to use, and a run's
+    // clear_run leaves them.
+    for task in ["run/lint", "run/:x", "run/3a:x", "running/3:abc/r/build"] {
+        assert!(!in_run_namespace(task), "{task}");
+        shared.put(task, &inputs, &json!(task)).await.unwrap();
+    }
+    private
+        .put("build", &inputs, &json!("the run's"))
+        .await
+        .unwrap();
+    assert_eq!(run.clear_run().await.unwrap(), 1);
+    assert_eq!(backing.list_rows().await.unwrap().len(), 4);
+    assert_eq!(
+        shared.get("run/lint", &inputs).await.unwrap(),
+        Some(json!("run/lint"))
+    );
 }
 
 proptest! {
