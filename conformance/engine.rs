@@ -186,3 +186,58 @@ pub async fn engine_refuses_task_types_in_a_run_namespace(cache: Backend) -> Cas
     );
     Ok(())
 }
+
+/// Arrays and objects nested `levels` deep, alternately, around a number; built by hand, without
+/// `json!`, which would serialize the value again at every level.
+fn nested(levels: usize) -> Value {
+    let mut v = json!(1);
+    for i in 0..levels {
+        v = if i % 2 == 0 {
+            Value::Array(vec![json!(i), v])
+        } else {
+            Value::Object([(format!("k{i}"), v)].into_iter().collect())
+        };
+    }
+    v
+}
+
+/// An output nested as deep as the engine accepts ([`crate::wire::MAX_OUTPUT_DEPTH`]) reads back whole
+/// from the backend, whatever record the backend wraps it in; one level deeper is refused before the
+/// backend sees it. Before the limit, such a `put` reported success and the row then read as corrupt
+/// (and, unreadable, stopped the janitor's orphan sweep).
+pub async fn engine_outputs_nest_to_the_limit_and_read_back(cache: Backend) -> CaseResult {
+    let engine = Cache::new(cache.clone());
+    let deepest = nested(crate::wire::MAX_OUTPUT_DEPTH);
+    engine
+        .put("conformance/deep", &json!("deepest"), &deepest)
+        .await?;
+    let got = engine.get("conformance/deep", &json!("deepest")).await?;
+    ensure!(
+        got.as_ref() == Some(&deepest),
+        "an output {} levels deep did not read back whole",
+        crate::wire::MAX_OUTPUT_DEPTH
+    );
+    let scan = cache.scan_rows().await?;
+    ensure!(
+        scan.unreadable.is_empty(),
+        "the janitor's scan finds the deep row unreadable: {:?}",
+        scan.unreadable
+    );
+    let rows = cache.list_rows().await?.len();
+    let deeper = engine
+        .put(
+            "conformance/deep",
+            &json!("deeper"),
+            &nested(crate::wire::MAX_OUTPUT_DEPTH + 1),
+        )
+        .await;
+    ensure!(
+        matches!(deeper, Err(Error::InvalidInput { .. })),
+        "an output past the limit gave {deeper:?}"
+    );
+    ensure!(
+        cache.list_rows().await?.len() == rows,
+        "a refused output stored a row"
+    );
+    Ok(())
+}

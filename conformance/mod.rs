@@ -401,6 +401,7 @@ macro_rules! __conformance_each_case {
             engine_large_output_becomes_verified_ref,
             engine_resolve_hydrates_branded_refs_only,
             engine_refuses_task_types_in_a_run_namespace,
+            engine_outputs_nest_to_the_limit_and_read_back,
             distinct_big_integers_are_distinct_rows,
             borrowed_refs_survive_the_borrowers_delete,
             hit_with_a_missing_blob_is_a_miss,

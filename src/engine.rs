@@ -90,9 +90,11 @@ impl Cache {
         &self.options
     }
 
-    /// Store `output` for `task_type` run on `inputs`.
+    /// Store `output` for `task_type` run on `inputs`. An output nested deeper than
+    /// [`crate::wire::MAX_OUTPUT_DEPTH`] levels is refused: no backend could read it back.
     pub async fn put(&self, task_type: &str, inputs: &Value, output: &Value) -> Result<()> {
         let key = callers_key(task_type, inputs)?;
+        crate::wire::check_output_depth(output)?;
         let started = Instant::now();
         let result = self.backend.save_row(&key, output).await;
         self.committed(&key, "put", 0, started, &result);

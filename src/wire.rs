@@ -42,6 +42,61 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// code could be deeper and overflow the stack).
 pub const MAX_INPUT_DEPTH: usize = 256;
 
+/// Deepest nesting of arrays and objects an output may have. Outputs are stored as JSON and read back by
+/// serde_json, whose parser stops at 128 levels; a backend may wrap the output in a record of its own
+/// (the fs and object-store row record adds one level). 100 leaves that room on every backend, so an
+/// output the engine accepts always reads back (`Cache::put` refuses a deeper one).
+pub const MAX_OUTPUT_DEPTH: usize = 100;
+
+/// The children of a container still to visit, each with its step in the path.
+type Children<'a> = Box<dyn Iterator<Item = (PathStep<'a>, &'a Value)> + 'a>;
+
+/// Refuse an output nested deeper than [`MAX_OUTPUT_DEPTH`], naming where. Walks without recursion, so a
+/// value built in code to any depth gets an error, not a stack overflow.
+pub fn check_output_depth(output: &Value) -> Result<()> {
+    // One iterator per open container: the stack's length is the depth of the next value.
+    let mut open: Vec<(PathStep<'_>, Children<'_>)> = Vec::new();
+    let mut next = Some((PathStep::Index(0), output));
+    loop {
+        if let Some((step, value)) = next.take() {
+            let children: Children<'_> = match value {
+                Value::Array(items) if !items.is_empty() => Box::new(
+                    items
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| (PathStep::Index(i), v)),
+                ),
+                Value::Object(map) if !map.is_empty() => {
+                    Box::new(map.iter().map(|(k, v)| (PathStep::Key(k), v)))
+                }
+                _ => continue,
+            };
+            if open.len() >= MAX_OUTPUT_DEPTH {
+                let mut path: Vec<PathStep<'_>> =
+                    open.into_iter().skip(1).map(|(step, _)| step).collect();
+                path.push(step);
+                return Err(Error::InvalidInput {
+                    what: "output".into(),
+                    reason: format!(
+                        "nested deeper than {MAX_OUTPUT_DEPTH} levels of arrays and objects at {}",
+                        json_path(&path)
+                    ),
+                });
+            }
+            open.push((step, children));
+        }
+        let Some((_, children)) = open.last_mut() else {
+            return Ok(());
+        };
+        match children.next() {
+            Some(child) => next = Some(child),
+            None => {
+                open.pop();
+            }
+        }
+    }
+}
+
 /// Largest integer magnitude below which every integer is exactly an IEEE double (2^53).
 const SAFE_INTEGER: u64 = 1 << 53;
 
@@ -64,9 +119,18 @@ enum PathStep<'a> {
     Index(usize),
 }
 
+/// `$` and the steps of `path`; a deep path keeps its first and last steps and counts the ones between,
+/// so an error about a value 10 000 levels down stays one line.
 fn json_path(path: &[PathStep<'_>]) -> String {
+    const ENDS: usize = 8;
     let mut out = String::from("$");
-    for step in path {
+    for (i, step) in path.iter().enumerate() {
+        if path.len() > 3 * ENDS && i >= ENDS && i < path.len() - ENDS {
+            if i == ENDS {
+                out.push_str(&format!("…({} more)…", path.len() - 2 * ENDS));
+            }
+            continue;
+        }
         match step {
             PathStep::Key(k) => {
                 out.push('.');

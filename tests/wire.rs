@@ -2,7 +2,10 @@
 //! drifts between releases, and the CacheRef / envelope / ref-syntax rules are checked case by case.
 //! Expected fingerprints were computed outside this crate (Python hashlib over the RFC's canonical text).
 
-use outcache::wire::{canonical_json, check_ref_syntax, fingerprint, parse_ref_name, refs_in};
+use outcache::wire::{
+    MAX_OUTPUT_DEPTH, canonical_json, check_output_depth, check_ref_syntax, fingerprint,
+    parse_ref_name, refs_in,
+};
 use outcache::{CacheRef, Error, InlineBinary, RowKey};
 use serde_json::{Value, json};
 
@@ -369,6 +372,74 @@ fn text_inputs_refuse_a_key_named_twice_in_one_object() {
         parse_json("x", text).unwrap(),
         serde_json::from_str::<serde_json::Value>(text).unwrap()
     );
+}
+
+/// `levels` arrays and objects nested alternately around a number.
+fn nested(levels: usize) -> Value {
+    let mut v = json!(1);
+    for i in 0..levels {
+        // Built by hand: `json!` would serialize `v` again, recursively, at every level.
+        v = if i % 2 == 0 {
+            Value::Array(vec![json!(0), v])
+        } else {
+            Value::Object([("k".to_owned(), v)].into_iter().collect())
+        };
+    }
+    v
+}
+
+/// Drop a deep value without recursion in serde_json's destructor.
+fn drop_deep(mut v: Value) {
+    loop {
+        v = match v {
+            Value::Array(mut items) => items.pop().unwrap_or(Value::Null),
+            Value::Object(map) => map.into_iter().next().map_or(Value::Null, |(_, v)| v),
+            _ => return,
+        };
+    }
+}
+
+#[test]
+fn outputs_nest_up_to_the_limit_and_no_deeper() {
+    for ok in [
+        json!(1),
+        json!([]),
+        json!({}),
+        nested(1),
+        nested(MAX_OUTPUT_DEPTH),
+    ] {
+        check_output_depth(&ok).unwrap();
+    }
+    // What the engine accepts, serde_json reads back, with a record's level around it to spare.
+    let text = json!({ "output": nested(MAX_OUTPUT_DEPTH) }).to_string();
+    serde_json::from_str::<Value>(&text).unwrap();
+
+    let e = check_output_depth(&nested(MAX_OUTPUT_DEPTH + 1)).unwrap_err();
+    assert!(
+        matches!(&e, Error::InvalidInput { what, .. } if what == "output"),
+        "{e:?}"
+    );
+    // The path names where: its first steps, a count of the rest, its last steps.
+    let text = e.to_string();
+    assert!(text.contains("deeper than 100 levels"), "{text}");
+    assert!(text.contains("at $[1].k[1].k"), "{text}");
+    assert!(text.contains("more)"), "{text}");
+    assert!(
+        text.len() < 300,
+        "one line, not a path 100 steps long: {text}"
+    );
+    // Empty containers and scalars at the limit are not a level deeper.
+    let mut at_limit = nested(MAX_OUTPUT_DEPTH - 1);
+    if let Value::Object(map) = &mut at_limit {
+        map.insert("empty".into(), json!([]));
+    }
+    check_output_depth(&at_limit).unwrap();
+    drop_deep(at_limit);
+
+    // Any depth built in code is refused without overflowing the stack.
+    let absurd = nested(200_000);
+    assert!(check_output_depth(&absurd).is_err());
+    drop_deep(absurd);
 }
 
 #[test]
