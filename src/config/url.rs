@@ -209,6 +209,19 @@ fn local_path_and_durability(text: &str, url: &Url) -> Result<(PathBuf, bool)> {
     if !path.is_absolute() || path.components().any(|c| c.as_os_str() == "..") {
         return Err(invalid(text, "the path must be absolute and free of '..'"));
     }
+    // A NUL (`%00`) cannot be in a file name, and other control characters are not a path anyone
+    // meant: refused here, not echoed raw to a terminal by the error of the first open.
+    if path
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .any(|b| b.is_ascii_control())
+    {
+        return Err(invalid(
+            text,
+            "the path holds a control character (such as %00 or %0A)",
+        ));
+    }
     Ok((path, durable))
 }
 
@@ -229,6 +242,14 @@ impl Location {
         // raw text, so a `..` is refused as the docs say rather than silently resolved.
         if has_dot_dot_segment(text) {
             return Err(invalid(text, "'..' path segments are not allowed"));
+        }
+        // The URL standard drops tabs and newlines anywhere in a URL: `fs:///tmp/a<TAB>b` would open
+        // `/tmp/ab`. A control character inside a cache URL is a mistake; say so instead.
+        if text.trim().chars().any(char::is_control) {
+            return Err(invalid(
+                text,
+                "holds a control character (a tab or a line break?): percent-encode it if it is meant",
+            ));
         }
         let url = Url::parse(text.trim()).map_err(|e| invalid(text, e.to_string()))?;
         // Both would otherwise be dropped without a word: `fs:///builds/cache#2` would open
@@ -255,6 +276,15 @@ impl Location {
             "memory" => {
                 if url.query().is_some() {
                     return Err(invalid(text, "memory:// takes no options"));
+                }
+                // `memory://shared` would read as a cache named "shared" that others could open too;
+                // every memory:// cache is a fresh one of its own.
+                if url.host_str().is_some_and(|h| !h.is_empty()) || !matches!(url.path(), "" | "/")
+                {
+                    return Err(invalid(
+                        text,
+                        "memory:// takes no name or path: each one is a fresh cache of its own",
+                    ));
                 }
                 Ok(Location::Memory)
             }
@@ -377,6 +407,22 @@ mod tests {
     }
 
     #[test]
+    fn a_control_character_is_refused_not_dropped_and_secrets_stay_hidden() {
+        // The URL standard would have read this as `/tmp/ab`.
+        let err = Location::parse("fs:///tmp/a\tb").unwrap_err().to_string();
+        assert!(
+            err.contains(r"a\tb") && err.contains("control character"),
+            "{err}"
+        );
+        let err = Location::parse("s3://b/p?secret_access_key=SEKRIT\nX")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("SEKRIT"), "{err}");
+        // Whitespace around the whole URL (a config value, a pasted line) is still trimmed.
+        assert_eq!(Location::parse(" memory://\n").unwrap(), Location::Memory);
+    }
+
+    #[test]
     fn refuses_bad_urls_with_a_reason() {
         for bad in [
             "fs://relative/dir",
@@ -389,6 +435,14 @@ mod tests {
             "fs:///tmp/builds#2",
             "sqlite:///tmp/c.db#x",
             "memory://#x",
+            "memory://x",
+            "memory:///shared",
+            "fs:///tmp/a%00b",
+            "fs:///tmp/a%0Ab",
+            "sqlite:///tmp/c%1B.db",
+            "fs:///tmp/a\tb",
+            "fs:///tmp/a\nb",
+            "s3://buck\ret/prefix",
             "not a url",
             "",
         ] {
