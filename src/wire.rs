@@ -48,53 +48,45 @@ pub const MAX_INPUT_DEPTH: usize = 256;
 /// output the engine accepts always reads back (`Cache::put` refuses a deeper one).
 pub const MAX_OUTPUT_DEPTH: usize = 100;
 
-/// The children of a container still to visit, each with its step in the path.
-type Children<'a> = Box<dyn Iterator<Item = (PathStep<'a>, &'a Value)> + 'a>;
-
-/// Refuse an output nested deeper than [`MAX_OUTPUT_DEPTH`], naming where. Walks without recursion, so a
-/// value built in code to any depth gets an error, not a stack overflow.
+/// Refuse an output nested deeper than [`MAX_OUTPUT_DEPTH`] levels of arrays and objects (empty ones
+/// count, as they do for serde_json's parser), naming where. The walk stops at the limit, so a value
+/// built in code to any depth gets an error, not a stack overflow.
 pub fn check_output_depth(output: &Value) -> Result<()> {
-    // One iterator per open container: the stack's length is the depth of the next value.
-    let mut open: Vec<(PathStep<'_>, Children<'_>)> = Vec::new();
-    let mut next = Some((PathStep::Index(0), output));
-    loop {
-        if let Some((step, value)) = next.take() {
-            let children: Children<'_> = match value {
-                Value::Array(items) if !items.is_empty() => Box::new(
-                    items
-                        .iter()
-                        .enumerate()
-                        .map(|(i, v)| (PathStep::Index(i), v)),
-                ),
-                Value::Object(map) if !map.is_empty() => {
-                    Box::new(map.iter().map(|(k, v)| (PathStep::Key(k), v)))
-                }
-                _ => continue,
-            };
-            if open.len() >= MAX_OUTPUT_DEPTH {
-                let mut path: Vec<PathStep<'_>> =
-                    open.into_iter().skip(1).map(|(step, _)| step).collect();
-                path.push(step);
-                return Err(Error::InvalidInput {
-                    what: "output".into(),
-                    reason: format!(
-                        "nested deeper than {MAX_OUTPUT_DEPTH} levels of arrays and objects at {}",
-                        json_path(&path)
-                    ),
-                });
-            }
-            open.push((step, children));
-        }
-        let Some((_, children)) = open.last_mut() else {
-            return Ok(());
-        };
-        match children.next() {
-            Some(child) => next = Some(child),
-            None => {
-                open.pop();
-            }
-        }
+    within_output_depth(output, &mut Vec::new())
+}
+
+/// `path` holds the steps to `value`: one per array or object around it.
+fn within_output_depth<'a>(value: &'a Value, path: &mut Vec<PathStep<'a>>) -> Result<()> {
+    if !(value.is_array() || value.is_object()) {
+        return Ok(());
     }
+    if path.len() >= MAX_OUTPUT_DEPTH {
+        return Err(Error::InvalidInput {
+            what: "output".into(),
+            reason: format!(
+                "nested deeper than {MAX_OUTPUT_DEPTH} levels of arrays and objects at {}",
+                json_path(path)
+            ),
+        });
+    }
+    match value {
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                path.push(PathStep::Index(i));
+                within_output_depth(item, path)?;
+                path.pop();
+            }
+        }
+        Value::Object(map) => {
+            for (k, v) in map {
+                path.push(PathStep::Key(k));
+                within_output_depth(v, path)?;
+                path.pop();
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// Largest integer magnitude below which every integer is exactly an IEEE double (2^53).

@@ -428,13 +428,13 @@ fn outputs_nest_up_to_the_limit_and_no_deeper() {
         text.len() < 300,
         "one line, not a path 100 steps long: {text}"
     );
-    // Empty containers and scalars at the limit are not a level deeper.
-    let mut at_limit = nested(MAX_OUTPUT_DEPTH - 1);
-    if let Value::Object(map) = &mut at_limit {
-        map.insert("empty".into(), json!([]));
+    // An empty array or object is a level too, as it is to serde_json's parser.
+    let mut empties = json!([]);
+    for _ in 1..MAX_OUTPUT_DEPTH {
+        empties = Value::Array(vec![empties]);
     }
-    check_output_depth(&at_limit).unwrap();
-    drop_deep(at_limit);
+    check_output_depth(&empties).unwrap();
+    assert!(check_output_depth(&Value::Array(vec![empties])).is_err());
 
     // Any depth built in code is refused without overflowing the stack.
     let absurd = nested(200_000);
