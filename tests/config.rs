@@ -1,6 +1,8 @@
 //! Configuration as operators meet it: flag > environment > file > default, unknown keys named, file
 //! values applied, secrets never printed.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -360,4 +362,55 @@ fn an_endpoint_or_region_object_store_cannot_use_is_refused_at_open() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("error sending request"), "{stderr}");
+}
+
+/// A cloud URL's prefix is percent-decoded as a local path is: `my%20cache` names the prefix `my cache`
+/// (the key a library caller opening that prefix reaches), not the literal `my%20cache`, which would be
+/// stored as `my%2520cache` and reach nothing else. On the real S3-compatible server.
+#[cfg(feature = "s3")]
+#[test]
+fn a_percent_encoded_s3_prefix_names_the_decoded_prefix() {
+    let Some(base) = common::server_env("OUTCACHE_S3_URL") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let url = common::s3_child(&base, &format!("my%20cache%25{tag}"));
+    let out = run(
+        dir.path(),
+        &[],
+        &[
+            "--url", &url, "put", "t", "--inputs", "{}", "--output", "[1]",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let outcache::config::Location::Cloud {
+        cloud,
+        bucket,
+        prefix,
+        options,
+    } = outcache::config::Location::parse(&base).unwrap()
+    else {
+        panic!("OUTCACHE_S3_URL is not a cloud URL");
+    };
+    let plain = format!("{prefix}/my cache%{tag}");
+    let store =
+        outcache::backends::object::cloud::open(cloud, &bucket, &plain, &options.0).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use outcache::OutputCache;
+        let key = outcache::RowKey::new("t", &serde_json::json!({})).unwrap();
+        let row = store
+            .get_row(&key)
+            .await
+            .unwrap()
+            .expect("stored under the decoded prefix");
+        assert_eq!(row.output, serde_json::json!([1]));
+        store.delete_prefix("").await.unwrap();
+    });
 }

@@ -138,7 +138,7 @@ fn parse_cloud(
             )
         })?
         .to_owned();
-    let prefix = url.path().trim_matches('/').to_owned();
+    let prefix = cloud_prefix(text, url.path())?;
     let options: Vec<(String, String)> = url
         .query_pairs()
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
@@ -151,6 +151,27 @@ fn parse_cloud(
         prefix,
         options: StoreOptions(options),
     })
+}
+
+/// The key prefix a cloud URL's path names: percent-decoded, as in a local path and as
+/// `object_store::parse_url` reads it (`s3://b/my%20cache` is the prefix `my cache`, not `my%20cache`),
+/// so `%2F` is a `/` and empty segments (`a//b`) count for nothing.
+#[cfg(feature = "cloud")]
+fn cloud_prefix(text: &str, path: &str) -> Result<String> {
+    let decoded = percent_encoding::percent_decode_str(path)
+        .decode_utf8()
+        .map_err(|_| invalid(text, "the prefix is not UTF-8 once percent-decoded"))?;
+    if decoded.chars().any(char::is_control) {
+        return Err(invalid(
+            text,
+            "the prefix holds a control character (such as %00 or %0A)",
+        ));
+    }
+    Ok(decoded
+        .split('/')
+        .filter(|segment| !segment.is_empty())
+        .collect::<Vec<_>>()
+        .join("/"))
 }
 
 pub(super) fn invalid(url: &str, reason: impl Into<String>) -> Error {
@@ -377,6 +398,25 @@ mod tests {
             assert!(!text.contains("SUPERSECRET"), "{bad}: {text}");
         }
         Location::parse("s3://bucket/p?access_key_id=K&secret_access_key=S").unwrap();
+    }
+
+    #[cfg(feature = "s3")]
+    #[test]
+    fn a_cloud_prefix_is_percent_decoded_as_a_local_path_is() {
+        let prefix = |url: &str| match Location::parse(url).unwrap() {
+            Location::Cloud { prefix, .. } => prefix,
+            other => panic!("{url}: {other:?}"),
+        };
+        assert_eq!(prefix("s3://b/my%20cache"), "my cache");
+        assert_eq!(prefix("s3://b/my cache/"), "my cache", "a raw space too");
+        assert_eq!(prefix("s3://b/100%25"), "100%");
+        assert_eq!(prefix("s3://b/a%2Fb//c/"), "a/b/c");
+        assert_eq!(prefix("s3://b/caf%C3%A9"), "café");
+        assert_eq!(prefix("s3://b"), "");
+        for bad in ["s3://b/a%00b", "s3://b/a%0Ab", "s3://b/%FF"] {
+            let err = Location::parse(bad).unwrap_err();
+            assert!(matches!(err, Error::InvalidUrl { .. }), "{bad}: {err}");
+        }
     }
 
     #[test]
