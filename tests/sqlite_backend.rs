@@ -651,3 +651,104 @@ async fn a_database_removed_or_replaced_under_an_open_cache_refuses_writes_and_r
     );
     assert_eq!(reopened.get("t", &json!(2)).await.unwrap(), None);
 }
+
+/// A process done with the cache leaves one file: the database. The last connection to close
+/// checkpoints the WAL and removes the -wal and -shm files, but only a read-write connection can; when a
+/// read-only one closed last (after a hit, which reads through one), a CLI `get` left both behind, with
+/// its access-time update only in the WAL, missing from a copy of the database file alone.
+#[test]
+fn a_finished_process_leaves_only_the_database_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("c.db");
+    let url = format!("sqlite://{}", db.display());
+    let files = || {
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    for args in [
+        &["put", "t", "--inputs", "{}", "--output", "[1]"][..],
+        &["get", "t", "--inputs", "{}"],
+        &["get", "t", "--inputs", "{\"miss\":1}"],
+        &["stats"],
+        &["prune", "--older-than", "1d"],
+    ] {
+        let out = outcache(&url, args, None);
+        assert!(
+            out.status.code().is_some_and(|c| c <= 1),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(files(), ["c.db"], "after {args:?}");
+    }
+    let copy = dir.path().join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    std::fs::copy(&db, copy.join("c.db")).unwrap();
+    let out = outcache(
+        &format!("sqlite://{}/c.db", copy.display()),
+        &["get", "t", "--inputs", "{}"],
+        None,
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[1]");
+}
+
+/// A database in a directory the process cannot write (a read-only mount, another user's directory)
+/// cannot be opened at all, since SQLite creates its -wal and -shm files beside it; the error says that,
+/// not only SQLite's "unable to open database file". Run as an unprivileged user (through `setpriv` when
+/// the tests run as root, who could write anyway).
+#[cfg(unix)]
+#[test]
+fn a_database_in_a_directory_it_cannot_write_is_refused_with_the_reason() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.path().join("outcache");
+    std::fs::copy(env!("CARGO_BIN_EXE_outcache"), &bin).unwrap();
+    let locked = dir.path().join("locked");
+    std::fs::create_dir(&locked).unwrap();
+    let db = locked.join("c.db");
+    let url = format!("sqlite://{}", db.display());
+    let out = outcache(
+        &url,
+        &["put", "t", "--inputs", "{}", "--output", "[1]"],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o555)).unwrap();
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    // SAFETY: geteuid takes nothing and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut cmd = if root {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&bin);
+        c
+    } else {
+        std::process::Command::new(&bin)
+    };
+    let out = cmd
+        .args(["--url", &url, "get", "t", "--inputs", "{}"])
+        .env_remove("OUTCACHE_URL")
+        .env_remove("OUTCACHE_CONFIG")
+        .output()
+        .expect("run outcache (setpriv, from util-linux, when root)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot write") && err.contains("-wal and -shm"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&locked).unwrap().count(),
+        1,
+        "nothing was created beside the database"
+    );
+}

@@ -113,10 +113,13 @@ struct Inner {
     /// it (see [`SqliteCache::begin`]).
     file_id: Option<(u64, u64)>,
     durable: bool,
-    writer: Mutex<Writer>,
     readers: Mutex<Vec<Connection>>,
     /// A reader with no busy timeout for inline point reads (see `get_row`).
     fast_reader: Mutex<Connection>,
+    /// Declared after the readers, so it is closed last (fields drop in order): the last connection to
+    /// close checkpoints the WAL into the database and removes the -wal and -shm files, which a
+    /// read-only connection cannot do.
+    writer: Mutex<Writer>,
     /// Rows waiting for the next group commit (see `save_row`).
     pending: Mutex<Pending>,
     /// Blobs being streamed (see [`Pins`]).
@@ -259,8 +262,11 @@ impl SqliteCache {
                 });
             }
         }
-        let mut conn = open_connection(&path, false)?;
-        migrate(&mut conn, &path)?;
+        let opened = open_connection(&path, false).and_then(|mut conn| {
+            migrate(&mut conn, &path)?;
+            Ok(conn)
+        });
+        let conn = opened.map_err(|e| unwritable_directory(&path).unwrap_or(e))?;
         let fast_reader = open_connection(&path, true)?;
         fast_reader
             .busy_timeout(Duration::ZERO)
@@ -443,6 +449,34 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     tokio::task::spawn_blocking(f)
         .await
         .unwrap_or_else(|e| Err(Error::stream(format!("blocking task failed: {e}"))))
+}
+
+/// Why a database that failed to open cannot be used, when the reason is its directory: SQLite creates
+/// its `-wal` and `-shm` files beside the database even to read it, so a database on a read-only mount
+/// or in a directory this process cannot write fails with only "unable to open database file".
+fn unwritable_directory(path: &Path) -> Option<Error> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty())?;
+    let probe = tempfile::Builder::new()
+        .prefix(".outcache-probe")
+        .tempfile_in(dir);
+    let e = probe.err()?;
+    let why = match e.kind() {
+        std::io::ErrorKind::ReadOnlyFilesystem => "is on a read-only file system",
+        std::io::ErrorKind::PermissionDenied => "is one this user cannot write to",
+        _ => return None,
+    };
+    Some(Error::Io {
+        op: "open database",
+        path: path.to_owned(),
+        source: std::io::Error::new(
+            e.kind(),
+            format!(
+                "its directory {why}, and SQLite writes its -wal and -shm files there even to \
+                 read (copy the database somewhere writable, or use the fs backend, which reads \
+                 from read-only media)"
+            ),
+        ),
+    })
 }
 
 fn sql_error(path: &Path, context: &str, e: rusqlite::Error) -> Error {
