@@ -1014,6 +1014,22 @@ async fn turborepo_artifacts_keep_their_duration_and_tag_per_team() {
     assert_eq!(got.headers()["x-artifact-duration"], "1234");
     assert_eq!(got.headers()["x-artifact-tag"], "signed-tag");
     assert_eq!(got.bytes().await.unwrap().as_ref(), artifact.as_slice());
+    // A duration that is not whole milliseconds is refused, and neither it nor the artifact stored.
+    let fresh = format!("{}/v8/artifacts/0123abce?teamId=team1", server.base);
+    for duration in ["abc", "-5", "1.5", "", "99999999999999999999999"] {
+        let refused = client
+            .put(&fresh)
+            .bearer_auth("turbo-token")
+            .header("x-artifact-duration", duration)
+            .body(artifact.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST, "{duration:?}");
+        let status = |r: reqwest::Response| r.status();
+        let head = client.head(&fresh).bearer_auth("turbo-token").send();
+        assert_eq!(status(head.await.unwrap()), StatusCode::NOT_FOUND);
+    }
     // Another team's namespace does not see it; events are accepted and not kept.
     let other = client
         .head(url("team2"))

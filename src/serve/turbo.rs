@@ -187,8 +187,19 @@ pub(super) async fn artifact(
     let inputs = json!({ "hash": hash });
     let meta_task = format!("{task}/meta");
     let is_put = method == Method::PUT;
+    // Refused before anything is stored: a duration that is not whole milliseconds would be stored
+    // and replayed to every client that hits the artifact, which turbo then fails to read.
+    let duration = headers
+        .get(DURATION)
+        .map(|v| v.to_str().ok().map(str::trim));
+    if is_put && duration.is_some_and(|d| d.is_none_or(|d| d.parse::<u64>().is_err())) {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            "x-artifact-duration must be a whole number of milliseconds",
+        );
+    }
     let meta: Value = json!({
-        "duration": headers.get(DURATION).and_then(|v| v.to_str().ok()),
+        "duration": duration.flatten(),
         "tag": headers.get(TAG).and_then(|v| v.to_str().ok()),
     });
     let mut response = handle(
