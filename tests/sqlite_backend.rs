@@ -721,34 +721,47 @@ fn a_database_in_a_directory_it_cannot_write_is_refused_with_the_reason() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Another application's database (rollback journal: readable without writing beside it) in the
+    // same directory is still refused as not ours, not blamed on the directory.
+    let foreign = locked.join("foreign.db");
+    rusqlite::Connection::open(&foreign)
+        .unwrap()
+        .execute_batch("CREATE TABLE accounts (id INTEGER PRIMARY KEY);")
+        .unwrap();
     std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o555)).unwrap();
     std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o644)).unwrap();
 
     // SAFETY: geteuid takes nothing and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
-    let mut cmd = if root {
-        let mut c = std::process::Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(&bin);
-        c
-    } else {
-        std::process::Command::new(&bin)
+    let get = |url: &str| {
+        let mut cmd = if root {
+            let mut c = std::process::Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(&bin);
+            c
+        } else {
+            std::process::Command::new(&bin)
+        };
+        cmd.args(["--url", url, "get", "t", "--inputs", "{}"])
+            .env_remove("OUTCACHE_URL")
+            .env_remove("OUTCACHE_CONFIG")
+            .output()
+            .expect("run outcache (setpriv, from util-linux, when root)")
     };
-    let out = cmd
-        .args(["--url", &url, "get", "t", "--inputs", "{}"])
-        .env_remove("OUTCACHE_URL")
-        .env_remove("OUTCACHE_CONFIG")
-        .output()
-        .expect("run outcache (setpriv, from util-linux, when root)");
+    let out = get(&url);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
         err.contains("cannot write") && err.contains("-wal and -shm"),
         "{err}"
     );
+    let out = get(&format!("sqlite://{}", foreign.display()));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another application"), "{err}");
     assert_eq!(
         std::fs::read_dir(&locked).unwrap().count(),
-        1,
-        "nothing was created beside the database"
+        2,
+        "nothing was created beside the databases"
     );
 }

@@ -266,7 +266,11 @@ impl SqliteCache {
             migrate(&mut conn, &path)?;
             Ok(conn)
         });
-        let conn = opened.map_err(|e| unwritable_directory(&path).unwrap_or(e))?;
+        // A file refused as not ours says so wherever it is; other failures may be the directory's.
+        let conn = opened.map_err(|e| match e {
+            Error::NotACache { .. } => e,
+            e => unwritable_directory(&path).unwrap_or(e),
+        })?;
         let fast_reader = open_connection(&path, true)?;
         fast_reader
             .busy_timeout(Duration::ZERO)
