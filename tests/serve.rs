@@ -1026,9 +1026,8 @@ async fn turborepo_artifacts_keep_their_duration_and_tag_per_team() {
             .await
             .unwrap();
         assert_eq!(refused.status(), StatusCode::BAD_REQUEST, "{duration:?}");
-        let status = |r: reqwest::Response| r.status();
         let head = client.head(&fresh).bearer_auth("turbo-token").send();
-        assert_eq!(status(head.await.unwrap()), StatusCode::NOT_FOUND);
+        assert_eq!(head.await.unwrap().status(), StatusCode::NOT_FOUND);
     }
     // Another team's namespace does not see it; events are accepted and not kept.
     let other = client
