@@ -324,8 +324,24 @@ impl FsCache {
     /// Open a cache rooted at `root`, creating the root if it is missing. Opening an existing cache writes
     /// nothing (a read-only mount or a restored CI cache can be read); its missing working directories
     /// are created when possible, and a write to a cache that cannot be written fails naming the path.
+    ///
+    /// The filesystem root (`/`, or a link to it) is refused: the janitor sweeps `tmp/`, and `/tmp` is
+    /// everybody's. A cache needs a directory of its own.
     pub fn open(root: impl Into<PathBuf>, options: FsOptions) -> Result<Self> {
         let root = root.into();
+        let not_own = |reason: &str| Error::InvalidInput {
+            what: format!("cache directory {:?}", root.display().to_string()),
+            reason: format!(
+                "{reason}; a cache needs a directory of its own, e.g. /var/cache/outcache"
+            ),
+        };
+        if root.as_os_str().is_empty() {
+            return Err(not_own("is empty"));
+        }
+        if fs::canonicalize(&root).is_ok_and(|real| real.parent().is_none()) {
+            return Err(not_own("is the filesystem root"));
+        }
+        let mut new = false;
         match fs::metadata(&root) {
             Ok(m) if m.is_dir() => {}
             Ok(_) => {
@@ -335,13 +351,20 @@ impl FsCache {
                     io::Error::other("is not a directory"),
                 ));
             }
-            Err(e) if is_not_found(&e) => fs::create_dir_all(&root)
-                .map_err(|e| Error::io("create cache directory", &root, e))?,
+            Err(e) if is_not_found(&e) => {
+                fs::create_dir_all(&root)
+                    .map_err(|e| Error::io("create cache directory", &root, e))?;
+                new = true;
+            }
             Err(e) => return Err(Error::io("open cache directory", &root, e)),
         }
-        for dir in ["rows", "blobs", "tmp"].map(|d| root.join(d)) {
-            if matches!(fs::symlink_metadata(&dir), Err(e) if is_not_found(&e)) {
-                // Best effort: a read-only cache without it is simply empty there, and writes say why.
+        // The layout goes into a new or empty directory at once. Anywhere else the working directories
+        // are made by the first write that needs one, so reading (`stats`, `get`) writes nothing, even
+        // in a directory that turns out not to be a cache.
+        let empty = || fs::read_dir(&root).is_ok_and(|mut entries| entries.next().is_none());
+        if new || empty() {
+            for dir in ["rows", "blobs", "tmp"].map(|d| root.join(d)) {
+                // Best effort: writes make them again if missing, and say why if they cannot.
                 let _ = fs::create_dir(&dir);
             }
         }
@@ -572,17 +595,22 @@ impl FsCache {
         Ok(out)
     }
 
-    /// The row files (regular `*.json` files) in a task-type directory; entries that are not regular
-    /// files go to `foreign`.
+    /// The row files (regular files named `<fingerprint>.json`) in a task-type directory; everything
+    /// else goes to `foreign`.
     fn row_files(&self, dir: &Path, foreign: &mut Vec<CorruptEntry>) -> Result<Vec<PathBuf>> {
         let mut out = Vec::new();
         for entry in read_dir(dir)? {
             let path = entry.path();
             match entry.file_type() {
-                Ok(t) if t.is_file() => {
-                    if path.extension().is_some_and(|x| x == "json") {
-                        out.push(path);
-                    }
+                // A file not named as a row is someone else's (the root may be a directory that
+                // holds more than the cache): reported, never read as a row or removed as corrupt.
+                Ok(t)
+                    if t.is_file()
+                        && crate::layout::is_row_file_name(
+                            &entry.file_name().to_string_lossy(),
+                        ) =>
+                {
+                    out.push(path);
                 }
                 _ => foreign.push(self.foreign(&path, fs::symlink_metadata(&path).ok().as_ref())),
             }
@@ -864,7 +892,7 @@ impl OutputCache for FsCache {
         };
         if parts.len() != 3
             || parts[0] != "rows"
-            || !parts[2].ends_with(".json")
+            || !crate::layout::is_row_file_name(parts[2])
             || !parts[1..].iter().all(|p| clean(p))
         {
             return Ok(false);
@@ -901,14 +929,8 @@ impl OutputCache for FsCache {
             return blocking(move || crate::layout::remove_scratch(&this.work_dir("tmp")?, &id))
                 .await;
         }
-        // Same strictness as refs: one segment, no traversal.
-        let ok = !id.is_empty()
-            && id.len() <= 200
-            && !id.starts_with('.')
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
-        if !ok {
+        // Only a name this backend gives its temps: one segment, no traversal, nobody else's file.
+        if !crate::layout::is_temp_file_name(id) {
             return Ok(false);
         }
         let this = self.clone();
@@ -1311,12 +1333,17 @@ impl FsCache {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 let id = match state {
                     BlobState::Published => format!("{REF_PREFIX}{name}"),
-                    _ => name,
+                    _ => name.clone(),
                 };
-                if state == BlobState::Published
-                    && parse_ref_name(&id, REF_PREFIX, REF_SUFFIX).is_none()
-                {
-                    continue; // not ours
+                // A file not named as this backend names its blobs and temps is someone else's:
+                // reported, never swept as an orphan or a stale temp.
+                let ours = match state {
+                    BlobState::Published => parse_ref_name(&id, REF_PREFIX, REF_SUFFIX).is_some(),
+                    _ => crate::layout::is_temp_file_name(&name),
+                };
+                if !ours {
+                    out.push(foreign(&entry.path(), Some(&meta)));
+                    continue;
                 }
                 out.push(BlobEntry {
                     id,

@@ -221,6 +221,37 @@ pub fn blob_name(meta: &BlobMeta) -> String {
     name
 }
 
+/// Whether `name` has the shape [`blob_name`] gives it: clean parts joined by `_`, the last a
+/// 32-hex-digit UUID. Object stores know their blobs by it, so an object someone else keeps under
+/// `blobs/` (a bucket shared with other data) is never listed, resolved or swept as an orphan.
+pub fn is_blob_name(name: &str) -> bool {
+    name.rsplit_once('_')
+        .is_some_and(|(head, uuid)| !head.is_empty() && is_uuid_hex(uuid))
+}
+
+/// Whether `name` is the file (or object) name of a row: `<fingerprint>.json`, 64 lowercase hex digits.
+/// The janitor reports anything else in the rows area as foreign and never removes it, so a cache
+/// pointed at a directory or bucket that also holds other data cannot delete that data as "corrupt".
+pub fn is_row_file_name(name: &str) -> bool {
+    name.strip_suffix(".json")
+        .is_some_and(crate::wire::is_fingerprint)
+}
+
+/// Whether `name` is a temp file name the fs backend writes in `tmp/`: `row-`, `blob-` or (left by
+/// earlier versions' write probe) `probe-`, then 32 lowercase hex digits and `.tmp`. Only these are temps to the janitor;
+/// any other file there is foreign, reported and never removed.
+pub fn is_temp_file_name(name: &str) -> bool {
+    ["row-", "blob-", "probe-"].iter().any(|kind| {
+        name.strip_prefix(kind)
+            .and_then(|rest| rest.strip_suffix(".tmp"))
+            .is_some_and(is_uuid_hex)
+    })
+}
+
+fn is_uuid_hex(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// Prefix of the temp ids that name a scratch directory (see [`scratch_dirs`]).
 pub const SCRATCH_ID_PREFIX: &str = "scratch/";
 
@@ -230,11 +261,7 @@ pub const SCRATCH_ID_PREFIX: &str = "scratch/";
 pub fn is_scratch_name(name: &str) -> bool {
     ["outcache-conformance-", "outcache-bench-"]
         .iter()
-        .any(|p| {
-            name.strip_prefix(p).is_some_and(|hex| {
-                hex.len() == 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-            })
-        })
+        .any(|p| name.strip_prefix(p).is_some_and(is_uuid_hex))
 }
 
 /// The scratch directories directly in `dir` that an interrupted `conformance` or `bench` run left

@@ -480,7 +480,7 @@ pub fn fingerprint(inputs: &Value) -> Result<String> {
     Ok(sha256_hex(canonical_json(inputs)?.as_bytes()))
 }
 
-fn is_fingerprint(s: &str) -> bool {
+pub(crate) fn is_fingerprint(s: &str) -> bool {
     s.len() == 64
         && s.bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))

@@ -49,8 +49,12 @@ fn blob_file(root: &std::path::Path, r: &CacheRef) -> std::path::PathBuf {
 async fn stale_temps_are_listed_and_swept_only_after_the_grace_period() {
     let dir = tempfile::tempdir().unwrap();
     let cache = open(dir.path());
-    let stale = dir.path().join("tmp/blob-deadbeef.tmp");
-    let fresh = dir.path().join("tmp/blob-inflight.tmp");
+    let stale = dir
+        .path()
+        .join("tmp/blob-000000000000000000000000deadbeef.tmp");
+    let fresh = dir
+        .path()
+        .join("tmp/blob-00000000000000000000000000f1f1f1.tmp");
     fs::write(&stale, b"left by a crashed writer").unwrap();
     fs::write(&fresh, b"being written now").unwrap();
     let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
@@ -73,7 +77,10 @@ async fn stale_temps_are_listed_and_swept_only_after_the_grace_period() {
         .await
         .unwrap();
     assert_eq!(found.temps.len(), 1);
-    assert_eq!(found.temps[0].id, "blob-deadbeef.tmp");
+    assert_eq!(
+        found.temps[0].id,
+        "blob-000000000000000000000000deadbeef.tmp"
+    );
     sweep_orphans(cache.as_ref(), Duration::from_secs(3600), false)
         .await
         .unwrap();
@@ -233,6 +240,68 @@ fn an_unusable_root_is_refused_with_its_path() {
     match FsCache::open(file.join("cache"), FsOptions::default()) {
         Err(e @ Error::Io { .. }) => assert!(e.to_string().contains("a-file"), "{e}"),
         other => panic!("expected an Io error, got {other:?}"),
+    }
+}
+
+/// `fs://` and `fs:///` (an unset variable in `fs://$CACHE_DIR`) name the filesystem root, and so may a
+/// link: refused, since the janitor sweeps the cache's `tmp/`, and `/tmp` is everybody's.
+#[test]
+fn the_filesystem_root_is_refused_as_a_cache_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("root");
+    std::os::unix::fs::symlink("/", &link).unwrap();
+    for root in [
+        std::path::PathBuf::from("/"),
+        link,
+        std::path::PathBuf::new(),
+    ] {
+        match FsCache::open(&root, FsOptions::default()) {
+            Err(e @ Error::InvalidInput { .. }) => {
+                assert!(e.to_string().contains("a directory of its own"), "{e}")
+            }
+            other => panic!("{} was opened as a cache: {other:?}", root.display()),
+        }
+    }
+}
+
+/// Reading a directory that is not a cache (a mistyped URL, a home directory) writes nothing into
+/// it; a new or empty directory gets the layout at once, and the first write makes what it needs.
+#[tokio::test]
+async fn reading_a_directory_that_is_not_a_cache_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let project = dir.path().join("project");
+    fs::create_dir(&project).unwrap();
+    fs::write(project.join("notes.txt"), b"mine").unwrap();
+    let names = |d: &std::path::Path| {
+        let mut names: Vec<String> = fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let cache = Cache::new(open(&project));
+    assert_eq!(cache.get("t", &json!(1)).await.unwrap(), None);
+    outcache::janitor::inventory(cache.backend().as_ref(), 5)
+        .await
+        .unwrap();
+    assert_eq!(names(&project), ["notes.txt"]);
+
+    cache.put("t", &json!(1), &json!("v")).await.unwrap();
+    assert_eq!(cache.get("t", &json!(1)).await.unwrap(), Some(json!("v")));
+    assert!(project.join("rows").is_dir());
+
+    for fresh in [
+        dir.path().join("new"),
+        tempfile::tempdir_in(dir.path()).unwrap().keep(),
+    ] {
+        open(&fresh);
+        assert_eq!(
+            names(&fresh),
+            ["blobs", "rows", "tmp"],
+            "{}",
+            fresh.display()
+        );
     }
 }
 

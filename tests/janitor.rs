@@ -166,7 +166,7 @@ async fn fs_dry_run_reports_exactly_what_prune_removes() {
         CacheOptions::default().reference_threshold(1024),
     );
     let tmp = dir.path().join("tmp");
-    let old = tmp.join("blob-crashed.tmp");
+    let old = tmp.join("blob-00000000000000000000000000c0ffee.tmp");
     seed(
         &cache,
         || {
@@ -175,11 +175,20 @@ async fn fs_dry_run_reports_exactly_what_prune_removes() {
             f.set_modified(SystemTime::now() - Duration::from_secs(3600))
                 .unwrap();
         },
-        || std::fs::write(tmp.join("blob-inflight.tmp"), b"in flight").unwrap(),
+        || {
+            std::fs::write(
+                tmp.join("blob-00000000000000000000000000f1f1f1.tmp"),
+                b"in flight",
+            )
+            .unwrap()
+        },
     )
     .await;
     check_dry_run_matches_prune(&url, 1).await;
-    assert!(tmp.join("blob-inflight.tmp").exists());
+    assert!(
+        tmp.join("blob-00000000000000000000000000f1f1f1.tmp")
+            .exists()
+    );
 }
 
 #[cfg(feature = "sqlite")]
@@ -756,4 +765,118 @@ async fn stats_attribute_owned_blobs_on_fs_sqlite_and_an_object_store() {
         "local",
     );
     stats_attribute_owned_blobs(Cache::new(Arc::new(objects))).await;
+}
+
+/// The prune that sweeps everything it may: orphans and stale temps past an hour, garbled rows, rows
+/// older than a second.
+fn sweep_everything() -> PruneOptions {
+    let mut options = PruneOptions::new();
+    options.orphans = true;
+    options.corrupt = true;
+    options.older_than = Some(Duration::from_secs(1));
+    options.grace = Duration::from_secs(3600);
+    options
+}
+
+/// A cache root may be a directory that holds more than the cache (a project or home directory, `/`
+/// by mistake): the janitor removes its own stale temps and garbled rows there, and nobody else's
+/// file, however old, garbled or cache-like it looks. It used to take every file in `tmp/` for a
+/// temp and every `*.json` under `rows/` for a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_janitor_removes_only_files_the_fs_cache_names_as_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let three_hours_ago = SystemTime::now() - Duration::from_secs(3 * 3600);
+    let plant = |rel: &str, bytes: &[u8]| {
+        let path = root.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, bytes).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(three_hours_ago)
+            .unwrap();
+        (path, bytes.to_vec())
+    };
+    let theirs = [
+        plant("tmp/notes.txt", b"precious"),
+        plant("tmp/blob-draft.tmp", b"named almost like a temp"),
+        plant("rows/data/a.json", b"{\"x\": 1}"),
+        plant("rows/data/README", b"docs"),
+        plant("blobs/readme.txt", b"docs"),
+    ];
+    let (garbled_row, _) = plant(&format!("rows/data/{}.json", "a".repeat(64)), b"{not json");
+    let (stale_temp, _) = plant(&format!("tmp/blob-{}.tmp", "b".repeat(32)), b"a crash's");
+
+    let cache = outcache::backends::fs::FsCache::open(root, Default::default()).unwrap();
+    let before = inventory(&cache, 0).await.unwrap();
+    assert_eq!(before.foreign_entries, 5, "{before:?}");
+    assert_eq!((before.corrupt_rows, before.temps), (1, 1), "{before:?}");
+
+    let report = prune(&cache, &sweep_everything(), |_| {}).await.unwrap();
+    assert_eq!(
+        (report.rows_removed, report.temps_removed),
+        (1, 1),
+        "{report:?}"
+    );
+    assert!(!garbled_row.exists(), "the cache's garbled row survived");
+    assert!(!stale_temp.exists(), "the cache's stale temp survived");
+    for (path, bytes) in &theirs {
+        assert_eq!(
+            std::fs::read(path).ok().as_ref(),
+            Some(bytes),
+            "{} was removed or changed",
+            path.display()
+        );
+    }
+}
+
+/// The same on an object store whose prefix (or whole bucket) holds other objects: only an object
+/// named as a row (`rows/<segment>/<fingerprint>.json`) is ever read as one or removed as corrupt.
+#[cfg(feature = "object-store")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_janitor_removes_only_objects_the_object_cache_names_as_its_own() {
+    use object_store::path::Path;
+    use object_store::{ObjectStore, ObjectStoreExt as _, memory::InMemory};
+    use outcache::backends::object::ObjectCache;
+
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let theirs = [
+        "c/rows/data/a.json",
+        "c/rows/data/README",
+        &format!("c/rows/={}/notes.json", "e".repeat(64)),
+        "c/blobs/readme.txt",
+        "c/tmp/notes.txt",
+    ];
+    for name in theirs {
+        store
+            .put(&Path::from(name), b"{not a row".to_vec().into())
+            .await
+            .unwrap();
+    }
+    let garbled_row = Path::from(format!("c/rows/data/{}.json", "a".repeat(64)));
+    store
+        .put(&garbled_row, b"{not json".to_vec().into())
+        .await
+        .unwrap();
+
+    let cache = ObjectCache::new(store.clone(), Path::from("c"), "memory");
+    let before = inventory(&cache, 0).await.unwrap();
+    assert_eq!(
+        before.blobs, 0,
+        "someone else's object counted as a blob: {before:?}"
+    );
+    let report = prune(&cache, &sweep_everything(), |_| {}).await.unwrap();
+    assert_eq!(report.rows_removed, 1, "{report:?}");
+    assert!(
+        store.head(&garbled_row).await.is_err(),
+        "the garbled row survived"
+    );
+    for name in theirs {
+        assert!(
+            store.head(&Path::from(name)).await.is_ok(),
+            "{name} was removed"
+        );
+    }
 }

@@ -16,7 +16,7 @@ use super::{FETCH_CONCURRENCY, ObjectCache, REF_PREFIX};
 use crate::error::{Error, Result};
 use crate::layout::{RowRecord, corrupt_kind, decode_row, decode_task_segment};
 use crate::store::{CorruptEntry, CorruptKind, RowEntry, RowScan, RowVersion};
-use crate::wire::{RowKey, key_tag, parse_ref_name, refs_in};
+use crate::wire::{RowKey, key_tag, refs_in};
 
 /// A listed row object, fetched and decoded (`None`: gone since it was listed).
 type Fetched = Option<(ObjectMeta, std::result::Result<RowRecord, CorruptEntry>)>;
@@ -144,9 +144,13 @@ impl ObjectCache {
         let Some(segment) = self.segment_of(path) else {
             return RowName::Foreign;
         };
-        let Some(fingerprint) = path.filename().and_then(|f| f.strip_suffix(".json")) else {
+        let Some(file) = path
+            .filename()
+            .filter(|f| crate::layout::is_row_file_name(f))
+        else {
             return RowName::Foreign;
         };
+        let fingerprint = &file[..file.len() - ".json".len()];
         match decode_task_segment(segment) {
             Some(task) => match RowKey::from_parts(&task, fingerprint) {
                 Ok(key) if self.row_path(&key) == *path => RowName::Key(key),
@@ -210,13 +214,15 @@ impl ObjectCache {
         })
     }
 
-    /// Whether a listed object has a row object's name shape (`rows/<segment>/<file>.json`).
+    /// Whether a listed object has a row object's name shape (`rows/<segment>/<fingerprint>.json`).
+    /// Other objects under the prefix are someone else's: never read as rows, never removed.
     fn is_row_object(&self, meta: &ObjectMeta) -> bool {
         self.is_row_object_path(&meta.location)
     }
 
     fn is_row_object_path(&self, path: &Path) -> bool {
-        path.extension() == Some("json") && self.segment_of(path).is_some()
+        path.filename().is_some_and(crate::layout::is_row_file_name)
+            && self.segment_of(path).is_some()
     }
 
     /// The listing entry of a row: commit time and version from the object, not the record, so that
@@ -288,11 +294,15 @@ impl ObjectCache {
             match self.row_name(&meta.location) {
                 RowName::Key(key) => sorted.listed.push(Self::entry(&meta, key, Vec::new())),
                 RowName::Hashed => sorted.to_read.push(meta),
+                // Someone else's object under the prefix (a bucket shared with other data):
+                // reported, never read as a row or removed as corrupt.
                 RowName::Foreign => sorted.unreadable.push(CorruptEntry {
                     id: meta.location.to_string(),
-                    reason: "the object's name is not a row key".into(),
+                    reason: "an object the cache did not write (its name is not a row key); never \
+                             removed"
+                        .into(),
                     size: meta.size,
-                    kind: CorruptKind::Garbled,
+                    kind: CorruptKind::Foreign,
                 }),
             }
         }
@@ -447,7 +457,7 @@ impl ObjectCache {
             .ids
             .iter()
             .map(|id| {
-                let name = parse_ref_name(id, REF_PREFIX, "")?;
+                let name = super::blob_ref_name(id)?;
                 crate::wire::ref_owned_by(id, &listed.key).then(|| self.blobs_root().join(name))
             })
             .collect()
@@ -497,7 +507,7 @@ impl ObjectCache {
             let Some(name) = meta.location.filename() else {
                 continue;
             };
-            if parse_ref_name(&format!("{REF_PREFIX}{name}"), REF_PREFIX, "").is_none() {
+            if super::blob_ref_name(&format!("{REF_PREFIX}{name}")).is_none() {
                 continue;
             }
             let owner_committed =

@@ -150,8 +150,7 @@ impl ObjectCache {
     }
 
     fn blob_path(&self, reference: &str) -> Option<Path> {
-        let name = parse_ref_name(reference, REF_PREFIX, "")?;
-        Some(self.blobs_root().join(name))
+        Some(self.blobs_root().join(blob_ref_name(reference)?))
     }
 
     /// The bytes at `path`, or `None` if there is no such object.
@@ -375,7 +374,9 @@ impl OutputCache for ObjectCache {
             return Ok(false);
         };
         let root = self.rows_root();
-        if !path.prefix_matches(&root) || path.extension() != Some("json") {
+        if !path.prefix_matches(&root)
+            || !path.filename().is_some_and(crate::layout::is_row_file_name)
+        {
             return Ok(false);
         }
         let Some(bytes) = self.fetch(&path).await? else {
@@ -546,13 +547,19 @@ impl OutputCache for ObjectCache {
 /// A listed blob object as the janitor sees it (`None`: not a name this backend gives a blob).
 fn blob_entry(m: &object_store::ObjectMeta) -> Option<BlobEntry> {
     let id = format!("{REF_PREFIX}{}", m.location.filename()?);
-    parse_ref_name(&id, REF_PREFIX, "")?;
+    blob_ref_name(&id)?;
     Some(BlobEntry {
         id,
         state: BlobState::Published,
         size: m.size,
         modified: m.last_modified.into(),
     })
+}
+
+/// The blob name a ref of this backend names: strict (one clean segment, see [`parse_ref_name`]) and
+/// of the shape [`crate::layout::blob_name`] gives, so no ref reaches an object the cache did not write.
+fn blob_ref_name(reference: &str) -> Option<&str> {
+    parse_ref_name(reference, REF_PREFIX, "").filter(|name| crate::layout::is_blob_name(name))
 }
 
 fn as_stream_error(e: Error) -> Error {

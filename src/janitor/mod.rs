@@ -898,7 +898,8 @@ pub struct Inventory {
     /// Rows of a newer format version (a newer outcache shares the cache; never removed).
     #[serde(default)]
     pub newer_format_rows: u64,
-    /// Entries the cache did not write (links, FIFOs …) where it keeps rows and blobs; never touched.
+    /// Entries the cache did not write (links, FIFOs, files it does not name so …) where it keeps rows
+    /// and blobs; never touched.
     #[serde(default)]
     pub foreign_entries: u64,
     /// Bytes the store occupies on disk where the backend can tell (SQLite: the database file and its
