@@ -1338,7 +1338,8 @@ impl FsCache {
                 // A file not named as this backend names its blobs and temps is someone else's:
                 // reported, never swept as an orphan or a stale temp.
                 let ours = match state {
-                    BlobState::Published => parse_ref_name(&id, REF_PREFIX, REF_SUFFIX).is_some(),
+                    BlobState::Published => parse_ref_name(&id, REF_PREFIX, REF_SUFFIX)
+                        .is_some_and(crate::layout::is_blob_name),
                     _ => crate::layout::is_temp_file_name(&name),
                 };
                 if !ours {

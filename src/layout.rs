@@ -221,12 +221,27 @@ pub fn blob_name(meta: &BlobMeta) -> String {
     name
 }
 
-/// Whether `name` has the shape [`blob_name`] gives it: clean parts joined by `_`, the last a
-/// 32-hex-digit UUID. Object stores know their blobs by it, so an object someone else keeps under
-/// `blobs/` (a bucket shared with other data) is never listed, resolved or swept as an orphan.
+/// Whether `name` (the backend's suffix, such as fs's `.bin`, taken off) has the shape [`blob_name`]
+/// gives it: parts joined by `_`, the last a UUID, 32 hex digits (or 8-4-4-4-12, as the TypeScript
+/// original wrote them), then optionally `.<sha256>` (fs names record the digest). The janitor knows
+/// a cache's blobs by it, so a file or object someone else keeps under `blobs/` (a project directory
+/// with a `blobs/firmware.bin`, a bucket shared with other data) is never swept as an orphan.
 pub fn is_blob_name(name: &str) -> bool {
-    name.rsplit_once('_')
-        .is_some_and(|(head, uuid)| !head.is_empty() && is_uuid_hex(uuid))
+    let name = match name.rsplit_once('.') {
+        Some((head, digest)) if crate::wire::is_fingerprint(digest) => head,
+        _ => name,
+    };
+    name.rsplit_once('_').is_some_and(|(head, uuid)| {
+        !head.is_empty() && (is_uuid_hex(uuid) || is_hyphenated_uuid(uuid))
+    })
+}
+
+fn is_hyphenated_uuid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+        && groups
+            .iter()
+            .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// Whether `name` is the file (or object) name of a row: `<fingerprint>.json`, 64 lowercase hex digits.
@@ -413,6 +428,56 @@ mod tests {
                 parse_ref_name(&r, "x://blobs/", ".bin"),
                 Some(name.as_str())
             );
+            assert!(is_blob_name(&name), "{name}");
+            assert!(
+                is_blob_name(&format!("{name}.{}", "0".repeat(64))),
+                "{name}"
+            );
+        }
+    }
+
+    /// What the janitor takes for the cache's own: the names it gives, and nothing merely close.
+    #[test]
+    fn only_the_names_the_cache_gives_are_its_own() {
+        let (uuid, fp) = ("0123456789abcdef0123456789abcdef", "a".repeat(64));
+        let ts_uuid = "123e4567-e89b-42d3-a456-426614174000";
+        for ours in [
+            format!("task_0123456789abcdef_{uuid}"),
+            format!("task_0123456789abcdef_port_{uuid}.{fp}"),
+            format!("task_{fp}_out_{ts_uuid}"),
+        ] {
+            assert!(is_blob_name(&ours), "{ours}");
+        }
+        for theirs in [
+            "firmware".to_owned(),
+            "readme.txt".to_owned(),
+            uuid.to_owned(),
+            format!("_{uuid}"),
+            format!("x_{}", &uuid[1..]),
+            format!("x_{}", uuid.to_uppercase().replace('A', "g")),
+            format!("x_{uuid}.{}", &fp[1..]),
+        ] {
+            assert!(!is_blob_name(&theirs), "{theirs}");
+        }
+        assert!(is_row_file_name(&format!("{fp}.json")));
+        for theirs in [
+            "a.json",
+            &format!("{}.json", fp.to_uppercase()),
+            &fp,
+            &format!("{fp}.json.bak"),
+        ] {
+            assert!(!is_row_file_name(theirs), "{theirs}");
+        }
+        for ours in ["row", "blob", "probe"] {
+            assert!(is_temp_file_name(&format!("{ours}-{uuid}.tmp")));
+        }
+        for theirs in [
+            "notes.txt",
+            "blob-draft.tmp",
+            &format!("other-{uuid}.tmp"),
+            &format!("blob-{uuid}.tmp.1"),
+        ] {
+            assert!(!is_temp_file_name(theirs), "{theirs}");
         }
     }
 }

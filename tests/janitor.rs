@@ -767,21 +767,34 @@ async fn stats_attribute_owned_blobs_on_fs_sqlite_and_an_object_store() {
     stats_attribute_owned_blobs(Cache::new(Arc::new(objects))).await;
 }
 
-/// The prune that sweeps everything it may: orphans and stale temps past an hour, garbled rows, rows
-/// older than a second.
+/// The prune that sweeps everything it may: orphans and temps past 10 ms, garbled rows, rows older
+/// than a second.
 fn sweep_everything() -> PruneOptions {
     let mut options = PruneOptions::new();
     options.orphans = true;
     options.corrupt = true;
     options.older_than = Some(Duration::from_secs(1));
-    options.grace = Duration::from_secs(3600);
+    options.grace = Duration::from_millis(10);
     options
 }
 
+/// [`sweep_everything`] twice, a grace period apart (an orphan blob goes on its second sighting):
+/// the rows, blobs and temps the two removed.
+async fn sweep_everything_twice(cache: &dyn OutputCache) -> (u64, u64, u64) {
+    let first = prune(cache, &sweep_everything(), |_| {}).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = prune(cache, &sweep_everything(), |_| {}).await.unwrap();
+    (
+        first.rows_removed + second.rows_removed,
+        first.blobs_removed + second.blobs_removed,
+        first.temps_removed + second.temps_removed,
+    )
+}
+
 /// A cache root may be a directory that holds more than the cache (a project or home directory, `/`
-/// by mistake): the janitor removes its own stale temps and garbled rows there, and nobody else's
-/// file, however old, garbled or cache-like it looks. It used to take every file in `tmp/` for a
-/// temp and every `*.json` under `rows/` for a row.
+/// by mistake): the janitor removes its own stale temps, orphans and garbled rows there, and nobody
+/// else's file, however old, garbled or cache-like it looks. It used to take every file in `tmp/`
+/// for a temp, every `*.json` under `rows/` for a row and every `*.bin` in `blobs/` for a blob.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_janitor_removes_only_files_the_fs_cache_names_as_its_own() {
     let dir = tempfile::tempdir().unwrap();
@@ -805,23 +818,24 @@ async fn the_janitor_removes_only_files_the_fs_cache_names_as_its_own() {
         plant("rows/data/a.json", b"{\"x\": 1}"),
         plant("rows/data/README", b"docs"),
         plant("blobs/readme.txt", b"docs"),
+        plant("blobs/firmware.bin", b"an image"),
     ];
     let (garbled_row, _) = plant(&format!("rows/data/{}.json", "a".repeat(64)), b"{not json");
     let (stale_temp, _) = plant(&format!("tmp/blob-{}.tmp", "b".repeat(32)), b"a crash's");
+    let orphan = format!("blobs/t_0123456789abcdef_{}.bin", "c".repeat(32));
+    let (orphan, _) = plant(&orphan, b"no row cites it");
 
     let cache = outcache::backends::fs::FsCache::open(root, Default::default()).unwrap();
     let before = inventory(&cache, 0).await.unwrap();
-    assert_eq!(before.foreign_entries, 5, "{before:?}");
-    assert_eq!((before.corrupt_rows, before.temps), (1, 1), "{before:?}");
+    assert_eq!(before.foreign_entries, 6, "{before:?}");
+    let counted = (before.corrupt_rows, before.temps, before.blobs);
+    assert_eq!(counted, (1, 1, 1), "{before:?}");
 
-    let report = prune(&cache, &sweep_everything(), |_| {}).await.unwrap();
-    assert_eq!(
-        (report.rows_removed, report.temps_removed),
-        (1, 1),
-        "{report:?}"
-    );
+    let removed = sweep_everything_twice(&cache).await;
+    assert_eq!(removed, (1, 1, 1), "rows, blobs, temps removed");
     assert!(!garbled_row.exists(), "the cache's garbled row survived");
     assert!(!stale_temp.exists(), "the cache's stale temp survived");
+    assert!(!orphan.exists(), "the cache's orphan blob survived");
     for (path, bytes) in &theirs {
         assert_eq!(
             std::fs::read(path).ok().as_ref(),
@@ -832,8 +846,9 @@ async fn the_janitor_removes_only_files_the_fs_cache_names_as_its_own() {
     }
 }
 
-/// The same on an object store whose prefix (or whole bucket) holds other objects: only an object
-/// named as a row (`rows/<segment>/<fingerprint>.json`) is ever read as one or removed as corrupt.
+/// The same on an object store whose prefix (or whole bucket) holds other objects: only objects
+/// named as rows (`rows/<segment>/<fingerprint>.json`) and blobs (`blobs/<…>_<uuid>`) are the
+/// cache's to read, sweep or remove.
 #[cfg(feature = "object-store")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_janitor_removes_only_objects_the_object_cache_names_as_its_own() {
@@ -847,36 +862,30 @@ async fn the_janitor_removes_only_objects_the_object_cache_names_as_its_own() {
         "c/rows/data/README",
         &format!("c/rows/={}/notes.json", "e".repeat(64)),
         "c/blobs/readme.txt",
+        "c/blobs/firmware.bin",
         "c/tmp/notes.txt",
     ];
-    for name in theirs {
-        store
-            .put(&Path::from(name), b"{not a row".to_vec().into())
-            .await
-            .unwrap();
+    let garbled_row = format!("c/rows/data/{}.json", "a".repeat(64));
+    let orphan = format!("c/blobs/t_0123456789abcdef_{}", "c".repeat(32));
+    for name in theirs.iter().copied().chain([&*garbled_row, &*orphan]) {
+        let bytes = b"{not a row, not a blob".to_vec();
+        store.put(&Path::from(name), bytes.into()).await.unwrap();
     }
-    let garbled_row = Path::from(format!("c/rows/data/{}.json", "a".repeat(64)));
-    store
-        .put(&garbled_row, b"{not json".to_vec().into())
-        .await
-        .unwrap();
 
     let cache = ObjectCache::new(store.clone(), Path::from("c"), "memory");
     let before = inventory(&cache, 0).await.unwrap();
     assert_eq!(
-        before.blobs, 0,
-        "someone else's object counted as a blob: {before:?}"
+        before.blobs, 1,
+        "others' objects counted as blobs: {before:?}"
     );
-    let report = prune(&cache, &sweep_everything(), |_| {}).await.unwrap();
-    assert_eq!(report.rows_removed, 1, "{report:?}");
-    assert!(
-        store.head(&garbled_row).await.is_err(),
-        "the garbled row survived"
-    );
+    let (rows, blobs, _) = sweep_everything_twice(&cache).await;
+    assert_eq!((rows, blobs), (1, 1), "rows, blobs removed");
+    for name in [&garbled_row, &orphan] {
+        let gone = store.head(&Path::from(name.as_str())).await.is_err();
+        assert!(gone, "the cache's {name} survived");
+    }
     for name in theirs {
-        assert!(
-            store.head(&Path::from(name)).await.is_ok(),
-            "{name} was removed"
-        );
+        let kept = store.head(&Path::from(name)).await.is_ok();
+        assert!(kept, "{name} was removed");
     }
 }
