@@ -533,8 +533,10 @@ impl FsCache {
     }
 
     fn read_row(&self, path: &Path, task: &str, fp: &str) -> Result<Option<RowRecord>> {
-        match read_regular(path).map_err(|e| Error::io("read row", path, e))? {
-            Some(bytes) => decode_row(&bytes, task, fp).map(Some),
+        match read_row_file(path).map_err(|e| Error::io("read row", path, e))? {
+            Some((bytes, size)) => {
+                crate::layout::decode_row_of_size(&bytes, size, task, fp).map(Some)
+            }
             None => Ok(None),
         }
     }
@@ -583,9 +585,10 @@ impl FsCache {
                     .row_files(&path, &mut Vec::new())?
                     .into_iter()
                     .find_map(|p| {
-                        read_regular(&p)
+                        read_row_file(&p)
                             .ok()
                             .flatten()
+                            .map(|(bytes, _)| bytes)
                             .and_then(|b| decode_row(&b, "?", "?").ok())
                             .map(|r| r.key.task_type().to_owned())
                     }),
@@ -654,6 +657,19 @@ impl FsCache {
 }
 
 /// The bytes of the regular file at `path`, or `None` if it does not exist (the link policy applies).
+/// A row file's bytes and its size; of one larger than any row ([`crate::layout::MAX_ROW_BYTES`])
+/// only its head, which cannot decode: such a file is garbled, and never read whole into memory.
+fn read_row_file(path: &Path) -> io::Result<Option<(Bytes, u64)>> {
+    let Some((mut file, meta)) = open_regular_with_meta(path, false)? else {
+        return Ok(None);
+    };
+    let len = match meta.len() {
+        len if len > crate::layout::MAX_ROW_BYTES => crate::layout::OVERSIZED_ROW_HEAD,
+        len => len as usize,
+    };
+    crate::blob::read_chunk(&mut file, len).map(|bytes| Some((bytes, meta.len())))
+}
+
 fn read_regular(path: &Path) -> io::Result<Option<Bytes>> {
     let Some((mut file, meta)) = open_regular_with_meta(path, false)? else {
         return Ok(None);
@@ -904,8 +920,8 @@ impl OutputCache for FsCache {
             if this.work_dir("rows").is_err() || real_dir(dir).is_err() {
                 return Ok(false); // behind a link, or gone: never followed
             }
-            let bytes = match read_regular(&path) {
-                Ok(Some(b)) => b,
+            let bytes = match read_row_file(&path) {
+                Ok(Some((b, _))) => b,
                 Ok(None) | Err(_) => return Ok(false), // gone, or not a regular file: never touched
             };
             if decode_row(&bytes, "?", "?").is_ok() || corrupt_kind(&bytes) != CorruptKind::Garbled
@@ -1255,11 +1271,11 @@ impl FsCache {
                     Ok(None) => continue, // removed meanwhile
                     Err(Error::CorruptRow { reason, .. }) => {
                         let id = path.strip_prefix(&self.root).unwrap_or(&path);
-                        let bytes = read_regular(&path).ok().flatten().unwrap_or_default();
+                        let (bytes, size) = read_row_file(&path).ok().flatten().unwrap_or_default();
                         corrupt.push(CorruptEntry {
                             id: id.to_string_lossy().into_owned(),
                             reason,
-                            size: bytes.len() as u64,
+                            size,
                             kind: corrupt_kind(&bytes),
                         });
                         continue;

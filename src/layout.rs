@@ -90,6 +90,15 @@ pub fn from_millis(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
+/// The largest row record a backend writes or reads: SQLite's own limit on a value (10^9 bytes), so a
+/// row that one backend stores every backend can. A larger output is refused when written; a file or
+/// object named like a row but larger is garbled, and only its first [`OVERSIZED_ROW_HEAD`] bytes are
+/// ever read, so a giant one planted in a shared cache cannot exhaust a reader's memory.
+pub const MAX_ROW_BYTES: u64 = 1_000_000_000;
+
+/// How much of a row-named file or object over [`MAX_ROW_BYTES`] is read: enough to tell what it is.
+pub const OVERSIZED_ROW_HEAD: usize = 4096;
+
 /// The bytes of a row record: `{"v":1,"task_type","fingerprint","created_at_ms","output"}`.
 pub fn encode_row(key: &RowKey, output: &Value, created_at: SystemTime) -> Result<Vec<u8>> {
     let record = json!({
@@ -99,9 +108,45 @@ pub fn encode_row(key: &RowKey, output: &Value, created_at: SystemTime) -> Resul
         "created_at_ms": millis(created_at),
         "output": output,
     });
-    serde_json::to_vec(&record).map_err(|e| Error::InvalidInput {
+    let bytes = serde_json::to_vec(&record).map_err(|e| Error::InvalidInput {
         what: format!("output for {key}"),
         reason: e.to_string(),
+    })?;
+    check_row_len(key, bytes.len() as u64)?;
+    Ok(bytes)
+}
+
+/// [`decode_row`] of a row file or object of `size` bytes, of which `bytes` were read (only the head
+/// of one over [`MAX_ROW_BYTES`], which is garbled whatever it holds).
+pub fn decode_row_of_size(
+    bytes: &[u8],
+    size: u64,
+    task_type: &str,
+    fingerprint: &str,
+) -> Result<RowRecord> {
+    if size > MAX_ROW_BYTES {
+        return Err(Error::CorruptRow {
+            task_type: task_type.into(),
+            fingerprint: fingerprint.into(),
+            reason: format!(
+                "{size} bytes, larger than any row ({MAX_ROW_BYTES} at most): not read"
+            ),
+        });
+    }
+    decode_row(bytes, task_type, fingerprint)
+}
+
+/// Refuses a row record of `len` bytes for `key` if it is over [`MAX_ROW_BYTES`].
+fn check_row_len(key: &RowKey, len: u64) -> Result<()> {
+    if len <= MAX_ROW_BYTES {
+        return Ok(());
+    }
+    Err(Error::InvalidInput {
+        what: format!("output for {key}"),
+        reason: format!(
+            "its row would be {len} bytes, over the {MAX_ROW_BYTES} a row may hold: store large \
+             outputs as blobs (put_stream, put-blob)"
+        ),
     })
 }
 
@@ -434,6 +479,25 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    /// A row record over [`MAX_ROW_BYTES`] is refused when written (every reader would take it for
+    /// garbled), with what to do instead; one at the bound is written. (Checked on the length:
+    /// encoding a gigabyte takes close to a minute in a test build.)
+    #[test]
+    fn a_row_record_over_the_bound_is_refused_when_written() {
+        let key = RowKey::from_parts("t", &"a".repeat(64)).unwrap();
+        assert!(check_row_len(&key, MAX_ROW_BYTES).is_ok());
+        match check_row_len(&key, MAX_ROW_BYTES + 1) {
+            Err(e @ Error::InvalidInput { .. }) => {
+                assert!(
+                    e.to_string().contains("store large outputs as blobs"),
+                    "{e}"
+                )
+            }
+            other => panic!("an oversized row was accepted: {other:?}"),
+        }
+        assert!(encode_row(&key, &json!("small"), UNIX_EPOCH).is_ok());
     }
 
     /// What the janitor takes for the cache's own: the names it gives, and nothing merely close.

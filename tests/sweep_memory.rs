@@ -302,3 +302,49 @@ async fn a_size_budget_past_its_bound_holds_neither_listing_for_four_times_the_r
         "four times as many",
     );
 }
+
+/// A file or object named like a row but larger than any row (planted in a shared cache, or a disk
+/// fault): a hit on it, a deep scan and `prune --corrupt` read only its head, report it as garbled
+/// with its size, and remove it, on fs and on an object store. They used to read it whole.
+#[tokio::test(flavor = "current_thread")]
+async fn a_row_larger_than_any_row_is_never_read_whole() {
+    let _turn = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let fs_root = dir.path().join("fs");
+    let objects = dir.path().join("objects");
+    std::fs::create_dir_all(&objects).unwrap();
+    let key = RowKey::from_parts("t", &"a".repeat(64)).unwrap();
+    let fs_cache = outcache::backends::fs::FsCache::open(&fs_root, Default::default()).unwrap();
+    let local = LocalFileSystem::new_with_prefix(&objects).unwrap();
+    let object_cache = ObjectCache::new(Arc::new(local), Path::from("cache"), "local");
+    let huge = 1_500_000_000; // sparse: no disk used
+    for file in [
+        fs_root.join(format!("rows/t/{}.json", key.fingerprint())),
+        objects.join(format!("cache/rows/t/{}.json", key.fingerprint())),
+    ] {
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        let f = std::fs::File::create(&file).unwrap();
+        f.set_len(huge).unwrap();
+    }
+    let caches: [&dyn OutputCache; 2] = [&fs_cache, &object_cache];
+    for cache in caches {
+        let (peak, got) = peak_of(cache.get_row(&key)).await;
+        match got {
+            Err(e @ outcache::Error::CorruptRow { .. }) => {
+                assert!(e.to_string().contains("larger than any row"), "{e}")
+            }
+            other => panic!("{cache}: a giant row file was read as {other:?}"),
+        }
+        let (scan_peak, scan) = peak_of(cache.scan_rows()).await;
+        let scan = scan.unwrap();
+        assert_eq!(scan.unreadable.len(), 1, "{cache}: {:?}", scan.unreadable);
+        assert_eq!(scan.unreadable[0].size, huge, "{cache}");
+        let mut options = PruneOptions::new();
+        options.corrupt = true;
+        let (prune_peak, report) = peak_of(prune(cache, &options, |_| {})).await;
+        assert_eq!(report.unwrap().rows_removed, 1, "{cache}");
+        for (what, peak) in [("get", peak), ("scan", scan_peak), ("prune", prune_peak)] {
+            assert!(peak < 16 << 20, "{cache}: {what} held {peak} B");
+        }
+    }
+}

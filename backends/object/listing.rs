@@ -185,10 +185,10 @@ impl ObjectCache {
 
     /// Fetch and decode one listed row object (`None`: gone since it was listed).
     async fn fetch_row(&self, meta: ObjectMeta) -> Result<Fetched> {
-        let Some(bytes) = self.fetch(&meta.location).await? else {
+        let Some((bytes, size)) = self.fetch_record(&meta.location).await? else {
             return Ok(None);
         };
-        let decoded = self.decode_listed(&meta, &bytes);
+        let decoded = self.decode_listed(&meta, &bytes, size);
         Ok(Some((meta, decoded)))
     }
 
@@ -197,19 +197,20 @@ impl ObjectCache {
         &self,
         meta: &ObjectMeta,
         bytes: &[u8],
+        size: u64,
     ) -> std::result::Result<RowRecord, CorruptEntry> {
         let fp = meta
             .location
             .filename()
             .unwrap_or("?")
             .trim_end_matches(".json");
-        decode_row(bytes, "?", fp).map_err(|e| CorruptEntry {
+        crate::layout::decode_row_of_size(bytes, size, "?", fp).map_err(|e| CorruptEntry {
             id: meta.location.to_string(),
             reason: match e {
                 Error::CorruptRow { reason, .. } => reason,
                 other => other.to_string(),
             },
-            size: bytes.len() as u64,
+            size,
             kind: corrupt_kind(bytes),
         })
     }
@@ -467,16 +468,9 @@ impl ObjectCache {
     /// among its refs. Returns whether it was deleted.
     async fn delete_read_row(&self, listed: &RowVersion) -> Result<bool> {
         let path = self.row_path(&listed.key);
-        let got = match self.store.get(&path).await {
-            Ok(got) => got,
-            Err(e) if super::is_not_found(&e) => return Ok(false),
-            Err(e) => return Err(self.err(format!("read {path}"))(e)),
+        let Some((bytes, meta)) = self.fetch_record_with_meta(&path).await? else {
+            return Ok(false);
         };
-        let meta = got.meta.clone();
-        let bytes = got
-            .bytes()
-            .await
-            .map_err(self.err(format!("read {path}")))?;
         if !same_version(&meta, listed) {
             return Ok(false);
         }
@@ -562,7 +556,8 @@ impl ObjectCache {
     /// The refs-index version `layout.json` declares, or `None` (a cache never indexed: every row
     /// must be read to find the refs).
     async fn refs_index(&self) -> Result<Option<u64>> {
-        let Some(bytes) = self.fetch(&self.layout_path()).await? else {
+        // Read as a row is: a small JSON object, never a giant one whole.
+        let Some((bytes, _)) = self.fetch_record(&self.layout_path()).await? else {
             return Ok(None);
         };
         let version = serde_json::from_slice::<serde_json::Value>(&bytes)
@@ -716,14 +711,10 @@ impl ObjectCache {
         if rest.is_empty() || !self.is_row_object_path(&row) {
             return Ok(Marked::NotAMarker);
         }
-        let got = match self.store.get(&row).await {
-            Ok(got) => got,
-            Err(e) if super::is_not_found(&e) => return Ok(Marked::Stale(marker, row)),
-            Err(e) => return Err(self.err(format!("read {row}"))(e)),
+        let Some((bytes, meta)) = self.fetch_record_with_meta(&row).await? else {
+            return Ok(Marked::Stale(marker, row));
         };
-        let meta = got.meta.clone();
-        let bytes = got.bytes().await.map_err(self.err(format!("read {row}")))?;
-        Ok(match self.decode_listed(&meta, &bytes) {
+        Ok(match self.decode_listed(&meta, &bytes, meta.size) {
             Ok(record) => {
                 let refs: Vec<String> = refs_in(&record.output)
                     .into_iter()
@@ -748,7 +739,7 @@ impl ObjectCache {
                 if self.store.delete(&marker).await.is_err() {
                     return;
                 }
-                let Ok(Some(bytes)) = self.fetch(&row).await else {
+                let Ok(Some((bytes, _))) = self.fetch_record(&row).await else {
                     return;
                 };
                 let holds =

@@ -166,6 +166,46 @@ impl ObjectCache {
         }
     }
 
+    /// A row object's bytes and size; of one larger than any row ([`crate::layout::MAX_ROW_BYTES`])
+    /// only its head, which cannot decode: such an object is garbled, and never read whole into
+    /// memory (the rest of its body is not fetched).
+    async fn fetch_record(&self, path: &Path) -> Result<Option<(Bytes, u64)>> {
+        let fetched = self.fetch_record_with_meta(path).await?;
+        Ok(fetched.map(|(bytes, meta)| (bytes, meta.size)))
+    }
+
+    /// [`Self::fetch_record`] with the object's metadata (its version) as the GET saw it.
+    async fn fetch_record_with_meta(
+        &self,
+        path: &Path,
+    ) -> Result<Option<(Bytes, object_store::ObjectMeta)>> {
+        let got = match self.store.get(path).await {
+            Ok(got) => got,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(self.err(format!("read {path}"))(e)),
+        };
+        let meta = got.meta.clone();
+        if meta.size <= crate::layout::MAX_ROW_BYTES {
+            let bytes = got
+                .bytes()
+                .await
+                .map_err(self.err(format!("read {path}")))?;
+            return Ok(Some((bytes, meta)));
+        }
+        let mut head = bytes::BytesMut::new();
+        let mut body = got.into_stream();
+        while head.len() < crate::layout::OVERSIZED_ROW_HEAD {
+            match body.next().await {
+                Some(chunk) => {
+                    head.extend_from_slice(&chunk.map_err(self.err(format!("read {path}")))?)
+                }
+                None => break,
+            }
+        }
+        head.truncate(crate::layout::OVERSIZED_ROW_HEAD);
+        Ok(Some((head.freeze(), meta)))
+    }
+
     async fn delete_path(&self, path: &Path) -> Result<()> {
         match self.store.delete(path).await {
             Ok(()) => Ok(()),
@@ -326,10 +366,11 @@ impl OutputCache for ObjectCache {
     }
 
     async fn get_row(&self, key: &RowKey) -> Result<Option<Row>> {
-        let Some(bytes) = self.fetch(&self.row_path(key)).await? else {
+        let Some((bytes, size)) = self.fetch_record(&self.row_path(key)).await? else {
             return Ok(None);
         };
-        let record = decode_row(&bytes, key.task_type(), key.fingerprint())?;
+        let record =
+            crate::layout::decode_row_of_size(&bytes, size, key.task_type(), key.fingerprint())?;
         record.into_row_for(key, "object").map(Some)
     }
 
@@ -337,7 +378,7 @@ impl OutputCache for ObjectCache {
         let mut deleted = 0;
         for key in keys {
             let path = self.row_path(key);
-            let Some(bytes) = self.fetch(&path).await? else {
+            let Some((bytes, _)) = self.fetch_record(&path).await? else {
                 continue;
             };
             self.unmark_then_delete(key, &bytes).await?;
@@ -379,10 +420,12 @@ impl OutputCache for ObjectCache {
         {
             return Ok(false);
         }
-        let Some(bytes) = self.fetch(&path).await? else {
+        let Some((bytes, size)) = self.fetch_record(&path).await? else {
             return Ok(false);
         };
-        if decode_row(&bytes, "?", "?").is_ok() || corrupt_kind(&bytes) != CorruptKind::Garbled {
+        if crate::layout::decode_row_of_size(&bytes, size, "?", "?").is_ok()
+            || corrupt_kind(&bytes) != CorruptKind::Garbled
+        {
             return Ok(false); // rewritten since it was listed, or a newer version's: keep it
         }
         self.delete_path(&path).await?;
