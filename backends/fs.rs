@@ -656,7 +656,6 @@ impl FsCache {
     }
 }
 
-/// The bytes of the regular file at `path`, or `None` if it does not exist (the link policy applies).
 /// A row file's bytes and its size; of one larger than any row ([`crate::layout::MAX_ROW_BYTES`])
 /// only its head, which cannot decode: such a file is garbled, and never read whole into memory.
 fn read_row_file(path: &Path) -> io::Result<Option<(Bytes, u64)>> {
@@ -670,6 +669,7 @@ fn read_row_file(path: &Path) -> io::Result<Option<(Bytes, u64)>> {
     crate::blob::read_chunk(&mut file, len).map(|bytes| Some((bytes, meta.len())))
 }
 
+/// The bytes of the regular file at `path`, or `None` if it does not exist (the link policy applies).
 fn read_regular(path: &Path) -> io::Result<Option<Bytes>> {
     let Some((mut file, meta)) = open_regular_with_meta(path, false)? else {
         return Ok(None);
@@ -920,11 +920,12 @@ impl OutputCache for FsCache {
             if this.work_dir("rows").is_err() || real_dir(dir).is_err() {
                 return Ok(false); // behind a link, or gone: never followed
             }
-            let bytes = match read_row_file(&path) {
-                Ok(Some((b, _))) => b,
+            let (bytes, size) = match read_row_file(&path) {
+                Ok(Some(read)) => read,
                 Ok(None) | Err(_) => return Ok(false), // gone, or not a regular file: never touched
             };
-            if decode_row(&bytes, "?", "?").is_ok() || corrupt_kind(&bytes) != CorruptKind::Garbled
+            if crate::layout::decode_row_of_size(&bytes, size, "?", "?").is_ok()
+                || corrupt_kind(&bytes) != CorruptKind::Garbled
             {
                 return Ok(false); // rewritten since it was listed, or a newer version's: keep it
             }
@@ -1347,16 +1348,19 @@ impl FsCache {
                     continue;
                 }
                 let name = entry.file_name().to_string_lossy().into_owned();
-                let id = match state {
-                    BlobState::Published => format!("{REF_PREFIX}{name}"),
-                    _ => name.clone(),
-                };
                 // A file not named as this backend names its blobs and temps is someone else's:
                 // reported, never swept as an orphan or a stale temp.
-                let ours = match state {
-                    BlobState::Published => parse_ref_name(&id, REF_PREFIX, REF_SUFFIX)
-                        .is_some_and(crate::layout::is_blob_name),
-                    _ => crate::layout::is_temp_file_name(&name),
+                let (id, ours) = match state {
+                    BlobState::Published => {
+                        let id = format!("{REF_PREFIX}{name}");
+                        let ours = parse_ref_name(&id, REF_PREFIX, REF_SUFFIX)
+                            .is_some_and(crate::layout::is_blob_name);
+                        (id, ours)
+                    }
+                    _ => {
+                        let ours = crate::layout::is_temp_file_name(&name);
+                        (name, ours)
+                    }
                 };
                 if !ours {
                     out.push(foreign(&entry.path(), Some(&meta)));

@@ -298,8 +298,8 @@ pub fn is_row_file_name(name: &str) -> bool {
 }
 
 /// Whether `name` is a temp file name the fs backend writes in `tmp/`: `row-`, `blob-` or (left by
-/// earlier versions' write probe) `probe-`, then 32 lowercase hex digits and `.tmp`. Only these are temps to the janitor;
-/// any other file there is foreign, reported and never removed.
+/// earlier versions' write probe) `probe-`, then 32 lowercase hex digits and `.tmp`. Only these are
+/// temps to the janitor; any other file there is foreign, reported and never removed.
 pub fn is_temp_file_name(name: &str) -> bool {
     ["row-", "blob-", "probe-"].iter().any(|kind| {
         name.strip_prefix(kind)

@@ -144,13 +144,13 @@ impl ObjectCache {
         let Some(segment) = self.segment_of(path) else {
             return RowName::Foreign;
         };
-        let Some(file) = path
+        let Some(fingerprint) = path
             .filename()
             .filter(|f| crate::layout::is_row_file_name(f))
+            .and_then(|f| f.strip_suffix(".json"))
         else {
             return RowName::Foreign;
         };
-        let fingerprint = &file[..file.len() - ".json".len()];
         match decode_task_segment(segment) {
             Some(task) => match RowKey::from_parts(&task, fingerprint) {
                 Ok(key) if self.row_path(&key) == *path => RowName::Key(key),
