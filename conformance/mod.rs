@@ -15,6 +15,7 @@
 //! instead, so capabilities are proven truthful both ways.
 
 pub mod cases;
+pub mod neighbours;
 pub mod support;
 
 use std::any::Any;
@@ -28,6 +29,9 @@ use crate::config::Location;
 use crate::error::Result;
 use crate::store::OutputCache;
 
+#[cfg(feature = "object-store")]
+pub use neighbours::ObjectNeighbours;
+pub use neighbours::{DirNeighbours, Neighbours};
 pub use support::FailingRows;
 
 /// Why a case failed.
@@ -54,6 +58,8 @@ tokio::task_local! {
     static WAIVERS: std::cell::RefCell<Vec<&'static str>>;
     /// The fixture's view of everything the backend stores, if it gave one ([`Fixture::with_storage`]).
     static STORAGE: Option<StorageProbe>;
+    /// How the fixture plants entries the backend did not write, if it said ([`Fixture::with_neighbours`]).
+    static NEIGHBOURS: Option<Arc<dyn Neighbours>>;
 }
 
 /// Lists everything a backend stores (files, objects, records: names the fixture chooses), so cases can
@@ -68,6 +74,11 @@ pub(crate) fn stored_now() -> Option<Vec<String>> {
         .flatten()
 }
 
+/// How the running case's fixture plants neighbours, if it said.
+pub(crate) fn neighbours_now() -> Option<Arc<dyn Neighbours>> {
+    NEIGHBOURS.try_with(|n| n.clone()).ok().flatten()
+}
+
 /// Record that the running case was waived for want of `capability` (its gate calls this after checking
 /// that the missing method refuses with `Unsupported`).
 pub(crate) fn note_waiver(capability: &'static str) {
@@ -79,10 +90,11 @@ pub(crate) fn note_waiver(capability: &'static str) {
 pub enum Verdict {
     /// The case ran and its invariant held.
     Passed,
-    /// The case needs capabilities the backend does not claim; it only checked that each refuses with
-    /// `Unsupported`. Not a pass: nothing else was tested.
+    /// The case needs capabilities the backend does not claim (it only checked that each refuses with
+    /// `Unsupported`), or a fixture hook the fixture does not give (`neighbours`:
+    /// [`Fixture::with_neighbours`]). Not a pass: nothing else was tested.
     Waived {
-        /// The capability flags it needs (names of [`Capabilities`](crate::Capabilities) fields).
+        /// What it needs: names of [`Capabilities`](crate::Capabilities) fields, or `neighbours`.
         needs: Vec<&'static str>,
     },
     /// The case failed (or the backend claims fewer capabilities than the fixture expects).
@@ -110,10 +122,13 @@ pub async fn run_case(
     let (result, waivers) = STORAGE
         .scope(
             fixture.storage.clone(),
-            WAIVERS.scope(waivers, async {
-                let result = case.await;
-                (result, WAIVERS.with(|w| w.take()))
-            }),
+            NEIGHBOURS.scope(
+                fixture.neighbours.clone(),
+                WAIVERS.scope(waivers, async {
+                    let result = case.await;
+                    (result, WAIVERS.with(|w| w.take()))
+                }),
+            ),
         )
         .await;
     match result {
@@ -134,6 +149,7 @@ pub struct Fixture {
     skip: Option<String>,
     expected: Option<crate::Capabilities>,
     storage: Option<StorageProbe>,
+    neighbours: Option<Arc<dyn Neighbours>>,
 }
 
 impl std::fmt::Debug for Fixture {
@@ -155,6 +171,7 @@ impl Fixture {
             skip: None,
             expected: None,
             storage: None,
+            neighbours: None,
         }
     }
 
@@ -163,6 +180,14 @@ impl Fixture {
     /// not only in the backend's own listing.
     pub fn with_storage(mut self, probe: impl Fn() -> Vec<String> + Send + Sync + 'static) -> Self {
         self.storage = Some(Arc::new(probe));
+        self
+    }
+
+    /// Say how to plant entries the backend did not write among its own ([`DirNeighbours`] for a
+    /// directory, `ObjectNeighbours` for a key prefix): the case for invariant 16 then checks that
+    /// the janitor leaves them alone. Without it that case is waived (`needs neighbours`).
+    pub fn with_neighbours(mut self, neighbours: impl Neighbours + 'static) -> Self {
+        self.neighbours = Some(Arc::new(neighbours));
         self
     }
 
@@ -282,7 +307,9 @@ pub mod fixtures {
         let cache = crate::backends::fs::FsCache::open(dir.path(), Default::default())
             .expect("open the fs backend in a temp dir");
         let root = dir.path().to_path_buf();
-        Fixture::with_guard(Arc::new(cache), dir).with_storage(move || files_under(&root))
+        Fixture::with_guard(Arc::new(cache), dir)
+            .with_neighbours(DirNeighbours::new(&root))
+            .with_storage(move || files_under(&root))
     }
 
     /// A fresh SQLite backend in a temp directory that is removed afterwards. Panics if it cannot be
@@ -299,7 +326,8 @@ pub mod fixtures {
             Default::default(),
         )
         .expect("open the sqlite backend in a temp dir");
-        Fixture::with_guard(Arc::new(cache), dir)
+        let neighbours = DirNeighbours::new(dir.path());
+        Fixture::with_guard(Arc::new(cache), dir).with_neighbours(neighbours)
     }
 }
 
@@ -412,6 +440,7 @@ macro_rules! __conformance_each_case {
             an_age_prune_with_the_sweep_takes_an_overwritten_blob_once,
             orphan_grace_counts_from_when_it_became_one,
             in_flight_write_is_listed_as_a_temp,
+            janitor_leaves_what_it_did_not_write,
         }
     };
 }
@@ -699,7 +728,8 @@ pub fn isolated_fixture(location: &Location, run_tag: &str, case: &str) -> Resul
                 durable: *durable,
             };
             let cache = crate::backends::open(&child)?;
-            Ok(Fixture::with_guard(cache, RemoveDir(dir)))
+            Ok(Fixture::with_guard(cache, RemoveDir(dir.clone()))
+                .with_neighbours(DirNeighbours::new(dir)))
         }
         #[cfg(feature = "sqlite")]
         Location::Sqlite { path, durable } => {
@@ -709,7 +739,8 @@ pub fn isolated_fixture(location: &Location, run_tag: &str, case: &str) -> Resul
                 durable: *durable,
             };
             let cache = crate::backends::open(&child)?;
-            Ok(Fixture::with_guard(cache, RemoveDir(dir)))
+            Ok(Fixture::with_guard(cache, RemoveDir(dir.clone()))
+                .with_neighbours(DirNeighbours::new(dir)))
         }
         #[cfg(feature = "cloud")]
         Location::Cloud { .. } => object_fixture(location, run_tag, case),
@@ -728,18 +759,17 @@ fn object_fixture(location: &Location, run_tag: &str, case: &str) -> Result<Fixt
     else {
         unreachable!("called for cloud locations only");
     };
-    let child = Location::Cloud {
-        cloud: *cloud,
-        bucket: bucket.clone(),
-        prefix: [prefix.as_str(), run_tag, case]
-            .iter()
-            .filter(|p| !p.is_empty())
-            .copied()
-            .collect::<Vec<_>>()
-            .join("/"),
-        options: options.clone(),
-    };
-    Ok(Fixture::new(crate::backends::open(&child)?).empty_afterwards())
+    let child_prefix = [prefix.as_str(), run_tag, case]
+        .iter()
+        .filter(|p| !p.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join("/");
+    let cache = crate::backends::object::cloud::open(*cloud, bucket, &child_prefix, &options.0)?;
+    let neighbours = ObjectNeighbours::new(cache.store().clone(), cache.prefix().clone());
+    Ok(Fixture::new(Arc::new(cache))
+        .with_neighbours(neighbours)
+        .empty_afterwards())
 }
 
 /// For a database file, the run's directory beside it (never inside the database).

@@ -433,3 +433,86 @@ pub async fn an_age_prune_with_the_sweep_takes_an_overwritten_blob_once(
     );
     no_blob_left(&cache, "the prune").await
 }
+
+/// Invariant 16: the janitor removes only what the backend wrote. A cache is often pointed at a
+/// directory or a bucket prefix that holds more than the cache (a project, a home directory, a bucket
+/// shared with other data): entries of someone else's planted beside the backend's own, named like its
+/// rows, blobs and temps but not as it names them, survive every janitor operation (the inventory, a
+/// size eviction with the sweeps of garbled rows, orphans and temps, an age prune, a prefix delete), and
+/// do not stop the janitor from removing the backend's own. Waived without a fixture that plants them
+/// ([`crate::conformance::Fixture::with_neighbours`]).
+pub async fn janitor_leaves_what_it_did_not_write(cache: Backend) -> CaseResult {
+    let Some(neighbours) = crate::conformance::neighbours_now() else {
+        crate::conformance::note_waiver("neighbours");
+        return Ok(());
+    };
+    let blobs = BLOB_CAPS.iter().all(|c| has(&cache, *c));
+    let task = "conformance/neighbours";
+    // The backend's own entries first, so every place it keeps them exists when the neighbours move in.
+    let own = |round: u64| {
+        let cache = cache.clone();
+        async move {
+            cache
+                .save_row(&key(task, 100 + round)?, &json!({"plain": round}))
+                .await?;
+            if blobs {
+                super::cascades::row_with_blob(&cache, task, round).await?;
+                write(&cache, &pattern(4000, round), 1000).await?;
+            }
+            Ok::<(), Failure>(())
+        }
+    };
+    own(0).await?;
+    let planted = neighbours
+        .plant()
+        .await
+        .map_err(|e| Failure(format!("the fixture could not plant its neighbours: {e}")))?;
+    let checked = async {
+        ensure!(!planted.is_empty(), "the fixture planted no neighbours");
+        crate::janitor::inventory(cache.as_ref(), 5).await?;
+        let mut evict = PruneOptions::new();
+        evict.max_size = Some(0);
+        evict.corrupt = true;
+        evict.orphans = blobs;
+        evict.grace = Duration::ZERO;
+        prune(cache.as_ref(), &evict, |_| {}).await?;
+        ensure!(
+            cache.list_rows().await?.is_empty(),
+            "a size budget of 0 left the backend's own rows beside the neighbours"
+        );
+        no_blob_left(&cache, "a size eviction with the orphan sweep, beside the neighbours").await?;
+        own(1).await?;
+        prune(cache.as_ref(), &prune_everything_blobs(blobs), |_| {}).await?;
+        ensure!(
+            cache.list_rows().await?.is_empty(),
+            "an age prune left the backend's own rows beside the neighbours"
+        );
+        no_blob_left(&cache, "an age prune with the orphan sweep, beside the neighbours").await?;
+        own(2).await?;
+        cache.delete_prefix("").await?;
+        if blobs {
+            sweep_orphans(cache.as_ref(), Duration::ZERO, false).await?;
+        }
+        let missing = neighbours
+            .missing(&planted)
+            .await
+            .map_err(|e| Failure(format!("the fixture could not check its neighbours: {e}")))?;
+        ensure!(
+            missing.is_empty(),
+            "the janitor removed or changed {} of {} entries the backend did not write: {missing:?}",
+            missing.len(),
+            planted.len()
+        );
+        Ok(())
+    }
+    .await;
+    neighbours.clear(&planted).await;
+    checked
+}
+
+/// [`prune_everything`], with the orphan sweep only where the backend has blobs.
+fn prune_everything_blobs(blobs: bool) -> PruneOptions {
+    let mut options = prune_everything();
+    options.orphans = blobs;
+    options
+}

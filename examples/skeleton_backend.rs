@@ -13,7 +13,7 @@ use std::time::SystemTime;
 
 use futures::StreamExt;
 use outcache::blob::{BlobDigest, cascade_delete, reader_stream};
-use outcache::layout::blob_name;
+use outcache::layout::{blob_name, is_blob_name};
 use outcache::wire::{parse_ref_name, refs_in};
 use outcache::{
     BlobEntry, BlobMeta, BlobStat, BlobState, ByteRange, ByteStream, CacheRef, Capabilities, Error,
@@ -171,8 +171,13 @@ impl OutputCache for SkeletonBackend {
             let name = entry.file_name().to_string_lossy().into_owned();
             let (id, state) = match name.strip_prefix("tmp-") {
                 // Temps must be listed: `stats` counts them and the janitor removes dead ones.
-                Some(_) => (name, BlobState::Temp),
-                None => (format!("{REF_PREFIX}{name}"), BlobState::Published),
+                Some(blob) if is_blob_name(blob) => (name, BlobState::Temp),
+                None if is_blob_name(&name) => {
+                    (format!("{REF_PREFIX}{name}"), BlobState::Published)
+                }
+                // Not a name this backend gives: someone else's file (the directory may hold more
+                // than the cache). Listed, the janitor would sweep it as an orphan.
+                _ => continue,
             };
             out.push(BlobEntry {
                 id,
@@ -310,8 +315,11 @@ mod conformance {
         let backend = SkeletonBackend::open(dir.path()).unwrap();
         let root = dir.path().to_path_buf();
         // State what the backend claims, so that losing a capability fails instead of waiving cases,
-        // and show the suite everything it stores, so a leaked temp cannot hide from the listing.
+        // show the suite everything it stores, so a leaked temp cannot hide from the listing, and let
+        // it plant other people's files in the backend's directories, so a janitor that deletes what
+        // the backend did not write fails.
         outcache::conformance::Fixture::with_guard(Arc::new(backend), dir)
+            .with_neighbours(outcache::conformance::DirNeighbours::new(&root))
             .with_storage(move || outcache::conformance::files_under(&root))
             .expect(
                 Capabilities::rows_only()

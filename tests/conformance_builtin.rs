@@ -15,12 +15,13 @@ mod fs_not_durable {
     use std::sync::Arc;
 
     use outcache::backends::fs::{FsCache, FsOptions};
-    use outcache::conformance::Fixture;
+    use outcache::conformance::{DirNeighbours, Fixture};
 
     outcache::conformance_tests!(|| async {
         let dir = tempfile::tempdir().unwrap();
         let cache = FsCache::open(dir.path(), FsOptions::default().durable(false)).unwrap();
-        Fixture::with_guard(Arc::new(cache), dir)
+        let neighbours = DirNeighbours::new(dir.path());
+        Fixture::with_guard(Arc::new(cache), dir).with_neighbours(neighbours)
     });
 }
 
@@ -42,7 +43,7 @@ mod sqlite_not_durable {
     use std::sync::Arc;
 
     use outcache::backends::sqlite::{SqliteCache, SqliteOptions};
-    use outcache::conformance::Fixture;
+    use outcache::conformance::{DirNeighbours, Fixture};
 
     outcache::conformance_tests!(|| async {
         let dir = tempfile::tempdir().unwrap();
@@ -51,7 +52,8 @@ mod sqlite_not_durable {
             SqliteOptions::default().durable(false),
         )
         .unwrap();
-        Fixture::with_guard(Arc::new(cache), dir)
+        let neighbours = DirNeighbours::new(dir.path());
+        Fixture::with_guard(Arc::new(cache), dir).with_neighbours(neighbours)
     });
 }
 
@@ -64,7 +66,7 @@ mod object_memory {
     use object_store::memory::InMemory;
     use object_store::path::Path;
     use outcache::backends::object::ObjectCache;
-    use outcache::conformance::Fixture;
+    use outcache::conformance::{Fixture, ObjectNeighbours};
 
     outcache::conformance_tests!(|| async {
         let store = ObjectCache::new(
@@ -73,7 +75,8 @@ mod object_memory {
             "memory",
         )
         .with_sorted_listing(true);
-        Fixture::new(Arc::new(store))
+        let neighbours = ObjectNeighbours::new(store.store().clone(), store.prefix().clone());
+        Fixture::new(Arc::new(store)).with_neighbours(neighbours)
     });
 }
 
@@ -86,13 +89,14 @@ mod object_memory_indexed {
     use object_store::memory::InMemory;
     use object_store::path::Path;
     use outcache::backends::object::ObjectCache;
-    use outcache::conformance::Fixture;
+    use outcache::conformance::{Fixture, ObjectNeighbours};
 
     outcache::conformance_tests!(|| async {
         let store = ObjectCache::new(Arc::new(InMemory::new()), Path::from("indexed"), "memory")
             .with_sorted_listing(true);
         store.index_refs().await.unwrap();
-        Fixture::new(Arc::new(store))
+        let neighbours = ObjectNeighbours::new(store.store().clone(), store.prefix().clone());
+        Fixture::new(Arc::new(store)).with_neighbours(neighbours)
     });
 }
 
@@ -103,7 +107,7 @@ mod object_local {
     use object_store::local::LocalFileSystem;
     use object_store::path::Path;
     use outcache::backends::object::ObjectCache;
-    use outcache::conformance::Fixture;
+    use outcache::conformance::{DirNeighbours, Fixture};
 
     outcache::conformance_tests!(|| async {
         let dir = tempfile::tempdir().unwrap();
@@ -111,7 +115,8 @@ mod object_local {
             .unwrap()
             .with_fsync(true);
         let store = ObjectCache::new(Arc::new(local), Path::from("cache"), "local");
-        Fixture::with_guard(Arc::new(store), dir)
+        let neighbours = DirNeighbours::new(dir.path().join("cache"));
+        Fixture::with_guard(Arc::new(store), dir).with_neighbours(neighbours)
     });
 }
 
@@ -122,9 +127,11 @@ mod run_private {
     use outcache::backends::run_private::RunPrivate;
     use outcache::conformance::{Fixture, fixtures};
 
+    /// The fixture with its backend behind the wrapper (its guard, neighbours and cleanup kept).
     fn wrap(fixture: Fixture, run_id: &str) -> Fixture {
-        let wrapped = RunPrivate::new(fixture.cache(), run_id).unwrap();
-        Fixture::with_guard(Arc::new(wrapped), fixture)
+        fixture
+            .wrapped(|inner| Ok(Arc::new(RunPrivate::new(inner, run_id)?)))
+            .unwrap()
     }
 
     mod over_memory {
@@ -153,11 +160,15 @@ mod run_private {
         use object_store::memory::InMemory;
         use object_store::path::Path;
         use outcache::backends::object::ObjectCache;
-        use outcache::conformance::Fixture;
+        use outcache::conformance::{Fixture, ObjectNeighbours};
 
         outcache::conformance_tests!(|| async {
             let store = ObjectCache::new(Arc::new(InMemory::new()), Path::from("runs"), "memory");
-            super::wrap(Fixture::new(Arc::new(store)), "run-7")
+            let neighbours = ObjectNeighbours::new(store.store().clone(), store.prefix().clone());
+            super::wrap(
+                Fixture::new(Arc::new(store)).with_neighbours(neighbours),
+                "run-7",
+            )
         });
     }
 }

@@ -163,6 +163,66 @@ async fn temps_leaked_outside_the_listing_are_caught_by_the_storage_probe() {
     );
 }
 
+/// Plants names in a `Broken` backend's "storage", beside its own blobs.
+struct PlantedIn(Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>);
+
+impl outcache::conformance::Neighbours for PlantedIn {
+    fn plant(&self) -> futures::future::BoxFuture<'_, std::io::Result<Vec<String>>> {
+        let names: Vec<String> = outcache::conformance::neighbours::FOREIGN_NAMES
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        self.0.lock().unwrap().extend(names.iter().cloned());
+        Box::pin(async move { Ok(names) })
+    }
+    fn missing<'a>(
+        &'a self,
+        planted: &'a [String],
+    ) -> futures::future::BoxFuture<'a, std::io::Result<Vec<String>>> {
+        let held = self.0.lock().unwrap().clone();
+        let missing: Vec<String> = planted
+            .iter()
+            .filter(|n| !held.contains(*n))
+            .cloned()
+            .collect();
+        Box::pin(async move { Ok(missing) })
+    }
+    fn clear<'a>(&'a self, planted: &'a [String]) -> futures::future::BoxFuture<'a, ()> {
+        let mut held = self.0.lock().unwrap();
+        planted.iter().for_each(|n| {
+            held.remove(n);
+        });
+        Box::pin(async {})
+    }
+}
+
+/// A backend that lists someone else's entries in its storage as its own blobs passes every other case;
+/// with a fixture that plants neighbours, the suite catches the janitor sweeping them as orphans, and
+/// the same backend without that bug passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_lists_foreign_entries_is_caught_by_its_neighbours() {
+    use outcache::conformance::{Fixture, Verdict, run_case};
+    let verdict_for = |bug| async move {
+        let broken = Arc::new(Broken::new(bug));
+        let planter = PlantedIn(broken.storage_neighbours.clone());
+        let fixture = Fixture::new(broken).with_neighbours(planter);
+        run_case(
+            &fixture,
+            cases::janitor_leaves_what_it_did_not_write(fixture.cache()),
+        )
+        .await
+    };
+    match verdict_for(Bug::ListsForeignEntries).await {
+        Verdict::Failed(f) => assert!(f.0.contains("did not write"), "{f}"),
+        other => panic!("the swept neighbours were not caught: {other:?}"),
+    }
+    assert_eq!(
+        verdict_for(Bug::FirstWriterWins).await,
+        Verdict::Passed,
+        "a backend that keeps to its own entries passes the same case"
+    );
+}
+
 /// A wrapper that forgets to forward one method (here `delete_blob`) silently loses the inner backend's
 /// ability while still claiming it: the capability check catches it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

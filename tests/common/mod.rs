@@ -140,6 +140,9 @@ pub enum Bug {
     HidesTemps,
     /// Leaves a temp behind in its storage when a write fails, and leaves it out of its listing.
     LeaksHiddenTemps,
+    /// Lists every entry of its storage as a blob, its own or someone else's (`Broken::storage_neighbours`),
+    /// so the janitor sweeps other people's files as orphans.
+    ListsForeignEntries,
 }
 
 /// The memory backend with one [`Bug`].
@@ -149,6 +152,8 @@ pub struct Broken {
     bug: Bug,
     /// What `LeaksHiddenTemps` left in its "storage" (seen only through the fixture's probe).
     pub leaked: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Entries someone else keeps in its "storage" (planted by a fixture's neighbours).
+    pub storage_neighbours: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
 
 impl Broken {
@@ -157,6 +162,7 @@ impl Broken {
             inner: Arc::new(MemoryCache::new()),
             bug,
             leaked: Arc::default(),
+            storage_neighbours: Arc::default(),
         }
     }
 
@@ -210,7 +216,16 @@ impl OutputCache for Broken {
         self.inner.remove_corrupt(id).await
     }
     async fn list_blobs(&self) -> Result<Vec<BlobEntry>> {
-        let all = self.inner.list_blobs().await?;
+        let mut all = self.inner.list_blobs().await?;
+        if self.bug == Bug::ListsForeignEntries {
+            let neighbours = self.storage_neighbours.lock().unwrap();
+            all.extend(neighbours.iter().map(|name| BlobEntry {
+                id: format!("memory://blobs/{name}"),
+                state: outcache::BlobState::Published,
+                size: 1,
+                modified: SystemTime::UNIX_EPOCH,
+            }));
+        }
         Ok(if self.bug == Bug::HidesTemps {
             all.into_iter()
                 .filter(|b| b.state != outcache::BlobState::Temp)
@@ -274,6 +289,9 @@ impl OutputCache for Broken {
         self.inner.open_blob(&self.fix_ref(reference), range).await
     }
     async fn delete_blob(&self, reference: &str) -> Result<()> {
+        if let Some(name) = reference.strip_prefix("memory://blobs/") {
+            self.storage_neighbours.lock().unwrap().remove(name);
+        }
         self.inner.delete_blob(&self.fix_ref(reference)).await
     }
 }
