@@ -183,10 +183,23 @@ impl RowRecord {
     /// `holder` names what held it in the error ("file", "object").
     pub fn into_row_for(self, key: &RowKey, holder: &str) -> Result<crate::store::Row> {
         if self.key != *key {
+            // On a case-insensitive file system (macOS, Windows) task types that differ only in case
+            // share a directory, so the same inputs share a file: say so, as that is the likely cause.
+            let case_only = self.key.fingerprint() == key.fingerprint()
+                && self.key.task_type().eq_ignore_ascii_case(key.task_type());
             return Err(Error::CorruptRow {
                 task_type: key.task_type().into(),
                 fingerprint: key.fingerprint().into(),
-                reason: format!("{holder} holds the row for {}", self.key),
+                reason: format!(
+                    "{holder} holds the row for {}{}",
+                    self.key,
+                    if case_only {
+                        " (the task types differ only in letter case, which a case-insensitive file \
+                         system does not tell apart: give them names that differ otherwise)"
+                    } else {
+                        ""
+                    }
+                ),
             });
         }
         Ok(crate::store::Row {
@@ -455,6 +468,24 @@ mod tests {
                 Err(Error::CorruptRow { .. })
             ));
         }
+    }
+
+    #[test]
+    fn a_record_of_another_key_is_corrupt_and_a_case_only_difference_is_named() {
+        let now = SystemTime::now();
+        let inputs = json!({"a": 1});
+        let stored = RowKey::new("Build", &inputs).unwrap();
+        let record =
+            |key: &RowKey| decode_row(&encode_row(key, &json!(1), now).unwrap(), "?", "?").unwrap();
+        let reason = |looked_up: &RowKey| match record(&stored).into_row_for(looked_up, "file") {
+            Err(Error::CorruptRow { reason, .. }) => reason,
+            other => panic!("{other:?}"),
+        };
+        let aliased = reason(&RowKey::new("build", &inputs).unwrap());
+        assert!(aliased.contains("letter case"), "{aliased}");
+        let other = reason(&RowKey::new("link", &inputs).unwrap());
+        assert!(!other.contains("letter case"), "{other}");
+        assert!(record(&stored).into_row_for(&stored, "file").is_ok());
     }
 
     #[test]
