@@ -17,6 +17,13 @@ pub const FOREIGN_NAMES: &[&str] = &[
     "row-draft.tmp",
 ];
 
+/// The subdirectory in which copies of the backend's own entries are planted (a backup someone made
+/// by hand): the same names as the backend's, one level down, are still not its entries.
+pub const COPIES_DIR: &str = "backup";
+
+/// How many of a directory's own entries get a planted copy in [`COPIES_DIR`].
+const COPIES_PER_DIR: usize = 3;
+
 /// The bytes planted under `name`: distinct per name, so a swap or rewrite shows too.
 fn planted_bytes(name: &str) -> Vec<u8> {
     format!("someone else's data, not the cache's: {name}\n").into_bytes()
@@ -67,14 +74,30 @@ impl Neighbours for DirNeighbours {
     fn plant(&self) -> BoxFuture<'_, std::io::Result<Vec<String>>> {
         Box::pin(async move {
             let mut planted = Vec::new();
-            for dir in self.directories()? {
-                for name in FOREIGN_NAMES {
-                    let path = dir.join(name);
-                    if path.exists() {
-                        continue; // not ours to overwrite either
-                    }
+            let mut plant = |path: std::path::PathBuf, name: &str| -> std::io::Result<()> {
+                if !path.exists() {
                     std::fs::write(&path, planted_bytes(name))?;
                     planted.push(path.to_string_lossy().into_owned());
+                }
+                Ok(()) // an existing file is not ours to overwrite either
+            };
+            for dir in self.directories()? {
+                let mut own = Vec::new();
+                for entry in std::fs::read_dir(&dir)? {
+                    let entry = entry?;
+                    if entry.file_type()?.is_file() && own.len() < COPIES_PER_DIR {
+                        own.push(entry.file_name().to_string_lossy().into_owned());
+                    }
+                }
+                for name in FOREIGN_NAMES {
+                    plant(dir.join(name), name)?;
+                }
+                if !own.is_empty() {
+                    let copies = dir.join(COPIES_DIR);
+                    std::fs::create_dir_all(&copies)?;
+                    for name in &own {
+                        plant(copies.join(name), name)?;
+                    }
                 }
             }
             Ok(planted)
@@ -151,19 +174,34 @@ impl Neighbours for ObjectNeighbours {
                     parts.pop();
                 }
             }
-            let mut planted = Vec::new();
-            for dir in dirs {
+            let mut wanted: Vec<(Path, String)> = Vec::new();
+            for dir in &dirs {
                 for name in FOREIGN_NAMES {
-                    let path = dir.clone().join(*name);
-                    if existing.contains(&path) {
-                        continue;
-                    }
-                    self.store
-                        .put(&path, planted_bytes(name).into())
-                        .await
-                        .map_err(std::io::Error::other)?;
-                    planted.push(path.to_string());
+                    wanted.push((dir.clone().join(*name), name.to_string()));
                 }
+                let own = listed
+                    .iter()
+                    .filter(|m| {
+                        m.location
+                            .prefix_match(dir)
+                            .is_some_and(|mut r| r.nth(1).is_none())
+                    })
+                    .filter_map(|m| m.location.filename())
+                    .take(COPIES_PER_DIR);
+                for name in own {
+                    wanted.push((dir.clone().join(COPIES_DIR).join(name), name.to_owned()));
+                }
+            }
+            let mut planted = Vec::new();
+            for (path, name) in wanted {
+                if existing.contains(&path) {
+                    continue; // not ours to overwrite either
+                }
+                self.store
+                    .put(&path, planted_bytes(&name).into())
+                    .await
+                    .map_err(std::io::Error::other)?;
+                planted.push(path.to_string());
             }
             Ok(planted)
         })

@@ -12,7 +12,7 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectMeta, ObjectStoreExt};
 
-use super::{FETCH_CONCURRENCY, ObjectCache, REF_PREFIX};
+use super::{FETCH_CONCURRENCY, ObjectCache};
 use crate::error::{Error, Result};
 use crate::layout::{RowRecord, corrupt_kind, decode_row, decode_task_segment};
 use crate::store::{CorruptEntry, CorruptKind, RowEntry, RowScan, RowVersion};
@@ -498,12 +498,13 @@ impl ObjectCache {
         let mut doomed = Vec::new();
         let mut seen = HashSet::new();
         for meta in blobs.iter() {
+            // Only this cache's blobs: a copy kept deeper (`blobs/backup/<name>`) is someone else's.
+            if self.blob_ref_at(&meta.location).is_none() {
+                continue;
+            }
             let Some(name) = meta.location.filename() else {
                 continue;
             };
-            if super::blob_ref_name(&format!("{REF_PREFIX}{name}")).is_none() {
-                continue;
-            }
             let owner_committed =
                 crate::wire::name_parts(name).find_map(|part| committed.get(part).copied());
             if owner_committed.is_some_and(|at| SystemTime::from(meta.last_modified) <= at)

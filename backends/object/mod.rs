@@ -436,14 +436,14 @@ impl OutputCache for ObjectCache {
         let objects = self.list_blob_objects().await?;
         Ok(objects
             .iter()
-            .filter_map(blob_entry)
+            .map(|m| self.blob_entry(m))
             .chain(self.inflight.entries())
             .collect())
     }
 
     fn blob_pages(&self) -> BoxStream<'_, Result<Vec<BlobEntry>>> {
         let published = listing::paged(self.listed(self.blobs_root()))
-            .map_ok(|metas| metas.iter().filter_map(blob_entry).collect());
+            .map_ok(|metas| metas.iter().map(|m| self.blob_entry(m)).collect());
         let inflight = futures::stream::once(async move { Ok(self.inflight.entries()) });
         published.chain(inflight).boxed()
     }
@@ -587,16 +587,29 @@ impl OutputCache for ObjectCache {
     }
 }
 
-/// A listed blob object as the janitor sees it (`None`: not a name this backend gives a blob).
-fn blob_entry(m: &object_store::ObjectMeta) -> Option<BlobEntry> {
-    let id = format!("{REF_PREFIX}{}", m.location.filename()?);
-    blob_ref_name(&id)?;
-    Some(BlobEntry {
-        id,
-        state: BlobState::Published,
-        size: m.size,
-        modified: m.last_modified.into(),
-    })
+impl ObjectCache {
+    /// The ref of the object at `location` if it is one of this cache's blobs: named as the backend
+    /// names blobs, directly under `blobs/` (a copy someone keeps in `blobs/backup/` has a blob's
+    /// name, but the ref would name another object).
+    fn blob_ref_at(&self, location: &Path) -> Option<String> {
+        let id = format!("{REF_PREFIX}{}", location.filename()?);
+        (self.blob_path(&id).as_ref() == Some(location)).then_some(id)
+    }
+
+    /// A listed object under `blobs/` as the janitor sees it: a published blob, or, named otherwise or
+    /// nested deeper, someone else's (listed as foreign, never swept).
+    fn blob_entry(&self, m: &object_store::ObjectMeta) -> BlobEntry {
+        let (id, state) = match self.blob_ref_at(&m.location) {
+            Some(id) => (id, BlobState::Published),
+            None => (m.location.to_string(), BlobState::Foreign),
+        };
+        BlobEntry {
+            id,
+            state,
+            size: m.size,
+            modified: m.last_modified.into(),
+        }
+    }
 }
 
 /// The blob name a ref of this backend names: strict (one clean segment, see [`parse_ref_name`]) and

@@ -195,7 +195,7 @@ pub(crate) fn print_inventory(
     }
     if inv.foreign_entries > 0 {
         out!(
-            "foreign: {} entries the cache did not write (links, FIFOs, other files; never touched)",
+            "foreign: {} entries the cache did not write (other files or objects, links, FIFOs; never touched)",
             inv.foreign_entries
         );
     }
