@@ -125,6 +125,13 @@ impl Neighbours for DirNeighbours {
             for path in planted {
                 let _ = std::fs::remove_file(path);
             }
+            // The copies' directories too, once empty (a fixture's directory may outlive the case).
+            for path in planted {
+                let parent = std::path::Path::new(path.as_str()).parent();
+                if let Some(dir) = parent.filter(|d| d.ends_with(COPIES_DIR)) {
+                    let _ = std::fs::remove_dir(dir);
+                }
+            }
         })
     }
 }
