@@ -29,7 +29,7 @@ use uuid::Uuid;
 use crate::blob::{BlobDigest, cascade_delete};
 use crate::error::{Error, Result};
 use crate::layout::{
-    RowRecord, blob_name, corrupt_kind, decode_row, decode_task_segment, encode_row,
+    RowRecord, blob_name, corrupt_kind, decode_row_of_size, decode_task_segment, encode_row,
     encode_task_segment, segment_may_match,
 };
 use crate::store::{
@@ -534,9 +534,7 @@ impl FsCache {
 
     fn read_row(&self, path: &Path, task: &str, fp: &str) -> Result<Option<RowRecord>> {
         match read_row_file(path).map_err(|e| Error::io("read row", path, e))? {
-            Some((bytes, size)) => {
-                crate::layout::decode_row_of_size(&bytes, size, task, fp).map(Some)
-            }
+            Some((bytes, size)) => decode_row_of_size(&bytes, size, task, fp).map(Some),
             None => Ok(None),
         }
     }
@@ -588,8 +586,9 @@ impl FsCache {
                         read_row_file(&p)
                             .ok()
                             .flatten()
-                            .map(|(bytes, _)| bytes)
-                            .and_then(|b| decode_row(&b, "?", "?").ok())
+                            .and_then(|(bytes, size)| {
+                                decode_row_of_size(&bytes, size, "?", "?").ok()
+                            })
                             .map(|r| r.key.task_type().to_owned())
                     }),
             };
@@ -924,7 +923,7 @@ impl OutputCache for FsCache {
                 Ok(Some(read)) => read,
                 Ok(None) | Err(_) => return Ok(false), // gone, or not a regular file: never touched
             };
-            if crate::layout::decode_row_of_size(&bytes, size, "?", "?").is_ok()
+            if decode_row_of_size(&bytes, size, "?", "?").is_ok()
                 || corrupt_kind(&bytes) != CorruptKind::Garbled
             {
                 return Ok(false); // rewritten since it was listed, or a newer version's: keep it

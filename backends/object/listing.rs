@@ -458,8 +458,8 @@ impl ObjectCache {
             .ids
             .iter()
             .map(|id| {
-                let name = super::blob_ref_name(id)?;
-                crate::wire::ref_owned_by(id, &listed.key).then(|| self.blobs_root().join(name))
+                let path = self.blob_path(id)?;
+                crate::wire::ref_owned_by(id, &listed.key).then_some(path)
             })
             .collect()
     }
@@ -475,7 +475,8 @@ impl ObjectCache {
             return Ok(false);
         }
         self.unmark_then_delete(&listed.key, &bytes).await?;
-        if let Ok(record) = decode_row(&bytes, listed.key.task_type(), listed.key.fingerprint()) {
+        let (task, fp) = (listed.key.task_type(), listed.key.fingerprint());
+        if let Ok(record) = crate::layout::decode_row_of_size(&bytes, meta.size, task, fp) {
             crate::blob::cascade_delete(self, &listed.key, &record.output).await?;
         }
         Ok(true)

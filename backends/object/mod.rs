@@ -33,7 +33,7 @@ pub use listing::{IndexReport, REFS_INDEX_VERSION};
 use crate::blob::{BlobDigest, cascade_delete};
 use crate::error::{Error, Result};
 use crate::layout::{
-    blob_name, corrupt_kind, decode_row, encode_row, encode_task_segment, segment_may_match,
+    blob_name, corrupt_kind, decode_row_of_size, encode_row, encode_task_segment, segment_may_match,
 };
 use crate::store::{
     BlobEntry, BlobMeta, BlobStat, BlobState, ByteRange, ByteStream, Capabilities, CorruptKind,
@@ -369,8 +369,7 @@ impl OutputCache for ObjectCache {
         let Some((bytes, size)) = self.fetch_record(&self.row_path(key)).await? else {
             return Ok(None);
         };
-        let record =
-            crate::layout::decode_row_of_size(&bytes, size, key.task_type(), key.fingerprint())?;
+        let record = decode_row_of_size(&bytes, size, key.task_type(), key.fingerprint())?;
         record.into_row_for(key, "object").map(Some)
     }
 
@@ -378,12 +377,13 @@ impl OutputCache for ObjectCache {
         let mut deleted = 0;
         for key in keys {
             let path = self.row_path(key);
-            let Some((bytes, _)) = self.fetch_record(&path).await? else {
+            let Some((bytes, size)) = self.fetch_record(&path).await? else {
                 continue;
             };
             self.unmark_then_delete(key, &bytes).await?;
             deleted += 1;
-            if let Ok(record) = decode_row(&bytes, key.task_type(), key.fingerprint()) {
+            if let Ok(record) = decode_row_of_size(&bytes, size, key.task_type(), key.fingerprint())
+            {
                 cascade_delete(self, key, &record.output).await?;
             }
         }
@@ -423,7 +423,7 @@ impl OutputCache for ObjectCache {
         let Some((bytes, size)) = self.fetch_record(&path).await? else {
             return Ok(false);
         };
-        if crate::layout::decode_row_of_size(&bytes, size, "?", "?").is_ok()
+        if decode_row_of_size(&bytes, size, "?", "?").is_ok()
             || corrupt_kind(&bytes) != CorruptKind::Garbled
         {
             return Ok(false); // rewritten since it was listed, or a newer version's: keep it
