@@ -24,6 +24,18 @@ pub const COPIES_DIR: &str = "backup";
 /// How many of a directory's own entries get a planted copy in [`COPIES_DIR`].
 const COPIES_PER_DIR: usize = 3;
 
+/// What both planters put in one directory whose own entries (files or objects directly in it, in
+/// listing order) are `own`: each of [`FOREIGN_NAMES`], and copies of the first [`COPIES_PER_DIR`] own
+/// names in [`COPIES_DIR`]. Pairs of the subdirectory (`None`: the directory itself) and the name.
+fn to_plant<'a>(own: impl IntoIterator<Item = &'a str>) -> Vec<(Option<&'static str>, String)> {
+    let foreign = FOREIGN_NAMES.iter().map(|name| (None, name.to_string()));
+    let copies = own
+        .into_iter()
+        .take(COPIES_PER_DIR)
+        .map(|name| (Some(COPIES_DIR), name.to_owned()));
+    foreign.chain(copies).collect()
+}
+
 /// The bytes planted under `name`: distinct per name, so a swap or rewrite shows too.
 fn planted_bytes(name: &str) -> Vec<u8> {
     format!("someone else's data, not the cache's: {name}\n").into_bytes()
@@ -85,19 +97,19 @@ impl Neighbours for DirNeighbours {
                 let mut own = Vec::new();
                 for entry in std::fs::read_dir(&dir)? {
                     let entry = entry?;
-                    if entry.file_type()?.is_file() && own.len() < COPIES_PER_DIR {
+                    if entry.file_type()?.is_file() {
                         own.push(entry.file_name().to_string_lossy().into_owned());
                     }
                 }
-                for name in FOREIGN_NAMES {
-                    plant(dir.join(name), name)?;
-                }
-                if !own.is_empty() {
-                    let copies = dir.join(COPIES_DIR);
-                    std::fs::create_dir_all(&copies)?;
-                    for name in &own {
-                        plant(copies.join(name), name)?;
-                    }
+                for (sub, name) in to_plant(own.iter().map(String::as_str)) {
+                    let at = match sub {
+                        Some(sub) => {
+                            std::fs::create_dir_all(dir.join(sub))?;
+                            dir.join(sub)
+                        }
+                        None => dir.clone(),
+                    };
+                    plant(at.join(&name), &name)?;
                 }
             }
             Ok(planted)
@@ -183,9 +195,6 @@ impl Neighbours for ObjectNeighbours {
             }
             let mut wanted: Vec<(Path, String)> = Vec::new();
             for dir in &dirs {
-                for name in FOREIGN_NAMES {
-                    wanted.push((dir.clone().join(*name), name.to_string()));
-                }
                 let own = listed
                     .iter()
                     .filter(|m| {
@@ -193,10 +202,10 @@ impl Neighbours for ObjectNeighbours {
                             .prefix_match(dir)
                             .is_some_and(|mut r| r.nth(1).is_none())
                     })
-                    .filter_map(|m| m.location.filename())
-                    .take(COPIES_PER_DIR);
-                for name in own {
-                    wanted.push((dir.clone().join(COPIES_DIR).join(name), name.to_owned()));
+                    .filter_map(|m| m.location.filename());
+                for (sub, name) in to_plant(own) {
+                    let at = sub.map_or_else(|| dir.clone(), |sub| dir.clone().join(sub));
+                    wanted.push((at.join(name.as_str()), name));
                 }
             }
             let mut planted = Vec::new();

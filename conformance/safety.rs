@@ -482,7 +482,9 @@ pub async fn janitor_leaves_what_it_did_not_write(cache: Backend) -> CaseResult 
         );
         no_blob_left(&cache, "a size eviction with the orphan sweep, beside the neighbours").await?;
         own(1).await?;
-        prune(cache.as_ref(), &prune_everything_blobs(blobs), |_| {}).await?;
+        let mut by_age = prune_everything();
+        by_age.orphans = blobs;
+        prune(cache.as_ref(), &by_age, |_| {}).await?;
         ensure!(
             cache.list_rows().await?.is_empty(),
             "an age prune left the backend's own rows beside the neighbours"
@@ -508,11 +510,4 @@ pub async fn janitor_leaves_what_it_did_not_write(cache: Backend) -> CaseResult 
     .await;
     neighbours.clear(&planted).await;
     checked
-}
-
-/// [`prune_everything`], with the orphan sweep only where the backend has blobs.
-fn prune_everything_blobs(blobs: bool) -> PruneOptions {
-    let mut options = prune_everything();
-    options.orphans = blobs;
-    options
 }
