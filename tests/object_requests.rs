@@ -1,7 +1,7 @@
 //! What the janitor costs an object store, counted request by request (a counting `ObjectStore` over
 //! object_store's in-memory store): `stats` and age, size and prefix prunes read no row object; deletes
 //! go out in bulk; only the orphan sweep reads rows. The same counts on a real S3-compatible server are
-//! in `cargo bench --bench prune`.
+//! in `cargo bench --bench prune`. Also what the by-name cascade of such listed-only deletes leaves alone.
 #![cfg(feature = "object-store")]
 
 #[path = "common/counting_store.rs"]
@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use counting_store::{CountingStore, Counts};
 use futures::{StreamExt, TryStreamExt};
+use object_store::ObjectStoreExt;
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use outcache::backends::object::ObjectCache;
@@ -252,7 +253,6 @@ async fn with_a_refs_index_the_orphan_sweep_reads_only_the_rows_holding_refs() {
 
 #[tokio::test]
 async fn a_refs_index_of_a_newer_version_stops_the_sweep() {
-    use object_store::ObjectStoreExt;
     let store = Arc::new(InMemory::new());
     let cache = ObjectCache::new(store.clone(), Path::from("cache"), "newer");
     seed(&cache, "app/build", 0, 10).await;
@@ -266,4 +266,42 @@ async fn a_refs_index_of_a_newer_version_stops_the_sweep() {
     let err = prune(&cache, &sweep(), |_| {}).await.unwrap_err();
     assert!(err.to_string().contains("newer outcache"), "{err}");
     assert_eq!(cache.list_blobs().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_copy_of_a_blob_kept_deeper_survives_the_by_name_cascade() {
+    // A row the janitor only listed (no blob listing handed along) cascades by name: every blob whose
+    // name carries its key tag. Someone's copy at `blobs/backup/<the blob's name>` carries it too, but
+    // it is not this cache's blob (its ref would name `blobs/<name>`), so it must stay.
+    let store = Arc::new(InMemory::new());
+    let cache = ObjectCache::new(store.clone(), Path::from("cache"), "copies");
+    let key = RowKey::new("app/build", &json!({ "i": 1 })).unwrap();
+    let data = futures::stream::iter([Ok(bytes::Bytes::from(vec![7u8; 4096]))]).boxed();
+    let blob = cache
+        .write_blob(&BlobMeta::for_key(&key), data)
+        .await
+        .unwrap();
+    let name = blob.reference.rsplit('/').next().unwrap().to_owned();
+    let copy = Path::from(format!("cache/blobs/backup/{name}"));
+    store
+        .put(&copy, object_store::PutPayload::from_static(b"a copy"))
+        .await
+        .unwrap();
+    cache
+        .save_row(&key, &json!({ "blob": blob.to_value() }))
+        .await
+        .unwrap();
+
+    let pages: Vec<outcache::RowScan> = cache.shallow_row_pages().try_collect().await.unwrap();
+    let versions: Vec<_> = pages[0].rows.iter().map(|r| r.listed_version()).collect();
+    assert!(versions.iter().all(|v| v.owned_blobs.is_none()), "by name");
+    let deleted = cache.delete_rows_listed(&versions).await.unwrap();
+
+    assert_eq!(deleted, [key]);
+    assert!(
+        cache.read_blob(&blob.reference).await.unwrap().is_none(),
+        "the row's own blob goes with it"
+    );
+    let kept = store.get(&copy).await.expect("the copy is kept");
+    assert_eq!(kept.bytes().await.unwrap(), "a copy");
 }
