@@ -37,6 +37,9 @@ echo "== feature subsets compile (users pick backends by feature)"
 for features in "" "fs" "sqlite" "object-store" "conformance" "cloud" "s3" "gcs" "azure" "serve"; do
   cargo check --quiet --lib --no-default-features --features "$features"
 done
+# A contributor's plain `cargo test` (default features) must compile: each test file that needs more
+# declares the feature it needs, and runs nothing without it.
+cargo check --quiet --tests
 
 echo "== S3-compatible servers (moto; s3s-fs for the restart test) and Azurite (Azure)"
 trap 'bash scripts/s3-server.sh stop; bash scripts/azurite.sh stop' EXIT

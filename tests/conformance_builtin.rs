@@ -1,5 +1,6 @@
 //! The whole conformance suite against every built-in backend, one `#[tokio::test]` per case, each on a
 //! fresh backend (the fs ones in their own temp directory, removed afterwards).
+#![cfg(feature = "conformance")]
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Failing producers at random offsets, on every backend (250 trials each, over 1000 in all): the write
 //! fails with the producer's error as its cause, nothing is published, no temp is left behind, and
 //! every earlier blob is still whole.
+#![cfg(feature = "conformance")]
 
 use futures::StreamExt;
 use outcache::conformance::{Fixture, fixtures};

@@ -2,6 +2,8 @@
 //! grace period, traversal refs never reach outside the root, garbled rows and damaged blobs give typed
 //! errors instead of wrong data, and an unusable root is refused with its path.
 
+#![cfg(feature = "fs")]
+
 use std::fs;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

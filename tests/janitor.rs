@@ -756,15 +756,19 @@ async fn stats_attribute_owned_blobs_on_fs_sqlite_and_an_object_store() {
     ] {
         stats_attribute_owned_blobs(Cache::open(&url).unwrap()).await;
     }
-    std::fs::create_dir_all(dir.path().join("objects")).unwrap();
-    let local =
-        object_store::local::LocalFileSystem::new_with_prefix(dir.path().join("objects")).unwrap();
-    let objects = outcache::backends::object::ObjectCache::new(
-        Arc::new(local),
-        object_store::path::Path::from("cache"),
-        "local",
-    );
-    stats_attribute_owned_blobs(Cache::new(Arc::new(objects))).await;
+    #[cfg(feature = "object-store")]
+    {
+        std::fs::create_dir_all(dir.path().join("objects")).unwrap();
+        let local =
+            object_store::local::LocalFileSystem::new_with_prefix(dir.path().join("objects"))
+                .unwrap();
+        let objects = outcache::backends::object::ObjectCache::new(
+            Arc::new(local),
+            object_store::path::Path::from("cache"),
+            "local",
+        );
+        stats_attribute_owned_blobs(Cache::new(Arc::new(objects))).await;
+    }
 }
 
 /// The prune that sweeps everything it may: orphans and temps past 10 ms, garbled rows, rows older

@@ -1,6 +1,7 @@
 //! The conformance suite must be able to fail: each deliberately broken backend below is caught by the
 //! case that names its bug. (Every `Broken` here buffers whole streams, so it also fails the bounded
 //! memory case; that is checked once, by `HoardsChunks`.)
+#![cfg(feature = "conformance")]
 
 mod common;
 
