@@ -1266,30 +1266,32 @@ impl FsCache {
             let task = task.unwrap_or_else(|| "?".into());
             for path in self.row_files(&dir, &mut corrupt)? {
                 let fp = path.file_stem().map(|s| s.to_string_lossy().into_owned());
-                let row = match self.read_row(&path, &task, fp.as_deref().unwrap_or("?")) {
-                    Ok(Some(row)) => row,
+                let (bytes, size) = match read_row_file(&path) {
+                    Ok(Some(read)) => read,
                     Ok(None) => continue, // removed meanwhile
-                    Err(Error::CorruptRow { reason, .. }) => {
-                        let id = path.strip_prefix(&self.root).unwrap_or(&path);
-                        let (bytes, size) = read_row_file(&path).ok().flatten().unwrap_or_default();
-                        corrupt.push(CorruptEntry {
-                            id: id.to_string_lossy().into_owned(),
-                            reason,
-                            size,
-                            kind: corrupt_kind(&bytes),
-                        });
-                        continue;
-                    }
                     // Replaced by something that is not a regular file since the listing.
-                    Err(Error::Io { .. })
-                        if fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) =>
-                    {
+                    Err(_) if fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) => {
                         corrupt
                             .push(self.foreign(&path, fs::symlink_metadata(&path).ok().as_ref()));
                         continue;
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(Error::io("read row", &path, e)),
                 };
+                let row =
+                    match decode_row_of_size(&bytes, size, &task, fp.as_deref().unwrap_or("?")) {
+                        Ok(row) => row,
+                        Err(Error::CorruptRow { reason, .. }) => {
+                            let id = path.strip_prefix(&self.root).unwrap_or(&path);
+                            corrupt.push(CorruptEntry {
+                                id: id.to_string_lossy().into_owned(),
+                                reason,
+                                size,
+                                kind: corrupt_kind(&bytes),
+                            });
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
                 rows.push(RowEntry {
                     refs: refs_in(&row.output)
                         .into_iter()
