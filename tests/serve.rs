@@ -11,6 +11,7 @@ use std::sync::Arc;
 use outcache::serve::{ServeOptions, Tokens};
 use outcache::{Cache, OutputCache, OutputCacheExt};
 use reqwest::StatusCode;
+use reqwest::header::HeaderValue;
 use sha2::{Digest, Sha256};
 
 struct Server {
@@ -1014,21 +1015,51 @@ async fn turborepo_artifacts_keep_their_duration_and_tag_per_team() {
     assert_eq!(got.headers()["x-artifact-duration"], "1234");
     assert_eq!(got.headers()["x-artifact-tag"], "signed-tag");
     assert_eq!(got.bytes().await.unwrap().as_ref(), artifact.as_slice());
-    // A duration that is not whole milliseconds is refused, and neither it nor the artifact stored.
+    // A duration that is not whole milliseconds is refused, and neither it nor the artifact stored;
+    // so is a tag too long to keep and send back with every hit, or one that is not visible ASCII.
     let fresh = format!("{}/v8/artifacts/0123abce?teamId=team1", server.base);
-    for duration in ["abc", "-5", "1.5", "", "99999999999999999999999"] {
+    let long_tag = "t".repeat(1025);
+    let refusals = ["abc", "-5", "1.5", "", "99999999999999999999999"]
+        .map(|d| ("x-artifact-duration", HeaderValue::from_static(d)))
+        .into_iter()
+        .chain([
+            ("x-artifact-tag", HeaderValue::from_str(&long_tag).unwrap()),
+            (
+                "x-artifact-tag",
+                HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap(),
+            ),
+        ]);
+    for (name, value) in refusals {
         let refused = client
             .put(&fresh)
             .bearer_auth("turbo-token")
-            .header("x-artifact-duration", duration)
+            .header(name, value.clone())
             .body(artifact.clone())
             .send()
             .await
             .unwrap();
-        assert_eq!(refused.status(), StatusCode::BAD_REQUEST, "{duration:?}");
+        assert_eq!(
+            refused.status(),
+            StatusCode::BAD_REQUEST,
+            "{name}: {value:?}"
+        );
         let head = client.head(&fresh).bearer_auth("turbo-token").send();
         assert_eq!(head.await.unwrap().status(), StatusCode::NOT_FOUND);
     }
+    // The longest tag kept comes back whole.
+    let longest = "t".repeat(1024);
+    let put = client
+        .put(&fresh)
+        .bearer_auth("turbo-token")
+        .header("x-artifact-tag", &longest)
+        .body(artifact.clone())
+        .send();
+    assert_eq!(put.await.unwrap().status(), StatusCode::ACCEPTED);
+    let got = client.get(&fresh).bearer_auth("turbo-token").send();
+    assert_eq!(
+        got.await.unwrap().headers()["x-artifact-tag"],
+        longest.as_str()
+    );
     // Another team's namespace does not see it; events are accepted and not kept.
     let other = client
         .head(url("team2"))
@@ -1105,8 +1136,8 @@ async fn turborepo_artifacts_keep_their_duration_and_tag_per_team() {
         .unwrap();
     assert_eq!(
         rows.len(),
-        2,
-        "the artifact and its metadata only: {rows:?}"
+        4,
+        "the two artifacts accepted and their metadata only: {rows:?}"
     );
     // Only the API's methods: a POST to an artifact stores nothing.
     let post = client

@@ -13,6 +13,10 @@ use super::{Served, check, handle, not_allowed, status as reply};
 
 const DURATION: &str = "x-artifact-duration";
 const TAG: &str = "x-artifact-tag";
+/// The longest `x-artifact-tag` kept. turbo's is a base64 HMAC (44 bytes); the tag is stored with the
+/// artifact and sent back with every hit, so a huge one would bloat the row and break clients that
+/// cap a header line (64 KiB in some).
+const MAX_TAG_BYTES: usize = 1024;
 
 /// A request's query, as given: pairs in order, a name repeated as often as it was sent.
 type QueryPairs = Vec<(String, String)>;
@@ -198,9 +202,16 @@ pub(super) async fn artifact(
             "x-artifact-duration must be a whole number of milliseconds",
         );
     }
+    let tag = headers.get(TAG);
+    if is_put && tag.is_some_and(|t| t.len() > MAX_TAG_BYTES || t.to_str().is_err()) {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            "x-artifact-tag must be visible ASCII of at most 1024 bytes",
+        );
+    }
     let meta: Value = json!({
         "duration": duration.flatten(),
-        "tag": headers.get(TAG).and_then(|v| v.to_str().ok()),
+        "tag": tag.and_then(|v| v.to_str().ok()),
     });
     let mut response = handle(
         &state,
