@@ -655,6 +655,32 @@ async fn dropping_the_server_drops_its_connections_and_stores_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_before_the_body_is_read_says_the_connection_closes() {
+    // hyper closes a connection whose request body was left unread rather than read the rest: a
+    // response that did not say so sent the client's next request down a connection about to close
+    // (reqwest: `IncompleteMessage`).
+    let server = start("fs", ServeOptions::default()).await; // no tokens: writes refused
+    let client = reqwest::Client::new();
+    let url = format!("{}/some/key", server.base);
+    for _ in 0..5 {
+        let refused = client
+            .put(&url)
+            .body(pattern(200_000))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+        assert_eq!(refused.headers()["connection"], "close");
+        let miss = client.get(&url).send().await.unwrap();
+        assert_eq!(miss.status(), StatusCode::NOT_FOUND);
+        assert!(
+            miss.headers().get("connection").is_none(),
+            "a read keeps it"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_gate_reads_and_writes() {
     // No tokens: reads are open, writes refused unless anonymous writes are allowed.
     let open = start("fs", ServeOptions::default()).await;

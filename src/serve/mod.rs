@@ -247,7 +247,16 @@ async fn log_and_count(
     let started = Instant::now();
     let (method, path) = (request.method().clone(), loggable(request.uri().path()));
     let in_flight = state.metrics.start();
-    let response = next.run(request).await;
+    let (request, body_read) = watch_body(request);
+    let mut response = next.run(request).await;
+    if !body_read.load(Ordering::Acquire) {
+        // Answered before the body was read to its end (a refusal, a cut-off upload): hyper then
+        // closes the connection rather than read the rest, so say so, or a client that keeps the
+        // connection for its next request finds it closed under that request.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     if state.options.access_log {
         let size = response
             .headers()
@@ -267,6 +276,48 @@ async fn log_and_count(
             _in_flight: in_flight,
         })
     })
+}
+
+/// `request` with its body watched, and a flag set once the body has been read to its end (at once
+/// if it has none).
+fn watch_body(request: Request) -> (Request, Arc<AtomicBool>) {
+    let (parts, body) = request.into_parts();
+    let read = Arc::new(AtomicBool::new(http_body::Body::is_end_stream(&body)));
+    let watched = WatchedBody {
+        body,
+        read: read.clone(),
+    };
+    (Request::from_parts(parts, Body::new(watched)), read)
+}
+
+/// A request body that sets its flag when it ends.
+struct WatchedBody {
+    body: Body,
+    read: Arc<AtomicBool>,
+}
+
+impl http_body::Body for WatchedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<std::result::Result<http_body::Frame<Bytes>, axum::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None)) || self.body.is_end_stream() {
+            self.read.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// Longest path an access-log line shows: a key may be 1 KiB and a refused path far longer, and
