@@ -857,7 +857,10 @@ fn malformed_requests_are_refused() {
     assert!(rows.is_empty(), "a malformed request stored {rows:?}");
 }
 
-/// Peak RSS (KiB) of a fresh server taking 64 concurrent streamed uploads of `mib` MiB each.
+/// Peak RSS (KiB) of a fresh server taking 64 concurrent streamed uploads of `mib` MiB each, all 64 in
+/// flight at once: each waits after its first MiB until every one has started, so a small upload size
+/// cannot lower the peak by finishing uploads before the last ones start (the baseline then varied
+/// from 129 to 160 MiB between runs, and the comparison failed now and then).
 fn peak_for_uploads(mib: usize) -> u64 {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("fs://{}/cache?durable=false", dir.path().display());
@@ -865,15 +868,26 @@ fn peak_for_uploads(mib: usize) -> u64 {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let client = reqwest::Client::new();
+        let all_started = std::sync::Arc::new(tokio::sync::Barrier::new(64));
         let uploads: Vec<_> = (0..64u8)
             .map(|i| {
                 let (client, base) = (client.clone(), base.clone());
+                let all_started = all_started.clone();
                 tokio::spawn(async move {
-                    let chunks = (0..mib).map(move |_| Ok::<_, std::io::Error>(vec![i; 1 << 20]));
+                    let chunks =
+                        futures::StreamExt::then(futures::stream::iter(0..mib), move |n| {
+                            let all_started = all_started.clone();
+                            async move {
+                                if n == 1 {
+                                    all_started.wait().await;
+                                }
+                                Ok::<_, std::io::Error>(vec![i; 1 << 20])
+                            }
+                        });
                     let response = client
                         .put(format!("{base}/big/{i}"))
                         .bearer_auth("ccache-token")
-                        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+                        .body(reqwest::Body::wrap_stream(chunks))
                         .send()
                         .await
                         .unwrap();
