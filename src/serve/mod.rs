@@ -271,9 +271,9 @@ async fn log_and_count(
         );
     }
     response.map(|body| {
-        Body::new(CountedBody {
+        Body::new(Tracked {
             body,
-            _in_flight: in_flight,
+            tracker: in_flight,
         })
     })
 }
@@ -283,41 +283,11 @@ async fn log_and_count(
 fn watch_body(request: Request) -> (Request, Arc<AtomicBool>) {
     let (parts, body) = request.into_parts();
     let read = Arc::new(AtomicBool::new(http_body::Body::is_end_stream(&body)));
-    let watched = WatchedBody {
+    let watched = Tracked {
         body,
-        read: read.clone(),
+        tracker: read.clone(),
     };
     (Request::from_parts(parts, Body::new(watched)), read)
-}
-
-/// A request body that sets its flag when it ends.
-struct WatchedBody {
-    body: Body,
-    read: Arc<AtomicBool>,
-}
-
-impl http_body::Body for WatchedBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<std::result::Result<http_body::Frame<Bytes>, axum::Error>>> {
-        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
-        if matches!(polled, std::task::Poll::Ready(None)) || self.body.is_end_stream() {
-            self.read.store(true, Ordering::Release);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
 }
 
 /// Longest path an access-log line shows: a key may be 1 KiB and a refused path far longer, and
@@ -336,13 +306,28 @@ fn loggable(path: &str) -> String {
     format!("{}…({} bytes)", &path[..end], path.len())
 }
 
-/// A response body that keeps its request counted as in flight until the body is done with.
-struct CountedBody {
+/// A body passed through unchanged, with a tracker along: a guard held until the body is dropped (a
+/// response keeps its request counted as in flight until its body is done with), or a flag told when
+/// the body ends (a request's, read to its end).
+struct Tracked<T> {
     body: Body,
-    _in_flight: metrics::InFlight,
+    tracker: T,
 }
 
-impl http_body::Body for CountedBody {
+trait Tracker: Send + Unpin + 'static {
+    /// The body has ended.
+    fn ended(&self) {}
+}
+
+impl Tracker for metrics::InFlight {}
+
+impl Tracker for Arc<AtomicBool> {
+    fn ended(&self) {
+        self.store(true, Ordering::Release);
+    }
+}
+
+impl<T: Tracker> http_body::Body for Tracked<T> {
     type Data = Bytes;
     type Error = axum::Error;
 
@@ -350,7 +335,11 @@ impl http_body::Body for CountedBody {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<std::result::Result<http_body::Frame<Bytes>, axum::Error>>> {
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None)) || self.body.is_end_stream() {
+            self.tracker.ended();
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
