@@ -206,7 +206,7 @@ pub(super) async fn artifact(
     if is_put && tag.is_some_and(|t| t.len() > MAX_TAG_BYTES || t.to_str().is_err()) {
         return reply(
             StatusCode::BAD_REQUEST,
-            "x-artifact-tag must be visible ASCII of at most 1024 bytes",
+            format!("x-artifact-tag must be visible ASCII of at most {MAX_TAG_BYTES} bytes"),
         );
     }
     let meta: Value = json!({
