@@ -617,7 +617,26 @@ fn a_tokens_file_must_hold_a_token_and_is_warned_about_when_others_can_read_it()
     assert!(!refused.status.success(), "served with no token: {stderr}");
     assert!(stderr.contains("holds no token"), "{stderr}");
 
+    // A line no request could use as meant (here a comment left beside the token) is refused too.
+    std::fs::write(&tokens, "rw a-token  # for CI\n").unwrap();
+    let refused = server(&tokens).output().unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("line 1: a token is one word"), "{stderr}");
+    assert!(
+        !stderr.contains("a-token"),
+        "the token itself was printed: {stderr}"
+    );
+
     std::fs::write(&tokens, "rw a-token\n").unwrap();
+    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (mut child, _, address_line, said) = started(server(&tokens));
+    unsafe_kill(&mut child);
+    drop(said);
+    assert!(
+        address_line.ends_with("(token: 1 read-write, 0 read-only)"),
+        "{address_line}"
+    );
     for (mode, warned) in [(0o644, true), (0o600, false)] {
         std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(mode)).unwrap();
         let rest = said_after_the_address(server(&tokens));
@@ -1008,6 +1027,37 @@ fn the_janitor_runs_on_a_schedule() {
         assert!(
             said.contains("--prune-every") && !said.contains("panicked"),
             "{schedule:?}: {said}"
+        );
+    }
+    // And what to prune without a schedule: taken, it would silently never run. (A server that takes
+    // it serves on: killed after a while, and the test fails on its exit code.)
+    for what in [
+        &["--older-than", "1d"][..],
+        &["--max-size", "1GiB"],
+        &["--orphans"],
+    ] {
+        let child = Command::new(env!("CARGO_BIN_EXE_outcache"))
+            .args(["--url", &url, "serve", "--listen", "127.0.0.1:0"])
+            .args(what)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id().to_string();
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            let waited = finished.recv_timeout(std::time::Duration::from_secs(10));
+            if waited.is_err() {
+                let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            }
+        });
+        let out = child.wait_with_output().unwrap();
+        let _ = done.send(());
+        watchdog.join().unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{what:?}: {said}");
+        assert!(
+            said.contains(what[0]) && said.contains("add --prune-every"),
+            "{what:?}: {said}"
         );
     }
 }

@@ -107,6 +107,23 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
         }
         .into());
     }
+    if settings.prune_every.is_none() {
+        // Each of these only shapes the scheduled janitor: without a schedule it would be taken and
+        // silently do nothing, and the operator would believe the cache bounded.
+        let given = [
+            ("--older-than", settings.older_than.is_some()),
+            ("--max-size", settings.max_size.is_some()),
+            ("--orphans", settings.orphans),
+        ];
+        if let Some((flag, _)) = given.iter().find(|(_, given)| *given) {
+            return Err(outcache::Error::InvalidInput {
+                what: flag.to_string(),
+                reason: "says what to prune, not when: add --prune-every (e.g. 10m; prune_every in the [serve] table)"
+                    .into(),
+            }
+            .into());
+        }
+    }
     if settings.prune_every.is_some_and(|every| every.is_zero()) {
         return Err(outcache::Error::InvalidInput {
             what: "--prune-every".into(),
@@ -126,7 +143,7 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
         .local_addr()
         .map_err(|e| outcache::Error::io("listen on", settings.listen.to_string(), e))?;
     let writes = if !tokens.is_empty() {
-        format!("{tokens:?}")
+        tokens.describe()
     } else if settings.allow_anonymous_writes {
         "no tokens, anonymous writes allowed".into()
     } else {
@@ -316,8 +333,9 @@ async fn reload_tokens_on_hangup(
             Ok(new) => {
                 tokens.replace_with(&new);
                 eprintln!(
-                    "outcache serve: SIGHUP: reloaded tokens file {} ({new:?})",
-                    path.display()
+                    "outcache serve: SIGHUP: reloaded tokens file {} ({})",
+                    path.display(),
+                    new.describe()
                 );
                 if let Some(warning) = readable_by_others(&path) {
                     eprintln!("outcache serve: warning: {warning}");

@@ -51,23 +51,59 @@ fn digest(token: &str) -> [u8; 32] {
 
 impl Tokens {
     /// Parse a tokens file: one token per line, `rw TOKEN` or `ro TOKEN`; blank lines and `#` comments
-    /// are skipped. Errors name the line number, never its text.
+    /// are skipped. Errors name the line number, never its text. Refused, since no request could use
+    /// it as meant: a token with spaces in it (a comment left on its line), one that is not visible
+    /// ASCII (it travels in an HTTP header, where no client can send it), and one listed both `rw` and
+    /// `ro` (which access it gets would be a guess).
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut tokens = Tokens::default();
+        let mut first_seen: std::collections::HashMap<[u8; 32], (usize, &str)> =
+            std::collections::HashMap::new();
         for (i, line) in text.lines().enumerate() {
-            let line = line.trim();
+            let (n, line) = (i + 1, line.trim());
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            match line.split_once(char::is_whitespace) {
-                Some(("rw", t)) if !t.trim().is_empty() => tokens.add_read_write(t.trim()),
-                Some(("ro", t)) if !t.trim().is_empty() => tokens.add_read_only(t.trim()),
-                _ => {
-                    return Err(format!("line {}: expected `rw TOKEN` or `ro TOKEN`", i + 1));
+            let (access, token) = match line.split_once(char::is_whitespace) {
+                Some((access @ ("rw" | "ro"), t)) if !t.trim().is_empty() => (access, t.trim()),
+                _ => return Err(format!("line {n}: expected `rw TOKEN` or `ro TOKEN`")),
+            };
+            if token.contains(char::is_whitespace) {
+                return Err(format!(
+                    "line {n}: a token is one word, without spaces (comments go on lines of their \
+                     own, starting with #)"
+                ));
+            }
+            if !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(format!(
+                    "line {n}: a token must be visible ASCII (it is sent in an HTTP header)"
+                ));
+            }
+            let d = digest(token);
+            match first_seen.get(&d) {
+                Some(&(m, before)) if before != access => {
+                    return Err(format!(
+                        "line {n}: the same token is listed as `{before}` on line {m}; list it once"
+                    ));
                 }
+                Some(_) => continue,
+                None => first_seen.insert(d, (n, access)),
+            };
+            if access == "rw" {
+                tokens.add_read_write(token);
+            } else {
+                tokens.add_read_only(token);
             }
         }
         Ok(tokens)
+    }
+
+    /// How many tokens of each kind, for the server's log: `1 read-write token, 2 read-only`.
+    pub fn describe(&self) -> String {
+        let set = self.read();
+        let (rw, ro) = (set.read_write.len(), set.read_only.len());
+        let noun = if rw + ro == 1 { "token" } else { "tokens" };
+        format!("{noun}: {rw} read-write, {ro} read-only")
     }
 
     /// Accept `token` for reads and writes.
@@ -165,6 +201,29 @@ mod tests {
         assert_eq!(
             format!("{serving:?}"),
             "Tokens { 0 read-write, 1 read-only }"
+        );
+    }
+
+    #[test]
+    fn a_tokens_file_no_request_could_use_as_meant_is_refused_by_line() {
+        for (text, line, why) in [
+            ("rw good\nrw abc # ci token\n", "line 2", "one word"),
+            ("ro caf\u{e9}\n", "line 1", "visible ASCII"),
+            ("rw one\n\nro one\n", "line 3", "listed as `rw` on line 1"),
+            ("rw one\nxx two\n", "line 2", "expected `rw TOKEN`"),
+        ] {
+            let err = Tokens::parse(text).unwrap_err();
+            assert!(
+                err.starts_with(line) && err.contains(why),
+                "{text:?}: {err}"
+            );
+            assert!(!err.contains("one\n") && !err.contains("caf"), "{err}");
+        }
+        let repeated = Tokens::parse("rw one\nrw one\nro two\n").unwrap();
+        assert_eq!(repeated.describe(), "tokens: 1 read-write, 1 read-only");
+        assert_eq!(
+            Tokens::parse("ro x\n").unwrap().describe(),
+            "token: 0 read-write, 1 read-only"
         );
     }
 
