@@ -442,6 +442,27 @@ fn bad_input_is_a_one_line_error_with_exit_2() {
         1,
         "missing.json",
     );
+    // Past the largest row no backend stores the output: refused, not read into memory whole (the
+    // same bound holds a path that never ends, such as /dev/zero).
+    let huge = dir.path().join("huge.json");
+    let file = std::fs::File::create(&huge).unwrap();
+    file.set_len(outcache::layout::MAX_ROW_BYTES + 1).unwrap();
+    assert_fails(
+        &outcache(
+            &u,
+            &[
+                "put",
+                "t",
+                "--inputs",
+                "{}",
+                "--output-file",
+                huge.to_str().unwrap(),
+            ],
+            None,
+        ),
+        2,
+        "larger than the largest row",
+    );
     let usage = outcache(&u, &["put", "t", "--inputs", "{}"], None);
     assert_eq!(usage.status.code(), Some(2), "clap usage errors exit 2");
 }
