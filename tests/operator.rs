@@ -192,13 +192,49 @@ fn usage_errors_are_one_line_exit_2() {
     assert!(help.status.success() && !help.stdout.is_empty());
 }
 
-/// `--config` naming a missing file, a directory or a file that is not UTF-8 is bad input: exit 2.
+/// `--config` naming a missing file, a directory, a file that is not UTF-8, or one past 1 MiB (a plain
+/// file, or a FIFO that keeps on writing, such as a path that never ends) is bad input: exit 2.
 #[test]
 fn unreadable_config_files_are_bad_input() {
     let dir = tempfile::tempdir().unwrap();
     let binary = dir.path().join("binary.toml");
     std::fs::write(&binary, [0xff, 0xfe, 0x00, 0x80]).unwrap();
     let missing = dir.path().join("missing.toml");
+    // Valid TOML all the way (comments), so only the bound refuses them.
+    let comments = "# a comment line\n".repeat(150_000);
+    let big = dir.path().join("big.toml");
+    std::fs::write(&big, &comments).unwrap();
+    for path in [&big, &dir.path().join("endless.toml")] {
+        let out = if path == &big {
+            bin()
+                .arg("--config")
+                .arg(path)
+                .arg("stats")
+                .output()
+                .unwrap()
+        } else {
+            let made = Command::new("mkfifo").arg(path).status().unwrap();
+            assert!(made.success());
+            let (fifo, text) = (path.clone(), comments.clone());
+            let writer = std::thread::spawn(move || {
+                use std::io::Write as _;
+                let mut w = std::fs::OpenOptions::new().write(true).open(fifo).unwrap();
+                // The reader stops at its bound and closes: a broken pipe here is the point.
+                let _ = w.write_all(text.as_bytes());
+            });
+            let out = bin()
+                .arg("--config")
+                .arg(path)
+                .arg("stats")
+                .output()
+                .unwrap();
+            writer.join().unwrap();
+            out
+        };
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{}: {err}", path.display());
+        assert!(err.contains("larger than 1048576 bytes"), "{err}");
+    }
     for path in [missing.as_path(), dir.path(), binary.as_path()] {
         let out = bin()
             .arg("--config")

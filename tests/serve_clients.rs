@@ -617,6 +617,13 @@ fn a_tokens_file_must_hold_a_token_and_is_warned_about_when_others_can_read_it()
     assert!(!refused.status.success(), "served with no token: {stderr}");
     assert!(stderr.contains("holds no token"), "{stderr}");
 
+    // So is one past 1 MiB (read no further: a path that never ends cannot take all memory).
+    std::fs::write(&tokens, "# a comment line\n".repeat(150_000)).unwrap();
+    let refused = server(&tokens).output().unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("larger than 1048576 bytes"), "{stderr}");
+
     // A line no request could use as meant (here a comment left beside the token) is refused too.
     std::fs::write(&tokens, "rw a-token  # for CI\n").unwrap();
     let refused = server(&tokens).output().unwrap();

@@ -46,29 +46,16 @@ pub(crate) async fn put(ctx: &Ctx, args: PutArgs) -> Result<(), Failure> {
 /// The text of `--output-file`, read no further than the largest row a backend stores: a path that
 /// never ends (`/dev/zero`, a FIFO whose writer keeps going) gets an error, not all of memory.
 fn read_output_file(path: &std::path::Path) -> Result<String, Error> {
-    use std::io::Read as _;
     let limit = outcache::layout::MAX_ROW_BYTES;
-    let too_big = || Error::InvalidInput {
-        what: "--output-file".into(),
-        reason: format!(
-            "larger than the largest row ({limit} bytes); store a big output with put-blob"
-        ),
-    };
-    let failed = |e| Error::io("read --output-file", path, e);
-    let file = std::fs::File::open(path).map_err(failed)?;
-    // A plain file says its size up front (no gigabyte read to learn it); anything else is read to
-    // the bound.
-    if file.metadata().map_err(failed)?.len() > limit {
-        return Err(too_big());
-    }
-    let mut text = String::new();
-    file.take(limit + 1)
-        .read_to_string(&mut text)
-        .map_err(failed)?;
-    if text.len() as u64 > limit {
-        return Err(too_big());
-    }
-    Ok(text)
+    outcache::config::read_text_file(path, limit).map_err(|e| match e.kind() {
+        std::io::ErrorKind::FileTooLarge => Error::InvalidInput {
+            what: "--output-file".into(),
+            reason: format!(
+                "larger than the largest row ({limit} bytes); store a big output with put-blob"
+            ),
+        },
+        _ => Error::io("read --output-file", path, e),
+    })
 }
 
 #[derive(clap::Args, Debug)]

@@ -292,12 +292,15 @@ fn raise_open_file_limit() -> Option<u64> {
 /// The tokens in the file at `path`. Fails closed: a file whose every line is commented out would
 /// otherwise serve the cache to anyone, which is not what naming a tokens file asks for.
 fn read_tokens(path: &std::path::Path) -> Result<outcache::serve::Tokens, outcache::Error> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| outcache::Error::io("read tokens file", path, e))?;
     let invalid = |reason: String| outcache::Error::InvalidInput {
         what: format!("tokens file {}", path.display()),
         reason,
     };
+    let text = outcache::config::read_text_file(path, outcache::config::MAX_SETTINGS_FILE)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::FileTooLarge => invalid(e.to_string()),
+            _ => outcache::Error::io("read tokens file", path, e),
+        })?;
     let tokens = outcache::serve::Tokens::parse(&text).map_err(invalid)?;
     if tokens.is_empty() {
         return Err(invalid(

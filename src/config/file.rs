@@ -244,14 +244,16 @@ impl Config {
         let (file, path) = match file_path {
             Some((path, _required)) => {
                 // A config file that cannot be read is bad input (exit 2), like a malformed one.
-                let text = std::fs::read_to_string(&path).map_err(|e| Error::InvalidInput {
-                    what: format!("config file {}", path.display()),
-                    reason: match e.kind() {
-                        std::io::ErrorKind::InvalidData => "is not UTF-8 text".to_owned(),
-                        _ if path.is_dir() => "is a directory".to_owned(),
-                        _ => format!("cannot be read: {e}"),
-                    },
-                })?;
+                let text =
+                    read_text_file(&path, MAX_SETTINGS_FILE).map_err(|e| Error::InvalidInput {
+                        what: format!("config file {}", path.display()),
+                        reason: match e.kind() {
+                            std::io::ErrorKind::InvalidData => "is not UTF-8 text".to_owned(),
+                            std::io::ErrorKind::FileTooLarge => e.to_string(),
+                            _ if path.is_dir() => "is a directory".to_owned(),
+                            _ => format!("cannot be read: {e}"),
+                        },
+                    })?;
                 let file: ConfigFile = toml::from_str(&text).map_err(|e| {
                     // One line: the message and the line number, never the line itself (it may
                     // hold a secret).
@@ -445,4 +447,31 @@ impl Config {
             .map(|(key, source)| (key.clone(), value(key), source.to_string()))
             .collect()
     }
+}
+
+/// The most a settings file (the config file, a tokens file) may hold: far past any real one, and
+/// a path that never ends (`/dev/zero`) is refused at it rather than read until memory runs out.
+pub const MAX_SETTINGS_FILE: u64 = 1 << 20;
+
+/// The text of the file at `path`, read no further than `limit` bytes: a plain file over it is
+/// refused from its size (nothing read), anything else (a FIFO, a device) once it passes the limit.
+/// Over the limit is [`std::io::ErrorKind::FileTooLarge`]; not UTF-8 is `InvalidData`.
+pub fn read_text_file(path: &std::path::Path, limit: u64) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let too_big = || {
+        std::io::Error::new(
+            std::io::ErrorKind::FileTooLarge,
+            format!("larger than {limit} bytes"),
+        )
+    };
+    let file = std::fs::File::open(path)?;
+    if file.metadata()?.len() > limit {
+        return Err(too_big());
+    }
+    let mut text = String::new();
+    file.take(limit + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > limit {
+        return Err(too_big());
+    }
+    Ok(text)
 }

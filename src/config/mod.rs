@@ -8,7 +8,10 @@ mod redact;
 mod units;
 mod url;
 
-pub use file::{CONFIG_ENV, Config, DEFAULT_CONFIG_FILE, ServeSettings, Source};
+pub use file::{
+    CONFIG_ENV, Config, DEFAULT_CONFIG_FILE, MAX_SETTINGS_FILE, ServeSettings, Source,
+    read_text_file,
+};
 pub use redact::{REDACTED, is_public_option, is_secret_key, redact_url, scrub_urls};
 pub use units::{parse_duration, parse_listen_addr, parse_size};
 pub use url::{Location, StoreOptions, URL_ENV, default_url, effective_url, supported_schemes};
