@@ -194,6 +194,10 @@ fn no_secret_reaches_any_output() {
         format!("s3://bucket/p?{dead}&%73ecret%5Faccess%5Fkey={m}"),
         format!("s3://bucket/p?{dead}&secret_acess_key={m}"),
         format!("s3://bucket/p?{dead}&token={m}"),
+        // The options' `?` typed as `&`, an unset variable in front of them, or no URL at all.
+        format!("s3://bucket/p&secret_access_key={m}&{dead}"),
+        format!("&secret_access_key={m}&access_key_id=AKID"),
+        format!("secret_access_key={m}"),
     ]
     .to_vec();
     #[cfg(feature = "azure")]

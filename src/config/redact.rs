@@ -116,9 +116,14 @@ pub fn scrub_urls(text: &str) -> String {
 /// [`REDACTED`], and the value of every query option not on the allow-list ([`is_public_option`]) too.
 pub fn redact_url(url: &str) -> String {
     let url = url.trim();
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
+    // Options pasted with the wrong separator (`s3://b/p&secret_access_key=…`, or an unset variable
+    // in front of `&secret_access_key=…`) are options all the same where secrets are concerned: with
+    // no `?`, the first `&` starts them, and text that is no URL at all but holds a `=` is all options.
+    let starts_options = url.find('?').or_else(|| url.find('&'));
+    let (base, separator, query) = match starts_options {
+        Some(at) => (&url[..at], &url[at..=at], Some(&url[at + 1..])),
+        None if !url.contains("://") && url.contains('=') => ("", "", Some(url)),
+        None => (url, "", None),
     };
     let base = base.split('#').next().unwrap_or(base);
     let base = match base.split_once("://") {
@@ -147,5 +152,5 @@ pub fn redact_url(url: &str) -> String {
             }
         })
         .collect();
-    format!("{base}?{}", pairs.join("&"))
+    format!("{base}{separator}{}", pairs.join("&"))
 }

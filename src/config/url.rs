@@ -256,6 +256,18 @@ fn has_dot_dot_segment(text: &str) -> bool {
     })
 }
 
+/// Whether `text` holds `&KEY=` (KEY a word of letters, digits, `_` or `-`): how an option reads.
+fn has_option_after_ampersand(text: &str) -> bool {
+    text.split('&').skip(1).any(|after| {
+        after.split_once('=').is_some_and(|(key, _)| {
+            !key.is_empty()
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        })
+    })
+}
+
 impl Location {
     /// Parse a cache URL. Unknown schemes, relative paths and unknown options are errors.
     pub fn parse(text: &str) -> Result<Self> {
@@ -270,6 +282,14 @@ impl Location {
             return Err(invalid(
                 text,
                 "holds a control character (a tab or a line break?): percent-encode it if it is meant",
+            ));
+        }
+        // `s3://bucket/prefix&secret_access_key=…` (a `&` typed for the `?`) would make the options
+        // part of the path: a key prefix holding a secret, written into every object name.
+        if !text.contains('?') && has_option_after_ampersand(text) {
+            return Err(invalid(
+                text,
+                "options follow a '?', not a '&': write a '&' meant in a path as %26",
             ));
         }
         let url = Url::parse(text.trim()).map_err(|e| invalid(text, e.to_string()))?;
@@ -375,6 +395,20 @@ mod tests {
         );
         assert_eq!(redact_url("s3://user:pw@host/x"), "s3://<redacted>@host/x");
         assert_eq!(redact_url("fs:///tmp/x"), "fs:///tmp/x");
+        // Options after the wrong separator, or no URL at all: the values are hidden all the same.
+        assert_eq!(
+            redact_url("s3://b/p&secret_access_key=S&region=r"),
+            "s3://b/p&secret_access_key=<redacted>&region=r"
+        );
+        assert_eq!(
+            redact_url("&secret_access_key=S&access_key_id=K"),
+            "&secret_access_key=<redacted>&access_key_id=<redacted>"
+        );
+        assert_eq!(
+            redact_url("secret_access_key=S"),
+            "secret_access_key=<redacted>"
+        );
+        assert_eq!(redact_url("not a url"), "not a url");
         assert_eq!(
             scrub_urls(
                 "Error performing GET http://u:pw@h:9/b?list-type=2&X-Amz-Signature=S in 2ms"
@@ -398,6 +432,22 @@ mod tests {
             assert!(!text.contains("SUPERSECRET"), "{bad}: {text}");
         }
         Location::parse("s3://bucket/p?access_key_id=K&secret_access_key=S").unwrap();
+    }
+
+    #[test]
+    fn options_after_an_ampersand_for_the_question_mark_are_refused_unechoed() {
+        for bad in [
+            "s3://bucket/p&secret_access_key=SUPERSECRET",
+            "fs:///tmp/c&durable=false",
+            "sqlite:///tmp/c.db&durable=false&x=SUPERSECRET",
+        ] {
+            let text = Location::parse(bad).unwrap_err().to_string();
+            assert!(text.contains("follow a '?'"), "{bad}: {text}");
+            assert!(!text.contains("SUPERSECRET"), "{bad}: {text}");
+        }
+        // A '&' that reads as no option is a path's own.
+        #[cfg(feature = "fs")]
+        assert!(Location::parse("fs:///tmp/R&D/cache").is_ok());
     }
 
     #[cfg(feature = "s3")]
