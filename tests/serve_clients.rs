@@ -656,6 +656,34 @@ fn a_tokens_file_must_hold_a_token_and_is_warned_about_when_others_can_read_it()
     }
 }
 
+/// A server whose log reader went away (`outcache serve 2>&1 | logger`, the logger gone: stderr a
+/// closed pipe) goes on serving: the access log's failed writes fail no request, and SIGTERM still
+/// stops it cleanly.
+#[test]
+fn a_closed_stderr_fails_no_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("fs://{}/cache", dir.path().display());
+    let (mut server, base, _, said) = started(serve_with_token(&url, dir.path()));
+    drop(said);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = reqwest::Client::new();
+    for i in 0..3 {
+        let key = format!("{base}/k{i}");
+        let put = client
+            .put(&key)
+            .bearer_auth("ccache-token")
+            .body(format!("v{i}"));
+        let status = rt.block_on(put.send()).unwrap().status();
+        assert_eq!(status, 200, "PUT {i} with stderr closed");
+        let got = rt.block_on(async {
+            let get = client.get(&key).bearer_auth("ccache-token").send().await;
+            get.unwrap().text().await.unwrap()
+        });
+        assert_eq!(got, format!("v{i}"));
+    }
+    unsafe_kill(&mut server);
+}
+
 /// SIGHUP reads the tokens file again: a revoked token is refused and a new one let in, with no
 /// restart; a file that then holds no token is refused, and the tokens in use are kept.
 #[test]

@@ -9,6 +9,14 @@ macro_rules! out {
     };
 }
 
+/// One line to stderr that never panics ([`outcache::serve::say`]): a long-running command's messages
+/// must not fail it once its log reader has gone.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        outcache::serve::say(format_args!($($arg)*))
+    };
+}
+
 pub(crate) mod bench;
 pub(crate) mod cat;
 pub(crate) mod conformance;

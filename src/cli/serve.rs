@@ -149,7 +149,7 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
     } else {
         "no tokens: reads only".into()
     };
-    eprintln!(
+    say!(
         "outcache serve: {} on http://{bound} ({writes})",
         cache.backend()
     );
@@ -159,13 +159,13 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
         } else {
             "read"
         };
-        eprintln!(
+        say!(
             "outcache serve: warning: {bound} is reachable beyond this machine and no tokens are \
              configured: anyone who reaches it can {who} the cache (add --tokens-file)"
         );
     }
     if let Some(warning) = exposed_tokens {
-        eprintln!("outcache serve: warning: {warning}");
+        say!("outcache serve: warning: {warning}");
     }
     let max_connections = connections_the_file_limit_allows(settings.max_connections);
     let janitor = settings.prune_every.map(|every| {
@@ -177,7 +177,7 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
         outcache::serve::JanitorSchedule { every, options }
     });
     if settings.prune_every.is_some() && !settings.orphans {
-        eprintln!(
+        say!(
             "outcache serve: warning: the janitor runs without --orphans: a key uploaded again leaves \
              its old blob behind, and an upload cut off by a crash its temp file; nothing removes \
              them{}",
@@ -203,7 +203,7 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
     let (first_signal, stopping) = tokio::sync::oneshot::channel();
     let shutdown = async move {
         let signal = stop.await;
-        eprintln!(
+        say!(
             "outcache serve: {}: finishing requests in flight (send it again to stop now)",
             signal.name()
         );
@@ -224,7 +224,7 @@ pub(crate) async fn serve(ctx: &Ctx, args: ServeArgs) -> Result<(), Failure> {
     };
     cache.flush_access().await?;
     if let Some(signal) = forced {
-        eprintln!(
+        say!(
             "outcache serve: {} again: stopped; uploads still arriving were dropped and stored nothing",
             signal.name()
         );
@@ -251,7 +251,7 @@ fn connections_the_file_limit_allows(wanted: usize) -> usize {
         .unwrap_or(usize::MAX)
         .max(1);
     if wanted > room {
-        eprintln!(
+        say!(
             "outcache serve: warning: the open-file limit ({files}) holds {room} connections, not \
              {wanted}: serving at most {room} at once (raise `ulimit -n` for more)"
         );
@@ -335,16 +335,16 @@ async fn reload_tokens_on_hangup(
         match read_tokens(&path) {
             Ok(new) => {
                 tokens.replace_with(&new);
-                eprintln!(
+                say!(
                     "outcache serve: SIGHUP: reloaded tokens file {} ({})",
                     path.display(),
                     new.describe()
                 );
                 if let Some(warning) = readable_by_others(&path) {
-                    eprintln!("outcache serve: warning: {warning}");
+                    say!("outcache serve: warning: {warning}");
                 }
             }
-            Err(e) => eprintln!("outcache serve: SIGHUP: kept the tokens in use: {e}"),
+            Err(e) => say!("outcache serve: SIGHUP: kept the tokens in use: {e}"),
         }
     }
 }

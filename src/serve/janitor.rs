@@ -46,14 +46,16 @@ pub(super) async fn run(
 /// sweep, and the refusal is reported each time until an operator removes those rows.
 async fn once(backend: &dyn OutputCache, options: &PruneOptions, metrics: &ServeMetrics) {
     let report = |r: PruneReport| {
-        eprintln!(
+        say!(
             "outcache serve: janitor removed {} rows, {} blobs, {} temps",
-            r.rows_removed, r.blobs_removed, r.temps_removed
+            r.rows_removed,
+            r.blobs_removed,
+            r.temps_removed
         );
         metrics.janitor_removed(&r);
     };
     let failed = |e: crate::Error| {
-        eprintln!("outcache serve: janitor: {e}");
+        say!("outcache serve: janitor: {e}");
         metrics.janitor_failed();
     };
     match prune(backend, options, |_| {}).await {
@@ -66,7 +68,7 @@ async fn once(backend: &dyn OutputCache, options: &PruneOptions, metrics: &Serve
             }
             let mut rest = options.clone();
             rest.orphans = false;
-            eprintln!("outcache serve: janitor: pruning by age and size without the orphan sweep");
+            say!("outcache serve: janitor: pruning by age and size without the orphan sweep");
             match prune(backend, &rest, |_| {}).await {
                 Ok(r) => report(r),
                 Err(e) => failed(e),

@@ -23,6 +23,13 @@
 //! `/readyz` needs one and writes need a read-write one; with none, reads are open and writes are
 //! refused unless the operator allows anonymous writes. Tokens are compared by digest and never logged.
 
+/// One line to stderr through [`say`]: never fails, never panics.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::serve::say(format_args!($($arg)*))
+    };
+}
+
 mod auth;
 mod connections;
 mod janitor;
@@ -264,7 +271,7 @@ async fn log_and_count(
             .and_then(|v| v.to_str().ok())
             .unwrap_or("-")
             .to_owned();
-        eprintln!(
+        say!(
             "{method} {path} {} {size} {:.1}ms",
             response.status().as_u16(),
             started.elapsed().as_secs_f64() * 1e3
@@ -572,11 +579,20 @@ async fn handle(
     }
 }
 
+/// Writes `line` and a newline to stderr, ignoring a failed write. The server's log and messages go
+/// there; a reader that went away (`outcache serve 2>&1 | logger` with the logger gone: a closed pipe)
+/// or a full disk under a redirected log must not fail a request, as `eprintln!` would by panicking
+/// in its handler.
+pub fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
 /// Says on stderr (logging is off unless asked for) and to `tracing` that something of the server's
 /// failed: an operator sees every failure without turning logging on.
 fn failed(what: std::fmt::Arguments<'_>) {
     tracing::error!(target: "outcache::serve", "{what}");
-    eprintln!("outcache serve: {what}");
+    say!("outcache serve: {what}");
 }
 
 fn backend_error(state: &Served, protocol: Protocol, e: &Error) -> Response {
@@ -637,7 +653,7 @@ async fn fetch(
                         metrics.count(protocol, Outcome::Error, 0);
                         failed(format_args!("download of {reference} cut off: {e}"));
                     }
-                    BrokeOff::Stalled(idle) => eprintln!(
+                    BrokeOff::Stalled(idle) => say!(
                         "outcache serve: download of {reference} cut off: the client took nothing for {idle:?}"
                     ),
                 };
