@@ -168,7 +168,7 @@ fn main() -> ExitCode {
                 .collect();
             let message = message.join(" ");
             let message = message.trim_start_matches("error: ");
-            eprintln!("outcache: error: {message} (see --help)");
+            say!("outcache: error: {message} (see --help)");
             return ExitCode::from(2);
         }
     };
@@ -179,14 +179,14 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("outcache: error: cannot start the async runtime: {e}");
+            say!("outcache: error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(cli)) {
         Ok(()) | Err(Failure::ClosedPipe) => ExitCode::SUCCESS,
         Err(Failure::Interrupted(signal)) => {
-            eprintln!(
+            say!(
                 "outcache: interrupted by {}; its scratch space was removed",
                 signal.name()
             );
@@ -194,12 +194,12 @@ fn main() -> ExitCode {
         }
         Err(Failure::Miss(message)) => {
             if let Some(message) = message {
-                eprintln!("outcache: {message}");
+                say!("outcache: {message}");
             }
             ExitCode::from(1)
         }
         Err(Failure::Error(e)) => {
-            eprintln!("outcache: error: {e}");
+            say!("outcache: error: {e}");
             ExitCode::from(match e {
                 Error::Integrity { .. } => 3,
                 // Refused as asked, as bad input is: the operator must act (`--corrupt`) first.

@@ -634,3 +634,45 @@ fn bench_measures_in_an_isolated_child_and_cleans_up() {
         "bench left entries behind"
     );
 }
+
+/// Exit codes are the contract scripts branch on: they hold when stderr is a pipe nobody reads any
+/// more (`outcache … 2>&1 | head -0`), where a message that cannot be written must not turn them
+/// into a panic's 101.
+#[cfg(unix)]
+#[test]
+fn exit_codes_hold_when_stderr_is_a_closed_pipe() {
+    use std::os::fd::FromRawFd;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let u = url(dir.path());
+    for (args, code) in [
+        (
+            &["put", "t", "--inputs", "not json", "--output", "1"][..],
+            2,
+        ),
+        (&["get", "t", "--inputs", "{}"], 1),
+        (&["--no-such-flag"], 2),
+    ] {
+        let mut fds = [0; 2];
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both descriptors were just made by pipe(2) and are owned here alone.
+        let (read_end, write_end) = unsafe {
+            (
+                std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+                std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+            )
+        };
+        drop(read_end);
+        let status = Command::new(env!("CARGO_BIN_EXE_outcache"))
+            .arg("--url")
+            .arg(&u)
+            .args(args)
+            .env_remove("OUTCACHE_URL")
+            .env_remove("OUTCACHE_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(write_end))
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(code), "{args:?}");
+    }
+}
