@@ -654,7 +654,9 @@ fn exit_codes_hold_when_stderr_is_a_closed_pipe() {
         (&["--no-such-flag"], 2),
     ] {
         let mut fds = [0; 2];
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: pipe(2) writes two descriptors into the two-element array it is given.
+        let made = unsafe { libc::pipe(fds.as_mut_ptr()) };
+        assert_eq!(made, 0);
         // SAFETY: both descriptors were just made by pipe(2) and are owned here alone.
         let (read_end, write_end) = unsafe {
             (
