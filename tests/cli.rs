@@ -425,20 +425,14 @@ fn bad_input_is_a_one_line_error_with_exit_2() {
         2,
         "unknown option",
     );
-    let missing = dir.path().join("missing.json");
+    let put_output_file = |path: &Path| {
+        let args = ["put", "t", "--inputs", "{}", "--output-file"];
+        let mut args = args.to_vec();
+        args.push(path.to_str().unwrap());
+        outcache(&u, &args, None)
+    };
     assert_fails(
-        &outcache(
-            &u,
-            &[
-                "put",
-                "t",
-                "--inputs",
-                "{}",
-                "--output-file",
-                missing.to_str().unwrap(),
-            ],
-            None,
-        ),
+        &put_output_file(&dir.path().join("missing.json")),
         1,
         "missing.json",
     );
@@ -447,22 +441,7 @@ fn bad_input_is_a_one_line_error_with_exit_2() {
     let huge = dir.path().join("huge.json");
     let file = std::fs::File::create(&huge).unwrap();
     file.set_len(outcache::layout::MAX_ROW_BYTES + 1).unwrap();
-    assert_fails(
-        &outcache(
-            &u,
-            &[
-                "put",
-                "t",
-                "--inputs",
-                "{}",
-                "--output-file",
-                huge.to_str().unwrap(),
-            ],
-            None,
-        ),
-        2,
-        "larger than the largest row",
-    );
+    assert_fails(&put_output_file(&huge), 2, "larger than the largest row");
     let usage = outcache(&u, &["put", "t", "--inputs", "{}"], None);
     assert_eq!(usage.status.code(), Some(2), "clap usage errors exit 2");
 }

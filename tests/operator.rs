@@ -204,14 +204,13 @@ fn unreadable_config_files_are_bad_input() {
     let comments = "# a comment line\n".repeat(150_000);
     let big = dir.path().join("big.toml");
     std::fs::write(&big, &comments).unwrap();
+    let stats_with_config = |path: &std::path::Path| {
+        let out = bin().arg("--config").arg(path).arg("stats").output();
+        out.unwrap()
+    };
     for path in [&big, &dir.path().join("endless.toml")] {
         let out = if path == &big {
-            bin()
-                .arg("--config")
-                .arg(path)
-                .arg("stats")
-                .output()
-                .unwrap()
+            stats_with_config(path)
         } else {
             let made = Command::new("mkfifo").arg(path).status().unwrap();
             assert!(made.success());
@@ -222,12 +221,7 @@ fn unreadable_config_files_are_bad_input() {
                 // The reader stops at its bound and closes: a broken pipe here is the point.
                 let _ = w.write_all(text.as_bytes());
             });
-            let out = bin()
-                .arg("--config")
-                .arg(path)
-                .arg("stats")
-                .output()
-                .unwrap();
+            let out = stats_with_config(path);
             writer.join().unwrap();
             out
         };
@@ -236,12 +230,7 @@ fn unreadable_config_files_are_bad_input() {
         assert!(err.contains("larger than 1048576 bytes"), "{err}");
     }
     for path in [missing.as_path(), dir.path(), binary.as_path()] {
-        let out = bin()
-            .arg("--config")
-            .arg(path)
-            .arg("stats")
-            .output()
-            .unwrap();
+        let out = stats_with_config(path);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{}: {err}", path.display());
         assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
