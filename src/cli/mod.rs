@@ -9,8 +9,9 @@ macro_rules! out {
     };
 }
 
-/// One line to stderr that never panics ([`outcache::serve::say`]): a long-running command's messages
-/// must not fail it once its log reader has gone.
+/// One line to stderr that never panics ([`outcache::serve::say`]): a server's messages must not fail
+/// it once its log reader has gone, and a command's last message must not turn its exit code into a
+/// panic's.
 macro_rules! say {
     ($($arg:tt)*) => {
         outcache::serve::say(format_args!($($arg)*))

@@ -98,7 +98,7 @@ impl Tokens {
         Ok(tokens)
     }
 
-    /// How many tokens of each kind, for the server's log: `1 read-write token, 2 read-only`.
+    /// How many tokens of each kind, for the server's log: `tokens: 1 read-write, 2 read-only`.
     pub fn describe(&self) -> String {
         let set = self.read();
         let (rw, ro) = (set.read_write.len(), set.read_only.len());
