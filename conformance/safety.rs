@@ -475,10 +475,15 @@ pub async fn janitor_leaves_what_it_did_not_write(cache: Backend) -> CaseResult 
         evict.corrupt = true;
         evict.orphans = blobs;
         evict.grace = Duration::ZERO;
-        prune(cache.as_ref(), &evict, |_| {}).await?;
+        let evicted = prune(cache.as_ref(), &evict, |_| {}).await?;
         ensure!(
             cache.list_rows().await?.is_empty(),
             "a size budget of 0 left the backend's own rows beside the neighbours"
+        );
+        ensure!(
+            evicted.size_after == Some(0),
+            "a size budget of 0 reported {:?} bytes left: the neighbours were counted",
+            evicted.size_after
         );
         no_blob_left(&cache, "a size eviction with the orphan sweep, beside the neighbours").await?;
         own(1).await?;

@@ -294,6 +294,11 @@ async fn lru_evicts_least_recently_read_first(url: &str) {
         inv.row_bytes + inv.blob_bytes <= 260_000,
         "{url}: over budget: {inv:?}"
     );
+    assert_eq!(
+        report.size_after,
+        Some(inv.row_bytes + inv.blob_bytes + inv.temp_bytes),
+        "{url}: the size --json says is left"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -597,6 +602,14 @@ async fn a_size_budget_too_large_to_hold_evicts_the_same_rows() {
             row_keys(&listed).await,
             "budget {budget}: different rows left"
         );
+        for (cache, report) in [(&held, &in_memory), (&listed, &streamed)] {
+            let inv = inventory(cache.backend().as_ref(), 1).await.unwrap();
+            assert_eq!(
+                report.size_after,
+                Some(inv.row_bytes + inv.blob_bytes + inv.temp_bytes),
+                "budget {budget}: the size the report says is left"
+            );
+        }
         if budget == 400_000 {
             assert!(
                 in_memory.by_size.rows > 0 && in_memory.by_size.rows < 181,
@@ -654,6 +667,11 @@ async fn a_size_budget_too_large_to_hold_evicts_the_same_rows_on_an_object_store
     for budget in [all * 9 / 10, all / 2, all / 5] {
         let mut options = PruneOptions::new();
         options.max_size = Some(budget);
+        options.dry_run = true;
+        let planned = prune(held.backend().as_ref(), &options, |_| {})
+            .await
+            .unwrap();
+        options.dry_run = false;
         let in_memory = prune(held.backend().as_ref(), &options, |_| {})
             .await
             .unwrap();
@@ -673,6 +691,9 @@ async fn a_size_budget_too_large_to_hold_evicts_the_same_rows_on_an_object_store
         );
         let after = total(inventory(listed.backend().as_ref(), 1).await.unwrap());
         assert!(after <= budget, "budget {budget}: {after} bytes left");
+        assert_eq!(streamed.size_after, Some(after), "budget {budget}");
+        assert_eq!(in_memory.size_after, Some(after), "budget {budget}");
+        assert_eq!(planned.size_after, Some(after), "budget {budget}: dry run");
         assert_eq!(
             left - after,
             streamed.by_size.bytes,

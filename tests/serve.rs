@@ -1320,6 +1320,90 @@ async fn schedule_runs_and_stops(every: std::time::Duration) {
     assert!(present(2).await, "the janitor outlived its server");
 }
 
+/// With a size budget the scheduled janitor's `/metrics` show the budget and the size it left, which
+/// is what the cache then holds; without one neither series is shown (not a misleading 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_janitor_shows_its_budget_and_the_size_it_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(&format!("fs://{}", dir.path().display())).unwrap();
+    for i in 0..20u32 {
+        let filler = "x".repeat(1000 + i as usize);
+        cache
+            .put("t", &serde_json::json!(i), &serde_json::json!(filler))
+            .await
+            .unwrap();
+    }
+    let metrics_with = |budget: Option<u64>| {
+        let cache = cache.clone();
+        async move {
+            let mut prune = outcache::janitor::PruneOptions::new();
+            prune.max_size = budget;
+            prune.orphans = budget.is_none();
+            let options = ServeOptions {
+                janitor: Some(outcache::serve::JanitorSchedule {
+                    every: std::time::Duration::from_millis(20),
+                    options: prune,
+                }),
+                ..writer()
+            };
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let base = format!("http://{}", listener.local_addr().unwrap());
+            let server = tokio::spawn(outcache::serve::serve(
+                listener,
+                cache,
+                options,
+                std::future::pending(),
+            ));
+            let client = reqwest::Client::new();
+            let mut text = String::new();
+            for _ in 0..200 {
+                text = client
+                    .get(format!("{base}/metrics"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap();
+                if !text.contains("outcache_serve_janitor_runs_ok_total 0") {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            server.abort();
+            let _ = server.await;
+            text
+        }
+    };
+    let gauge = |text: &str, name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .map(|v| v.parse::<u64>().unwrap())
+    };
+    let unbudgeted = metrics_with(None).await;
+    assert!(
+        !unbudgeted.contains("outcache_serve_janitor_runs_ok_total 0"),
+        "{unbudgeted}"
+    );
+    for name in ["max_size_bytes", "size_after_bytes"] {
+        let name = format!("outcache_serve_janitor_{name}");
+        assert_eq!(gauge(&unbudgeted, &name), None, "{unbudgeted}");
+    }
+    let budget = 12_000;
+    let budgeted = metrics_with(Some(budget)).await;
+    assert_eq!(
+        gauge(&budgeted, "outcache_serve_janitor_max_size_bytes"),
+        Some(budget),
+        "{budgeted}"
+    );
+    let left = gauge(&budgeted, "outcache_serve_janitor_size_after_bytes").expect("no size gauge");
+    let inv = outcache::janitor::inventory(cache.backend().as_ref(), 1)
+        .await
+        .unwrap();
+    assert!(left <= budget && left > 0, "{left} bytes left of {budget}");
+    assert_eq!(left, inv.row_bytes + inv.blob_bytes + inv.temp_bytes);
+}
+
 /// `PROPFIND` of a folder says it exists (what a WebDAV client asks before it writes), with its path
 /// escaped in the XML; a key is not described, and nothing is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

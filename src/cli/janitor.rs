@@ -243,6 +243,13 @@ pub(crate) fn print_report(r: &outcache::janitor::PruneReport) -> Result<(), Fai
             );
         }
     }
+    if let Some(size) = r.size_after {
+        let verb = if r.dry_run { "would hold" } else { "holds" };
+        out!(
+            "  the cache {verb} {} (as --max-size counts it)",
+            human_bytes(size)
+        );
+    }
     if r.rows_kept_rewritten > 0 {
         out!(
             "  left {} rows that changed after they were listed (rewritten, or removed by another prune)",

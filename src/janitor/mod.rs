@@ -234,6 +234,11 @@ pub struct PruneReport {
     /// already removed by someone else (another janitor).
     #[serde(default)]
     pub rows_kept_rewritten: u64,
+    /// With a size budget (`max_size`), the bytes the cache holds after this prune (on a dry run,
+    /// would hold), counted as the budget counts them: rows, published blobs and temps. `None`
+    /// without a budget: only the budget's planning adds the whole cache up.
+    #[serde(default)]
+    pub size_after: Option<u64>,
 }
 
 impl PruneReport {
@@ -246,6 +251,11 @@ impl PruneReport {
         self.blobs_removed = all.blobs;
         self.temps_removed = all.temps;
         self.bytes_reclaimed = all.bytes;
+    }
+
+    /// Bytes the budget counts that this report removes (corrupt rows are not in its count).
+    fn budgeted_bytes(&self) -> u64 {
+        self.by_age.bytes + self.orphans.bytes + self.by_size.bytes
     }
 }
 
@@ -669,6 +679,7 @@ async fn plan(backend: &dyn OutputCache, options: &PruneOptions) -> Result<Plan>
                 plan.by_size.push(r.clone());
             }
         }
+        plan.report.size_after = Some(total);
     }
 
     if options.corrupt {
@@ -767,6 +778,7 @@ async fn execute(
         done += n;
         progress(Progress { done, total });
     };
+    let planned = plan.report.budgeted_bytes();
     let mut removed_corrupt = Removed::default();
     for c in &plan.corrupt {
         if backend.remove_corrupt(&c.id).await? {
@@ -826,6 +838,9 @@ async fn execute(
         save_ledger(backend, ledger).await?;
     }
     report.total();
+    // What the plan meant to remove and did not (rewritten rows, temps in use) is counted as still there.
+    let unremoved = planned.saturating_sub(report.budgeted_bytes());
+    report.size_after = report.size_after.map(|size| size + unremoved);
     if report.rows_removed + report.blobs_removed + report.temps_removed > 0 {
         backend.reclaim_space().await?;
     }

@@ -26,6 +26,7 @@ pub(super) async fn run(
 ) {
     // A zero period would panic in `interval`; an embedder's zero means "as often as it can".
     let every = schedule.every.max(std::time::Duration::from_millis(1));
+    metrics.janitor_budget(schedule.options.max_size);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -46,8 +47,12 @@ pub(super) async fn run(
 /// sweep, and the refusal is reported each time until an operator removes those rows.
 async fn once(backend: &dyn OutputCache, options: &PruneOptions, metrics: &ServeMetrics) {
     let report = |r: PruneReport| {
+        let left = r
+            .size_after
+            .map(|size| format!("; {size} bytes left"))
+            .unwrap_or_default();
         say!(
-            "outcache serve: janitor removed {} rows, {} blobs, {} temps",
+            "outcache serve: janitor removed {} rows, {} blobs, {} temps{left}",
             r.rows_removed,
             r.blobs_removed,
             r.temps_removed

@@ -66,14 +66,35 @@ struct JanitorCounters {
     temps: AtomicU64,
     bytes: AtomicU64,
     last_ok_unix: AtomicU64,
+    /// The size budget and the cache's size after the last run, [`UNKNOWN`] until known.
+    max_size: AtomicU64,
+    size_after: AtomicU64,
 }
 
+/// A gauge not known yet (no budget, or no run yet): left out of the text rather than shown as 0.
+const UNKNOWN: u64 = u64::MAX;
+
 /// The server's counters.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ServeMetrics {
     per: [PerProtocol; 4],
     in_flight: AtomicI64,
     janitor: JanitorCounters,
+}
+
+impl Default for ServeMetrics {
+    fn default() -> Self {
+        let janitor = JanitorCounters {
+            max_size: AtomicU64::new(UNKNOWN),
+            size_after: AtomicU64::new(UNKNOWN),
+            ..JanitorCounters::default()
+        };
+        ServeMetrics {
+            per: Default::default(),
+            in_flight: AtomicI64::new(0),
+            janitor,
+        }
+    }
 }
 
 /// Counts a request in flight while it lives (it travels with the response body, so a download counts
@@ -132,6 +153,15 @@ impl ServeMetrics {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         j.last_ok_unix.store(now, Ordering::Relaxed);
+        if let Some(size) = report.size_after {
+            j.size_after.store(size.min(UNKNOWN - 1), Ordering::Relaxed);
+        }
+    }
+
+    /// The scheduled janitor's size budget (`--max-size`), shown beside the size it leaves.
+    pub(super) fn janitor_budget(&self, max_size: Option<u64>) {
+        let budget = max_size.map_or(UNKNOWN, |b| b.min(UNKNOWN - 1));
+        self.janitor.max_size.store(budget, Ordering::Relaxed);
     }
 
     /// A scheduled janitor run that failed.
@@ -238,6 +268,26 @@ impl ServeMetrics {
                 "# HELP outcache_serve_janitor_{name} {help}\n# TYPE outcache_serve_janitor_{name} {kind}\noutcache_serve_janitor_{name} {}\n",
                 value.load(Ordering::Relaxed)
             ));
+        }
+        let sizes = [
+            (
+                "max_size_bytes",
+                "the scheduled janitor's size budget (--max-size)",
+                &j.max_size,
+            ),
+            (
+                "size_after_bytes",
+                "bytes in the cache after the last scheduled run, as --max-size counts them",
+                &j.size_after,
+            ),
+        ];
+        for (name, help, value) in sizes {
+            let value = value.load(Ordering::Relaxed);
+            if value != UNKNOWN {
+                out.push_str(&format!(
+                    "# HELP outcache_serve_janitor_{name} {help}\n# TYPE outcache_serve_janitor_{name} gauge\noutcache_serve_janitor_{name} {value}\n"
+                ));
+            }
         }
         out
     }
