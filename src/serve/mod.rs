@@ -871,6 +871,22 @@ async fn store(
     }
     let refusal = Arc::new(std::sync::Mutex::new(None::<Refusal>));
     let body = idle_limited(body, state.options.idle_timeout, refusal.clone());
+    if let Some(digest) = expect_sha256.as_deref() {
+        if holds_whole(state, task, inputs, digest).await {
+            // Checked as an upload is, and acknowledged, but not written: a second blob would only
+            // become an orphan, filling the disk for the grace period (and, under --max-size, pushing
+            // live entries out) for bytes the cache already holds.
+            let (mut stream, received) = checked_body(body, max, expect_sha256, refusal.clone());
+            let mut drained = Ok(());
+            while let Some(chunk) = stream.next().await {
+                if let Err(e) = chunk {
+                    drained = Err(e);
+                    break;
+                }
+            }
+            return answer_upload(state, protocol, drained, &received, &refusal);
+        }
+    }
     // A big upload is hashed and written on a thread of its own, fed through a short queue by this
     // (the connection's) task, which then only reads the socket (see `offload`).
     let place = declared
@@ -905,8 +921,45 @@ async fn store(
             (put(stream).await, received)
         }
     };
+    answer_upload(state, protocol, stored.map(drop), &received, &refusal)
+}
+
+/// Whether the content-addressed entry `inputs` of `task` is stored and its bytes, read back whole,
+/// hash to `digest`. Read in full rather than trusted from the ref: a blob damaged on disk is then not
+/// kept for ever by every re-upload of it being acknowledged, but replaced by the next one.
+async fn holds_whole(state: &Served, task: &str, inputs: &Value, digest: &str) -> bool {
+    let Ok(Some(value)) = state.cache.get(task, inputs).await else {
+        return false;
+    };
+    if let Some(r) = CacheRef::from_value(&value) {
+        if r.sha256.as_deref() != Some(digest) {
+            return false;
+        }
+        let Ok(Some(mut stream)) = state.cache.open_stream(&r).await else {
+            return false;
+        };
+        // The stream fails at its end if the bytes do not hash to the ref's sha256 (the digest).
+        while let Some(chunk) = stream.next().await {
+            if chunk.is_err() {
+                return false;
+            }
+        }
+        return true;
+    }
+    matches!(InlineBinary::decode(&value), Ok(Some(inline)) if crate::wire::sha256_hex(&inline.bytes) == digest)
+}
+
+/// The answer to an upload that was stored (or, already held, taken whole) or failed.
+fn answer_upload(
+    state: &Served,
+    protocol: Protocol,
+    stored: crate::Result<()>,
+    received: &std::sync::atomic::AtomicU64,
+    refusal: &std::sync::Mutex<Option<Refusal>>,
+) -> Response {
+    let max = state.options.max_body;
     match stored {
-        Ok(_) => {
+        Ok(()) => {
             let n = received.load(std::sync::atomic::Ordering::SeqCst);
             state.metrics.count(protocol, Outcome::Stored, n);
             StatusCode::OK.into_response()
