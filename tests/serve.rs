@@ -1426,14 +1426,7 @@ async fn the_janitor_shows_its_budget_and_the_size_it_left() {
             let client = reqwest::Client::new();
             let mut text = String::new();
             for _ in 0..200 {
-                text = client
-                    .get(format!("{base}/metrics"))
-                    .send()
-                    .await
-                    .unwrap()
-                    .text()
-                    .await
-                    .unwrap();
+                text = metrics_text(&client, &base).await;
                 if !text.contains("outcache_serve_janitor_runs_ok_total 0") {
                     break;
                 }
