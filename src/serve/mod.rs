@@ -48,7 +48,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -876,14 +876,8 @@ async fn store(
             // Checked as an upload is, and acknowledged, but not written: a second blob would only
             // become an orphan, filling the disk for the grace period (and, under --max-size, pushing
             // live entries out) for bytes the cache already holds.
-            let (mut stream, received) = checked_body(body, max, expect_sha256, refusal.clone());
-            let mut drained = Ok(());
-            while let Some(chunk) = stream.next().await {
-                if let Err(e) = chunk {
-                    drained = Err(e);
-                    break;
-                }
-            }
+            let (stream, received) = checked_body(body, max, expect_sha256, refusal.clone());
+            let drained = stream.try_for_each(|_| futures::future::ok(())).await;
             return answer_upload(state, protocol, drained, &received, &refusal);
         }
     }
@@ -935,16 +929,19 @@ async fn holds_whole(state: &Served, task: &str, inputs: &Value, digest: &str) -
         if r.sha256.as_deref() != Some(digest) {
             return false;
         }
-        let Ok(Some(mut stream)) = state.cache.open_stream(&r).await else {
+        let Ok(Some(stream)) = state.cache.open_stream(&r).await else {
             return false;
         };
         // The stream fails at its end if the bytes do not hash to the ref's sha256 (the digest).
-        while let Some(chunk) = stream.next().await {
-            if chunk.is_err() {
-                return false;
+        return match stream.try_for_each(|_| futures::future::ok(())).await {
+            Ok(()) => true,
+            Err(e) => {
+                failed(format_args!(
+                    "the held {task} entry {digest} failed its read-back, so the upload replaces it: {e}"
+                ));
+                false
             }
-        }
-        return true;
+        };
     }
     matches!(InlineBinary::decode(&value), Ok(Some(inline)) if crate::wire::sha256_hex(&inline.bytes) == digest)
 }
