@@ -73,14 +73,6 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
-async fn drain(mut stream: crate::store::ByteStream) -> Result<usize> {
-    let mut n = 0;
-    while let Some(chunk) = stream.next().await {
-        n += chunk?.len();
-    }
-    Ok(n)
-}
-
 /// Measure `backend` (whose contents should be disposable: everything written is deleted again).
 pub async fn run(backend: Arc<dyn OutputCache>, options: &BenchOptions) -> Result<BenchReport> {
     let cache = Cache::with_options(
@@ -151,12 +143,12 @@ pub async fn run(backend: Arc<dyn OutputCache>, options: &BenchOptions) -> Resul
             writes.push(started.elapsed());
             let started = Instant::now();
             if let Some(stream) = cache.open_stream(&r).await? {
-                drain(stream).await?;
+                crate::blob::drain(stream).await?;
             }
             verified.push(started.elapsed());
             let started = Instant::now();
             if let Some(stream) = backend.open_blob(&r.reference, None).await? {
-                drain(stream).await?;
+                crate::blob::drain(stream).await?;
             }
             plain.push(started.elapsed());
             backend.delete_blob(&r.reference).await?;

@@ -298,3 +298,10 @@ impl Drop for InFlightWrite {
         self.registry.forget(&self.id);
     }
 }
+
+/// Reads `stream` to its end, keeping nothing: its error if it fails (a verified stream fails at its
+/// end when the bytes do not hash to their ref).
+pub(crate) async fn drain(stream: ByteStream) -> Result<()> {
+    use futures::TryStreamExt as _;
+    stream.try_for_each(|_| futures::future::ok(())).await
+}

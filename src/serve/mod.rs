@@ -48,7 +48,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use bytes::{Bytes, BytesMut};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -877,7 +877,7 @@ async fn store(
             // become an orphan, filling the disk for the grace period (and, under --max-size, pushing
             // live entries out) for bytes the cache already holds.
             let (stream, received) = checked_body(body, max, expect_sha256, refusal.clone());
-            let drained = stream.try_for_each(|_| futures::future::ok(())).await;
+            let drained = crate::blob::drain(stream).await;
             return answer_upload(state, protocol, drained, &received, &refusal);
         }
     }
@@ -933,7 +933,7 @@ async fn holds_whole(state: &Served, task: &str, inputs: &Value, digest: &str) -
             return false;
         };
         // The stream fails at its end if the bytes do not hash to the ref's sha256 (the digest).
-        return match stream.try_for_each(|_| futures::future::ok(())).await {
+        return match crate::blob::drain(stream).await {
             Ok(()) => true,
             Err(e) => {
                 failed(format_args!(
